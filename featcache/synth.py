@@ -1,0 +1,574 @@
+"""A synthetic Visium HD dataset in Space Ranger's on-disk layout (DESIGN §3).
+
+No real Visium HD data can be downloaded here, so tests and the demo use this. Per sample it
+writes::
+
+    <out>/<sample>/outs/binned_outputs/square_008um/{filtered,raw}_feature_bc_matrix.h5
+    <out>/<sample>/outs/binned_outputs/square_008um/spatial/{tissue_positions.parquet,
+        scalefactors_json.json, tissue_hires_image.png, tissue_lowres_image.png}
+    <out>/<sample>/outs/{feature_slice.h5, metrics_summary.csv}
+    <out>/<sample>/<sample>_tissue_image.btf         tiled pyramidal BigTIFF, ~0.2738 µm/px
+    <out>/<sample>/synthetic_truth.h5                true per-bin expression rates (not 10x)
+
+The tissue is a colorectal-like section on a 2 µm "fine" grid aligned with the bins: stroma,
+tumour and goblet-rich glands with lumens, a smooth-muscle layer and immune aggregates, drawn in
+H&E by Beer-Lambert mixing of haematoxylin and eosin with nuclei of several kinds. Expression
+follows the compartments each bin covers through marker programmes, with a smooth spatial
+modulation, overdispersed (gamma-Poisson) counts and library sizes like real 8 µm bins. Patients
+differ in composition, stain colour and sequencing depth. The bin grid is slightly rotated and
+offset from the image axes (and flipped for some samples). Everything is deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import tifffile
+from PIL import Image
+from scipy import ndimage
+
+from featcache.errors import FeatcacheError
+
+MICRONS_PER_PIXEL = 0.2738
+BIN_UM = 8.0
+FINE = 4  # fine cells (2 µm) per 8 µm bin along each axis
+COMPARTMENTS = ("background", "stroma", "tumour", "goblet", "lumen", "muscle", "immune")
+BG, STROMA, TUMOUR, GOBLET, LUMEN, MUSCLE, IMMUNE = range(len(COMPARTMENTS))
+
+# Marker programmes: gene -> (base level, {compartment: loading}); unlisted compartments get a
+# small leak. Levels are relative units; each compartment profile is normalised to sum to one.
+_ALL = {c: 1.0 for c in range(1, len(COMPARTMENTS))}
+MARKERS: dict[str, tuple[float, dict[int, float]]] = {
+    # tumour / epithelium
+    "EPCAM": (1.5, {TUMOUR: 1.0, GOBLET: 0.7}), "CEACAM5": (2.5, {TUMOUR: 1.0, GOBLET: 0.4}),
+    "CEACAM6": (1.5, {TUMOUR: 1.0, GOBLET: 0.3}), "KRT8": (2.0, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "KRT20": (1.5, {TUMOUR: 0.6, GOBLET: 1.0}), "OLFM4": (2.0, {TUMOUR: 1.0, GOBLET: 0.2}),
+    "MUC12": (1.0, {TUMOUR: 0.4, GOBLET: 1.0}), "PIGR": (1.5, {TUMOUR: 0.5, GOBLET: 1.0}),
+    "KRT18": (1.5, {TUMOUR: 1.0, GOBLET: 0.7}), "KRT19": (1.5, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "LGALS4": (1.5, {TUMOUR: 1.0, GOBLET: 0.9}), "PHGR1": (1.2, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "ELF3": (0.8, {TUMOUR: 1.0, GOBLET: 0.6}), "CDH17": (0.8, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "AGR2": (1.0, {TUMOUR: 0.7, GOBLET: 1.0}), "TFF3": (1.0, {TUMOUR: 0.3, GOBLET: 1.0}),
+    # goblet
+    "FCGBP": (2.5, {GOBLET: 1.0, LUMEN: 0.3}), "MUC2": (3.0, {GOBLET: 1.0, LUMEN: 0.5}),
+    "ZG16": (1.5, {GOBLET: 1.0}), "CLCA1": (1.5, {GOBLET: 1.0}),
+    "SPINK4": (1.0, {GOBLET: 1.0, TUMOUR: 0.2}), "REG4": (1.0, {GOBLET: 1.0, TUMOUR: 0.4}),
+    # fibroblast / stroma
+    "COL1A1": (3.0, {STROMA: 1.0, MUSCLE: 0.2}), "COL1A2": (2.5, {STROMA: 1.0, MUSCLE: 0.2}),
+    "COL3A1": (2.5, {STROMA: 1.0, MUSCLE: 0.25}), "LUM": (1.5, {STROMA: 1.0}),
+    "DCN": (1.5, {STROMA: 1.0, MUSCLE: 0.2}), "VIM": (1.5, {STROMA: 1.0, IMMUNE: 0.5, MUSCLE: 0.4}),
+    "SPARC": (1.2, {STROMA: 1.0, TUMOUR: 0.2}), "MGP": (1.0, {STROMA: 1.0, MUSCLE: 0.4}),
+    "COL6A3": (0.6, {STROMA: 1.0}),
+    # smooth muscle
+    "DES": (3.0, {MUSCLE: 1.0}), "ACTG2": (3.0, {MUSCLE: 1.0, STROMA: 0.1}),
+    "MYH11": (2.0, {MUSCLE: 1.0}), "TAGLN": (3.0, {MUSCLE: 1.0, STROMA: 0.3}),
+    "CNN1": (1.5, {MUSCLE: 1.0}), "MYL9": (2.0, {MUSCLE: 1.0, STROMA: 0.3}),
+    # plasma / B cells
+    "IGKC": (6.0, {IMMUNE: 1.0, STROMA: 0.25}), "JCHAIN": (3.0, {IMMUNE: 1.0, STROMA: 0.2}),
+    "IGHG1": (3.0, {IMMUNE: 1.0, STROMA: 0.15}), "IGHA1": (4.0, {IMMUNE: 1.0, STROMA: 0.25}),
+    "MZB1": (1.5, {IMMUNE: 1.0}), "IGHM": (1.0, {IMMUNE: 1.0}),
+    # myeloid / antigen-presenting
+    "CD74": (3.0, {IMMUNE: 1.0, STROMA: 0.4, TUMOUR: 0.3}), "HLA-DRA": (1.5, {IMMUNE: 1.0, STROMA: 0.4}),
+    "LYZ": (1.5, {STROMA: 0.6, IMMUNE: 1.0}), "C1QC": (1.0, {STROMA: 0.8, IMMUNE: 1.0}),
+    "C1QB": (0.8, {STROMA: 0.8, IMMUNE: 1.0}), "APOE": (0.8, {STROMA: 0.7, IMMUNE: 0.6}),
+    # mitochondrial (everywhere, a little higher in tumour)
+    "MT-CO3": (0.6, {**_ALL, TUMOUR: 1.4}), "MT-ATP6": (0.6, {**_ALL, TUMOUR: 1.4}),
+    "MT-CO1": (0.5, {**_ALL, TUMOUR: 1.3}), "MT-CO2": (0.45, {**_ALL, TUMOUR: 1.3}),
+    "MT-ND4": (0.3, _ALL),
+    # housekeeping
+    "ACTB": (2.0, {**_ALL, MUSCLE: 1.5}), "B2M": (2.0, {**_ALL, IMMUNE: 2.0}),
+    "TMSB4X": (2.0, {**_ALL, IMMUNE: 1.8}), "FTL": (1.5, _ALL), "EEF1A1": (2.0, _ALL),
+    "TPT1": (1.5, _ALL), "RPLP0": (1.0, _ALL),
+}
+LEAK = 0.04
+
+# UMIs of an 8 µm bin made wholly of one compartment (before patient depth and noise).
+UMI_DENSITY = np.array([3.0, 330.0, 700.0, 480.0, 70.0, 300.0, 620.0])
+# Nuclei per 100 µm² by compartment, and the sprite kind each compartment's nuclei take.
+NUCLEI_DENSITY = np.array([0.0, 0.5, 1.15, 0.8, 0.03, 0.45, 3.2])
+NUCLEUS_KIND = np.array([0, 2, 1, 1, 0, 2, 0])  # 0 small round, 1 large oval, 2 spindle
+# Stain densities (optical-density weights) of the cytoplasm / matrix by compartment.
+EOSIN = np.array([0.0, 0.42, 0.36, 0.18, 0.06, 0.72, 0.22])
+HAEMATOXYLIN = np.array([0.0, 0.05, 0.14, 0.16, 0.03, 0.04, 0.10])
+TEXTURE = np.array([0.0, 0.55, 0.25, 0.35, 0.2, 0.35, 0.2])
+# Ruifrok & Johnston's optical-density vectors for haematoxylin and eosin (RGB).
+H_VECTOR = np.array([0.650, 0.704, 0.286])
+E_VECTOR = np.array([0.072, 0.990, 0.105])
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    rows: int = 128  # bins along array_row
+    cols: int = 160  # bins along array_col
+    n_genes: int = 250
+    seed: int = 0
+    tile: int = 512
+    rotation_deg: float | None = None  # grid rotation; None draws one per sample
+    flip_rows: bool | None = None  # array_row runs against pxl_row; None draws per sample
+
+
+def _sample_rng(seed: int, sample: str, purpose: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(sample.encode()), zlib.crc32(purpose.encode())])
+
+
+def gene_table(n_genes: int, seed: int) -> pd.DataFrame:
+    """Named marker genes plus low-level filler genes up to ``n_genes`` (shared by all samples)."""
+    if n_genes < len(MARKERS):
+        raise FeatcacheError(f"--genes must be at least {len(MARKERS)} (the named marker programmes).")
+    rng = np.random.default_rng([seed, 7])
+    names = list(MARKERS)
+    n_fill = n_genes - len(names)
+    names += [f"SYN{i:04d}" for i in range(1, n_fill + 1)]
+    if n_fill >= 2:
+        names[-1] = names[-2]  # real panels repeat some gene names; ids stay unique
+    n_comp = len(COMPARTMENTS)
+    profile = np.full((n_comp, n_genes), LEAK)
+    base = np.empty(n_genes)
+    for g, (name, (level, loads)) in enumerate(MARKERS.items()):
+        base[g] = level
+        for comp, load in loads.items():
+            profile[comp, g] = load
+    k = len(MARKERS)
+    base[k:] = rng.lognormal(np.log(0.08), 0.7, n_fill)
+    profile[:, k:] = rng.lognormal(0.0, 0.6, (n_comp, n_fill))
+    profile[BG] = 1.0
+    table = pd.DataFrame({"id": [f"SYNG{i:09d}" for i in range(1, n_genes + 1)], "name": names})
+    return table.assign(base=base), profile * base
+
+
+# --------------------------------------------------------------------------- tissue layout
+def _smooth_field(rng, shape, coarse: int, sigma: float) -> np.ndarray:
+    """Zero-mean, unit-std smooth noise upsampled to ``shape``."""
+    small = (max(2, shape[0] // coarse + 2), max(2, shape[1] // coarse + 2))
+    noise = ndimage.gaussian_filter(rng.standard_normal(small), sigma, mode="wrap")
+    noise = (noise - noise.mean()) / (noise.std() + 1e-9)
+    zoom = (shape[0] / (small[0] - 1), shape[1] / (small[1] - 1))
+    return ndimage.zoom(noise, zoom, order=1)[: shape[0], : shape[1]]
+
+
+@dataclass
+class Patient:
+    tumour_fraction: float
+    gland_radius_um: float
+    n_aggregates_per_mm2: float
+    muscle_threshold: float
+    depth: float
+    h_vector: np.ndarray
+    e_vector: np.ndarray
+    stain_strength: tuple[float, float]
+    gene_batch: np.ndarray
+    rotation_deg: float
+    flip_rows: bool
+
+
+def _patient(cfg: SynthConfig, sample: str) -> Patient:
+    rng = _sample_rng(cfg.seed, sample, "patient")
+    n_genes = cfg.n_genes
+    h = H_VECTOR + rng.normal(0, 0.05, 3)
+    e = E_VECTOR + rng.normal(0, 0.05, 3)
+    return Patient(
+        tumour_fraction=float(rng.uniform(0.35, 0.75)),
+        gland_radius_um=float(rng.uniform(38, 55)),
+        n_aggregates_per_mm2=float(rng.uniform(1.0, 4.0)),
+        muscle_threshold=float(rng.uniform(0.45, 0.7)),
+        depth=float(rng.uniform(0.75, 1.35)),
+        h_vector=np.clip(h, 0.05, None) / np.linalg.norm(np.clip(h, 0.05, None)),
+        e_vector=np.clip(e, 0.02, None) / np.linalg.norm(np.clip(e, 0.02, None)),
+        stain_strength=(float(rng.uniform(0.85, 1.2)), float(rng.uniform(0.8, 1.2))),
+        gene_batch=rng.lognormal(0, 0.12, n_genes),
+        rotation_deg=float(rng.uniform(0.4, 1.6) * rng.choice([-1, 1])) if cfg.rotation_deg is None else cfg.rotation_deg,
+        flip_rows=bool(rng.random() < 0.5) if cfg.flip_rows is None else cfg.flip_rows,
+    )
+
+
+def tissue_layout(cfg: SynthConfig, sample: str, patient: Patient) -> tuple[np.ndarray, np.ndarray]:
+    """Compartment labels on the 2 µm fine grid, and a smooth modulation field in [-1, 1]."""
+    rng = _sample_rng(cfg.seed, sample, "layout")
+    fr, fc = cfg.rows * FINE, cfg.cols * FINE
+    u = (np.arange(fr) + 0.5)[:, None] / fr  # 0..1
+    v = (np.arange(fc) + 0.5)[None, :] / fc
+    n1 = _smooth_field(rng, (fr, fc), 32, 2.0)
+    n2 = _smooth_field(rng, (fr, fc), 32, 2.0)
+    cu, cv = 0.5 + rng.normal(0, 0.03), 0.5 + rng.normal(0, 0.03)
+    radius = np.sqrt(((u - cu) / 0.46) ** 2 + ((v - cv) / 0.47) ** 2)
+    tissue = radius + 0.08 * n1 < 1.0
+    labels = np.where(tissue, STROMA, BG).astype(np.int8)
+    # Smooth muscle: the lower rim of the section (the muscularis), wavy.
+    muscle = tissue & ((u - cu) / 0.46 + 0.06 * n2 > patient.muscle_threshold)
+    labels[muscle] = MUSCLE
+    mucosa = tissue & ~muscle
+
+    um_per_fine = BIN_UM / FINE
+    # Immune aggregates: discs in the mucosa.
+    area_mm2 = mucosa.sum() * (um_per_fine / 1000) ** 2
+    n_agg = rng.poisson(patient.n_aggregates_per_mm2 * area_mm2)
+    cells = np.argwhere(mucosa)
+    if n_agg and len(cells):
+        for cy, cx in cells[rng.choice(len(cells), n_agg)]:
+            r = rng.uniform(45, 110) / um_per_fine
+            _paint_disc(labels, cy, cx, r, IMMUNE, mask=mucosa)
+
+    # Glands on a jittered lattice; tumour where a smooth field is high, goblet-rich elsewhere.
+    tumour_field = _smooth_field(rng, (fr, fc), 48, 1.5)
+    thresh = np.quantile(tumour_field[mucosa], 1 - patient.tumour_fraction) if mucosa.any() else 0
+    spacing = 2.5 * patient.gland_radius_um / um_per_fine
+    for gy in np.arange(spacing / 2, fr, spacing):
+        for gx in np.arange(spacing / 2, fc, spacing * 0.95):
+            cy = int(gy + rng.uniform(-0.25, 0.25) * spacing)
+            cx = int(gx + rng.uniform(-0.25, 0.25) * spacing)
+            if not (0 <= cy < fr and 0 <= cx < fc) or not mucosa[cy, cx] or labels[cy, cx] == IMMUNE:
+                continue
+            if rng.random() > 0.88:
+                continue
+            tumour = tumour_field[cy, cx] > thresh
+            r = patient.gland_radius_um / um_per_fine * rng.uniform(0.75, 1.25) * (1.35 if tumour else 1.0)
+            _paint_gland(labels, rng, cy, cx, r, TUMOUR if tumour else GOBLET, mucosa, irregular=tumour)
+    modulation = np.tanh(_smooth_field(rng, (fr, fc), 24, 1.5))
+    return labels, modulation
+
+
+def _paint_disc(labels, cy, cx, r, value, mask):
+    y0, y1 = int(max(cy - r - 1, 0)), int(min(cy + r + 2, labels.shape[0]))
+    x0, x1 = int(max(cx - r - 1, 0)), int(min(cx + r + 2, labels.shape[1]))
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    inside = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & mask[y0:y1, x0:x1]
+    labels[y0:y1, x0:x1][inside] = value
+
+
+def _paint_gland(labels, rng, cy, cx, r, epithelium, mask, irregular):
+    rmax = r * 1.4
+    y0, y1 = int(max(cy - rmax - 1, 0)), int(min(cy + rmax + 2, labels.shape[0]))
+    x0, x1 = int(max(cx - rmax - 1, 0)), int(min(cx + rmax + 2, labels.shape[1]))
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    dy, dx = yy - cy, xx - cx
+    theta = np.arctan2(dy, dx)
+    dist = np.hypot(dy, dx)
+    wobble = 1 + 0.06 * np.sin(3 * theta + rng.uniform(0, 6.3))
+    if irregular:
+        wobble += 0.15 * np.sin(2 * theta + rng.uniform(0, 6.3)) + 0.1 * np.sin(5 * theta + rng.uniform(0, 6.3))
+    outer = dist <= r * wobble
+    inner = dist <= r * wobble * rng.uniform(0.35, 0.55 if irregular else 0.6)
+    m = mask[y0:y1, x0:x1]
+    view = labels[y0:y1, x0:x1]
+    view[outer & m] = epithelium
+    view[inner & m] = LUMEN
+
+
+def bin_fractions(labels: np.ndarray) -> np.ndarray:
+    """Fraction of each 8 µm bin covered by each compartment: (rows, cols, n_compartments)."""
+    fr, fc = labels.shape
+    onehot = np.eye(len(COMPARTMENTS), dtype=np.float32)[labels]
+    return onehot.reshape(fr // FINE, FINE, fc // FINE, FINE, -1).mean(axis=(1, 3))
+
+
+# --------------------------------------------------------------------------- expression
+def expression(cfg: SynthConfig, sample: str, patient: Patient, fractions, modulation, profiles):
+    """True rates (bins × genes, UMIs per bin) and observed counts, for every bin of the grid."""
+    rng = _sample_rng(cfg.seed, sample, "expression")
+    rows, cols, n_comp = fractions.shape
+    f = fractions.reshape(-1, n_comp).astype(np.float64)
+    mod = modulation.reshape(rows, FINE, cols, FINE).mean(axis=(1, 3)).reshape(-1)
+    prof = profiles / profiles.sum(axis=1, keepdims=True)
+    weight = f * UMI_DENSITY  # UMIs contributed by each compartment
+    umis = weight.sum(axis=1)
+    mix = (weight @ prof) / umis[:, None]
+    mix *= patient.gene_batch
+    # Smooth spatial programmes: OLFM4 (stem-like) and LYZ (inflammation) vary across the slide.
+    names = list(MARKERS)
+    mix[:, names.index("OLFM4")] *= np.exp(0.9 * mod)
+    mix[:, names.index("LYZ")] *= np.exp(-0.7 * mod)
+    mix[:, names.index("IGKC")] *= np.exp(0.4 * mod)
+    mix /= mix.sum(axis=1, keepdims=True)
+    quality = np.exp(0.25 * _smooth_field(rng, (rows, cols), 12, 1.5).reshape(-1))
+    library = patient.depth * umis * quality * rng.lognormal(-0.08, 0.4, len(umis))
+    rates = (library[:, None] * mix).astype(np.float32)
+    shape_k = 2.5  # gamma-Poisson overdispersion (NB size)
+    counts = rng.poisson(rates * rng.gamma(shape_k, 1 / shape_k, rates.shape)).astype(np.int32)
+    return rates, counts
+
+
+# --------------------------------------------------------------------------- geometry
+def bin_affine(cfg: SynthConfig, patient: Patient, margin_px: float) -> np.ndarray:
+    """(array_row, array_col, 1) -> (pxl_row, pxl_col): rotated, offset, maybe flipped rows."""
+    pb = BIN_UM / MICRONS_PER_PIXEL
+    t = np.radians(patient.rotation_deg)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    flip = np.diag([-1.0 if patient.flip_rows else 1.0, 1.0])
+    a2 = pb * rot @ flip
+    corners = np.array([[0, 0], [0, cfg.cols - 1], [cfg.rows - 1, 0], [cfg.rows - 1, cfg.cols - 1]]) @ a2.T
+    offset = -corners.min(axis=0) + margin_px
+    return np.column_stack([a2, offset])
+
+
+# --------------------------------------------------------------------------- image
+class HERenderer:
+    """Renders H&E pixels of one sample, tile by tile, from the fine-grid layout."""
+
+    def __init__(self, cfg, sample, patient, labels, affine):
+        rng = _sample_rng(cfg.seed, sample, "image")
+        self.patient = patient
+        self.inverse = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
+        smooth = lambda a: ndimage.gaussian_filter(a.astype(np.float32), 0.8)  # noqa: E731
+        self.eosin = smooth(EOSIN[labels])
+        self.haem = smooth(HAEMATOXYLIN[labels])
+        self.texture_amp = smooth(TEXTURE[labels])
+        tex = ndimage.gaussian_filter(rng.standard_normal((512, 512)), (1.2, 5.0), mode="wrap")
+        tex += ndimage.gaussian_filter(rng.standard_normal((512, 512)), (4.0, 1.0), mode="wrap")
+        self.texture = (tex / tex.std()).astype(np.float32)
+        # Nuclei: Poisson per fine cell by compartment, jittered, converted to full-res pixels.
+        lam = NUCLEI_DENSITY[labels] * (BIN_UM / FINE) ** 2 / 100.0
+        n = rng.poisson(lam)
+        fy, fx = np.nonzero(n)
+        reps = n[fy, fx]
+        fy, fx = np.repeat(fy, reps), np.repeat(fx, reps)
+        kind = NUCLEUS_KIND[labels[fy, fx]]
+        ar = (fy + rng.random(len(fy))) / FINE - 0.5
+        ac = (fx + rng.random(len(fx))) / FINE - 0.5
+        py = affine[0, 0] * ar + affine[0, 1] * ac + affine[0, 2]
+        px = affine[1, 0] * ar + affine[1, 1] * ac + affine[1, 2]
+        order = np.argsort(py)
+        self.nuc_y, self.nuc_x, self.nuc_kind = py[order], px[order], kind[order]
+        self.nuc_variant = rng.integers(0, 6, len(order))
+        self.sprites = _nucleus_sprites(rng)
+        self.sprite_r = max(s.shape[0] for k in self.sprites for s in k) // 2 + 1
+
+    def render(self, y0: int, x0: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+        yy, xx = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float64)
+        inv = self.inverse
+        ar = inv[0, 0] * yy + inv[0, 1] * xx + inv[0, 2]
+        ac = inv[1, 0] * yy + inv[1, 1] * xx + inv[1, 2]
+        coords = np.stack([(ar + 0.5) * FINE - 0.5, (ac + 0.5) * FINE - 0.5])
+        sample = lambda f: ndimage.map_coordinates(f, coords, order=1, mode="constant", cval=0.0)  # noqa: E731
+        eosin = sample(self.eosin)
+        haem = sample(self.haem)
+        amp = sample(self.texture_amp)
+        tex = self.texture[np.ix_(np.arange(y0, y0 + h) % 512, np.arange(x0, x0 + w) % 512)]
+        eosin = eosin * np.clip(1 + amp * 0.4 * tex, 0.3, None)
+        haem = haem.astype(np.float32) + self._nuclei(y0, x0, h, w)
+        hs, es = self.patient.stain_strength
+        od = (haem * hs)[..., None] * self.patient.h_vector + (eosin * es)[..., None] * self.patient.e_vector
+        od += 0.025  # glass and mounting medium
+        rgb = 255.0 * np.exp(-od) + rng.normal(0, 2.5, od.shape)
+        return np.clip(rgb, 0, 255).astype(np.uint8)
+
+    def _nuclei(self, y0, x0, h, w) -> np.ndarray:
+        r = self.sprite_r
+        pad = 2 * r  # sprites centred up to r outside the tile still fit on the canvas
+        canvas = np.zeros((h + 2 * pad, w + 2 * pad), np.float32)
+        lo, hi = np.searchsorted(self.nuc_y, [y0 - r, y0 + h + r])
+        for i in range(lo, hi):
+            x = self.nuc_x[i]
+            if x < x0 - r or x >= x0 + w + r:
+                continue
+            s = self.sprites[self.nuc_kind[i]][self.nuc_variant[i]]
+            sh = s.shape[0] // 2
+            cy, cx = int(round(self.nuc_y[i])) - y0 + pad, int(round(x)) - x0 + pad
+            np.maximum(canvas[cy - sh : cy + sh + 1, cx - sh : cx + sh + 1], s,
+                       out=canvas[cy - sh : cy + sh + 1, cx - sh : cx + sh + 1])
+        return canvas[pad : pad + h, pad : pad + w]
+
+
+def _nucleus_sprites(rng) -> list[list[np.ndarray]]:
+    """Soft elliptical nuclei with chromatin texture; sizes in full-res px (0.27 µm/px)."""
+    kinds = []
+    for (a_um, b_um, dens) in ((3.0, 2.8, 1.25), (4.2, 3.1, 0.8), (6.5, 1.6, 1.0)):
+        variants = []
+        for _ in range(6):
+            a, b = a_um / MICRONS_PER_PIXEL, b_um / MICRONS_PER_PIXEL
+            a, b = a * rng.uniform(0.85, 1.15), b * rng.uniform(0.85, 1.15)
+            half = int(np.ceil(max(a, b))) + 2
+            yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(float)
+            t = rng.uniform(0, np.pi)
+            u = (xx * np.cos(t) + yy * np.sin(t)) / a
+            v = (-xx * np.sin(t) + yy * np.cos(t)) / b
+            body = 1 / (1 + np.exp((np.hypot(u, v) - 1) * 8))
+            chromatin = 1 + 0.25 * ndimage.gaussian_filter(rng.standard_normal(body.shape), 1.0) / 0.2
+            variants.append((dens * body * np.clip(chromatin, 0.5, 1.6)).astype(np.float32))
+        kinds.append(variants)
+    return kinds
+
+
+def _tiles(renderer, shape, tile, seed, sample, pyramid_level1):
+    rng = _sample_rng(seed, sample, "pixels")
+    for y0 in range(0, shape[0], tile):
+        for x0 in range(0, shape[1], tile):
+            h, w = min(tile, shape[0] - y0), min(tile, shape[1] - x0)
+            block = renderer.render(y0, x0, h, w, rng)
+            small = _halve(block)
+            pyramid_level1[y0 // 2 : y0 // 2 + small.shape[0], x0 // 2 : x0 // 2 + small.shape[1]] = small
+            if (h, w) != (tile, tile):  # tifffile wants whole tiles
+                block = np.pad(block, ((0, tile - h), (0, tile - w), (0, 0)), constant_values=255)
+            yield block
+
+
+def _halve(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
+    return np.rint(img[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))).astype(np.uint8)
+
+
+def write_image(path: Path, renderer, shape, cfg: SynthConfig, sample: str) -> list[np.ndarray]:
+    """Tiled, pyramidal (2×, 4×, ... down to < 2000 px) BigTIFF; returns the reduced levels."""
+    level1 = np.full((shape[0] // 2, shape[1] // 2, 3), 255, np.uint8)
+    n_reduced, side = 1, max(level1.shape[:2])
+    while side > 2000:
+        side //= 2
+        n_reduced += 1
+    opts = dict(tile=(cfg.tile, cfg.tile), compression="zlib", photometric="rgb")
+    levels = [level1]
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(
+            _tiles(renderer, shape, cfg.tile, cfg.seed, sample, level1),
+            shape=(*shape, 3), dtype=np.uint8, subifds=n_reduced, resolutionunit="CENTIMETER",
+            resolution=(1e4 / MICRONS_PER_PIXEL, 1e4 / MICRONS_PER_PIXEL), **opts,
+        )
+        tw.write(level1, subfiletype=1, **opts)
+        for _ in range(n_reduced - 1):
+            levels.append(_halve(levels[-1]))
+            tw.write(levels[-1], subfiletype=1, **opts)
+    return levels
+
+
+# --------------------------------------------------------------------------- 10x files
+def write_matrix_h5(path: Path, barcodes, gene_ids, gene_names, counts_bins_by_genes: np.ndarray, sample: str):
+    """10x HDF5 v2 feature-barcode matrix, column per bin (CSC)."""
+    import scipy.sparse as sp
+
+    csc = sp.csc_matrix(counts_bins_by_genes.T.astype(np.int32))  # genes × bins
+    csc.sort_indices()
+    with h5py.File(path, "w") as f:
+        f.attrs["filetype"] = "matrix"
+        f.attrs["library_ids"] = np.array([sample.encode()])
+        f.attrs["original_gem_groups"] = np.array([1])
+        f.attrs["version"] = 2
+        f.attrs["chemistry_description"] = "Visium HD v1 (synthetic)"
+        f.attrs["software_version"] = "featcache-synth"
+        g = f.create_group("matrix")
+        g.create_dataset("barcodes", data=np.array(barcodes, dtype="S"), compression="gzip")
+        g.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
+        g.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
+        g.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
+        g.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
+        feat = g.create_group("features")
+        n = len(gene_ids)
+        feat.create_dataset("id", data=np.array(gene_ids, dtype="S"))
+        feat.create_dataset("name", data=np.array(gene_names, dtype="S"))
+        feat.create_dataset("feature_type", data=np.array(["Gene Expression"] * n, dtype="S"))
+        feat.create_dataset("genome", data=np.array(["GRCh38"] * n, dtype="S"))
+        feat.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+
+
+def _barcodes(rows, cols) -> np.ndarray:
+    return np.array([f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows.ravel(), cols.ravel())], dtype=object)
+
+
+def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFrame, profiles: np.ndarray) -> dict:
+    patient = _patient(cfg, sample)
+    labels, modulation = tissue_layout(cfg, sample, patient)
+    fractions = bin_fractions(labels)
+    rates, counts = expression(cfg, sample, patient, fractions, modulation, profiles)
+
+    root = out / sample
+    bin_dir = root / "outs" / "binned_outputs" / "square_008um"
+    spatial = bin_dir / "spatial"
+    spatial.mkdir(parents=True, exist_ok=True)
+
+    margin = 40 * BIN_UM / MICRONS_PER_PIXEL / 8  # 40 µm of glass around the grid
+    affine = bin_affine(cfg, patient, margin)
+    rr, cc = np.mgrid[0 : cfg.rows, 0 : cfg.cols]
+    pr = affine[0, 0] * rr + affine[0, 1] * cc + affine[0, 2]
+    pc = affine[1, 0] * rr + affine[1, 1] * cc + affine[1, 2]
+    shape = (int(np.ceil(pr.max() + margin)), int(np.ceil(pc.max() + margin)))
+    in_tissue = (1 - fractions[..., BG]) >= 0.5
+    barcodes = _barcodes(rr, cc)
+    positions = pd.DataFrame({
+        "barcode": barcodes,
+        "in_tissue": in_tissue.ravel().astype(np.int32),
+        "array_row": rr.ravel().astype(np.int32),
+        "array_col": cc.ravel().astype(np.int32),
+        "pxl_row_in_fullres": pr.ravel(),
+        "pxl_col_in_fullres": pc.ravel(),
+    })
+    positions.to_parquet(spatial / "tissue_positions.parquet", index=False)
+
+    keep = in_tissue.ravel()
+    write_matrix_h5(bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], genes["id"], genes["name"], counts[keep], sample)
+    write_matrix_h5(bin_dir / "raw_feature_bc_matrix.h5", barcodes, genes["id"], genes["name"], counts, sample)
+
+    renderer = HERenderer(cfg, sample, patient, labels, affine)
+    image_path = root / f"{sample}_tissue_image.btf"
+    levels = write_image(image_path, renderer, shape, cfg, sample)
+
+    longest = max(shape)
+    hires_scale = min(0.5, 6000 / longest)
+    lowres_scale = 600 / longest
+    for name, scalef in (("tissue_hires_image.png", hires_scale), ("tissue_lowres_image.png", lowres_scale)):
+        # resample from the finest stored level that is still at least as large as the target
+        size = (max(1, round(shape[1] * scalef)), max(1, round(shape[0] * scalef)))
+        src = ([lvl for lvl in levels if lvl.shape[1] >= size[0]] or levels[:1])[-1]
+        Image.fromarray(src).resize(size, Image.Resampling.LANCZOS).save(spatial / name)
+    scalefactors = {
+        "spot_diameter_fullres": BIN_UM / MICRONS_PER_PIXEL,
+        "bin_size_um": BIN_UM,
+        "microns_per_pixel": MICRONS_PER_PIXEL,
+        "regist_target_img_scalef": hires_scale,
+        "tissue_lowres_scalef": lowres_scale,
+        "fiducial_diameter_fullres": 1000 * BIN_UM / MICRONS_PER_PIXEL / 8,
+        "tissue_hires_scalef": hires_scale,
+    }
+    (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
+
+    outs = root / "outs"
+    with h5py.File(outs / "feature_slice.h5", "w") as f:
+        f.attrs["metadata_json"] = json.dumps({
+            "sample_id": sample, "nrows": cfg.rows * 4, "ncols": cfg.cols * 4, "bin_scale": 1,
+            "spaceranger_version": "synthetic (featcache)", "transform_matrices": {"spot_colrow_to_microscope_colrow": affine.tolist()},
+        })
+        f.create_group("feature_slices")
+    umis = counts[keep].sum(axis=1)
+    with open(outs / "metrics_summary.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Sample ID", "Number of bins under tissue (8 µm)", "Median UMIs per bin (8 µm)", "Mean UMIs per bin (8 µm)"])
+        w.writerow([sample, int(keep.sum()), float(np.median(umis)), float(umis.mean())])
+
+    with h5py.File(root / "synthetic_truth.h5", "w") as f:
+        f.attrs["description"] = (
+            "True expected UMIs per in-tissue 8 um bin and gene (before gamma-Poisson noise), the "
+            "compartment fractions of each bin, and the exact bin->pixel affine map."
+        )
+        f.attrs["seed"] = cfg.seed
+        f.create_dataset("barcodes", data=np.array(barcodes[keep], dtype="S"))
+        f.create_dataset("gene_ids", data=np.array(genes["id"], dtype="S"))
+        f.create_dataset("rates", data=rates[keep], compression="gzip", chunks=True)
+        f.create_dataset("compartment_fractions", data=fractions.reshape(-1, len(COMPARTMENTS))[keep])
+        f.create_dataset("compartments", data=np.array(COMPARTMENTS, dtype="S"))
+        f.create_dataset("affine", data=affine)
+    return {
+        "sample": sample, "bins": int(cfg.rows * cfg.cols), "in_tissue_bins": int(keep.sum()),
+        "median_umis": float(np.median(umis)), "image_shape": list(shape), "path": str(root),
+        "rotation_deg": patient.rotation_deg, "flip_rows": patient.flip_rows,
+    }
+
+
+def synthesize(out: str | Path, samples: list[str], cfg: SynthConfig = SynthConfig(), on_sample=None) -> list[dict]:
+    """Write the synthetic dataset; refuses to write into an existing sample folder."""
+    out = Path(out)
+    if len(set(samples)) != len(samples):
+        raise FeatcacheError(f"duplicate sample names in {samples}")
+    if cfg.rows < 32 or cfg.cols < 32:
+        raise FeatcacheError("--rows and --cols must be at least 32 bins (one patch).")
+    for s in samples:
+        if (out / s).exists():
+            raise FeatcacheError(f"{out / s} already exists; choose another OUT folder or remove it.")
+    genes, profiles = gene_table(cfg.n_genes, cfg.seed)
+    reports = []
+    for s in samples:
+        reports.append(synthesize_sample(out, s, cfg, genes, profiles))
+        if on_sample:
+            on_sample(reports[-1])
+    return reports

@@ -1,0 +1,51 @@
+"""Shared fixtures: one small synthetic Visium HD dataset per test session (real files on disk)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from featcache.synth import SynthConfig, synthesize
+
+# Small enough for 2 CPU cores, large enough for several patches per sample.
+SMALL = SynthConfig(rows=72, cols=104, n_genes=120, seed=3)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    """Two samples; P2's grid is rotated and flipped (array_row runs against pxl_row)."""
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, ["P1"], SMALL)
+    synthesize(out, ["P2"], SynthConfig(**{**SMALL.__dict__, "rotation_deg": -1.3, "flip_rows": True}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_dir, tmp_path_factory):
+    """The two samples prepared as dataset 'tiny' in a session workspace."""
+    from featcache.prepare import prepare_dataset
+
+    ws = tmp_path_factory.mktemp("ws")
+    res = prepare_dataset("tiny", {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")},
+                          workspace=ws, show_progress=False)
+    return ws, res
+
+
+def clone_sample(src: Path, dst: Path) -> Path:
+    """Copy a sample's small files and link its big ones, so a test can damage the copy."""
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.suffix in (".btf",):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    return dst
+
+
+BIN8 = Path("outs") / "binned_outputs" / "square_008um"
