@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,24 @@ import time
 from pathlib import Path
 
 import tifffile
+
+
+CHILD = """
+import json, resource, sys, threading, time
+from featcache import prepare as P
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+marks = {}
+original = P.render_patch
+def hooked(*a, **k):  # note the peak so far when rendering starts
+    marks.setdefault("before", rss_mb())
+    return original(*a, **k)
+P.render_patch = hooked
+P.prepare_dataset("bench", {"B1": sys.argv[1]}, workspace=sys.argv[2], workers=int(sys.argv[3]), show_progress=False)
+print(json.dumps({"peak_rss_mb": round(rss_mb()), "rss_before_rendering_mb": round(marks["before"])}))
+"""
 
 
 def main() -> None:
@@ -45,12 +62,13 @@ def main() -> None:
     ws = args.workdir / "ws"
     shutil.rmtree(ws, ignore_errors=True)
 
-    cmd = [sys.executable, "-m", "featcache", "prepare", "--dataset", "bench", "--sample", f"B1={raw / 'B1'}",
-           "--workspace", str(ws), "--workers", str(args.workers)]
+    # A fresh interpreter runs prepare and reports its own peak RSS (RUSAGE_CHILDREN would count
+    # the parent's pages at fork time, and every earlier child).
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    child = subprocess.run([sys.executable, "-c", CHILD, str(raw / "B1"), str(ws), str(args.workers)],
+                           check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
     meta = json.loads((ws / "datasets" / "bench" / "dataset.json").read_text())
     n = meta["samples"]["B1"]["n_patches"]
     result = {
@@ -60,7 +78,10 @@ def main() -> None:
         "patches": n,
         "wall_s": round(wall, 1),
         "patches_per_s": round(n / wall, 2),
-        "peak_rss_mb": round(peak_mb),
+        "peak_rss_mb": measured["peak_rss_mb"],
+        "rss_before_rendering_mb": measured["rss_before_rendering_mb"],
+        "rss_growth_while_rendering_mb": measured["peak_rss_mb"] - measured["rss_before_rendering_mb"],
+        "bins": args.bins**2,
         "workers": args.workers,
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}",
     }

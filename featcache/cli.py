@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 WorkspaceOpt = Annotated[
@@ -108,7 +108,7 @@ def demo(
     workspace: WorkspaceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic dataset.")] = 0,
 ):
-    """Run the pipeline on a small built-in synthetic dataset (3 patients), end to end."""
+    """Run the pipeline on a small built-in synthetic dataset (3 patients): synth, prepare, extract."""
     from featcache.prepare import prepare_dataset
     from featcache.synth import SynthConfig, synthesize
     from featcache.workspace import Workspace
@@ -122,8 +122,16 @@ def demo(
     res = prepare_dataset("demo", {n: str(raw / n) for n in names}, workspace=ws.root, overwrite=True)
     out.print(f"[bold]demo[/]: prepared dataset 'demo' with {sum(res.patches.values())} patches "
               f"({', '.join(f'{k} {v}' for k, v in res.patches.items())}) and {res.genes} genes")
-    out.print(f"  raw Space Ranger layout: {raw}")
-    out.print(f"  patches and targets:     {res.path}")
+    from featcache.extract import extract as run_extract
+
+    feats = run_extract("demo", "densenet121", weights="random:0", workspace=ws.root)
+    out.print(f"[bold]demo[/]: cached DenseNet-121 (random weights, seed 0) token grids of all patches "
+              f"({'complete' if feats.complete else 'incomplete'})")
+    out.print(f"  raw Space Ranger layout: {raw}", soft_wrap=True)
+    out.print(f"  patches and targets:     {res.path}", soft_wrap=True)
+    out.print(f"  feature store:           {feats.store}", soft_wrap=True)
+    out.print("next: `featcache encoders`, `featcache ls`, `featcache verify STORE`; open the stores with "
+              "xarray.open_zarr(..., group='P1').", soft_wrap=True)
 
 
 @app.command()
@@ -150,6 +158,129 @@ def datasets(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Opti
     for r in rows:
         table.add_row(r["dataset"], ", ".join(f"{k} {v}" for k, v in r["samples"].items()), str(r["genes"]), r["path"])
     out.print(table)
+
+
+@app.command()
+@user_errors
+def encoders(as_json: Annotated[bool, typer.Option("--json")] = False):
+    """List the registered encoders: parameters, grid at 448 px, channels, weights availability."""
+    from featcache.encoders import REGISTRY
+    from featcache.weights import resolve_weights
+
+    rows = []
+    for spec in REGISTRY.values():
+        try:
+            src = resolve_weights(spec, None)
+            weights = f"yes ({src.found_via})"
+        except FeatcacheError:
+            weights = "random only" if spec.test_only else "no"
+        rows.append({"encoder": spec.name, "arch": spec.arch, "params_m": round(spec.params / 1e6, 2),
+                     "grid": f"{spec.grid}×{spec.grid}", "dim": spec.dim, "pooled": spec.pooled,
+                     "test_only": spec.test_only, "weights": weights, "note": spec.note})
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table(title="encoders (grid at 448 px)")
+    for col in ("encoder", "timm arch", "params", "grid", "dim", "pooled", "weights"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        name = r["encoder"] + (" (test)" if r["test_only"] else "")
+        table.add_row(name, r["arch"], f"{r['params_m']:g} M", r["grid"], str(r["dim"]), r["pooled"], r["weights"])
+    out.print(table)
+    out.print("weights: --weights FILE|DIR, $FEATCACHE_WEIGHTS/<encoder>/, or the Hugging Face cache; "
+              "--weights random[:SEED] for random-init features.", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def extract(
+    encoder: Annotated[str, typer.Option(help="Encoder name (see `featcache encoders`), or 'all' (every non-test encoder).")],
+    dataset: Annotated[str, typer.Option(help="Prepared dataset to read patches from.")] = "demo",
+    weights: Annotated[Optional[str], typer.Option(help="Weights file or folder, or random[:SEED] for random-init features.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")] = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="K/N: do shard K of N (default: from torchrun's RANK/WORLD_SIZE).")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Store location (path or fsspec URL) instead of the workspace's.")] = None,
+    chunk_patches: Annotated[Optional[int], typer.Option(help="Patches per stored chunk [default: ~8 MB chunks].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a store made with a different identity.")] = False,
+    workspace: WorkspaceOpt = None,
+):
+    """Run an encoder once over a dataset's patches and cache its token grids."""
+    from featcache.extract import all_encoders
+    from featcache.extract import extract as run_extract
+    from featcache.encoders import get_spec
+    from featcache.weights import resolve_weights
+
+    names = all_encoders() if encoder == "all" else [encoder]
+    for name in names:  # fail before any work if one cannot run
+        resolve_weights(get_spec(name), weights)
+    for name in names:
+        res = run_extract(dataset, name, weights=weights, workspace=workspace, output=output, batch_size=batch_size,
+                          device=device, compile=compile, precision=precision, shard=shard, overwrite=overwrite,
+                          chunk_patches=chunk_patches)
+        state = "complete" if res.complete else "incomplete (other shards still to run)" if res.shard[1] > 1 else "incomplete"
+        shard_txt = f" shard {res.shard[0]}/{res.shard[1]}" if res.shard[1] > 1 else ""
+        rate = f" at {res.tiles_per_s:.1f} tiles/s" if res.patches_done else ""
+        out.print(f"{res.encoder}{shard_txt}: extracted {res.patches_done} patches{rate}"
+                  f"{f', {res.skipped} already done' if res.skipped else ''}; store {state}: {res.store}", soft_wrap=True)
+
+
+@app.command("ls")
+@user_errors
+def ls_(dataset: Annotated[Optional[str], typer.Option(help="Only this dataset.")] = None, workspace: WorkspaceOpt = None):
+    """List cached feature stores: encoder, weights, completeness, size on disk."""
+    from featcache.catalog import format_bytes, list_stores
+    from featcache.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    stores = list_stores(ws, dataset)
+    if not stores:
+        out.print(f"no feature stores in {ws.root / 'features'}; make one with `featcache extract --encoder NAME`.")
+        return
+    table = Table(title=f"feature stores in {ws.root / 'features'}")
+    for col in ("dataset", "store", "weights", "patches", "grid × dim", "done", "size"):
+        table.add_column(col)
+    for st in stores:
+        i = st.identity
+        done = sum(d for d, _ in st.samples.values())
+        tot = sum(t for _, t in st.samples.values())
+        table.add_row(i["dataset"], Path(st.location).name, i["weights"][:20], str(st.patches),
+                      f"{i['grid'][0]}×{i['grid'][1]}×{i['dim']}",
+                      "complete" if st.complete else f"{done}/{tot} chunks", format_bytes(st.size_bytes))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def info(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]):
+    """Show a feature store's identity, provenance, completeness and size."""
+    from featcache.catalog import format_bytes, store_status
+
+    st = store_status(store)
+    out.print_json(data={"store": st.location, "complete": st.complete, "size": format_bytes(st.size_bytes),
+                         "chunks_done": {s: f"{d}/{t}" for s, (d, t) in st.samples.items()},
+                         "identity": st.identity, "provenance": st.provenance})
+
+
+@app.command()
+@user_errors
+def verify(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]):
+    """Read back every chunk (checksums, shapes, finiteness); name missing or corrupted chunks."""
+    from featcache.catalog import verify_store
+
+    rep = verify_store(store)
+    for p in rep.problems:
+        out.print(f"[red]BAD[/] {p}", highlight=False)
+    for p in rep.not_extracted:
+        out.print(f"[yellow]NOT EXTRACTED[/] {p}", highlight=False)
+    if rep.ok:
+        out.print(f"[green]OK[/] {rep.location}: {rep.checked} chunks verified", highlight=False)
+        return
+    out.print(f"{rep.location}: {len(rep.problems)} corrupted or missing, {len(rep.not_extracted)} not extracted; "
+              "rerun `featcache extract` with the same options to redo them.", highlight=False)
+    raise typer.Exit(1)
 
 
 def main() -> None:  # console-script entry point

@@ -8,12 +8,30 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 
 def compressors(level: int = 3):
     """zstd compression followed by a CRC32C checksum of each stored chunk."""
     return [ZstdCodec(level=level), Crc32cCodec()]
+
+
+def _blosc_zstd(level: int):
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=2)
+
+
+# Encodings considered for float16 token chunks, all standard Zarr v3 codecs; each carries a
+# checksum verified on every read: zstd's own frame checksum (computed inside the compressor, in
+# zarr's worker threads) or a separate crc32c codec (computed, with a copy of the chunk, in
+# zarr's single event-loop thread, which capped extraction writes; benchmarks/RESULTS.md).
+# Each preset: (filters, compressors).
+TOKEN_CODECS = {
+    "zstd1": ([], [ZstdCodec(level=1, checksum=True)]),
+    "zstd3": ([], [ZstdCodec(level=3, checksum=True)]),
+    "zstd1+crc32c": ([], [ZstdCodec(level=1), Crc32cCodec()]),
+    "shuffle-zstd1+crc32c": ([], [_blosc_zstd(1), Crc32cCodec()]),
+}
+DEFAULT_TOKEN_CODEC = "zstd1"
 
 
 def create_array(
@@ -27,17 +45,26 @@ def create_array(
     level: int = 3,
     fill_value=0,
     attributes: dict | None = None,
+    codec: str | None = None,
 ) -> zarr.Array:
-    """Create a compressed, checksummed array whose dimension names xarray will pick up."""
+    """Create a compressed, checksummed array whose dimension names xarray will pick up.
+
+    ``codec`` names a TOKEN_CODECS preset; otherwise zstd at ``level`` plus CRC32C.
+    """
     if len(dims) != len(shape):
         raise ValueError(f"{name}: {len(dims)} dimension names for {len(shape)} dimensions")
+    filters, comps = TOKEN_CODECS[codec] if codec else ([], compressors(level))
     return group.create_array(
         name,
         shape=tuple(int(s) for s in shape),
         chunks=tuple(int(c) for c in chunks),
         dtype=dtype,
         dimension_names=list(dims),
-        compressors=compressors(level),
+        filters=filters,
+        compressors=comps,
+        # Every chunk we write is real data: skip zarr's per-chunk "all fill value?" comparison,
+        # which costs more than compressing (measured in benchmarks/extract.py).
+        config={"write_empty_chunks": True},
         fill_value=fill_value,
         attributes=attributes or {},
     )

@@ -1,0 +1,199 @@
+"""Encoder weights, offline (DESIGN §4).
+
+Three ways to supply pretrained weights, tried in this order:
+
+1. ``--weights PATH``: a ``.safetensors``, ``.bin``, ``.pth`` or ``.pt`` file, or a directory
+   holding one (``model.safetensors`` / ``pytorch_model.bin`` preferred);
+2. ``$FEATCACHE_WEIGHTS/<encoder>/`` (a directory, as above);
+3. an existing Hugging Face cache (``$HF_HOME`` / ``~/.cache/huggingface``) holding the model's
+   hub repository, read offline — nothing is downloaded.
+
+``--weights random`` or ``random:SEED`` is an explicit mode (random initialisation with a fixed
+seed); it is never a silent fallback. Checkpoints are untrusted input: safetensors, or
+``torch.load(weights_only=True)``, which refuses pickles that would execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from featcache.encoders import EncoderSpec, build_model
+from featcache.errors import FeatcacheError
+
+ENV_VAR = "FEATCACHE_WEIGHTS"
+SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+PREFERRED = ("model.safetensors", "pytorch_model.bin")
+STRIP_PREFIXES = ("module.", "model.", "encoder.", "backbone.", "trunk.")
+HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_drop.")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    kind: str  # "file" or "random"
+    path: Path | None = None
+    seed: int | None = None
+    found_via: str = ""
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
+
+    def identity(self) -> str:
+        return f"random:{self.seed}" if self.is_random else "sha256:" + sha256_file(self.path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_random(value: str | None) -> int | None:
+    """``random`` -> 0, ``random:SEED`` -> SEED, anything else -> None."""
+    if value is None or not value.startswith("random"):
+        return None
+    rest = value[len("random"):]
+    if rest == "":
+        return 0
+    if rest.startswith(":") and rest[1:].isdigit():
+        return int(rest[1:])
+    raise FeatcacheError(f"--weights {value!r}: write random or random:SEED with an integer seed.")
+
+
+def _file_in_dir(folder: Path) -> Path | None:
+    for name in PREFERRED:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+    if len(found) > 1:
+        raise FeatcacheError(f"{folder} holds several checkpoints ({', '.join(p.name for p in found)}); pass one file with --weights.")
+    return found[0] if found else None
+
+
+def _hf_cache_file(repo: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in PREFERRED:
+        hit = try_to_load_from_cache(repo, name)
+        if isinstance(hit, str) and Path(hit).is_file():
+            return Path(hit)
+    return None
+
+
+def resolve_weights(spec: EncoderSpec, weights: str | None) -> WeightsSource:
+    seed = parse_random(weights)
+    if seed is not None:
+        return WeightsSource("random", seed=seed, found_via="--weights")
+    if weights:
+        p = Path(weights).expanduser()
+        if p.is_dir():
+            f = _file_in_dir(p)
+            if f is None:
+                raise FeatcacheError(f"--weights {p}: no {', '.join(SUFFIXES)} file in this directory.")
+            return WeightsSource("file", f, found_via="--weights")
+        if p.is_file():
+            if p.suffix not in SUFFIXES:
+                raise FeatcacheError(f"--weights {p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}.")
+            return WeightsSource("file", p, found_via="--weights")
+        raise FeatcacheError(f"--weights {p}: no such file or directory.")
+    env = os.environ.get(ENV_VAR)
+    if env and (Path(env) / spec.name).is_dir():
+        f = _file_in_dir(Path(env) / spec.name)
+        if f is not None:
+            return WeightsSource("file", f, found_via=f"${ENV_VAR}")
+    if spec.hf_repo:
+        f = _hf_cache_file(spec.hf_repo)
+        if f is not None:
+            return WeightsSource("file", f, found_via="Hugging Face cache")
+    raise FeatcacheError(
+        f"no weights found for encoder {spec.name!r}. Supply them one of three ways: "
+        f"(1) --weights PATH to a {'/'.join(SUFFIXES)} file or a folder holding one; "
+        f"(2) put the file in ${ENV_VAR}/{spec.name}/; "
+        f"(3) have {spec.hf_repo or 'the model'} in the Hugging Face cache (download it where you have "
+        "access, e.g. `hf download " + (spec.hf_repo or "REPO") + "`, then copy ~/.cache/huggingface). "
+        f"Or pass --weights random[:SEED] for the random-init mode."
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint without executing code from it."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise FeatcacheError(f"cannot read {path} as safetensors ({exc}).") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise FeatcacheError(
+            f"refusing to load {path}: it is a pickle that needs code execution to load "
+            "(only tensors and plain containers are accepted). Convert it to safetensors where you trust it."
+        ) from exc
+    except Exception as exc:
+        raise FeatcacheError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}).") from exc
+    for key in ("state_dict", "model", "module", "teacher"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise FeatcacheError(f"{path} does not hold a state dict of tensors.")
+    return obj
+
+
+def _match_keys(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip a common wrapper prefix when that makes keys match, and drop classifier heads."""
+    for prefix in ("",) + STRIP_PREFIXES:
+        if prefix and not all(k.startswith(prefix) for k in state):
+            continue
+        renamed = {k[len(prefix):]: v for k, v in state.items()}
+        if len(expected & renamed.keys()) >= len(expected & state.keys()):
+            state = renamed
+    dropped = [k for k in state if k not in expected and k.startswith(HEAD_PREFIXES)]
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+def load_encoder(spec: EncoderSpec, source: WeightsSource, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """Build the network and load its weights strictly. Returns (model, provenance)."""
+    if source.is_random:
+        torch.manual_seed(source.seed)
+        model = build_model(spec, "cpu")
+        return model.to(device), {"weights": source.identity(), "found_via": source.found_via}
+    model = build_model(spec, "cpu")
+    state = read_state_dict(source.path)
+    expected = set(model.state_dict().keys())
+    state, dropped = _match_keys(state, expected)
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise FeatcacheError(
+            f"{source.path} does not fit encoder {spec.name!r} ({spec.arch}): keys {'; '.join(parts)}. "
+            "Is it the checkpoint of this model?"
+        )
+    shapes = [k for k, v in model.state_dict().items() if tuple(v.shape) != tuple(state[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise FeatcacheError(
+            f"{source.path}: tensor {k} has shape {tuple(state[k].shape)}, model expects "
+            f"{tuple(model.state_dict()[k].shape)} ({len(shapes)} mismatches). Is it the checkpoint of {spec.name}?"
+        )
+    model.load_state_dict(state, strict=True)
+    prov = {"weights": source.identity(), "weights_file": str(source.path), "found_via": source.found_via}
+    if dropped:
+        prov["dropped_head_keys"] = dropped
+    return model.to(device), prov
