@@ -49,3 +49,13 @@ def clone_sample(src: Path, dst: Path) -> Path:
 
 
 BIN8 = Path("outs") / "binned_outputs" / "square_008um"
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn_features(prepared):
+    """Random-weight tiny-cnn features of the 'tiny' dataset (14×14 grid, 96 channels)."""
+    from featcache.extract import extract
+
+    ws, _ = prepared
+    res = extract("tiny", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)
+    return ws, res

@@ -1,0 +1,117 @@
+"""Metrics on the test patient, in target space (DESIGN §6).
+
+All functions take ``pred`` and ``truth`` of shape (patch, gene, row, col) and a boolean ``mask``
+(patch, row, col) of in-tissue bins; only in-tissue bins count.
+
+* ``pcc_gene``: Pearson per gene across all in-tissue bins, then the mean over genes (primary).
+  Genes constant in truth (or prediction) have no correlation: they are excluded and counted.
+* ``pcc_global``: one Pearson over all flattened in-tissue values (the reference study's
+  ``pearson_r``).
+* ``spearman_gene``: as pcc_gene on ranks (average ranks for ties).
+* ``mse``: mean squared error over in-tissue bins and genes.
+* ``ssim_st``: 2-D SSIM of each gene's 32 × 32 map per patch (7 × 7 uniform window, K1 0.01,
+  K2 0.03, sample covariance, borders cropped, as scikit-image computes it), with data range = the
+  gene's truth range over the test patient and out-of-tissue bins set to the gene's training mean
+  in both maps; averaged over patches and genes. (The reference code's "ssim_st" was a clipped
+  correlation, not SSIM.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import rankdata
+
+
+def _flat(pred, truth, mask):
+    m = mask.astype(bool)
+    p = np.moveaxis(pred, 1, -1)[m].astype(np.float64)  # (bins, genes)
+    t = np.moveaxis(truth, 1, -1)[m].astype(np.float64)
+    return p, t
+
+
+def _columnwise_pearson(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    pc = p - p.mean(axis=0)
+    tc = t - t.mean(axis=0)
+    denom = np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (pc * tc).sum(axis=0) / denom
+    r[~(denom > 0)] = np.nan
+    return r
+
+
+def per_gene_pearson(pred, truth, mask) -> np.ndarray:
+    return _columnwise_pearson(*_flat(pred, truth, mask))
+
+
+def per_gene_spearman(pred, truth, mask) -> np.ndarray:
+    p, t = _flat(pred, truth, mask)
+    return _columnwise_pearson(rankdata(p, axis=0), rankdata(t, axis=0))
+
+
+def pearson_global(pred, truth, mask) -> float:
+    p, t = _flat(pred, truth, mask)
+    r = _columnwise_pearson(p.reshape(-1, 1), t.reshape(-1, 1))[0]
+    return float(r)
+
+
+def mse(pred, truth, mask) -> float:
+    p, t = _flat(pred, truth, mask)
+    return float(np.mean((p - t) ** 2))
+
+
+def ssim_maps(x: np.ndarray, y: np.ndarray, data_range: np.ndarray, win: int = 7, k1: float = 0.01,
+              k2: float = 0.03) -> np.ndarray:
+    """Mean SSIM of each 2-D map pair; x, y (..., H, W), data_range broadcastable to (...)."""
+    x = x.astype(np.float64)
+    y = y.astype(np.float64)
+    size = (1,) * (x.ndim - 2) + (win, win)
+    n = win * win
+    cov = n / (n - 1)  # sample covariance, as skimage's default
+    ux, uy = ndimage.uniform_filter(x, size), ndimage.uniform_filter(y, size)
+    uxx, uyy, uxy = (ndimage.uniform_filter(a, size) for a in (x * x, y * y, x * y))
+    vx, vy, vxy = cov * (uxx - ux * ux), cov * (uyy - uy * uy), cov * (uxy - ux * uy)
+    dr = np.asarray(data_range, dtype=np.float64)[..., None, None]
+    c1, c2 = (k1 * dr) ** 2, (k2 * dr) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    pad = (win - 1) // 2
+    return s[..., pad:-pad, pad:-pad].mean(axis=(-2, -1))
+
+
+def ssim_st(pred, truth, mask, train_mean: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean SSIM over patches and genes, and per gene (NaN for genes constant in truth)."""
+    m = mask.astype(bool)[:, None]
+    fill = np.asarray(train_mean, dtype=np.float64)[None, :, None, None]
+    p = np.where(m, pred, fill)
+    t = np.where(m, truth, fill)
+    _, tf = _flat(pred, truth, mask)
+    rng = tf.max(axis=0) - tf.min(axis=0) if len(tf) else np.zeros(truth.shape[1])
+    per_patch = ssim_maps(p, t, np.broadcast_to(np.where(rng > 0, rng, 1.0), p.shape[:2]))
+    per_gene = per_patch.mean(axis=0)
+    per_gene[~(rng > 0)] = np.nan
+    return float(np.nanmean(per_gene)) if np.isfinite(per_gene).any() else float("nan"), per_gene
+
+
+def evaluate(pred, truth, mask, train_mean, gene_names) -> dict:
+    """Every metric, plus per-gene values and the genes excluded as constant."""
+    r = per_gene_pearson(pred, truth, mask)
+    rho = per_gene_spearman(pred, truth, mask)
+    ssim, ssim_g = ssim_st(pred, truth, mask, train_mean)
+    excluded = [g for g, v in zip(gene_names, r) if not np.isfinite(v)]
+    nanmean = lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")  # noqa: E731
+    return {
+        "pcc_gene": nanmean(r),
+        "pcc_global": pearson_global(pred, truth, mask),
+        "spearman_gene": nanmean(rho),
+        "mse": mse(pred, truth, mask),
+        "ssim_st": ssim,
+        "n_bins": int(mask.sum()),
+        "n_patches": int(len(mask)),
+        "genes_excluded_constant": excluded,
+        "per_gene": {g: {"pcc": _num(a), "spearman": _num(b), "ssim": _num(c)}
+                     for g, a, b, c in zip(gene_names, r, rho, ssim_g)},
+    }
+
+
+def _num(v) -> float | None:
+    return float(v) if np.isfinite(v) else None

@@ -1,0 +1,332 @@
+"""`train decoder`: fit the shared decoder on cached grids for one leave-one-patient-out fold.
+
+Writes ``runs/<dataset>/<encoder>/<mode>/fold-<test sample>/`` (DESIGN §7)::
+
+    config.json        every setting, the seed, the feature store's identity, library versions
+    log.jsonl          one line per epoch: train loss, validation loss and pcc_gene, seconds
+    train_state.pt     model + optimizer + RNG state after the last finished epoch (resume)
+    checkpoint.pt      the selected (best validation pcc_gene) decoder weights
+    predictions.zarr   pred, truth, mask (patch, gene, row, col) of the test patient, origins as coords
+    metrics.json       test metrics (train/metrics.py), per gene, baselines, noise ceiling when known
+
+The epoch is selected on the validation split (training patients only); the test patient is
+scored once, after training. ``mode`` is ``frozen`` (pretrained encoder) or ``random``
+(random-init encoder); a decoder other than the UNet is recorded as ``<mode>-<decoder>``, and the
+shuffled-target control as ``<mode>-shuffled``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from featcache import __version__
+from featcache.errors import FeatcacheError
+from featcache.extract import resolve_device
+from featcache.progress import progress
+from featcache.workspace import Workspace
+from featcache.zarrio import consolidate, create_array, write_strings
+from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget, read_tokens
+from train.decoder import build_decoder
+from train.metrics import evaluate, per_gene_pearson
+
+MODES = ("frozen", "random")
+
+
+@dataclass
+class FoldResult:
+    run_dir: Path
+    metrics: dict
+    reused: bool = False
+
+
+def store_for(encoder: str, mode: str) -> str:
+    return f"{encoder}-random" if mode == "random" else encoder
+
+
+def run_name(mode: str, decoder: str, control: str | None) -> str:
+    name = mode if decoder == "unet" else f"{mode}-{decoder}"
+    return f"{name}-{control}" if control else name
+
+
+def _versions() -> dict:
+    import dask
+    import xarray
+
+    return {"featcache": __version__, "torch": torch.__version__, "numpy": np.__version__, "zarr": zarr.__version__,
+            "xarray": xarray.__version__, "dask": dask.__version__, "python": platform.python_version()}
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_fold(
+    dataset: str,
+    encoder: str,
+    fold: str,
+    mode: str = "frozen",
+    decoder: str = "unet",
+    epochs: int = 200,
+    batch_size: int = 64,
+    lr: float = 1e-4,
+    seed: int = 0,
+    device: str = "auto",
+    val_fraction: float = 0.15,
+    in_memory: str = "auto",
+    control: str | None = None,
+    workspace=None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> FoldResult:
+    if mode not in MODES:
+        raise FeatcacheError(f"--mode {mode!r}: use frozen or random (fine-tuning is `train finetune`).")
+    if control not in (None, "shuffled"):
+        raise FeatcacheError(f"--control {control!r}: the only control is 'shuffled'.")
+    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= val_fraction < 1:
+        raise FeatcacheError("--epochs and --batch-size must be ≥ 1, --lr > 0 and 0 ≤ --val-fraction < 1.")
+    if in_memory not in ("auto", "yes", "no"):
+        raise FeatcacheError(f"--in-memory {in_memory!r}: use auto, yes or no.")
+    ws = Workspace.resolve(workspace)
+    hint = f"featcache extract --dataset {dataset} --encoder {encoder}" + (" --weights random" if mode == "random" else "")
+    inputs = FoldInputs(ws, dataset, store_for(encoder, mode), hint)
+    if fold not in inputs.samples:
+        raise FeatcacheError(f"--fold {fold!r} is not a sample of dataset {dataset!r} (samples: {', '.join(inputs.samples)}).")
+    if len(inputs.samples) < 2:
+        raise FeatcacheError(f"dataset {dataset!r} has one sample; leave-one-patient-out needs at least two.")
+    dev = resolve_device(device)
+
+    train_samples = [s for s in inputs.samples if s != fold]
+    origins = {s: inputs.arrays[s].origin for s in train_samples}
+    train_idx, val_idx = blocked_split(origins, val_fraction, seed)
+    test_idx = {fold: np.arange(len(inputs.arrays[fold].origin))}
+    config = {
+        "dataset": dataset, "dataset_fingerprint": inputs.meta["fingerprint"], "encoder": encoder, "mode": mode,
+        "run": run_name(mode, decoder, control), "decoder": decoder, "control": control, "fold": fold,
+        "train_samples": train_samples, "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": "Adam",
+        "weight_decay": 0.0, "loss": "MSE over in-tissue bins", "seed": seed, "val_fraction": val_fraction,
+        "val_split": "spatial blocks of 64×64 bins from the training patients",
+        "selection": "epoch with the best validation pcc_gene", "target_transform": "log1p(CP10k), z-score per gene (training patients)",
+        "features": {"store": str(inputs.store), "identity": inputs.identity},
+        "genes": inputs.genes,
+    }
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    config["config_sha256"] = key
+    run_dir = ws.run_dir(dataset, encoder, config["run"], fold)
+    old = _read_json(run_dir / "config.json")
+    if old is not None and old.get("config_sha256") != key:
+        if not overwrite:
+            raise FeatcacheError(f"run folder {run_dir} holds a run with other settings. Pass --overwrite to replace it.")
+        shutil.rmtree(run_dir)
+        old = None
+    if old is not None and (run_dir / "metrics.json").is_file():
+        return FoldResult(run_dir, json.loads((run_dir / "metrics.json").read_text()), reused=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config["provenance"] = {"device": str(dev), "libraries": _versions(), "torch_threads": torch.get_num_threads()}
+    if old is None:
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    # Target statistics from the training patients (train + validation patches), never the test one.
+    transform = TargetTransform.fit(
+        load_targets(inputs.arrays[s], np.sort(np.concatenate([train_idx[s], val_idx[s]]))) for s in train_samples
+    )
+    per_patch = inputs.channels * np.prod(inputs.arrays[train_samples[0]].tokens.shape[2:]) * 2
+    n_train = sum(len(i) for i in train_idx.values())
+    load = in_memory == "yes" or (in_memory == "auto" and n_train * per_patch < memory_budget())
+    train_b = Batches(inputs, train_idx, transform, batch_size, in_memory=load)
+    val_b = Batches(inputs, val_idx, transform, batch_size, in_memory=load)
+    shuffled_targets = None
+    if control == "shuffled":  # break the image ↔ target link: each patch gets another patch's targets
+        keys = [(s, int(i)) for s in train_idx for i in train_idx[s]]
+        perm = np.random.default_rng([seed, 99]).permutation(len(keys))
+        shuffled_targets = {keys[i]: keys[j] for i, j in enumerate(perm)}
+
+    torch.manual_seed(seed)
+    model = build_decoder(decoder, inputs.channels, len(inputs.genes)).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
+    state_path = run_dir / "train_state.pt"
+    start, best, log = 0, {"epoch": -1, "val_pcc_gene": -np.inf, "state": None}, []
+    if state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start, best, log = st["epoch"] + 1, st["best"], st["log"]
+        torch.set_rng_state(st["torch_rng"])
+
+    target_lookup = _target_lookup(train_b) if shuffled_targets else None
+    with progress(disable=not show_progress) as bar:
+        task = bar.add_task(f"{encoder}/{config['run']}/fold-{fold}", total=epochs, completed=start, rate="")
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            model.train()
+            losses = []
+            for tok, y, m, keys in train_b.epoch(shuffle=True, seed=seed * 100003 + epoch):
+                if shuffled_targets:
+                    y, m = _swap_targets(keys, shuffled_targets, target_lookup)
+                loss = _masked_mse(model, tok, y, m, dev)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            val_loss, val_pcc = _validate(model, val_b, dev, inputs.genes)
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
+                   "val_pcc_gene": val_pcc, "seconds": round(time.perf_counter() - t0, 3)}
+            log.append(row)
+            score = val_pcc if val_pcc is not None and np.isfinite(val_pcc) else -np.inf
+            if best["state"] is None or score > best["val_pcc_gene"] or (val_b.n == 0):
+                best = {"epoch": epoch, "val_pcc_gene": score, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+                          "log": log, "torch_rng": torch.get_rng_state()}, state_path)
+            with open(run_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.update(task, advance=1, rate=f"loss {row['train_loss']:.3f} val pcc {val_pcc if val_pcc is not None else float('nan'):.3f}")
+
+    model.load_state_dict(best["state"])
+    pred, truth, mask = _predict(model, inputs, fold, test_idx[fold], transform, dev)
+    metrics = evaluate(pred, truth, mask, np.zeros(len(inputs.genes)), inputs.genes)
+    metrics.update({
+        "dataset": dataset, "encoder": encoder, "mode": mode, "run": config["run"], "fold": fold,
+        "selected_epoch": best["epoch"], "val_pcc_gene": best["val_pcc_gene"] if np.isfinite(best["val_pcc_gene"]) else None,
+        "baselines": {"per_gene_mean": {"mse": float(np.mean(truth.transpose(0, 2, 3, 1)[mask.astype(bool)] ** 2)),
+                                        "pcc_gene": 0.0}},
+        "noise_ceiling": noise_ceiling(inputs, fold, transform, truth, mask),
+        "features_weights": inputs.identity.get("weights"), "config_sha256": key,
+    })
+    _write_predictions(run_dir / "predictions.zarr", pred, truth, mask, inputs, fold)
+    torch.save({"decoder": decoder, "state_dict": best["state"], "c_in": inputs.channels, "genes": inputs.genes,
+                "transform": transform.to_json(), "epoch": best["epoch"], "config_sha256": key}, run_dir / "checkpoint.pt")
+    (run_dir / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2))
+    state_path.unlink(missing_ok=True)
+    return FoldResult(run_dir, metrics)
+
+
+def _masked_mse(model, tok, y, m, dev):
+    x = torch.from_numpy(tok).to(dev, non_blocking=True).float()
+    y = torch.from_numpy(y).to(dev, non_blocking=True)
+    m = torch.from_numpy(m).to(dev, non_blocking=True).unsqueeze(1).float()
+    pred = model(x)
+    return ((pred - y) ** 2 * m).sum() / (m.sum() * y.shape[1]).clamp(min=1)
+
+
+def _validate(model, batches: Batches, dev, genes) -> tuple[float | None, float | None]:
+    if batches.n == 0:
+        return None, None
+    model.eval()
+    preds, ys, ms = [], [], []
+    with torch.inference_mode():
+        for tok, y, m, _ in batches.epoch(shuffle=False):
+            preds.append(model(torch.from_numpy(tok).to(dev).float()).cpu().numpy())
+            ys.append(y)
+            ms.append(m)
+    p, y, m = np.concatenate(preds), np.concatenate(ys), np.concatenate(ms)
+    loss = float(np.sum((p - y) ** 2 * m[:, None]) / max(m.sum() * y.shape[1], 1))
+    r = per_gene_pearson(p, y, m)
+    return loss, float(np.nanmean(r)) if np.isfinite(r).any() else None
+
+
+def _predict(model, inputs: FoldInputs, sample, idx, transform, dev):
+    arr = inputs.arrays[sample]
+    model.eval()
+    preds = []
+    with torch.inference_mode():
+        for a in range(0, len(idx), 64):
+            tok = read_tokens(arr, sample, idx[a : a + 64])
+            preds.append(model(torch.from_numpy(tok).to(dev).float()).cpu().numpy())
+    counts, library, mask = load_targets(arr, idx)
+    return np.concatenate(preds), transform(counts, library), mask.astype(bool)
+
+
+def _target_lookup(batches: Batches) -> dict:
+    out = {}
+    for unit in batches.units():
+        _, y, m, keys = batches._get(unit)
+        for k, yy, mm in zip(keys, y, m):
+            out[k] = (yy, mm)
+    return out
+
+
+def _swap_targets(keys, mapping, lookup):
+    pairs = [lookup[mapping[k]] for k in keys]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def noise_ceiling(inputs: FoldInputs, sample: str, transform: TargetTransform, truth, mask) -> dict | None:
+    """Best achievable scores on a synthetic sample: the true rates scored like a prediction."""
+    import h5py
+
+    src = Path(inputs.meta["samples"][sample]["source"])  # .../<sample>/outs/binned_outputs/square_008um
+    path = src.parents[2] / "synthetic_truth.h5"
+    if not path.is_file():
+        return None
+    with h5py.File(path, "r") as f:
+        barcodes = [b.decode() for b in f["barcodes"][()]]
+        gene_ids = [g.decode() for g in f["gene_ids"][()]]
+        rates = f["rates"][()]
+    pos = {(int(b[8:13]), int(b[14:19])): i for i, b in enumerate(barcodes)}  # s_008um_RRRRR_CCCCC-1
+    cols = [gene_ids.index(g) for g in inputs.meta["genes"]["ids"]]
+    total = rates.sum(axis=1)
+    origins = inputs.arrays[sample].origin
+    n, g = len(origins), len(cols)
+    panel = np.zeros((n, g, 32, 32))
+    lib = np.zeros((n, 32, 32))
+    for k, (r0, c0) in enumerate(origins):
+        for i in range(32):
+            for j in range(32):
+                row = pos.get((int(r0) + i, int(c0) + j))
+                if row is not None:
+                    panel[k, :, i, j] = rates[row, cols]
+                    lib[k, i, j] = total[row]
+    ceiling = evaluate(transform(panel, lib), truth, mask, np.zeros(g), inputs.genes)
+    ceiling.pop("per_gene")
+    return ceiling
+
+
+def _write_predictions(path: Path, pred, truth, mask, inputs: FoldInputs, sample: str) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
+    root.attrs.update({"sample": sample, "space": "log1p(CP10k) z-scored with training-patient statistics"})
+    n, g = pred.shape[:2]
+    dims = ("patch", "gene", "row", "col")
+    for name, data in (("pred", pred.astype(np.float32)), ("truth", truth.astype(np.float32))):
+        create_array(root, name, shape=data.shape, chunks=(min(n, 32), g, 32, 32), dtype="float32", dims=dims,
+                     attributes={"coordinates": "origin gene_id"})[:] = data
+    create_array(root, "mask", shape=mask.shape, chunks=(min(n, 32), 32, 32), dtype="bool",
+                 dims=("patch", "row", "col"), fill_value=False, attributes={"coordinates": "origin"})[:] = mask
+    create_array(root, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = \
+        inputs.arrays[sample].origin
+    write_strings(root, "axis", ["array_row", "array_col"], "axis")
+    write_strings(root, "gene", inputs.genes, "gene")
+    write_strings(root, "gene_id", inputs.meta["genes"]["ids"], "gene")
+    consolidate(path)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
