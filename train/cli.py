@@ -53,20 +53,59 @@ def decoder(
         res = train_fold(dataset, enc, fold, mode=mode, decoder=decoder_kind, epochs=epochs, batch_size=batch_size,
                          lr=lr, seed=seed, device=device, val_fraction=val_fraction, in_memory=in_memory,
                          control=control, workspace=workspace, overwrite=overwrite)
-        m = res.metrics
-        ceil = (m.get("noise_ceiling") or {}).get("pcc_gene")
-        out.print(f"{enc} {m['run']} fold {fold}{' (already done)' if res.reused else ''}: pcc_gene {m['pcc_gene']:.3f}, "
-                  f"pcc_global {m['pcc_global']:.3f}, ssim {m['ssim_st']:.3f}, mse {m['mse']:.3f} "
-                  f"(epoch {m['selected_epoch']}; per-gene-mean mse {m['baselines']['per_gene_mean']['mse']:.3f}"
-                  + (f"; noise ceiling pcc_gene {ceil:.3f}" if ceil is not None else "") + ")", soft_wrap=True)
-        out.print(f"  {res.run_dir}", soft_wrap=True)
+        _report(enc, fold, res)
+
+
+def _report(encoder: str, fold: str, res) -> None:
+    m = res.metrics
+    if not m:  # a non-main torchrun rank: the main rank reports
+        return
+    ceil = (m.get("noise_ceiling") or {}).get("pcc_gene")
+    out.print(f"{encoder} {m['run']} fold {fold}{' (already done)' if res.reused else ''}: pcc_gene {m['pcc_gene']:.3f}, "
+              f"pcc_global {m['pcc_global']:.3f}, ssim {m['ssim_st']:.3f}, mse {m['mse']:.3f} "
+              f"(epoch {m['selected_epoch']}; per-gene-mean mse {m['baselines']['per_gene_mean']['mse']:.3f}"
+              + (f"; noise ceiling pcc_gene {ceil:.3f}" if ceil is not None else "") + ")", soft_wrap=True)
+    out.print(f"  {res.run_dir}", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def finetune(
+    encoder: Annotated[str, typer.Option(help="Encoder to fine-tune (see `featcache encoders`).")],
+    fold: Annotated[str, typer.Option(help="The test patient (a sample of the dataset).")],
+    dataset: Annotated[str, typer.Option(help="Prepared dataset.")] = "demo",
+    weights: Annotated[Optional[str], typer.Option(help="Pretrained weights (file, folder), or random[:SEED].")] = None,
+    decoder_kind: Annotated[str, typer.Option("--decoder", help="unet or linear.")] = "unet",
+    epochs: Epochs = 200, batch_size: Annotated[int, typer.Option(help="Effective batch (patches per optimizer step).")] = 64,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Patches per forward pass; gradients accumulate to --batch-size.")] = 16,
+    lr: Annotated[float, typer.Option(help="Decoder learning rate.")] = 1e-4,
+    encoder_lr: Annotated[float, typer.Option(help="Encoder learning rate.")] = 1e-5,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute encoder activations in backward (less memory).")] = False,
+    augment: Annotated[bool, typer.Option(help="Random 90° rotations and flips of image and targets together.")] = True,
+    colour_jitter: Annotated[float, typer.Option(help="Brightness / channel-gain jitter strength (0 = off).")] = 0.0,
+    seed: Seed = 0, device: Device = "auto", val_fraction: ValFrac = 0.15,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run folder made with other settings.")] = False,
+    workspace: WorkspaceOpt = None,
+):
+    """Fine-tune encoder + decoder end to end from image patches (no feature cache) for one fold."""
+    from train.run import train_fold
+
+    res = train_fold(dataset, encoder, fold, mode="finetune", decoder=decoder_kind, epochs=epochs,
+                     batch_size=batch_size, micro_batch=min(micro_batch or batch_size, batch_size), lr=lr,
+                     encoder_lr=encoder_lr, grad_checkpointing=grad_checkpointing, augment=augment,
+                     jitter=colour_jitter, seed=seed, device=device, val_fraction=val_fraction, in_memory="no",
+                     weights=weights, workspace=workspace, overwrite=overwrite)
+    _report(encoder, fold, res)
 
 
 @app.command()
 @user_errors
 def loocv(
     encoders: Annotated[str, typer.Option(help="Comma-separated encoders.")],
-    modes: Annotated[str, typer.Option(help="Comma-separated modes: frozen, random.")] = "frozen",
+    modes: Annotated[str, typer.Option(help="Comma-separated modes: frozen, random, finetune.")] = "frozen",
+    weights: Annotated[Optional[str], typer.Option(help="Pretrained weights for finetune runs (one encoder).")] = None,
+    encoder_lr: Annotated[float, typer.Option(help="Encoder learning rate of finetune runs.")] = 1e-5,
+    micro_batch: Annotated[Optional[int], typer.Option(help="Finetune: patches per forward pass (gradient accumulation).")] = None,
     dataset: Annotated[str, typer.Option(help="Prepared dataset.")] = "demo",
     decoder_kind: Annotated[str, typer.Option("--decoder", help="unet or linear.")] = "unet",
     jobs: Annotated[int, typer.Option(help="Folds trained at once (processes).")] = 1,
@@ -80,7 +119,8 @@ def loocv(
 
     res = run_loocv(dataset, _split(encoders), _split(modes), jobs=jobs, workspace=workspace, decoder=decoder_kind,
                     epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                    val_fraction=val_fraction, in_memory=in_memory, overwrite=overwrite)
+                    val_fraction=val_fraction, in_memory=in_memory, overwrite=overwrite,
+                    finetune_options={"weights": weights, "encoder_lr": encoder_lr, "micro_batch": micro_batch})
     print_comparison(res)
 
 

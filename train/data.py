@@ -42,27 +42,23 @@ class SampleArrays:
 
 
 class FoldInputs:
-    """A dataset's features (one store) and targets, checked for consistency."""
+    """A dataset's model inputs and targets, checked for consistency.
 
-    def __init__(self, workspace: Workspace, dataset: str, store_name: str, make_hint: str):
+    The inputs are the cached token grids of one feature store, or, with ``store_name=None``
+    (fine-tuning), the image patches themselves from patches.zarr.
+    """
+
+    def __init__(self, workspace: Workspace, dataset: str, store_name: str | None, make_hint: str = ""):
         self.workspace = workspace
         self.meta = load_dataset_meta(workspace, dataset)
         self.dataset = dataset
-        self.store = workspace.features_store(dataset, store_name)
-        if not (self.store / "zarr.json").is_file():
-            raise FeatcacheError(f"no feature store {store_name!r} for dataset {dataset!r} at {self.store}. "
-                                 f"Make it with `{make_hint}`.")
-        status = store_status(self.store)
-        if not status.complete:
-            missing = {s: f"{d}/{t}" for s, (d, t) in status.samples.items() if d < t}
-            raise FeatcacheError(f"feature store {self.store} is incomplete (chunks done: {missing}). "
-                                 f"Finish it by rerunning `{make_hint}`.")
-        self.identity = status.identity
-        if self.identity.get("dataset_fingerprint") != self.meta["fingerprint"]:
-            raise FeatcacheError(
-                f"feature store {self.store} was extracted from other patches than dataset {dataset!r} now holds "
-                "(dataset fingerprint differs; the dataset was re-prepared?). Re-extract it with --overwrite."
-            )
+        self.images = store_name is None
+        if self.images:
+            self.store = workspace.patches_store(dataset)
+            self.identity = {"source": "patches.zarr", "dataset_fingerprint": self.meta["fingerprint"]}
+        else:
+            self.store = workspace.features_store(dataset, store_name)
+            self.identity = self._check_store(store_name, make_hint)
         self.samples = list(self.meta["samples"])
         self.genes = [str(g) for g in _open(workspace.targets_store(dataset), self.samples[0]).gene.values]
         self.arrays: dict[str, SampleArrays] = {}
@@ -72,11 +68,27 @@ class FoldInputs:
             if list(t.gene_id.values) != list(self.meta["genes"]["ids"]):
                 raise FeatcacheError(f"targets of {s} have another gene panel than dataset.json; re-prepare the dataset.")
             if not np.array_equal(f.origin.values, t.origin.values):
-                raise FeatcacheError(f"feature store {self.store} and targets of {s} list different patches; "
+                raise FeatcacheError(f"{self.store} and the targets of {s} list different patches; "
                                      "re-extract the features with --overwrite.")
-            tokens = f.tokens.transpose(*CHANNEL_FIRST)
-            self.arrays[s] = SampleArrays(tokens, t.counts, t.library_size, t.mask, t.origin.values,
-                                          int(self.identity["chunk_patches"]))
+            x = f.image if self.images else f.tokens.transpose(*CHANNEL_FIRST)
+            chunk = x.encoding.get("chunks", (8,))[0] if self.images else int(self.identity["chunk_patches"])
+            self.arrays[s] = SampleArrays(x, t.counts, t.library_size, t.mask, t.origin.values, int(chunk))
+
+    def _check_store(self, store_name: str, make_hint: str) -> dict:
+        if not (self.store / "zarr.json").is_file():
+            raise FeatcacheError(f"no feature store {store_name!r} for dataset {self.dataset!r} at {self.store}. "
+                                 f"Make it with `{make_hint}`.")
+        status = store_status(self.store)
+        if not status.complete:
+            missing = {s: f"{d}/{t}" for s, (d, t) in status.samples.items() if d < t}
+            raise FeatcacheError(f"feature store {self.store} is incomplete (chunks done: {missing}). "
+                                 f"Finish it by rerunning `{make_hint}`.")
+        if status.identity.get("dataset_fingerprint") != self.meta["fingerprint"]:
+            raise FeatcacheError(
+                f"feature store {self.store} was extracted from other patches than dataset {self.dataset!r} now holds "
+                "(dataset fingerprint differs; the dataset was re-prepared?). Re-extract it with --overwrite."
+            )
+        return status.identity
 
     @property
     def channels(self) -> int:
@@ -147,8 +159,9 @@ class TargetTransform:
 
 
 def read_tokens(arrays: SampleArrays, sample: str, idx: np.ndarray) -> np.ndarray:
+    """Model inputs of the given patches: token grids (checked finite) or uint8 images."""
     tokens = np.asarray(arrays.tokens.data[idx].compute())
-    if not np.isfinite(tokens).all():
+    if tokens.dtype.kind == "f" and not np.isfinite(tokens).all():
         bad = sorted({int(idx[i]) for i in np.argwhere(~np.isfinite(tokens))[:, 0]})
         raise FeatcacheError(
             f"non-finite features in sample {sample}, patches {bad[:5]}{' ...' if len(bad) > 5 else ''}. The feature "

@@ -37,20 +37,32 @@ def _job(kwargs):
 
 
 def run_loocv(dataset: str, encoders: list[str], modes: list[str], jobs: int = 1, workspace=None,
-              show_progress: bool = True, **train_kwargs) -> dict:
+              show_progress: bool = True, finetune_options: dict | None = None, **train_kwargs) -> dict:
+    """Train every fold of every (encoder, mode); ``random`` features are extracted when missing."""
     ws = Workspace.resolve(workspace)
     meta = load_dataset_meta(ws, dataset)
     folds = list(meta["samples"])
     if len(folds) < 2:
         raise FeatcacheError(f"dataset {dataset!r} has {len(folds)} sample(s); leave-one-patient-out needs two or more.")
+    unknown = [m for m in modes if m not in ("frozen", "random", "finetune")]
+    if unknown:
+        raise FeatcacheError(f"--modes: unknown mode(s) {', '.join(unknown)}; use frozen, random, finetune.")
+    ft = {k: v for k, v in (finetune_options or {}).items() if v is not None}
     tasks = [dict(dataset=dataset, encoder=e, fold=f, mode=m, workspace=str(ws.root), show_progress=show_progress and jobs == 1,
-                  **train_kwargs) for e in encoders for m in modes for f in folds]
-    # Check every feature store before any training starts.
+                  **train_kwargs, **(ft if m == "finetune" else {})) for e in encoders for m in modes for f in folds]
+    # Random-init is a mode of its own: its features are extracted (seeded) when missing. Then
+    # every feature store is checked before any training starts.
+    from featcache.extract import extract
     from train.data import FoldInputs
     from train.run import store_for
 
     for e in encoders:
         for m in modes:
+            if m == "finetune":
+                continue
+            if m == "random" and not (ws.features_store(dataset, store_for(e, m)) / "zarr.json").is_file():
+                extract(dataset, e, weights=f"random:{train_kwargs.get('seed', 0)}", workspace=ws.root,
+                        device=train_kwargs.get("device", "auto"), show_progress=show_progress)
             FoldInputs(ws, dataset, store_for(e, m),
                        f"featcache extract --dataset {dataset} --encoder {e}" + (" --weights random" if m == "random" else ""))
     if jobs > 1:
@@ -72,6 +84,8 @@ def write_comparison(ws: Workspace, dataset: str, done, train_kwargs: dict) -> d
         key = f"{encoder}_{m.get('run', mode)}"
         r = runs.setdefault(key, {"encoder": encoder, "mode": mode, "run": m.get("run", mode),
                                   "frozen": mode in ("frozen", "random"), "fold_results": {}, "per_gene_pcc": {}})
+        if mode == "random":
+            r["encoder_weights"] = m.get("features_weights")
         r["fold_results"][f"test_{fold}"] = {
             "pearson_r": m["pcc_global"], "mse": m["mse"], "pcc_gene": m["pcc_gene"], "spearman_rho": m["spearman_gene"],
             "ssim_st": m["ssim_st"], "selected_epoch": m.get("selected_epoch"), "run_dir": run_dir,

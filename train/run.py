@@ -40,7 +40,7 @@ from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load
 from train.decoder import build_decoder
 from train.metrics import evaluate, per_gene_pearson
 
-MODES = ("frozen", "random")
+MODES = ("frozen", "random", "finetune")
 
 
 @dataclass
@@ -90,18 +90,32 @@ def train_fold(
     workspace=None,
     overwrite: bool = False,
     show_progress: bool = True,
+    weights: str | None = None,
+    encoder_lr: float = 1e-5,
+    micro_batch: int | None = None,
+    grad_checkpointing: bool = False,
+    augment: bool | None = None,
+    jitter: float = 0.0,
 ) -> FoldResult:
+    """One fold. ``mode='finetune'`` trains encoder + decoder from image patches (no cache)."""
     if mode not in MODES:
-        raise FeatcacheError(f"--mode {mode!r}: use frozen or random (fine-tuning is `train finetune`).")
+        raise FeatcacheError(f"--mode {mode!r}: use frozen, random or finetune.")
     if control not in (None, "shuffled"):
         raise FeatcacheError(f"--control {control!r}: the only control is 'shuffled'.")
     if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= val_fraction < 1:
         raise FeatcacheError("--epochs and --batch-size must be ≥ 1, --lr > 0 and 0 ≤ --val-fraction < 1.")
     if in_memory not in ("auto", "yes", "no"):
         raise FeatcacheError(f"--in-memory {in_memory!r}: use auto, yes or no.")
+    finetune = mode == "finetune"
+    augment = finetune if augment is None else augment
+    if augment and not finetune:
+        raise FeatcacheError("augmentation applies to image patches: use it with fine-tuning (cached grids are fixed).")
+    micro = micro_batch or batch_size
+    if micro < 1 or batch_size % micro:
+        raise FeatcacheError(f"--micro-batch {micro_batch} must divide --batch-size {batch_size} (gradient accumulation).")
     ws = Workspace.resolve(workspace)
     hint = f"featcache extract --dataset {dataset} --encoder {encoder}" + (" --weights random" if mode == "random" else "")
-    inputs = FoldInputs(ws, dataset, store_for(encoder, mode), hint)
+    inputs = FoldInputs(ws, dataset, None if finetune else store_for(encoder, mode), hint)
     if fold not in inputs.samples:
         raise FeatcacheError(f"--fold {fold!r} is not a sample of dataset {dataset!r} (samples: {', '.join(inputs.samples)}).")
     if len(inputs.samples) < 2:
@@ -122,6 +136,18 @@ def train_fold(
         "features": {"store": str(inputs.store), "identity": inputs.identity},
         "genes": inputs.genes,
     }
+    encoder_model = None
+    if finetune:
+        from featcache.encoders import get_spec
+        from featcache.weights import load_encoder, resolve_weights
+
+        spec = get_spec(encoder)
+        source = resolve_weights(spec, weights)
+        encoder_model, prov = load_encoder(spec, source)
+        config.update({"encoder_weights": source.identity(), "encoder_lr": encoder_lr, "micro_batch": micro,
+                       "grad_checkpointing": grad_checkpointing, "augment": "dihedral (8)" if augment else None,
+                       "colour_jitter": jitter, "encoder_spec": spec.describe(),
+                       "precision": "bf16 autocast on GPU, fp32 on CPU"})
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     config["config_sha256"] = key
     run_dir = ws.run_dir(dataset, encoder, config["run"], fold)
@@ -133,16 +159,21 @@ def train_fold(
         old = None
     if old is not None and (run_dir / "metrics.json").is_file():
         return FoldResult(run_dir, json.loads((run_dir / "metrics.json").read_text()), reused=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config["provenance"] = {"device": str(dev), "libraries": _versions(), "torch_threads": torch.get_num_threads()}
-    if old is None:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    ddp = _Distributed(finetune, dev)
+    if ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config["provenance"] = {"device": str(dev), "libraries": _versions(), "torch_threads": torch.get_num_threads(),
+                                "world_size": ddp.world}
+        if old is None:
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    ddp.barrier()
 
     # Target statistics from the training patients (train + validation patches), never the test one.
     transform = TargetTransform.fit(
         load_targets(inputs.arrays[s], np.sort(np.concatenate([train_idx[s], val_idx[s]]))) for s in train_samples
     )
-    per_patch = inputs.channels * np.prod(inputs.arrays[train_samples[0]].tokens.shape[2:]) * 2
+    x0 = inputs.arrays[train_samples[0]].tokens
+    per_patch = int(np.prod(x0.shape[1:])) * x0.dtype.itemsize
     n_train = sum(len(i) for i in train_idx.values())
     load = in_memory == "yes" or (in_memory == "auto" and n_train * per_patch < memory_budget())
     train_b = Batches(inputs, train_idx, transform, batch_size, in_memory=load)
@@ -154,8 +185,23 @@ def train_fold(
         shuffled_targets = {keys[i]: keys[j] for i, j in enumerate(perm)}
 
     torch.manual_seed(seed)
-    model = build_decoder(decoder, inputs.channels, len(inputs.genes)).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
+    if finetune:
+        from featcache.encoders import GridEncoder
+        from train.finetune import EncoderDecoder
+
+        if grad_checkpointing and hasattr(encoder_model, "set_grad_checkpointing"):
+            encoder_model.set_grad_checkpointing(True)
+        model = EncoderDecoder(GridEncoder(spec, encoder_model), build_decoder(decoder, spec.dim, len(inputs.genes))).to(dev)
+        opt = torch.optim.Adam([{"params": model.encoder.parameters(), "lr": encoder_lr},
+                                {"params": model.decoder.parameters(), "lr": lr}], weight_decay=0.0)
+    else:
+        model = build_decoder(decoder, inputs.channels, len(inputs.genes)).to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
+    step = _Stepper(ddp.wrap(model, dev), opt, dev, micro, augment, jitter, seed)
+    n_batches = -(-train_b.n // batch_size)
+    usable = n_batches // ddp.world * ddp.world  # every rank takes the same number of steps
+    if usable == 0:
+        raise FeatcacheError(f"{train_b.n} training patches make fewer batches than there are processes ({ddp.world}).")
     state_path = run_dir / "train_state.pt"
     start, best, log = 0, {"epoch": -1, "val_pcc_gene": -np.inf, "state": None}, []
     if state_path.is_file():
@@ -166,20 +212,18 @@ def train_fold(
         torch.set_rng_state(st["torch_rng"])
 
     target_lookup = _target_lookup(train_b) if shuffled_targets else None
-    with progress(disable=not show_progress) as bar:
+    with progress(disable=not (show_progress and ddp.main)) as bar:
         task = bar.add_task(f"{encoder}/{config['run']}/fold-{fold}", total=epochs, completed=start, rate="")
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             model.train()
             losses = []
-            for tok, y, m, keys in train_b.epoch(shuffle=True, seed=seed * 100003 + epoch):
+            for i, (tok, y, m, keys) in enumerate(train_b.epoch(shuffle=True, seed=seed * 100003 + epoch)):
+                if i >= usable or i % ddp.world != ddp.rank:
+                    continue
                 if shuffled_targets:
                     y, m = _swap_targets(keys, shuffled_targets, target_lookup)
-                loss = _masked_mse(model, tok, y, m, dev)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+                losses.append(step(tok, y, m, epoch, i))
             val_loss, val_pcc = _validate(model, val_b, dev, inputs.genes)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
                    "val_pcc_gene": val_pcc, "seconds": round(time.perf_counter() - t0, 3)}
@@ -187,12 +231,18 @@ def train_fold(
             score = val_pcc if val_pcc is not None and np.isfinite(val_pcc) else -np.inf
             if best["state"] is None or score > best["val_pcc_gene"] or (val_b.n == 0):
                 best = {"epoch": epoch, "val_pcc_gene": score, "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
-                          "log": log, "torch_rng": torch.get_rng_state()}, state_path)
-            with open(run_dir / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            if ddp.main:
+                _save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best": best,
+                              "log": log, "torch_rng": torch.get_rng_state()}, state_path)
+                with open(run_dir / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
             bar.update(task, advance=1, rate=f"loss {row['train_loss']:.3f} val pcc {val_pcc if val_pcc is not None else float('nan'):.3f}")
 
+    ddp.barrier()
+    if not ddp.main:  # the main process scores the test patient and writes the outputs
+        ddp.barrier()
+        ddp.close()
+        return FoldResult(run_dir, {})
     model.load_state_dict(best["state"])
     pred, truth, mask = _predict(model, inputs, fold, test_idx[fold], transform, dev)
     metrics = evaluate(pred, truth, mask, np.zeros(len(inputs.genes)), inputs.genes)
@@ -202,22 +252,99 @@ def train_fold(
         "baselines": {"per_gene_mean": {"mse": float(np.mean(truth.transpose(0, 2, 3, 1)[mask.astype(bool)] ** 2)),
                                         "pcc_gene": 0.0}},
         "noise_ceiling": noise_ceiling(inputs, fold, transform, truth, mask),
-        "features_weights": inputs.identity.get("weights"), "config_sha256": key,
+        "features_weights": config.get("encoder_weights") or inputs.identity.get("weights"), "config_sha256": key,
     })
     _write_predictions(run_dir / "predictions.zarr", pred, truth, mask, inputs, fold)
-    torch.save({"decoder": decoder, "state_dict": best["state"], "c_in": inputs.channels, "genes": inputs.genes,
+    torch.save({"decoder": decoder, "mode": mode, "state_dict": best["state"],
+                "c_in": spec.dim if finetune else inputs.channels, "genes": inputs.genes,
                 "transform": transform.to_json(), "epoch": best["epoch"], "config_sha256": key}, run_dir / "checkpoint.pt")
     (run_dir / "metrics.json").write_text(json.dumps(_clean(metrics), indent=2))
     state_path.unlink(missing_ok=True)
+    ddp.barrier()
+    ddp.close()
     return FoldResult(run_dir, metrics)
 
 
-def _masked_mse(model, tok, y, m, dev):
-    x = torch.from_numpy(tok).to(dev, non_blocking=True).float()
-    y = torch.from_numpy(y).to(dev, non_blocking=True)
-    m = torch.from_numpy(m).to(dev, non_blocking=True).unsqueeze(1).float()
-    pred = model(x)
-    return ((pred - y) ** 2 * m).sum() / (m.sum() * y.shape[1]).clamp(min=1)
+class _Distributed:
+    """torchrun support for fine-tuning: DistributedDataParallel over WORLD_SIZE processes.
+
+    Every rank sees the same shuffled batch order and takes every world-th batch; the main rank
+    keeps the log, the training state and the outputs. Without torchrun this is a no-op.
+    """
+
+    def __init__(self, finetune: bool, dev):
+        self.world = int(os.environ.get("WORLD_SIZE", "1")) if finetune else 1
+        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        self.main = self.rank == 0
+        self.started = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+                self.started = True
+
+    def wrap(self, model, dev):
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self):
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _input(arr: np.ndarray, dev) -> torch.Tensor:
+    """Cached grids become float32; uint8 image patches stay uint8 (the encoder normalises them)."""
+    x = torch.from_numpy(arr).to(dev, non_blocking=True)
+    return x if x.dtype == torch.uint8 else x.float()
+
+
+def _autocast(dev):
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+class _Stepper:
+    """One optimizer step over a batch: micro-batches with gradient accumulation, augmentation,
+    bf16 autocast on a GPU. The loss is the masked MSE of the whole batch, whatever the split."""
+
+    def __init__(self, model, opt, dev, micro, augment, jitter, seed):
+        self.model, self.opt, self.dev, self.micro = model, opt, dev, micro
+        self.augment, self.jitter, self.seed = augment, jitter, seed
+
+    def __call__(self, tok, y, m, epoch, index) -> float:
+        from train.finetune import colour_jitter, dihedral
+
+        rng = np.random.default_rng([self.seed, epoch, index])  # the same draws after a resume
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        count = max(float(m.sum()) * y.shape[1], 1.0)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for a in range(0, len(tok), self.micro):
+            x = _input(tok[a : a + self.micro], self.dev)
+            yy = torch.from_numpy(y[a : a + self.micro]).to(self.dev, non_blocking=True)
+            mm = torch.from_numpy(m[a : a + self.micro]).to(self.dev, non_blocking=True)
+            if self.augment:
+                x, yy, mm = dihedral(x, yy, mm, int(rng.integers(4)), bool(rng.integers(2)))
+            if self.jitter:
+                x = colour_jitter(x, self.jitter, gen)
+            with _autocast(self.dev):
+                pred = self.model(x)
+            loss = ((pred.float() - yy) ** 2 * mm.unsqueeze(1).float()).sum() / count
+            loss.backward()
+            total += float(loss.detach())
+        self.opt.step()
+        return total
 
 
 def _validate(model, batches: Batches, dev, genes) -> tuple[float | None, float | None]:
@@ -225,9 +352,9 @@ def _validate(model, batches: Batches, dev, genes) -> tuple[float | None, float 
         return None, None
     model.eval()
     preds, ys, ms = [], [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(dev):
         for tok, y, m, _ in batches.epoch(shuffle=False):
-            preds.append(model(torch.from_numpy(tok).to(dev).float()).cpu().numpy())
+            preds.append(model(_input(tok, dev)).float().cpu().numpy())
             ys.append(y)
             ms.append(m)
     p, y, m = np.concatenate(preds), np.concatenate(ys), np.concatenate(ms)
@@ -240,10 +367,10 @@ def _predict(model, inputs: FoldInputs, sample, idx, transform, dev):
     arr = inputs.arrays[sample]
     model.eval()
     preds = []
-    with torch.inference_mode():
-        for a in range(0, len(idx), 64):
-            tok = read_tokens(arr, sample, idx[a : a + 64])
-            preds.append(model(torch.from_numpy(tok).to(dev).float()).cpu().numpy())
+    with torch.inference_mode(), _autocast(dev):
+        for a in range(0, len(idx), 16):
+            tok = read_tokens(arr, sample, idx[a : a + 16])
+            preds.append(model(_input(tok, dev)).float().cpu().numpy())
     counts, library, mask = load_targets(arr, idx)
     return np.concatenate(preds), transform(counts, library), mask.astype(bool)
 

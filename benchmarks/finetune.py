@@ -1,0 +1,104 @@
+"""Benchmark a fine-tune step (encoder + decoder, end to end) against a frozen decoder step, in one run.
+
+    python benchmarks/finetune.py [--encoders densenet121,uni2h] [--batch-size 16] [--steps 5]
+        [--device auto] [--grad-checkpointing] [--out results.jsonl]
+
+Both steps use the same MiniUNet decoder and random inputs of the real shapes (uint8 448 px
+patches for fine-tuning, the encoder's cached grid for the frozen step), MSE loss, Adam, bf16
+autocast on a GPU. Reports tiles/s and peak memory (GPU: max allocated; CPU: peak RSS growth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
+from featcache.extract import resolve_device  # noqa: E402
+from train.decoder import MiniUNet  # noqa: E402
+from train.finetune import EncoderDecoder  # noqa: E402
+
+
+def _peak(dev) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB
+
+
+def measure(model, make_input, dev, batch, steps, genes=50) -> tuple[float, float]:
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    y = torch.randn(batch, genes, 32, 32, device=dev)
+    x = make_input()
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def step():
+        with torch.autocast(**amp):
+            loss = ((model(x).float() - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    before = _peak(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    rate = batch * steps / (time.perf_counter() - t)
+    return rate, _peak(dev) if dev.type == "cuda" else _peak(dev) - before + 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--encoders", default="densenet121")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    dev = resolve_device(args.device)
+    b = args.batch_size
+    for name in args.encoders.split(","):
+        spec = get_spec(name)
+        torch.manual_seed(0)
+        net = build_model(spec, dev)
+        if args.grad_checkpointing:
+            net.set_grad_checkpointing(True)
+        ft = EncoderDecoder(GridEncoder(spec, net), MiniUNet(spec.dim, 50)).to(dev).train()
+        ft_rate, ft_mem = measure(ft, lambda: torch.randint(0, 256, (b, 448, 448, 3), dtype=torch.uint8, device=dev),
+                                  dev, b, args.steps)
+        del ft, net
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        dec = MiniUNet(spec.dim, 50).to(dev).train()
+        fr_rate, fr_mem = measure(dec, lambda: torch.randn(b, spec.dim, spec.grid, spec.grid, device=dev), dev, b,
+                                  max(args.steps, 10))
+        row = {"benchmark": "finetune", "encoder": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+               else f"CPU ({os.cpu_count()} cores)", "batch_size": b, "grad_checkpointing": args.grad_checkpointing,
+               "finetune_tiles_s": round(ft_rate, 2), "frozen_decoder_tiles_s": round(fr_rate, 2),
+               "frozen_speedup": round(fr_rate / ft_rate, 1), "peak_gib_finetune": round(ft_mem, 2),
+               "peak_gib_frozen": round(fr_mem, 2), "memory": "GPU max allocated" if dev.type == "cuda" else "CPU RSS growth",
+               "torch": torch.__version__, "python": platform.python_version()}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Fine-tune mode: encoder + decoder trained end to end from image patches (no feature cache).
+
+The encoder is the registry's network with its pretrained weights (``--weights`` as for
+``featcache extract``), wrapped so that uint8 patches go in and the token grid comes out; the
+decoder is the same MiniUNet the frozen runs use. Augmentation rotates and flips the image and
+the 32 × 32 target grid together: a patch is 32 × 14 px per side, so a 90° turn of the image is
+exactly a 90° turn of its bin grid and token (i, j) still sits on bin (i, j).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from featcache.encoders import GridEncoder
+
+
+class EncoderDecoder(nn.Module):
+    """uint8 (B, H, W, 3) patches → encoder token grid → decoder → (B, genes, 32, 32)."""
+
+    def __init__(self, encoder: GridEncoder, decoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.encoder(images)
+        return self.decoder(tokens.permute(0, 3, 1, 2).float())
+
+
+def dihedral(images: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, k: int, flip: bool):
+    """Rotate by k × 90° (and mirror left-right) images (B,H,W,C), targets (B,G,R,C) and mask (B,R,C) alike."""
+    if flip:
+        images, targets, mask = images.flip(2), targets.flip(3), mask.flip(2)
+    if k % 4:
+        images = torch.rot90(images, k, dims=(1, 2))
+        targets = torch.rot90(targets, k, dims=(2, 3))
+        mask = torch.rot90(mask, k, dims=(1, 2))
+    return images, targets, mask
+
+
+def colour_jitter(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Light per-patch brightness and per-channel gain jitter on uint8 images (returns uint8)."""
+    b = images.shape[0]
+    gain = 1 + strength * (2 * torch.rand(b, 1, 1, 3, generator=generator) - 1)
+    bright = strength * 255 * (2 * torch.rand(b, 1, 1, 1, generator=generator) - 1)
+    out = images.float() * gain.to(images.device) + bright.to(images.device)
+    return out.clamp(0, 255).to(torch.uint8)
