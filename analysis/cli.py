@@ -1,18 +1,47 @@
-"""The ``analysis`` command line (stage 3). Figures arrive with the analysis issue."""
+"""The ``analysis`` command line (stage 3): comparison figures and spatial maps."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+
+from featcache.cli import WorkspaceOpt, user_errors
 
 app = typer.Typer(
     help="analysis: compare encoders and draw the figures from a workspace's results.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+out = Console()
+
+
+@app.command()
+@user_errors
+def figures(
+    dataset: Annotated[str, typer.Option(help="Dataset whose results to draw.")] = "demo",
+    sample: Annotated[Optional[str], typer.Option(help="Test patient of the spatial rows [default: the last fold].")] = None,
+    genes: Annotated[str, typer.Option(help="Genes of the spatial rows.")] = "EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12",
+    workspace: WorkspaceOpt = None,
+):
+    """Draw the comparison figures and spatial maps (PNG and PDF) into results/<dataset>/figures/."""
+    from analysis.figures import draw_all
+
+    written = draw_all(dataset, sample, [g.strip() for g in genes.split(",") if g.strip()], workspace)
+    folder = written[0].parent if written else None
+    out.print(f"wrote {len(written)} files to {folder}", soft_wrap=True)
 
 
 @app.callback()
 def _root() -> None:
-    """Stage 3 of featcache (not built yet: see README, 'Status')."""
+    """Stage 3 of featcache: figures and xarray views (`import analysis` in a notebook)."""
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -106,32 +106,68 @@ def prepare(
 @user_errors
 def demo(
     workspace: WorkspaceOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic dataset.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic dataset and of the training runs.")] = 0,
+    encoder: Annotated[str, typer.Option(help="Encoder to compare (a small one by default).")] = "tiny-cnn",
+    weights: Annotated[Optional[str], typer.Option(help="Pretrained weights for --encoder [default: a seeded "
+                                                       "random stand-in, since none can be downloaded here].")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs of the frozen and random-init runs.")] = 15,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tune runs.")] = 3,
 ):
-    """Run the pipeline on a small built-in synthetic dataset (3 patients): synth, prepare, extract."""
+    """The whole pipeline on a small built-in synthetic dataset (3 patients): synth → prepare →
+    extract → LOOCV in frozen, random-init and fine-tune modes → comparison file → figures."""
+    import time
+
+    from analysis.figures import draw_all
+    from featcache.encoders import build_model, get_spec
+    from featcache.extract import extract as run_extract
     from featcache.prepare import prepare_dataset
     from featcache.synth import SynthConfig, synthesize
     from featcache.workspace import Workspace
+    from train.cli import print_comparison
+    from train.loocv import run_loocv
 
+    t0 = time.perf_counter()
     ws = Workspace.resolve(workspace)
     raw = ws.root / "raw" / f"demo-seed{seed}"
     names = ["P1", "P2", "P5"]
-    if not all((raw / n / "outs").is_dir() for n in names):
-        with err.status(f"synthesizing 3 Visium HD samples into {raw} ..."):
-            synthesize(raw, [n for n in names if not (raw / n).exists()], SynthConfig(seed=seed))
+    missing = [n for n in names if not (raw / n / "outs").is_dir()]
+    if missing:
+        with err.status(f"synthesizing {len(missing)} Visium HD samples into {raw} ..."):
+            synthesize(raw, missing, SynthConfig(seed=seed))
     res = prepare_dataset("demo", {n: str(raw / n) for n in names}, workspace=ws.root, overwrite=True)
-    out.print(f"[bold]demo[/]: prepared dataset 'demo' with {sum(res.patches.values())} patches "
-              f"({', '.join(f'{k} {v}' for k, v in res.patches.items())}) and {res.genes} genes")
-    from featcache.extract import extract as run_extract
+    out.print(f"[bold]1/4 prepared[/] dataset 'demo': {sum(res.patches.values())} patches "
+              f"({', '.join(f'{k} {v}' for k, v in res.patches.items())}), {res.genes} genes")
 
-    feats = run_extract("demo", "densenet121", weights="random:0", workspace=ws.root)
-    out.print(f"[bold]demo[/]: cached DenseNet-121 (random weights, seed 0) token grids of all patches "
-              f"({'complete' if feats.complete else 'incomplete'})")
-    out.print(f"  raw Space Ranger layout: {raw}", soft_wrap=True)
-    out.print(f"  patches and targets:     {res.path}", soft_wrap=True)
-    out.print(f"  feature store:           {feats.store}", soft_wrap=True)
-    out.print("next: `featcache encoders`, `featcache ls`, `featcache verify STORE`; open the stores with "
-              "xarray.open_zarr(..., group='P1').", soft_wrap=True)
+    spec = get_spec(encoder)
+    if weights is None:  # a fixed, seeded checkpoint file stands in for pretrained weights
+        from safetensors.torch import save_file
+        import torch
+
+        weights = str(ws.root / "weights" / f"{encoder}-standin-seed1.safetensors")
+        if not Path(weights).is_file():
+            Path(weights).parent.mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(1)
+            save_file({k: v.contiguous() for k, v in build_model(spec).state_dict().items()}, weights)
+        out.print(f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a "
+                  f"seeded random stand-in checkpoint ({weights}); pass --encoder/--weights for a real one.",
+                  soft_wrap=True)
+    run_extract("demo", encoder, weights=weights, workspace=ws.root, overwrite=True)
+    run_extract("demo", encoder, weights=f"random:{seed}", workspace=ws.root, overwrite=True)
+    out.print(f"[bold]2/4 extracted[/] {encoder} token grids (frozen weights and random-init)")
+
+    common = dict(workspace=ws.root, seed=seed, batch_size=8, lr=1e-3, overwrite=True)
+    run_loocv("demo", [encoder], ["frozen", "random"], epochs=epochs, **common)
+    results = run_loocv("demo", [encoder], ["finetune"], epochs=finetune_epochs,
+                        finetune_options={"weights": weights, "encoder_lr": 1e-4, "micro_batch": 4}, **common)
+    out.print(f"[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
+    figures = draw_all("demo", "P5", workspace=ws.root)
+    out.print(f"[bold]4/4 drew[/] {len(figures)} figure files")
+    print_comparison(results)
+    out.print(f"done in {time.perf_counter() - t0:.0f} s. Where things are:", soft_wrap=True)
+    for label, path in (("Space Ranger-style input", raw), ("patches and targets", res.path),
+                        ("feature stores", ws.root / "features" / "demo"), ("run folders", ws.root / "runs" / "demo"),
+                        ("comparison file", results["_path"]), ("figures", ws.results_dir("demo") / "figures")):
+        out.print(f"  {label:26s} {path}", soft_wrap=True)
 
 
 @app.command()

@@ -26,7 +26,7 @@ from train.decoder import LinearDecoder, MiniUNet
 from train.metrics import evaluate
 from train.run import train_fold
 
-FAST = dict(decoder="linear", epochs=3, batch_size=4, lr=1e-3, seed=0, device="cpu", show_progress=False)
+FAST = dict(decoder="linear", epochs=3, batch_size=4, lr=1e-3, seed=0, device="cpu", show_progress=False, overwrite=True)
 
 
 def test_miniunet_shapes_params_and_init():
