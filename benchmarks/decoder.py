@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
 from featcache.extract import resolve_device  # noqa: E402
 from featcache.workspace import Workspace  # noqa: E402
-from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets  # noqa: E402
+from train.data import Batches, FoldInputs, TargetTransform, load_targets  # noqa: E402
 from train.decoder import MiniUNet  # noqa: E402
 from train.run import store_for  # noqa: E402
 

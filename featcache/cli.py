@@ -159,7 +159,7 @@ def demo(
     run_loocv("demo", [encoder], ["frozen", "random"], epochs=epochs, **common)
     results = run_loocv("demo", [encoder], ["finetune"], epochs=finetune_epochs,
                         finetune_options={"weights": weights, "encoder_lr": 1e-4, "micro_batch": 4}, **common)
-    out.print(f"[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
+    out.print("[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
     figures = draw_all("demo", "P5", workspace=ws.root)
     out.print(f"[bold]4/4 drew[/] {len(figures)} figure files")
     print_comparison(results)

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import zarr
 
-from featcache import __version__
 from featcache.encoders import REGISTRY, EncoderSpec, GridEncoder, get_spec
 from featcache.errors import FeatcacheError
 from featcache.prepare import load_dataset_meta
 from featcache.progress import progress
+from featcache.provenance import library_versions
 from featcache.storage import Location
 from featcache.weights import WeightsSource, load_encoder, resolve_weights
 from featcache.workspace import Workspace
@@ -127,16 +127,6 @@ class ExtractResult:
     skipped: int = 0
     tiles_per_s: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def library_versions() -> dict:
-    import dask
-    import numcodecs
-    import timm
-    import xarray
-
-    return {"featcache": __version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__, "numpy": np.__version__, "dask": dask.__version__, "xarray": xarray.__version__}
 
 
 def _jsonable(obj):

@@ -33,6 +33,7 @@ import zarr
 from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.progress import progress
+from featcache.provenance import library_versions, read_json
 from featcache.slide import PatchGeometry, Slide, render_patch
 from featcache.visium import VisiumHDSample, open_sample
 from featcache.workspace import Workspace
@@ -233,7 +234,7 @@ def prepare_dataset(
 
     meta_path = ws.dataset_json(dataset)
     if target.exists():
-        old = _read_json(meta_path)
+        old = read_json(meta_path)
         if old is not None and old.get("fingerprint") == fingerprint:
             n = {k: v["n_patches"] for k, v in old["samples"].items()}
             return PrepareResult(dataset, target, True, n, len(gene_ids), time.perf_counter() - t_start)
@@ -272,7 +273,7 @@ def prepare_dataset(
                 s.name: {**report[s.name], "source": str(s.bin_dir), "image": str(s.image_path), "files": files[s.name]}
                 for s in opened
             },
-            "library_versions": _versions(),
+            "library_versions": library_versions(),
         }
         (partial / "dataset.json").write_text(json.dumps(meta, indent=2))
         _swap_into_place(partial, target)
@@ -362,27 +363,9 @@ def _swap_into_place(partial: Path, target: Path) -> None:
         os.replace(partial, target)
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _versions() -> dict:
-    import dask
-    import numcodecs
-    import tifffile
-    import xarray
-
-    return {"featcache": __version__, "numpy": np.__version__, "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__, "tifffile": tifffile.__version__,
-            "xarray": xarray.__version__, "dask": dask.__version__}
-
-
 def load_dataset_meta(workspace: Workspace, dataset: str) -> dict:
     """dataset.json of a prepared dataset, or one clear error saying how to make it."""
-    meta = _read_json(workspace.dataset_json(dataset))
+    meta = read_json(workspace.dataset_json(dataset))
     if meta is None:
         known = sorted(p.name for p in (workspace.root / "datasets").glob("*") if (p / "dataset.json").is_file()) \
             if (workspace.root / "datasets").is_dir() else []

@@ -121,7 +121,7 @@ def resolve_weights(spec: EncoderSpec, weights: str | None) -> WeightsSource:
         f"(2) put the file in ${ENV_VAR}/{spec.name}/; "
         f"(3) have {spec.hf_repo or 'the model'} in the Hugging Face cache (download it where you have "
         "access, e.g. `hf download " + (spec.hf_repo or "REPO") + "`, then copy ~/.cache/huggingface). "
-        f"Or pass --weights random[:SEED] for the random-init mode."
+        "Or pass --weights random[:SEED] for the random-init mode."
     )
 
 

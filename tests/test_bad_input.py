@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import h5py
-import numpy as np
 import pandas as pd
 import pytest
 import tifffile

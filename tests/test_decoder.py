@@ -18,7 +18,6 @@ from scipy.stats import pearsonr, spearmanr
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
 
-from featcache.errors import FeatcacheError
 from featcache.workspace import Workspace
 from train.cli import app
 from train.data import FoldInputs, TargetTransform, blocked_split, load_targets

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,10 +29,10 @@ import numpy as np
 import torch
 import zarr
 
-from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.extract import resolve_device
 from featcache.progress import progress
+from featcache.provenance import library_versions, read_json
 from featcache.workspace import Workspace
 from featcache.zarrio import consolidate, create_array, write_strings
 from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget, read_tokens
@@ -57,14 +56,6 @@ def store_for(encoder: str, mode: str) -> str:
 def run_name(mode: str, decoder: str, control: str | None) -> str:
     name = mode if decoder == "unet" else f"{mode}-{decoder}"
     return f"{name}-{control}" if control else name
-
-
-def _versions() -> dict:
-    import dask
-    import xarray
-
-    return {"featcache": __version__, "torch": torch.__version__, "numpy": np.__version__, "zarr": zarr.__version__,
-            "xarray": xarray.__version__, "dask": dask.__version__, "python": platform.python_version()}
 
 
 def _save_atomic(obj, path: Path) -> None:
@@ -151,7 +142,7 @@ def train_fold(
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     config["config_sha256"] = key
     run_dir = ws.run_dir(dataset, encoder, config["run"], fold)
-    old = _read_json(run_dir / "config.json")
+    old = read_json(run_dir / "config.json")
     if old is not None and old.get("config_sha256") != key:
         if not overwrite:
             raise FeatcacheError(f"run folder {run_dir} holds a run with other settings. Pass --overwrite to replace it.")
@@ -162,7 +153,7 @@ def train_fold(
     ddp = _Distributed(finetune, dev)
     if ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config["provenance"] = {"device": str(dev), "libraries": _versions(), "torch_threads": torch.get_num_threads(),
+        config["provenance"] = {"device": str(dev), "libraries": library_versions(), "torch_threads": torch.get_num_threads(),
                                 "world_size": ddp.world}
         if old is None:
             (run_dir / "config.json").write_text(json.dumps(config, indent=2))
@@ -438,13 +429,6 @@ def _write_predictions(path: Path, pred, truth, mask, inputs: FoldInputs, sample
     write_strings(root, "gene", inputs.genes, "gene")
     write_strings(root, "gene_id", inputs.meta["genes"]["ids"], "gene")
     consolidate(path)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _clean(obj):
