@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,8 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import emit  # noqa: E402
 
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
 from featcache.extract import resolve_device  # noqa: E402
@@ -145,10 +146,7 @@ def main() -> None:
             row["loocv_epochs"] = args.loocv_epochs
             row["loocv_folds"] = len(samples)
             shutil.rmtree(Path(tmp) / "runs", ignore_errors=True)
-    print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    emit(row, args.out)
 
 
 if __name__ == "__main__":

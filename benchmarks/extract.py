@@ -35,6 +35,8 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import emit  # noqa: E402
+
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
 from featcache.extract import extract, resolve_device  # noqa: E402
 from featcache.zarrio import DEFAULT_TOKEN_CODEC, create_array, write_strings  # noqa: E402
@@ -170,10 +172,7 @@ def main() -> None:
           "patch_read_tiles_s": round(read_only(ws, dataset, args.patches, 4, dev.type == "cuda"), 1),
           "patch_read_tiles_s_8_threads": round(read_only(ws, dataset, args.patches, 8, dev.type == "cuda"), 1),
           "store_dir": str(store_dir)}
-    print(json.dumps(io), flush=True)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(io) + "\n")
+    emit(io, args.out)
     for name in args.encoders.split(","):
         spec = get_spec(name)
         torch.manual_seed(0)
@@ -210,10 +209,7 @@ def main() -> None:
             "torch": torch.__version__, "python": platform.python_version(),
         }
         shutil.rmtree(store, ignore_errors=True)  # keep the disk (or RAM) free for the next encoder
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        emit(row, args.out)
         del model, enc, runner
         if dev.type == "cuda":
             torch.cuda.empty_cache()

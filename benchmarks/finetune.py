@@ -11,7 +11,6 @@ autocast on a GPU. Reports tiles/s and peak memory (GPU: max allocated; CPU: pea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import emit  # noqa: E402
 
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
 from featcache.extract import resolve_device  # noqa: E402
@@ -94,10 +95,7 @@ def main() -> None:
                "frozen_speedup": round(fr_rate / ft_rate, 1), "peak_gib_finetune": round(ft_mem, 2),
                "peak_gib_frozen": round(fr_mem, 2), "memory": "GPU max allocated" if dev.type == "cuda" else "CPU RSS growth",
                "torch": torch.__version__, "python": platform.python_version()}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        emit(row, args.out)
 
 
 if __name__ == "__main__":

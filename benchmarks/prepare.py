@@ -21,6 +21,9 @@ from pathlib import Path
 
 import tifffile
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
+
 
 CHILD = """
 import json, resource, sys, threading, time
@@ -85,10 +88,7 @@ def main() -> None:
         "workers": args.workers,
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}",
     }
-    print(json.dumps(result))
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(result) + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
