@@ -113,8 +113,11 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Epochs of the frozen and random-init runs.")] = 15,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tune runs.")] = 3,
 ):
-    """The whole pipeline on a small built-in synthetic dataset (3 patients): synth → prepare →
-    extract → LOOCV in frozen, random-init and fine-tune modes → comparison file → figures."""
+    """The whole pipeline on a small synthetic 3-patient dataset: synth, prepare, extract, LOOCV, figures.
+
+    LOOCV runs the frozen, random-init and fine-tune modes with few epochs and writes the
+    comparison file; everything lands in the workspace, and the end says where.
+    """
     import time
 
     from analysis.figures import draw_all
