@@ -57,6 +57,19 @@ def _metric(run: dict, key: str) -> tuple[float, float]:
     return (v.get("mean") if v.get("mean") is not None else np.nan), (v.get("std") or 0.0)
 
 
+def _cell(by: dict, encoder: str, mode: str, key: str) -> tuple[float, float]:
+    """(mean, std) of one encoder × mode, NaN where that run does not exist."""
+    return _metric(by[(encoder, mode)], key) if (encoder, mode) in by else (np.nan, 0.0)
+
+
+def _finish_bars(ax, x, encoders, label: str, title: str) -> None:
+    ax.set_xticks(x, encoders, rotation=20, ha="right")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.legend(frameon=False, fontsize=8)
+
+
 def load_results(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -95,14 +108,10 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
     main = [by.get((e, "frozen")) or by.get((e, "finetune")) for e in encoders]
     m = [_metric(r, key) if r else (np.nan, 0) for r in main]
     ax.bar(x, [v for v, _ in m], yerr=[s for _, s in m], color=OKABE_ITO[0], capsize=4, label="frozen encoder")
-    rnd = [_metric(by[(e, "random")], key) if (e, "random") in by else (np.nan, 0) for e in encoders]
+    rnd = [_cell(by, e, "random", key) for e in encoders]
     ax.errorbar(x, [v for v, _ in rnd], yerr=[sd for _, sd in rnd], fmt="D", color="black", ms=6, capsize=3,
                 zorder=3, label="random-init encoder (floor)")
-    ax.set_xticks(x, encoders, rotation=20, ha="right")
-    ax.set_ylabel(label)
-    ax.set_title("Encoder comparison (leave-one-patient-out, mean ± std over folds)")
-    ax.axhline(0, color="black", lw=0.6)
-    ax.legend(frameon=False, fontsize=8)
+    _finish_bars(ax, x, encoders, label, "Encoder comparison (leave-one-patient-out, mean ± std over folds)")
     written += _save(fig, out, "encoder_comparison")
 
     # 2. encoder_comparison_grouped: frozen vs fine-tuned (vs random) side by side.
@@ -110,14 +119,10 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
     fig, ax = plt.subplots(figsize=(1.5 * len(encoders) + 2.5, 3.8))
     w = 0.8 / max(len(modes), 1)
     for i, md in enumerate(modes):
-        vals = [_metric(by[(e, md)], key) if (e, md) in by else (np.nan, 0) for e in encoders]
+        vals = [_cell(by, e, md, key) for e in encoders]
         ax.bar(x + (i - (len(modes) - 1) / 2) * w, [v for v, _ in vals], w, yerr=[s for _, s in vals], capsize=3,
                color=MODE_COLOURS[md], label={"random": "random-init", "frozen": "frozen", "finetune": "fine-tuned"}[md])
-    ax.set_xticks(x, encoders, rotation=20, ha="right")
-    ax.set_ylabel(label)
-    ax.set_title("Frozen vs fine-tuned encoders")
-    ax.axhline(0, color="black", lw=0.6)
-    ax.legend(frameon=False, fontsize=8)
+    _finish_bars(ax, x, encoders, label, "Frozen vs fine-tuned encoders")
     written += _save(fig, out, "encoder_comparison_grouped")
 
     # 3. encoder_simple: every run, sorted.

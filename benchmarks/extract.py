@@ -39,7 +39,7 @@ from common import emit  # noqa: E402
 
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
 from featcache.extract import extract, resolve_device  # noqa: E402
-from featcache.zarrio import DEFAULT_TOKEN_CODEC, create_array, write_strings  # noqa: E402
+from featcache.zarrio import DEFAULT_TOKEN_CODEC, create_array, write_origins  # noqa: E402
 
 
 def replicate_dataset(src_ws: Path, src_dataset: str, dst_ws: Path, n: int) -> str:
@@ -59,9 +59,7 @@ def replicate_dataset(src_ws: Path, src_dataset: str, dst_ws: Path, n: int) -> s
     for k in range(0, n, 256):
         idx = np.arange(k, min(k + 256, n)) % len(pool)
         img[k : k + len(idx)] = pool[idx]
-    create_array(g, "origin", shape=(n, 2), chunks=(n, 2), dtype="int32", dims=("patch", "axis"))[:] = \
-        np.stack([np.arange(n) // 64 * 32, np.arange(n) % 64 * 32], 1)
-    write_strings(g, "axis", ["array_row", "array_col"], "axis")
+    write_origins(g, np.stack([np.arange(n) // 64 * 32, np.arange(n) % 64 * 32], 1))
     meta = {"format": "featcache.dataset/1", "dataset": name, "fingerprint": f"bench:{src_meta['fingerprint']}:{n}",
             "geometry": src_meta["geometry"], "genes": src_meta["genes"], "samples": {"B": {"n_patches": n}}}
     (dst / "dataset.json").write_text(json.dumps(meta))

@@ -47,7 +47,7 @@ from featcache.provenance import library_versions
 from featcache.storage import Location
 from featcache.weights import WeightsSource, load_encoder, resolve_weights
 from featcache.workspace import Workspace
-from featcache.zarrio import DEFAULT_TOKEN_CODEC, TOKEN_CODECS, create_array, write_strings
+from featcache.zarrio import DEFAULT_TOKEN_CODEC, TOKEN_CODECS, create_array, write_origins
 
 FEATURES_FORMAT = "featcache.features/1"
 # Physical order of the tokens array, by benchmark (benchmarks/RESULTS.md): channel-first
@@ -193,9 +193,7 @@ def open_or_create_store(loc: Location, identity: dict, provenance: dict, patche
                          codec=identity["codec"])
             create_array(g, "pooled", shape=(n, pooled_dim), chunks=(chunk, pooled_dim), dtype="float32",
                          dims=("patch", "channel"), fill_value=float("nan"), attributes={"coordinates": "origin"})
-            create_array(g, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = \
-                patches_root[sample]["origin"][:]
-            write_strings(g, "axis", ["array_row", "array_col"], "axis")
+            write_origins(g, patches_root[sample]["origin"][:])
             # Done-markers live in a group of their own so zarr and xarray see a valid hierarchy.
             g.require_group("_done").attrs["description"] = "one empty marker file per fully written chunk"
         except zarr.errors.ContainsArrayError:

@@ -37,7 +37,7 @@ from featcache.provenance import library_versions, read_json
 from featcache.slide import PatchGeometry, Slide, render_patch
 from featcache.visium import VisiumHDSample, open_sample
 from featcache.workspace import Workspace
-from featcache.zarrio import consolidate, create_array, write_strings
+from featcache.zarrio import consolidate, create_array, write_origins, write_strings
 
 DATASET_FORMAT = "featcache.dataset/1"
 IMAGE_CHUNK = 8  # patches per image chunk (~4.8 MB raw)
@@ -180,6 +180,11 @@ def patch_origins(in_tissue: np.ndarray, geom: PatchGeometry, stride: int, min_t
     return np.column_stack([rr[keep], cc[keep]]).astype(np.int32)
 
 
+def gather_windows(grid: np.ndarray, origins: np.ndarray, bins: int) -> np.ndarray:
+    """(n, bins, bins) slices of a per-bin grid at each patch origin (row, col)."""
+    return np.stack([grid[r : r + bins, c : c + bins] for r, c in origins])
+
+
 # --------------------------------------------------------------------------- the job
 @dataclass
 class PrepareResult:
@@ -301,15 +306,13 @@ def _write_sample(s, geom, stride, min_tissue, gene_ids, gene_names, patches_roo
     })
     image = create_array(pg, "image", shape=(n, px, px, 3), chunks=(IMAGE_CHUNK, px, px, 3), dtype="uint8",
                          dims=("patch", "y", "x", "rgb"), level=3, attributes={"coordinates": "origin"})
-    create_array(pg, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = origins
-    write_strings(pg, "axis", ["array_row", "array_col"], "axis")
+    write_origins(pg, origins)
 
     tg = targets_root.create_group(s.name)
     tg.attrs.update({"sample": s.name, "counts": "raw UMI counts of the gene panel per 8 µm bin"})
     write_strings(tg, "gene", _unique_labels(gene_names, gene_ids), "gene")
     write_strings(tg, "gene_id", gene_ids, "gene")
-    create_array(tg, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = origins
-    write_strings(tg, "axis", ["array_row", "array_col"], "axis")
+    write_origins(tg, origins)
     counts = create_array(tg, "counts", shape=(n, n_genes, b, b), chunks=(TARGET_CHUNK, n_genes, b, b),
                           dtype="int32", dims=("patch", "gene", "row", "col"),
                           attributes={"coordinates": "gene_id origin"})
@@ -320,12 +323,12 @@ def _write_sample(s, geom, stride, min_tissue, gene_ids, gene_names, patches_roo
 
     for start in range(0, n, TARGET_CHUNK):
         stop = min(start + TARGET_CHUNK, n)
-        idx = np.stack([column[r : r + b, c : c + b] for r, c in origins[start:stop]])  # (k, b, b)
+        idx = gather_windows(column, origins[start:stop], b)  # (k, b, b)
         present = idx >= 0
         safe = np.where(present, idx, 0)
         counts[start:stop] = np.where(present[..., None], panel[safe], 0).transpose(0, 3, 1, 2)
         libsize[start:stop] = np.where(present, library[safe], 0)
-        tissue = np.stack([in_tissue[r : r + b, c : c + b] for r, c in origins[start:stop]])
+        tissue = gather_windows(in_tissue, origins[start:stop], b)
         mask[start:stop] = tissue & present
 
     task = bar.add_task(f"{s.name}: rendering patches", total=n, rate="")

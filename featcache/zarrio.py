@@ -78,6 +78,14 @@ def write_strings(group: zarr.Group, name: str, values: Sequence[str], dim: str)
     return arr
 
 
+def write_origins(group: zarr.Group, origins) -> None:
+    """Patch origins (patch, axis) with the axis labels, the coordinate every per-patch store carries."""
+    origins = np.asarray(origins, dtype=np.int32)
+    n = len(origins)
+    create_array(group, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = origins
+    write_strings(group, "axis", ["array_row", "array_col"], "axis")
+
+
 def consolidate(path: Path) -> None:
     """Consolidate a store's metadata so xarray opens it with one read (zarr-python's v3 extension)."""
     with warnings.catch_warnings():

@@ -98,26 +98,24 @@ class FoldInputs:
 def blocked_split(origins: dict[str, np.ndarray], fraction: float, seed: int, block_bins: int = 64
                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Validation = whole spatial blocks (block_bins × block_bins) of the training patients."""
-    keys = []
-    for s, o in origins.items():
-        for b in sorted({(int(r) // block_bins, int(c) // block_bins) for r, c in o}):
-            keys.append((s, b))
+    block_of = {s: [(s, int(r) // block_bins, int(c) // block_bins) for r, c in o] for s, o in origins.items()}
+    sizes: dict = {}
+    for blocks in block_of.values():
+        for b in blocks:
+            sizes[b] = sizes.get(b, 0) + 1
+    keys = [b for blocks in block_of.values() for b in sorted(set(blocks))]  # sample order, then block
     total = sum(len(o) for o in origins.values())
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(keys))
+    want = int(round(fraction * total))
     val_blocks: set = set()
     n_val = 0
-    want = int(round(fraction * total))
-    for i in order:
+    for i in np.random.default_rng(seed).permutation(len(keys)):
         if n_val >= want or n_val + 1 >= total:
             break
-        s, b = keys[i]
-        size = sum(1 for r, c in origins[s] if (int(r) // block_bins, int(c) // block_bins) == b)
         val_blocks.add(keys[i])
-        n_val += size
+        n_val += sizes[keys[i]]
     train, val = {}, {}
-    for s, o in origins.items():
-        in_val = np.array([(s, (int(r) // block_bins, int(c) // block_bins)) in val_blocks for r, c in o], dtype=bool)
+    for s, blocks in block_of.items():
+        in_val = np.array([b in val_blocks for b in blocks], dtype=bool)
         train[s] = np.flatnonzero(~in_val)
         val[s] = np.flatnonzero(in_val)
     return train, val

@@ -22,8 +22,8 @@ from featcache.prepare import load_dataset_meta
 from featcache.workspace import Workspace
 from train.run import run_name, train_fold
 
-METRIC_KEYS = {"pearson_r": "pcc_global", "spearman_rho": "spearman_gene", "ssim_st": "ssim_st", "mse": "mse",
-               "pcc_gene": "pcc_gene"}
+# Summarised over folds from fold_results; pearson_r is our pcc_global, spearman_rho our spearman_gene.
+SUMMARY_KEYS = ("pearson_r", "spearman_rho", "ssim_st", "mse", "pcc_gene")
 
 
 def _job(kwargs):
@@ -96,9 +96,8 @@ def write_comparison(ws: Workspace, dataset: str, done, train_kwargs: dict) -> d
             r["per_gene_pcc"].setdefault(g, []).append(v["pcc"])
     for r in runs.values():
         folds = r["fold_results"].values()
-        for ours, theirs in METRIC_KEYS.items():
-            src = "pearson_r" if ours == "pearson_r" else ours
-            r[ours] = _summary([f[src] for f in folds])
+        for k in SUMMARY_KEYS:
+            r[k] = _summary([f[k] for f in folds])
         r["noise_ceiling_pcc_gene"] = _summary([f["noise_ceiling_pcc_gene"] for f in folds])
         r["per_gene_pcc"] = {g: _summary(v)["mean"] for g, v in r["per_gene_pcc"].items()}
     path = ws.results_dir(dataset) / "encoder_loocv_comparison.json"

@@ -31,10 +31,11 @@ import zarr
 
 from featcache.errors import FeatcacheError
 from featcache.extract import resolve_device
+from featcache.prepare import gather_windows
 from featcache.progress import progress
 from featcache.provenance import library_versions, read_json
 from featcache.workspace import Workspace
-from featcache.zarrio import consolidate, create_array, write_strings
+from featcache.zarrio import consolidate, create_array, write_origins, write_strings
 from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget, read_tokens
 from train.decoder import build_decoder
 from train.metrics import evaluate, per_gene_pearson
@@ -392,21 +393,18 @@ def noise_ceiling(inputs: FoldInputs, sample: str, transform: TargetTransform, t
         barcodes = [b.decode() for b in f["barcodes"][()]]
         gene_ids = [g.decode() for g in f["gene_ids"][()]]
         rates = f["rates"][()]
-    pos = {(int(b[8:13]), int(b[14:19])): i for i, b in enumerate(barcodes)}  # s_008um_RRRRR_CCCCC-1
+    rr = np.array([int(b[8:13]) for b in barcodes])  # s_008um_RRRRR_CCCCC-1
+    cc = np.array([int(b[14:19]) for b in barcodes])
+    origins = inputs.arrays[sample].origin.astype(int)
+    grid = np.full((max(rr.max(), origins[:, 0].max() + 32) + 1, max(cc.max(), origins[:, 1].max() + 32) + 1), -1)
+    grid[rr, cc] = np.arange(len(barcodes))
+    row = gather_windows(grid, origins, 32)  # (n, 32, 32) index into rates, -1 where no in-tissue bin
+    has = row >= 0
     cols = [gene_ids.index(g) for g in inputs.meta["genes"]["ids"]]
-    total = rates.sum(axis=1)
-    origins = inputs.arrays[sample].origin
-    n, g = len(origins), len(cols)
-    panel = np.zeros((n, g, 32, 32))
-    lib = np.zeros((n, 32, 32))
-    for k, (r0, c0) in enumerate(origins):
-        for i in range(32):
-            for j in range(32):
-                row = pos.get((int(r0) + i, int(c0) + j))
-                if row is not None:
-                    panel[k, :, i, j] = rates[row, cols]
-                    lib[k, i, j] = total[row]
-    ceiling = evaluate(transform(panel, lib), truth, mask, np.zeros(g), inputs.genes)
+    safe = np.where(has, row, 0)
+    panel = np.where(has[..., None], rates[safe][..., cols], 0.0).transpose(0, 3, 1, 2)
+    lib = np.where(has, rates.sum(axis=1)[safe], 0.0)
+    ceiling = evaluate(transform(panel, lib), truth, mask, np.zeros(len(cols)), inputs.genes)
     ceiling.pop("per_gene")
     return ceiling
 
@@ -423,9 +421,7 @@ def _write_predictions(path: Path, pred, truth, mask, inputs: FoldInputs, sample
                      attributes={"coordinates": "origin gene_id"})[:] = data
     create_array(root, "mask", shape=mask.shape, chunks=(min(n, 32), 32, 32), dtype="bool",
                  dims=("patch", "row", "col"), fill_value=False, attributes={"coordinates": "origin"})[:] = mask
-    create_array(root, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = \
-        inputs.arrays[sample].origin
-    write_strings(root, "axis", ["array_row", "array_col"], "axis")
+    write_origins(root, inputs.arrays[sample].origin)
     write_strings(root, "gene", inputs.genes, "gene")
     write_strings(root, "gene_id", inputs.meta["genes"]["ids"], "gene")
     consolidate(path)
