@@ -202,6 +202,10 @@ def train_fold(
         opt.load_state_dict(st["optimizer"])
         start, best, log = st["epoch"] + 1, st["best"], st["log"]
         torch.set_rng_state(st["torch_rng"])
+        if ddp.main:  # the saved state is the truth: a kill between saving it and logging loses no line
+            tmp = run_dir / "log.jsonl.tmp"
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in log))
+            os.replace(tmp, run_dir / "log.jsonl")
 
     target_lookup = _target_lookup(train_b) if shuffled_targets else None
     with progress(disable=not (show_progress and ddp.main)) as bar:
