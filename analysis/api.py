@@ -12,67 +12,116 @@ The workspace is resolved as everywhere else: ``workspace=``, else ``$FEATCACHE_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.workspace import Workspace
+from featcache.geometry import GEOMETRY
+from featcache.stores import RunDir, Workspace
+from featcache.stores.features import split_store_name
 
 METRICS = ("pcc_gene", "pcc_global", "spearman_gene", "mse", "ssim_st")
 
 
-def _open(path: Path, group: str | None = None, what: str = "store") -> xr.Dataset:
-    if not Path(path).exists():
-        raise FeatcacheError(f"{what} not found: {path}")
-    return xr.open_zarr(path, group=group, consolidated=False)
-
-
 def open_features(dataset: str, encoder: str, sample: str, workspace=None) -> xr.DataArray:
-    """Token grids of one sample, (patch, row, col, channel), with patch origins as coordinates.
+    """Token grids of one sample, lazily, with patch origins as coordinates.
 
-    ``origin_row`` / ``origin_col`` (per patch) are the array coordinates of each patch's bin (0, 0).
+    Parameters
+    ----------
+    dataset, sample : str
+        A prepared dataset of the workspace and one of its samples.
+    encoder : str
+        The feature store's name: the encoder (``uni2h``), or ``<encoder>-random`` for random-init features.
+    workspace : path, optional
+        Workspace root [default: ``$FEATCACHE_WORKSPACE`` or ``./featcache-data``].
+
+    Returns
+    -------
+    xarray.DataArray
+        (patch, row, col, channel), Dask-backed; ``origin_row`` / ``origin_col`` per patch are the
+        array coordinates of each patch's bin (0, 0).
     """
     ws = Workspace.resolve(workspace)
-    ds = _open(ws.features_store(dataset, encoder), sample, "feature store")
+    store = ws.feature_store(dataset, *split_store_name(encoder))
+    if not store.exists():
+        raise FeatcacheError(f"feature store not found: {store}. Make it with `{store.make_hint}`.")
+    ds = store.open_sample(sample)
     origin = ds.origin.values
     tokens = ds.tokens.transpose("patch", "row", "col", "channel")
     return tokens.assign_coords(origin_row=("patch", origin[:, 0]), origin_col=("patch", origin[:, 1]))
 
 
 def open_targets(dataset: str, sample: str, workspace=None) -> xr.Dataset:
-    """Raw counts (patch, gene, row, col), library sizes and the in-tissue mask of one sample."""
-    ws = Workspace.resolve(workspace)
-    return _open(ws.targets_store(dataset), sample, "targets store")
+    """Raw counts, library sizes and the in-tissue mask of one sample, lazily.
+
+    Parameters
+    ----------
+    dataset, sample : str
+        A prepared dataset of the workspace and one of its samples.
+    workspace : path, optional
+        Workspace root.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``counts`` (patch, gene, row, col), ``library_size`` and ``mask`` (patch, row, col), with
+        gene names, feature ids and patch origins as coordinates.
+    """
+    return Workspace.resolve(workspace).open_dataset(dataset).targets(sample)
 
 
 def open_run(run_dir) -> xr.Dataset:
-    """A run's test-patient predictions: pred, truth, mask (patch, gene, row, col), origins as coords.
+    """A finished run's test-patient predictions.
 
-    The run's metrics and settings are attached as ``attrs["metrics"]`` and ``attrs["config"]``.
+    Parameters
+    ----------
+    run_dir : path
+        A run folder, ``runs/<dataset>/<encoder>/<run>/fold-<fold>``.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``pred``, ``truth`` (patch, gene, row, col) in the run's target space and ``mask``
+        (patch, row, col), lazily, with origins as coordinates; the run's metrics and settings
+        are in ``attrs["metrics"]`` and ``attrs["config"]``.
     """
-    run_dir = Path(run_dir)
-    ds = _open(run_dir / "predictions.zarr", None, "predictions of run")
-    for name in ("metrics", "config"):
-        path = run_dir / f"{name}.json"
-        if path.is_file():
-            ds.attrs[name] = json.loads(path.read_text())
+    run = RunDir(Path(run_dir))
+    ds = run.open_predictions()
+    if run.is_finished():
+        ds.attrs["metrics"] = run.read_metrics()
+    config = run.read_config()
+    if config is not None:
+        ds.attrs["config"] = config
     return ds
 
 
 def stitch(run: xr.Dataset, gene: str, var: str = "pred") -> xr.DataArray:
     """One gene of a run as a map of the whole test slide on the 8 µm bin grid.
 
-    Each patch's 32 × 32 bins are placed at their array coordinates (origin + offset); bins no
-    patch covers are NaN; where patches overlap (stride < 32) the values are averaged.
+    Parameters
+    ----------
+    run : xarray.Dataset
+        What :func:`open_run` returns (or any per-patch store with ``origin`` and ``gene``).
+    gene : str
+        A gene of the run's panel.
+    var : str
+        ``pred``, ``truth`` or ``mask``.
+
+    Returns
+    -------
+    xarray.DataArray
+        (array_row, array_col): each patch's bins at their array coordinates (origin + offset);
+        NaN where no patch lies; averaged where patches overlap (stride < 32).
     """
     if gene not in run.gene.values:
-        raise FeatcacheError(f"gene {gene!r} is not in this run's panel (e.g. {', '.join(map(str, run.gene.values[:5]))}).")
+        raise FeatcacheError(
+            f"gene {gene!r} is not in this run's panel (e.g. {', '.join(map(str, run.gene.values[:5]))})."
+        )
     values = run[var].sel(gene=gene).values if "gene" in run[var].dims else run[var].values
     origins = run.origin.values.astype(int)
-    size = values.shape[-1]
+    size = values.shape[-1]  # the run's grid side (32 bins)
     r0, c0 = origins.min(axis=0)
     rows, cols = origins.max(axis=0) - (r0, c0) + size
     total = np.zeros((rows, cols))
@@ -82,21 +131,38 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred") -> xr.DataArray:
         count[r - r0 : r - r0 + size, c - c0 : c - c0 + size] += 1
     with np.errstate(invalid="ignore"):
         image = total / count
-    return xr.DataArray(image, dims=("array_row", "array_col"),
-                        coords={"array_row": np.arange(r0, r0 + rows), "array_col": np.arange(c0, c0 + cols)},
-                        name=f"{gene}:{var}", attrs={"gene": gene, "variable": var, "units": "z-scored log1p(CP10k)"})
+    return xr.DataArray(
+        image,
+        dims=("array_row", "array_col"),
+        coords={"array_row": np.arange(r0, r0 + rows), "array_col": np.arange(c0, c0 + cols)},
+        name=f"{gene}:{var}",
+        attrs={"gene": gene, "variable": var, "units": "z-scored log1p(CP10k)"},
+    )
 
 
 def stitch_image(dataset: str, sample: str, px_per_bin: int = 2, workspace=None) -> np.ndarray:
-    """The sample's H&E as rendered into patches, stitched on the bin grid at px_per_bin (uint8 RGB)."""
-    ws = Workspace.resolve(workspace)
-    p = _open(ws.patches_store(dataset), sample, "patches store")
+    """The sample's H&E as rendered into patches, stitched on the bin grid.
+
+    Parameters
+    ----------
+    dataset, sample : str
+        A prepared dataset and one of its samples.
+    px_per_bin : int
+        Output pixels per 8 µm bin (a divisor of 14).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 RGB, (rows × px_per_bin, cols × px_per_bin, 3) over the bounding box of the patches.
+    """
+    p = Workspace.resolve(workspace).open_dataset(dataset).patches(sample)
     origins = p.origin.values.astype(int)
-    factor = 448 // (32 * px_per_bin)
+    bins = GEOMETRY.bins
+    factor = GEOMETRY.patch_px // (bins * px_per_bin)
     r0, c0 = origins.min(axis=0)
-    rows, cols = (origins.max(axis=0) - (r0, c0) + 32) * px_per_bin
+    rows, cols = (origins.max(axis=0) - (r0, c0) + bins) * px_per_bin
     out = np.full((rows, cols, 3), 255, np.uint8)
-    side = 32 * px_per_bin
+    side = bins * px_per_bin
     for k, (r, c) in enumerate(origins):
         img = p.image[k].values.astype(np.float32)
         small = img.reshape(side, factor, side, factor, 3).mean(axis=(1, 3))
@@ -106,13 +172,29 @@ def stitch_image(dataset: str, sample: str, px_per_bin: int = 2, workspace=None)
 
 
 def open_results(dataset: str, workspace=None) -> xr.Dataset:
-    """Test metrics of every finished run of a dataset, over (encoder, mode, fold[, gene])."""
+    """Test metrics of every finished run of a dataset.
+
+    Parameters
+    ----------
+    dataset : str
+        A dataset with finished runs in the workspace.
+    workspace : path, optional
+        Workspace root.
+
+    Returns
+    -------
+    xarray.Dataset
+        One variable per metric over (encoder, mode, fold), and per-gene ``pcc_per_gene``,
+        ``spearman_per_gene``, ``ssim_per_gene`` over (encoder, mode, fold, gene); ``mode`` is
+        the run name (e.g. ``frozen``, ``random-linear``).
+    """
     ws = Workspace.resolve(workspace)
-    base = ws.root / "runs" / dataset
-    found = sorted(base.glob("*/*/fold-*/metrics.json")) if base.is_dir() else []
+    found = [r for r in ws.runs(dataset) if r.is_finished()]
     if not found:
-        raise FeatcacheError(f"no finished runs for dataset {dataset!r} under {base}; train some with `train loocv`.")
-    records = [json.loads(p.read_text()) for p in found]
+        raise FeatcacheError(
+            f"no finished runs for dataset {dataset!r} under {ws.runs_dir(dataset)}; train some with `train loocv`."
+        )
+    records = [r.read_metrics() for r in found]
     encoders = sorted({r["encoder"] for r in records})
     modes = sorted({r["run"] for r in records})
     folds = sorted({r["fold"] for r in records})
@@ -125,11 +207,16 @@ def open_results(dataset: str, workspace=None) -> xr.Dataset:
         for m in METRICS:
             data[m][i, j, k] = np.nan if r.get(m) is None else r[m]
         for m in per_gene:
-            per_gene[m][i, j, k] = [np.nan if r["per_gene"].get(g, {}).get(m) is None else r["per_gene"][g][m] for g in genes]
+            per_gene[m][i, j, k] = [
+                np.nan if r["per_gene"].get(g, {}).get(m) is None else r["per_gene"][g][m] for g in genes
+            ]
     dims = ("encoder", "mode", "fold")
     ds = xr.Dataset(
-        {**{m: (dims, v) for m, v in data.items()}, **{f"{m}_per_gene": ((*dims, "gene"), v) for m, v in per_gene.items()}},
+        {
+            **{m: (dims, v) for m, v in data.items()},
+            **{f"{m}_per_gene": ((*dims, "gene"), v) for m, v in per_gene.items()},
+        },
         coords={"encoder": encoders, "mode": modes, "fold": folds, "gene": genes},
-        attrs={"dataset": dataset, "runs": [str(p.parent) for p in found]},
+        attrs={"dataset": dataset, "runs": [str(r.path) for r in found]},
     )
     return ds

@@ -5,31 +5,26 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from featcache.cli import WorkspaceOpt, user_errors
+from featcache.cli_common import WorkspaceOpt, make_app, out, split_list, user_errors
 
-app = typer.Typer(
-    help="analysis: compare encoders and draw the figures from a workspace's results.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console()
+app = make_app("analysis: compare encoders and draw the figures from a workspace's results.")
 
 
 @app.command()
 @user_errors
 def figures(
     dataset: Annotated[str, typer.Option(help="Dataset whose results to draw.")] = "demo",
-    sample: Annotated[Optional[str], typer.Option(help="Test patient of the spatial rows [default: the last fold].")] = None,
+    sample: Annotated[
+        Optional[str], typer.Option(help="Test patient of the spatial rows [default: the last fold].")
+    ] = None,
     genes: Annotated[str, typer.Option(help="Genes of the spatial rows.")] = "EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12",
     workspace: WorkspaceOpt = None,
 ):
     """Draw the comparison figures and spatial maps (PNG and PDF) into results/<dataset>/figures/."""
     from analysis.figures import draw_all
 
-    written = draw_all(dataset, sample, [g.strip() for g in genes.split(",") if g.strip()], workspace)
+    written = draw_all(dataset, sample, split_list(genes), workspace)
     folder = written[0].parent if written else None
     out.print(f"wrote {len(written)} files to {folder}", soft_wrap=True)
 

@@ -9,22 +9,39 @@ folds.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from analysis.api import open_run, stitch, stitch_image  # noqa: E402
-from featcache.errors import FeatcacheError  # noqa: E402
+from analysis.api import open_run, stitch, stitch_image
+from featcache.errors import FeatcacheError
+from featcache.stores import Workspace
+from featcache.stores.files import write_json
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 MODE_COLOURS = {"frozen": "#0072B2", "finetune": "#D55E00", "random": "#999999"}
 CATEGORIES = {
-    "epithelial": {"EPCAM", "CEACAM5", "CEACAM6", "KRT8", "KRT20", "OLFM4", "MUC12", "PIGR", "KRT18", "KRT19", "LGALS4",
-                   "PHGR1", "ELF3", "CDH17", "AGR2", "TFF3"},
+    "epithelial": {
+        "EPCAM",
+        "CEACAM5",
+        "CEACAM6",
+        "KRT8",
+        "KRT20",
+        "OLFM4",
+        "MUC12",
+        "PIGR",
+        "KRT18",
+        "KRT19",
+        "LGALS4",
+        "PHGR1",
+        "ELF3",
+        "CDH17",
+        "AGR2",
+        "TFF3",
+    },
     "goblet": {"FCGBP", "MUC2", "ZG16", "CLCA1", "SPINK4", "REG4"},
     "fibroblast": {"COL1A1", "COL1A2", "COL3A1", "LUM", "DCN", "VIM", "SPARC", "MGP", "COL6A3"},
     "muscle": {"DES", "ACTG2", "MYH11", "TAGLN", "CNN1", "MYL9"},
@@ -38,9 +55,27 @@ def category(gene: str) -> str:
     return next((c for c, genes in CATEGORIES.items() if gene in genes), "other")
 
 
+STYLE = {
+    "figure.dpi": 110,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "font.size": 9,
+}
+
+
+@contextmanager
 def _style():
-    plt.rcParams.update({"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False,
-                         "axes.titlesize": 11, "axes.labelsize": 10, "font.size": 9})
+    """Our style for the figures drawn inside, without touching the caller's matplotlib settings."""
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def _figure(width: float, height: float, ncols: int = 1, layout: str | None = None):
+    """A Figure and its axes, drawn without pyplot (no backend is chosen or changed)."""
+    fig = Figure(figsize=(width, height), layout=layout)
+    return fig, fig.subplots(1, ncols)
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
@@ -48,7 +83,6 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for p in paths:
         fig.savefig(p, bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 
@@ -93,7 +127,11 @@ def _key_metric(res: dict) -> str:
 
 def comparison_figures(results_path, out: Path, params: dict[str, float] | None = None) -> list[Path]:
     """encoder_comparison, encoder_comparison_grouped, encoder_simple, params_vs_pcc, per_fold_consistency."""
-    _style()
+    with _style():
+        return _comparison_figures(results_path, out, params)
+
+
+def _comparison_figures(results_path, out: Path, params: dict[str, float] | None) -> list[Path]:
     res = load_results(results_path)
     runs = res["results"]
     key = _key_metric(res)
@@ -103,34 +141,55 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
     written: list[Path] = []
 
     # 1. encoder_comparison: frozen (or best non-random) bars with fold std, random-init as a floor.
-    fig, ax = plt.subplots(figsize=(1.3 * len(encoders) + 2.5, 3.8))
+    fig, ax = _figure(1.3 * len(encoders) + 2.5, 3.8)
     x = np.arange(len(encoders))
     main = [by.get((e, "frozen")) or by.get((e, "finetune")) for e in encoders]
     m = [_metric(r, key) if r else (np.nan, 0) for r in main]
     ax.bar(x, [v for v, _ in m], yerr=[s for _, s in m], color=OKABE_ITO[0], capsize=4, label="frozen encoder")
     rnd = [_cell(by, e, "random", key) for e in encoders]
-    ax.errorbar(x, [v for v, _ in rnd], yerr=[sd for _, sd in rnd], fmt="D", color="black", ms=6, capsize=3,
-                zorder=3, label="random-init encoder (floor)")
+    ax.errorbar(
+        x,
+        [v for v, _ in rnd],
+        yerr=[sd for _, sd in rnd],
+        fmt="D",
+        color="black",
+        ms=6,
+        capsize=3,
+        zorder=3,
+        label="random-init encoder (floor)",
+    )
     _finish_bars(ax, x, encoders, label, "Encoder comparison (leave-one-patient-out, mean ± std over folds)")
     written += _save(fig, out, "encoder_comparison")
 
     # 2. encoder_comparison_grouped: frozen vs fine-tuned (vs random) side by side.
     modes = [md for md in ("random", "frozen", "finetune") if any((e, md) in by for e in encoders)]
-    fig, ax = plt.subplots(figsize=(1.5 * len(encoders) + 2.5, 3.8))
+    fig, ax = _figure(1.5 * len(encoders) + 2.5, 3.8)
     w = 0.8 / max(len(modes), 1)
     for i, md in enumerate(modes):
         vals = [_cell(by, e, md, key) for e in encoders]
-        ax.bar(x + (i - (len(modes) - 1) / 2) * w, [v for v, _ in vals], w, yerr=[s for _, s in vals], capsize=3,
-               color=MODE_COLOURS[md], label={"random": "random-init", "frozen": "frozen", "finetune": "fine-tuned"}[md])
+        ax.bar(
+            x + (i - (len(modes) - 1) / 2) * w,
+            [v for v, _ in vals],
+            w,
+            yerr=[s for _, s in vals],
+            capsize=3,
+            color=MODE_COLOURS[md],
+            label={"random": "random-init", "frozen": "frozen", "finetune": "fine-tuned"}[md],
+        )
     _finish_bars(ax, x, encoders, label, "Frozen vs fine-tuned encoders")
     written += _save(fig, out, "encoder_comparison_grouped")
 
     # 3. encoder_simple: every run, sorted.
     order = sorted(runs, key=lambda k: -np.nan_to_num(_metric(runs[k], key)[0], nan=-9))
-    fig, ax = plt.subplots(figsize=(5.5, 0.38 * len(order) + 1.2))
+    fig, ax = _figure(5.5, 0.38 * len(order) + 1.2)
     vals = [_metric(runs[k], key) for k in order]
-    ax.barh(range(len(order)), [v for v, _ in vals], xerr=[s for _, s in vals], capsize=3,
-            color=[MODE_COLOURS.get(runs[k]["mode"], OKABE_ITO[0]) for k in order])
+    ax.barh(
+        range(len(order)),
+        [v for v, _ in vals],
+        xerr=[s for _, s in vals],
+        capsize=3,
+        color=[MODE_COLOURS.get(runs[k]["mode"], OKABE_ITO[0]) for k in order],
+    )
     ax.set_yticks(range(len(order)), order)
     ax.invert_yaxis()
     ax.set_xlabel(label)
@@ -141,7 +200,7 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
     from featcache.encoders import REGISTRY
 
     params = params or {n: s.params for n, s in REGISTRY.items()}
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, ax = _figure(5, 3.8)
     for md in modes:
         pts = [(params.get(e), _metric(by[(e, md)], key)[0], e) for e in encoders if (e, md) in by and params.get(e)]
         if pts:
@@ -157,12 +216,18 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
 
     # 5. per_fold_consistency: one line per run across the test patients.
     folds = sorted({f for r in runs.values() for f in r.get("fold_results", {})})
-    fig, ax = plt.subplots(figsize=(1.2 * len(folds) + 3.5, 3.8))
+    fig, ax = _figure(1.2 * len(folds) + 3.5, 3.8)
     fold_key = "pcc_gene" if key == "pcc_gene" else "pearson_r"
     for i, (name, r) in enumerate(sorted(runs.items())):
         ys = [r.get("fold_results", {}).get(f, {}).get(fold_key, np.nan) for f in folds]
-        ax.plot(range(len(folds)), [np.nan if v is None else v for v in ys], marker="o", label=name,
-                color=OKABE_ITO[i % len(OKABE_ITO)], ls="--" if r["mode"] == "random" else "-")
+        ax.plot(
+            range(len(folds)),
+            [np.nan if v is None else v for v in ys],
+            marker="o",
+            label=name,
+            color=OKABE_ITO[i % len(OKABE_ITO)],
+            ls="--" if r["mode"] == "random" else "-",
+        )
     ax.set_xticks(range(len(folds)), [f.replace("test_", "test ") for f in folds])
     ax.set_ylabel(label)
     ax.set_title("Per-fold consistency")
@@ -171,9 +236,15 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
     return written
 
 
-def spatial_figures(dataset: str, sample: str, run_dirs: dict[str, Path], genes, out: Path, workspace=None) -> list[Path]:
+def spatial_figures(
+    dataset: str, sample: str, run_dirs: dict[str, Path], genes, out: Path, workspace=None
+) -> list[Path]:
     """Rows H&E | truth | one panel per run for each gene, on the stitched test slide; shared colour scale."""
-    _style()
+    with _style():
+        return _spatial_figures(dataset, sample, run_dirs, genes, out, workspace)
+
+
+def _spatial_figures(dataset, sample, run_dirs, genes, out: Path, workspace) -> list[Path]:
     runs = {name: open_run(d) for name, d in run_dirs.items()}
     if not runs:
         raise FeatcacheError(f"no finished runs with sample {sample} as the test patient.")
@@ -190,18 +261,19 @@ def spatial_figures(dataset: str, sample: str, run_dirs: dict[str, Path], genes,
         truth = stitch(first, gene, "truth")
         mask = stitch(first, gene, "mask") if "gene" not in first["mask"].dims else None
         inside = truth.values[np.isfinite(truth.values) & (mask.values > 0.5 if mask is not None else True)]
-        lo, hi = (np.percentile(inside, [1, 99]) if inside.size else (0, 1))
+        lo, hi = np.percentile(inside, [1, 99]) if inside.size else (0, 1)
         n = 2 + len(runs)
-        fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9), constrained_layout=True)
+        fig, axes = _figure(2.6 * n, 2.9, ncols=n, layout="constrained")
         axes[0].imshow(he)
         axes[0].set_title(f"H&E ({sample})")
-        masked = lambda a: np.where(mask.values > 0.5, a.values, np.nan) if mask is not None else a.values  # noqa: E731
-        im = axes[1].imshow(masked(truth), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+        im = axes[1].imshow(_masked(truth, mask), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
         axes[1].set_title(f"truth: {gene}")
         for ax, (name, ds) in zip(axes[2:], runs.items()):
             pg = ds.attrs.get("metrics", {}).get("per_gene", {}).get(gene, {})
             axes_title = f"{name}\nPCC {_fmt(pg.get('pcc'))}  SSIM {_fmt(pg.get('ssim'))}"
-            ax.imshow(masked(stitch(ds, gene, "pred")), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.imshow(
+                _masked(stitch(ds, gene, "pred"), mask), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest"
+            )
             ax.set_title(axes_title, fontsize=8)
         for ax in axes:
             ax.set_xticks([])
@@ -209,10 +281,14 @@ def spatial_figures(dataset: str, sample: str, run_dirs: dict[str, Path], genes,
         fig.colorbar(im, ax=axes[1:], shrink=0.8, label="z-scored log1p(CP10k)")
         written += _save(fig, out / "spatial", f"{category(gene)}_{gene}_{sample}")
     path = out / f"metrics_summary_{sample}.json"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"dataset": dataset, "sample": sample, "runs": summary}, indent=2))
+    write_json(path, {"dataset": dataset, "sample": sample, "runs": summary})
     written.append(path)
     return written
+
+
+def _masked(values, mask) -> np.ndarray:
+    """A stitched map with bins outside the tissue blanked (NaN)."""
+    return np.where(mask.values > 0.5, values.values, np.nan) if mask is not None else values.values
 
 
 def _fmt(v) -> str:
@@ -220,18 +296,16 @@ def _fmt(v) -> str:
 
 
 def draw_all(dataset: str, sample: str | None = None, genes=DEFAULT_GENES, workspace=None) -> list[Path]:
-    from featcache.workspace import Workspace
-
+    """Every comparison figure, and the spatial rows of test patient ``sample`` [default: the last fold]."""
     ws = Workspace.resolve(workspace)
-    out = ws.results_dir(dataset) / "figures"
-    written = comparison_figures(ws.results_dir(dataset) / "encoder_loocv_comparison.json", out)
-    base = ws.root / "runs" / dataset
-    folds = sorted({p.name.removeprefix("fold-") for p in base.glob("*/*/fold-*") if (p / "metrics.json").is_file()})
+    results = ws.results(dataset)
+    written = comparison_figures(results.comparison_path, results.figures_dir)
+    finished = [r for r in ws.runs(dataset) if r.is_finished()]
+    folds = sorted({r.fold for r in finished})
     if not folds:
         return written
     sample = sample or folds[-1]
     if sample not in folds:
         raise FeatcacheError(f"--sample {sample}: no finished run tests on it (have: {', '.join(folds)}).")
-    run_dirs = {f"{p.parents[1].name}/{p.parent.name}": p for p in sorted(base.glob(f"*/*/fold-{sample}"))
-                if (p / "metrics.json").is_file()}
-    return written + spatial_figures(dataset, sample, run_dirs, genes, out, workspace=ws.root)
+    run_dirs = {f"{r.path.parents[1].name}/{r.path.parent.name}": r.path for r in finished if r.fold == sample}
+    return written + spatial_figures(dataset, sample, run_dirs, genes, results.figures_dir, workspace=ws.root)

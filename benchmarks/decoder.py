@@ -23,18 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import emit  # noqa: E402
 
+from featcache.device import resolve_device  # noqa: E402
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
-from featcache.extract import resolve_device  # noqa: E402
-from featcache.workspace import Workspace  # noqa: E402
+from featcache.stores import Workspace  # noqa: E402
 from train.data import Batches, FoldInputs, TargetTransform, load_targets  # noqa: E402
 from train.decoder import MiniUNet  # noqa: E402
-from train.run import store_for  # noqa: E402
 
 
 def sync(dev):
@@ -56,7 +54,9 @@ def main() -> None:
     args = ap.parse_args()
     dev = resolve_device(args.device)
     ws = Workspace.resolve(args.workspace)
-    inputs = FoldInputs(ws, args.dataset, store_for(args.encoder, args.mode), "featcache extract ...")
+    inputs = FoldInputs(
+        ws.open_dataset(args.dataset), ws.feature_store(args.dataset, args.encoder, args.mode == "random")
+    )
     samples = inputs.samples
     train = {s: np.arange(len(inputs.arrays[s].origin)) for s in samples}
     transform = TargetTransform.fit(load_targets(inputs.arrays[s], train[s]) for s in samples)
@@ -90,8 +90,7 @@ def main() -> None:
 
     spec = get_spec(args.encoder)
     enc = GridEncoder(spec, build_model(spec, dev)).to(dev).eval()
-    patches = zarr.open_group(zarr.storage.LocalStore(ws.patches_store(args.dataset)), mode="r")
-    img = torch.from_numpy(np.asarray(patches[samples[0]]["image"][:b])).to(dev)
+    img = torch.from_numpy(np.asarray(ws.open_dataset(args.dataset).image_array(samples[0])[:b])).to(dev)
     if len(img) < b:
         img = img.repeat((b + len(img) - 1) // len(img), 1, 1, 1)[:b]
     steps_enc = max(2, args.steps // 4)
@@ -116,7 +115,7 @@ def main() -> None:
     stream_rate = n_stream / (time.perf_counter() - t)
     t = time.perf_counter()
     n_raw = 0
-    feats = zarr.open_group(zarr.storage.LocalStore(inputs.store), mode="r")
+    feats = inputs.store.group("r")
     for s in samples:
         arr = feats[s]["tokens"]
         for c in range(arr.cdata_shape[0]):
@@ -124,12 +123,20 @@ def main() -> None:
     raw_rate = n_raw / (time.perf_counter() - t)
 
     row = {
-        "benchmark": "decoder", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-        "encoder": args.encoder, "mode": args.mode, "batch_size": b, "channels": inputs.channels,
-        "decoder_from_cache_tiles_s": round(cached, 2), "encoder_recomputed_tiles_s": round(recompute, 2),
+        "benchmark": "decoder",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "encoder": args.encoder,
+        "mode": args.mode,
+        "batch_size": b,
+        "channels": inputs.channels,
+        "decoder_from_cache_tiles_s": round(cached, 2),
+        "encoder_recomputed_tiles_s": round(recompute, 2),
         "cache_speedup": round(cached / recompute, 1),
-        "stream_loader_tiles_s": round(stream_rate, 1), "raw_chunk_read_tiles_s": round(raw_rate, 1),
-        "stream_vs_raw": round(stream_rate / raw_rate, 3), "torch": torch.__version__, "python": platform.python_version(),
+        "stream_loader_tiles_s": round(stream_rate, 1),
+        "raw_chunk_read_tiles_s": round(raw_rate, 1),
+        "stream_vs_raw": round(stream_rate / raw_rate, 3),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
     if args.loocv_epochs:
         from train.loocv import run_loocv
@@ -140,8 +147,15 @@ def main() -> None:
 
             for sub in ("datasets", "features"):
                 os.symlink(ws.root / sub, Path(tmp) / sub)
-            run_loocv(args.dataset, [args.encoder], [args.mode], workspace=tmp, epochs=args.loocv_epochs,
-                      batch_size=64, device=str(dev), show_progress=False)
+            run_loocv(
+                args.dataset,
+                [args.encoder],
+                [args.mode],
+                {"epochs": args.loocv_epochs, "batch_size": 64},
+                workspace=tmp,
+                device=str(dev),
+                show_progress=False,
+            )
             row["loocv_wall_s"] = round(time.perf_counter() - t, 1)
             row["loocv_epochs"] = args.loocv_epochs
             row["loocv_folds"] = len(samples)

@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import emit  # noqa: E402
 
+from featcache.device import resolve_device  # noqa: E402
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
-from featcache.extract import extract, resolve_device  # noqa: E402
-from featcache.zarrio import DEFAULT_TOKEN_CODEC, create_array, write_origins  # noqa: E402
+from featcache.extract import extract  # noqa: E402
+from featcache.stores.zarrio import DEFAULT_TOKEN_CODEC, create_array, write_origins  # noqa: E402
 
 
 def replicate_dataset(src_ws: Path, src_dataset: str, dst_ws: Path, n: int) -> str:
@@ -54,14 +55,21 @@ def replicate_dataset(src_ws: Path, src_dataset: str, dst_ws: Path, n: int) -> s
     dst.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(zarr.storage.LocalStore(dst / "patches.zarr"), mode="w")
     g = root.create_group("B")
-    img = create_array(g, "image", shape=(n, 448, 448, 3), chunks=(8, 448, 448, 3), dtype="uint8",
-                       dims=("patch", "y", "x", "rgb"))
+    img = create_array(
+        g, "image", shape=(n, 448, 448, 3), chunks=(8, 448, 448, 3), dtype="uint8", dims=("patch", "y", "x", "rgb")
+    )
     for k in range(0, n, 256):
         idx = np.arange(k, min(k + 256, n)) % len(pool)
         img[k : k + len(idx)] = pool[idx]
     write_origins(g, np.stack([np.arange(n) // 64 * 32, np.arange(n) % 64 * 32], 1))
-    meta = {"format": "featcache.dataset/1", "dataset": name, "fingerprint": f"bench:{src_meta['fingerprint']}:{n}",
-            "geometry": src_meta["geometry"], "genes": src_meta["genes"], "samples": {"B": {"n_patches": n}}}
+    meta = {
+        "format": "featcache.dataset/1",
+        "dataset": name,
+        "fingerprint": f"bench:{src_meta['fingerprint']}:{n}",
+        "geometry": src_meta["geometry"],
+        "genes": src_meta["genes"],
+        "samples": {"B": {"n_patches": n}},
+    }
     (dst / "dataset.json").write_text(json.dumps(meta))
     return name
 
@@ -87,17 +95,26 @@ def model_only(enc, dev, precision, batch, iters):
 
 def layout_study(tokens: np.ndarray, chunk: int, stored_layout: str) -> list[dict]:
     """Write stored token chunks again in each physical layout with each codec; size and speed."""
-    from featcache.zarrio import TOKEN_CODECS
+    from featcache.stores.zarrio import TOKEN_CODECS
 
     channel_first = tokens if stored_layout == "channel-first" else tokens.transpose(0, 3, 1, 2)
-    variants = {"channel-first": np.ascontiguousarray(channel_first),
-                "channel-last": np.ascontiguousarray(channel_first.transpose(0, 2, 3, 1))}
+    variants = {
+        "channel-first": np.ascontiguousarray(channel_first),
+        "channel-last": np.ascontiguousarray(channel_first.transpose(0, 2, 3, 1)),
+    }
     rows = []
     for layout, data in variants.items():
         for name, (filters, compressors) in TOKEN_CODECS.items():
             store = zarr.storage.MemoryStore()
-            arr = zarr.create_array(store, shape=data.shape, chunks=(chunk, *data.shape[1:]), dtype="float16",
-                                    filters=filters, compressors=compressors, config={"write_empty_chunks": True})
+            arr = zarr.create_array(
+                store,
+                shape=data.shape,
+                chunks=(chunk, *data.shape[1:]),
+                dtype="float16",
+                filters=filters,
+                compressors=compressors,
+                config={"write_empty_chunks": True},
+            )
             t = time.perf_counter()
             arr[:] = data
             enc_s = time.perf_counter() - t
@@ -106,8 +123,15 @@ def layout_study(tokens: np.ndarray, chunk: int, stored_layout: str) -> list[dic
             dec_s = time.perf_counter() - t
             assert np.array_equal(back.view(np.uint16), data.view(np.uint16))
             size = sum(len(v.to_bytes()) for k, v in store._store_dict.items() if not k.endswith("zarr.json"))
-            rows.append({"layout": layout, "codec": name, "bytes_per_value": round(size / data.size, 4),
-                         "write_mb_s": round(data.nbytes / enc_s / 1e6), "read_mb_s": round(data.nbytes / dec_s / 1e6)})
+            rows.append(
+                {
+                    "layout": layout,
+                    "codec": name,
+                    "bytes_per_value": round(size / data.size, 4),
+                    "write_mb_s": round(data.nbytes / enc_s / 1e6),
+                    "read_mb_s": round(data.nbytes / dec_s / 1e6),
+                }
+            )
     return rows
 
 
@@ -166,10 +190,14 @@ def main() -> None:
     dataset = replicate_dataset(args.source_workspace, args.source_dataset, ws, args.patches)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     store_dir = args.store_dir or ws / "features"
-    io = {"benchmark": "extract-io", "device": card, "disk_write_mb_s": round(disk_write_mb_s(store_dir), 1),
-          "patch_read_tiles_s": round(read_only(ws, dataset, args.patches, 4, dev.type == "cuda"), 1),
-          "patch_read_tiles_s_8_threads": round(read_only(ws, dataset, args.patches, 8, dev.type == "cuda"), 1),
-          "store_dir": str(store_dir)}
+    io = {
+        "benchmark": "extract-io",
+        "device": card,
+        "disk_write_mb_s": round(disk_write_mb_s(store_dir), 1),
+        "patch_read_tiles_s": round(read_only(ws, dataset, args.patches, 4, dev.type == "cuda"), 1),
+        "patch_read_tiles_s_8_threads": round(read_only(ws, dataset, args.patches, 8, dev.type == "cuda"), 1),
+        "store_dir": str(store_dir),
+    }
     emit(io, args.out)
     for name in args.encoders.split(","):
         spec = get_spec(name)
@@ -186,25 +214,47 @@ def main() -> None:
         store = store_dir / f"{name}.zarr"
         shutil.rmtree(store, ignore_errors=True)
         t = time.perf_counter()
-        res = extract(dataset, name, weights="random:0", workspace=ws, output=str(store), batch_size=args.batch_size,
-                      device=str(dev), compile=args.compile, show_progress=False, model=model,
-                      layout=args.layout, **({"codec": args.codec} if args.codec else {}))
+        res = extract(
+            dataset,
+            name,
+            weights="random:0",
+            workspace=ws,
+            output=str(store),
+            batch_size=args.batch_size,
+            device=str(dev),
+            compile=args.compile,
+            show_progress=False,
+            model=model,
+            layout=args.layout,
+            **({"codec": args.codec} if args.codec else {}),
+        )
         wall = time.perf_counter() - t
         peak_e2e = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         tokens = zarr.open_group(zarr.storage.LocalStore(store), mode="r")["B"]["tokens"]
         stored = sum(f.stat().st_size for f in (store / "B" / "tokens").rglob("*") if f.is_file())
         sample = np.asarray(tokens[: min(tokens.shape[0], max(8, 4 * tokens.chunks[0]))])
         row = {
-            "benchmark": "extract", "encoder": name, "device": card, "precision": precision, "compile": args.compile,
-            "batch_size": args.batch_size, "patches": args.patches,
-            "model_only_tiles_s": round(mo, 1), "end_to_end_tiles_s": round(res.tiles_per_s, 1),
-            "ratio": round(res.tiles_per_s / mo, 3), "end_to_end_wall_s": round(wall, 1), "build_s": round(build_s, 1),
+            "benchmark": "extract",
+            "encoder": name,
+            "device": card,
+            "precision": precision,
+            "compile": args.compile,
+            "batch_size": args.batch_size,
+            "patches": args.patches,
+            "model_only_tiles_s": round(mo, 1),
+            "end_to_end_tiles_s": round(res.tiles_per_s, 1),
+            "ratio": round(res.tiles_per_s / mo, 3),
+            "end_to_end_wall_s": round(wall, 1),
+            "build_s": round(build_s, 1),
             "peak_gpu_gib_model_only": round(peak_model, 2) if peak_model else None,
             "peak_gpu_gib_end_to_end": round(peak_e2e, 2) if peak_e2e else None,
-            "stored_bytes_per_value": round(stored / tokens.size, 4), "chunk_patches": tokens.chunks[0],
+            "stored_bytes_per_value": round(stored / tokens.size, 4),
+            "chunk_patches": tokens.chunks[0],
             "codec": args.codec or DEFAULT_TOKEN_CODEC,
-            "layout": args.layout, "codecs": layout_study(sample, tokens.chunks[0], args.layout),
-            "torch": torch.__version__, "python": platform.python_version(),
+            "layout": args.layout,
+            "codecs": layout_study(sample, tokens.chunks[0], args.layout),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
         }
         shutil.rmtree(store, ignore_errors=True)  # keep the disk (or RAM) free for the next encoder
         emit(row, args.out)

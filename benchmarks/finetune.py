@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import emit  # noqa: E402
 
+from featcache.device import resolve_device  # noqa: E402
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
-from featcache.extract import resolve_device  # noqa: E402
 from train.decoder import MiniUNet  # noqa: E402
 from train.finetune import EncoderDecoder  # noqa: E402
 
@@ -81,20 +81,35 @@ def main() -> None:
         if args.grad_checkpointing:
             net.set_grad_checkpointing(True)
         ft = EncoderDecoder(GridEncoder(spec, net), MiniUNet(spec.dim, 50)).to(dev).train()
-        ft_rate, ft_mem = measure(ft, lambda: torch.randint(0, 256, (b, 448, 448, 3), dtype=torch.uint8, device=dev),
-                                  dev, b, args.steps)
+        ft_rate, ft_mem = measure(
+            ft, lambda: torch.randint(0, 256, (b, 448, 448, 3), dtype=torch.uint8, device=dev), dev, b, args.steps
+        )
         del ft, net
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         dec = MiniUNet(spec.dim, 50).to(dev).train()
-        fr_rate, fr_mem = measure(dec, lambda: torch.randn(b, spec.dim, spec.grid, spec.grid, device=dev), dev, b,
-                                  max(args.steps, 10))
-        row = {"benchmark": "finetune", "encoder": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-               else f"CPU ({os.cpu_count()} cores)", "batch_size": b, "grad_checkpointing": args.grad_checkpointing,
-               "finetune_tiles_s": round(ft_rate, 2), "frozen_decoder_tiles_s": round(fr_rate, 2),
-               "frozen_speedup": round(fr_rate / ft_rate, 1), "peak_gib_finetune": round(ft_mem, 2),
-               "peak_gib_frozen": round(fr_mem, 2), "memory": "GPU max allocated" if dev.type == "cuda" else "CPU RSS growth",
-               "torch": torch.__version__, "python": platform.python_version()}
+        fr_rate, fr_mem = measure(
+            dec,
+            lambda spec=spec: torch.randn(b, spec.dim, spec.grid, spec.grid, device=dev),
+            dev,
+            b,
+            max(args.steps, 10),
+        )
+        row = {
+            "benchmark": "finetune",
+            "encoder": name,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+            "batch_size": b,
+            "grad_checkpointing": args.grad_checkpointing,
+            "finetune_tiles_s": round(ft_rate, 2),
+            "frozen_decoder_tiles_s": round(fr_rate, 2),
+            "frozen_speedup": round(fr_rate / ft_rate, 1),
+            "peak_gib_finetune": round(ft_mem, 2),
+            "peak_gib_frozen": round(fr_mem, 2),
+            "memory": "GPU max allocated" if dev.type == "cuda" else "CPU RSS growth",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
         emit(row, args.out)
 
 

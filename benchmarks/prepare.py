@@ -24,7 +24,6 @@ import tifffile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
-
 CHILD = """
 import json, resource, sys, threading, time
 from featcache import prepare as P
@@ -68,8 +67,12 @@ def main() -> None:
     # A fresh interpreter runs prepare and reports its own peak RSS (RUSAGE_CHILDREN would count
     # the parent's pages at fork time, and every earlier child).
     t = time.perf_counter()
-    child = subprocess.run([sys.executable, "-c", CHILD, str(raw / "B1"), str(ws), str(args.workers)],
-                           check=True, capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(raw / "B1"), str(ws), str(args.workers)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t
     measured = json.loads(child.stdout.strip().splitlines()[-1])
     meta = json.loads((ws / "datasets" / "bench" / "dataset.json").read_text())

@@ -2,48 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from featcache.cli_common import WorkspaceOpt, err, make_app, out, user_errors
 from featcache.errors import FeatcacheError
 
-app = typer.Typer(
-    help="featcache: cut bin-aligned H&E patches from Visium HD outputs and cache encoder token grids.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-out = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True)
-
-WorkspaceOpt = Annotated[
-    Optional[Path],
-    typer.Option("--workspace", "-w", help="Workspace root [default: $FEATCACHE_WORKSPACE or ./featcache-data]."),
-]
-
-
-def user_errors(fn):
-    """Print a FeatcacheError as one line and exit non-zero, without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FeatcacheError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]: nothing incomplete was left in place.")
-            raise typer.Exit(130) from None
-
-    return wrapper
+app = make_app("featcache: cut bin-aligned H&E patches from Visium HD outputs and cache encoder token grids.")
 
 
 @app.command()
@@ -67,8 +36,13 @@ def synth(
     for col in ("sample", "in-tissue bins", "median UMIs/bin", "image (px)", "grid rotation"):
         table.add_column(col)
     for r in reports:
-        table.add_row(r["sample"], str(r["in_tissue_bins"]), f"{r['median_umis']:.0f}",
-                      "×".join(map(str, r["image_shape"])), f"{r['rotation_deg']:+.2f}°" + (" flipped" if r["flip_rows"] else ""))
+        table.add_row(
+            r["sample"],
+            str(r["in_tissue_bins"]),
+            f"{r['median_umis']:.0f}",
+            "×".join(map(str, r["image_shape"])),
+            f"{r['rotation_deg']:+.2f}°" + (" flipped" if r["flip_rows"] else ""),
+        )
     out.print(table)
 
 
@@ -76,30 +50,52 @@ def synth(
 @user_errors
 def prepare(
     dataset: Annotated[str, typer.Option(help="Name of the dataset to create in the workspace.")],
-    sample: Annotated[list[str], typer.Option(help="NAME=DIR: a Space Ranger output (folder with outs/). Repeat per sample.")],
-    image: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: full-resolution H&E when not found next to outs/.")] = None,
-    genes: Annotated[str, typer.Option(help="Gene panel: top-mean:N, or a file with one gene name or id per line.")] = "top-mean:50",
+    sample: Annotated[
+        list[str], typer.Option(help="NAME=DIR: a Space Ranger output (folder with outs/). Repeat per sample.")
+    ],
+    image: Annotated[
+        Optional[list[str]], typer.Option(help="NAME=FILE: full-resolution H&E when not found next to outs/.")
+    ] = None,
+    genes: Annotated[
+        str, typer.Option(help="Gene panel: top-mean:N, or a file with one gene name or id per line.")
+    ] = "top-mean:50",
     stride: Annotated[int, typer.Option(help="Step between patch origins, in 8 µm bins.")] = 32,
-    min_tissue: Annotated[float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")] = 0.5,
+    min_tissue: Annotated[
+        float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")
+    ] = 0.5,
     workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: up to 4].")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset of this name made from other inputs.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing dataset of this name made from other inputs.")
+    ] = False,
     workspace: WorkspaceOpt = None,
 ):
     """Cut bin-aligned 448 px patches and per-bin targets into Zarr stores."""
     from featcache.prepare import parse_pairs, prepare_dataset
 
     res = prepare_dataset(
-        dataset, parse_pairs(sample, "--sample"), parse_pairs(image, "--image"), genes=genes, stride=stride,
-        min_tissue=min_tissue, workspace=workspace, overwrite=overwrite, workers=workers,
+        dataset,
+        parse_pairs(sample, "--sample"),
+        parse_pairs(image, "--image"),
+        genes=genes,
+        stride=stride,
+        min_tissue=min_tissue,
+        workspace=workspace,
+        overwrite=overwrite,
+        workers=workers,
     )
     if res.up_to_date:
         out.print(f"dataset {dataset!r} is up to date at {res.path}; nothing to do.")
         return
     total = sum(res.patches.values())
-    out.print(f"prepared dataset {dataset!r}: {total} patches ("
-              + ", ".join(f"{k} {v}" for k, v in res.patches.items())
-              + f"), {res.genes} genes, in {res.seconds:.1f} s")
-    out.print(f"  {res.path / 'patches.zarr'}\n  {res.path / 'targets.zarr'}\n  {res.path / 'dataset.json'}")
+    out.print(
+        f"prepared dataset {dataset!r}: {total} patches ("
+        + ", ".join(f"{k} {v}" for k, v in res.patches.items())
+        + f"), {res.genes} genes, in {res.seconds:.1f} s"
+    )
+    from featcache.stores import Dataset
+
+    d = Dataset(res.path)
+    out.print(f"  {d.patches_path}\n  {d.targets_path}\n  {d.meta_path}")
 
 
 @app.command()
@@ -108,8 +104,13 @@ def demo(
     workspace: WorkspaceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic dataset and of the training runs.")] = 0,
     encoder: Annotated[str, typer.Option(help="Encoder to compare (a small one by default).")] = "tiny-cnn",
-    weights: Annotated[Optional[str], typer.Option(help="Pretrained weights for --encoder [default: a seeded "
-                                                       "random stand-in, since none can be downloaded here].")] = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Pretrained weights for --encoder [default: a seeded "
+            "random stand-in, since none can be downloaded here]."
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of the frozen and random-init runs.")] = 15,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tune runs.")] = 3,
 ):
@@ -118,58 +119,21 @@ def demo(
     LOOCV runs the frozen, random-init and fine-tune modes with few epochs and writes the
     comparison file; everything lands in the workspace, and the end says where.
     """
-    import time
+    from featcache.pipeline import comparison_table
+    from featcache.pipeline import demo as run_demo
 
-    from analysis.figures import draw_all
-    from featcache.encoders import build_model, get_spec
-    from featcache.extract import extract as run_extract
-    from featcache.prepare import prepare_dataset
-    from featcache.synth import SynthConfig, synthesize
-    from featcache.workspace import Workspace
-    from train.cli import print_comparison
-    from train.loocv import run_loocv
-
-    t0 = time.perf_counter()
-    ws = Workspace.resolve(workspace)
-    raw = ws.root / "raw" / f"demo-seed{seed}"
-    names = ["P1", "P2", "P5"]
-    missing = [n for n in names if not (raw / n / "outs").is_dir()]
-    if missing:
-        with err.status(f"synthesizing {len(missing)} Visium HD samples into {raw} ..."):
-            synthesize(raw, missing, SynthConfig(seed=seed))
-    res = prepare_dataset("demo", {n: str(raw / n) for n in names}, workspace=ws.root, overwrite=True)
-    out.print(f"[bold]1/4 prepared[/] dataset 'demo': {sum(res.patches.values())} patches "
-              f"({', '.join(f'{k} {v}' for k, v in res.patches.items())}), {res.genes} genes")
-
-    spec = get_spec(encoder)
-    if weights is None:  # a fixed, seeded checkpoint file stands in for pretrained weights
-        from safetensors.torch import save_file
-        import torch
-
-        weights = str(ws.root / "weights" / f"{encoder}-standin-seed1.safetensors")
-        if not Path(weights).is_file():
-            Path(weights).parent.mkdir(parents=True, exist_ok=True)
-            torch.manual_seed(1)
-            save_file({k: v.contiguous() for k, v in build_model(spec).state_dict().items()}, weights)
-        out.print(f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a "
-                  f"seeded random stand-in checkpoint ({weights}); pass --encoder/--weights for a real one.",
-                  soft_wrap=True)
-    run_extract("demo", encoder, weights=weights, workspace=ws.root, overwrite=True)
-    run_extract("demo", encoder, weights=f"random:{seed}", workspace=ws.root, overwrite=True)
-    out.print(f"[bold]2/4 extracted[/] {encoder} token grids (frozen weights and random-init)")
-
-    common = dict(workspace=ws.root, seed=seed, batch_size=8, lr=1e-3, overwrite=True)
-    run_loocv("demo", [encoder], ["frozen", "random"], epochs=epochs, **common)
-    results = run_loocv("demo", [encoder], ["finetune"], epochs=finetune_epochs,
-                        finetune_options={"weights": weights, "encoder_lr": 1e-4, "micro_batch": 4}, **common)
-    out.print("[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
-    figures = draw_all("demo", "P5", workspace=ws.root)
-    out.print(f"[bold]4/4 drew[/] {len(figures)} figure files")
-    print_comparison(results)
-    out.print(f"done in {time.perf_counter() - t0:.0f} s. Where things are:", soft_wrap=True)
-    for label, path in (("Space Ranger-style input", raw), ("patches and targets", res.path),
-                        ("feature stores", ws.root / "features" / "demo"), ("run folders", ws.root / "runs" / "demo"),
-                        ("comparison file", results["_path"]), ("figures", ws.results_dir("demo") / "figures")):
+    res = run_demo(
+        workspace,
+        seed=seed,
+        encoder=encoder,
+        weights=weights,
+        epochs=epochs,
+        finetune_epochs=finetune_epochs,
+        on_step=lambda line: out.print(line, soft_wrap=True),
+    )
+    out.print(comparison_table(res.comparison))
+    out.print(f"done in {res.seconds:.0f} s. Where things are:", soft_wrap=True)
+    for label, path in res.places.items():
         out.print(f"  {label:26s} {path}", soft_wrap=True)
 
 
@@ -177,14 +141,10 @@ def demo(
 @user_errors
 def datasets(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False):
     """List the prepared datasets in the workspace."""
-    from featcache.workspace import Workspace
+    from featcache.stores import Workspace
 
     ws = Workspace.resolve(workspace)
-    rows = []
-    for p in sorted((ws.root / "datasets").glob("*/dataset.json")) if (ws.root / "datasets").is_dir() else []:
-        meta = json.loads(p.read_text())
-        rows.append({"dataset": meta["dataset"], "samples": {k: v["n_patches"] for k, v in meta["samples"].items()},
-                     "genes": len(meta["genes"]["ids"]), "path": str(p.parent)})
+    rows = [d.summary() for d in ws.datasets()]
     if as_json:
         out.print_json(data=rows)
         return
@@ -213,9 +173,19 @@ def encoders(as_json: Annotated[bool, typer.Option("--json")] = False):
             weights = f"yes ({src.found_via})"
         except FeatcacheError:
             weights = "random only" if spec.test_only else "no"
-        rows.append({"encoder": spec.name, "arch": spec.arch, "params_m": round(spec.params / 1e6, 2),
-                     "grid": f"{spec.grid}×{spec.grid}", "dim": spec.dim, "pooled": spec.pooled,
-                     "test_only": spec.test_only, "weights": weights, "note": spec.note})
+        rows.append(
+            {
+                "encoder": spec.name,
+                "arch": spec.arch,
+                "params_m": round(spec.params / 1e6, 2),
+                "grid": f"{spec.grid}×{spec.grid}",
+                "dim": spec.dim,
+                "pooled": spec.pooled,
+                "test_only": spec.test_only,
+                "weights": weights,
+                "note": spec.note,
+            }
+        )
     if as_json:
         out.print_json(data=rows)
         return
@@ -226,68 +196,108 @@ def encoders(as_json: Annotated[bool, typer.Option("--json")] = False):
         name = r["encoder"] + (" (test)" if r["test_only"] else "")
         table.add_row(name, r["arch"], f"{r['params_m']:g} M", r["grid"], str(r["dim"]), r["pooled"], r["weights"])
     out.print(table)
-    out.print("weights: --weights FILE|DIR, $FEATCACHE_WEIGHTS/<encoder>/, or the Hugging Face cache; "
-              "--weights random[:SEED] for random-init features.", soft_wrap=True)
+    out.print(
+        "weights: --weights FILE|DIR, $FEATCACHE_WEIGHTS/<encoder>/, or the Hugging Face cache; "
+        "--weights random[:SEED] for random-init features.",
+        soft_wrap=True,
+    )
 
 
 @app.command()
 @user_errors
 def extract(
-    encoder: Annotated[str, typer.Option(help="Encoder name (see `featcache encoders`), or 'all' (every non-test encoder).")],
+    encoder: Annotated[
+        str, typer.Option(help="Encoder name (see `featcache encoders`), or 'all' (every non-test encoder).")
+    ],
     dataset: Annotated[str, typer.Option(help="Prepared dataset to read patches from.")] = "demo",
-    weights: Annotated[Optional[str], typer.Option(help="Weights file or folder, or random[:SEED] for random-init features.")] = None,
+    weights: Annotated[
+        Optional[str], typer.Option(help="Weights file or folder, or random[:SEED] for random-init features.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")] = "auto",
-    shard: Annotated[Optional[str], typer.Option(help="K/N: do shard K of N (default: from torchrun's RANK/WORLD_SIZE).")] = None,
-    output: Annotated[Optional[str], typer.Option(help="Store location (path or fsspec URL) instead of the workspace's.")] = None,
-    chunk_patches: Annotated[Optional[int], typer.Option(help="Patches per stored chunk [default: ~8 MB chunks].")] = None,
+    shard: Annotated[
+        Optional[str], typer.Option(help="K/N: do shard K of N (default: from torchrun's RANK/WORLD_SIZE).")
+    ] = None,
+    output: Annotated[
+        Optional[str], typer.Option(help="Store location (path or fsspec URL) instead of the workspace's.")
+    ] = None,
+    chunk_patches: Annotated[
+        Optional[int], typer.Option(help="Patches per stored chunk [default: ~8 MB chunks].")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a store made with a different identity.")] = False,
     workspace: WorkspaceOpt = None,
 ):
     """Run an encoder once over a dataset's patches and cache its token grids."""
+    from featcache.encoders import get_spec
     from featcache.extract import all_encoders
     from featcache.extract import extract as run_extract
-    from featcache.encoders import get_spec
     from featcache.weights import resolve_weights
 
     names = all_encoders() if encoder == "all" else [encoder]
     for name in names:  # fail before any work if one cannot run
         resolve_weights(get_spec(name), weights)
     for name in names:
-        res = run_extract(dataset, name, weights=weights, workspace=workspace, output=output, batch_size=batch_size,
-                          device=device, compile=compile, precision=precision, shard=shard, overwrite=overwrite,
-                          chunk_patches=chunk_patches)
-        state = "complete" if res.complete else "incomplete (other shards still to run)" if res.shard[1] > 1 else "incomplete"
+        res = run_extract(
+            dataset,
+            name,
+            weights=weights,
+            workspace=workspace,
+            output=output,
+            batch_size=batch_size,
+            device=device,
+            compile=compile,
+            precision=precision,
+            shard=shard,
+            overwrite=overwrite,
+            chunk_patches=chunk_patches,
+        )
+        state = (
+            "complete"
+            if res.complete
+            else "incomplete (other shards still to run)"
+            if res.shard[1] > 1
+            else "incomplete"
+        )
         shard_txt = f" shard {res.shard[0]}/{res.shard[1]}" if res.shard[1] > 1 else ""
         rate = f" at {res.tiles_per_s:.1f} tiles/s" if res.patches_done else ""
-        out.print(f"{res.encoder}{shard_txt}: extracted {res.patches_done} patches{rate}"
-                  f"{f', {res.skipped} already done' if res.skipped else ''}; store {state}: {res.store}", soft_wrap=True)
+        out.print(
+            f"{res.encoder}{shard_txt}: extracted {res.patches_done} patches{rate}"
+            f"{f', {res.skipped} already done' if res.skipped else ''}; store {state}: {res.store}",
+            soft_wrap=True,
+        )
 
 
 @app.command("ls")
 @user_errors
-def ls_(dataset: Annotated[Optional[str], typer.Option(help="Only this dataset.")] = None, workspace: WorkspaceOpt = None):
+def ls_(
+    dataset: Annotated[Optional[str], typer.Option(help="Only this dataset.")] = None, workspace: WorkspaceOpt = None
+):
     """List cached feature stores: encoder, weights, completeness, size on disk."""
-    from featcache.catalog import format_bytes, list_stores
-    from featcache.workspace import Workspace
+    from featcache.stores import Workspace
 
     ws = Workspace.resolve(workspace)
-    stores = list_stores(ws, dataset)
+    stores = [st.status() for st in ws.feature_stores(dataset)]
     if not stores:
-        out.print(f"no feature stores in {ws.root / 'features'}; make one with `featcache extract --encoder NAME`.")
+        out.print(f"no feature stores in {ws.features_dir()}; make one with `featcache extract --encoder NAME`.")
         return
-    table = Table(title=f"feature stores in {ws.root / 'features'}")
+    table = Table(title=f"feature stores in {ws.features_dir()}")
     for col in ("dataset", "store", "weights", "patches", "grid × dim", "done", "size"):
         table.add_column(col)
     for st in stores:
         i = st.identity
         done = sum(d for d, _ in st.samples.values())
         tot = sum(t for _, t in st.samples.values())
-        table.add_row(i["dataset"], Path(st.location).name, i["weights"][:20], str(st.patches),
-                      f"{i['grid'][0]}×{i['grid'][1]}×{i['dim']}",
-                      "complete" if st.complete else f"{done}/{tot} chunks", format_bytes(st.size_bytes))
+        table.add_row(
+            i["dataset"],
+            Path(st.location).name,
+            i["weights"][:20],
+            str(st.patches),
+            f"{i['grid'][0]}×{i['grid'][1]}×{i['dim']}",
+            "complete" if st.complete else f"{done}/{tot} chunks",
+            format_bytes(st.size_bytes),
+        )
     out.print(table)
 
 
@@ -295,21 +305,33 @@ def ls_(dataset: Annotated[Optional[str], typer.Option(help="Only this dataset."
 @user_errors
 def info(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]):
     """Show a feature store's identity, provenance, completeness and size."""
-    from featcache.catalog import format_bytes, store_status
+    from featcache.stores import FeatureStore
 
-    st = store_status(store)
-    out.print_json(data={"store": st.location, "complete": st.complete, "size": format_bytes(st.size_bytes),
-                         "chunks_done": {s: f"{d}/{t}" for s, (d, t) in st.samples.items()},
-                         "identity": st.identity, "provenance": st.provenance})
+    st = FeatureStore(store).status()
+    out.print_json(
+        data={
+            "store": st.location,
+            "complete": st.complete,
+            "size": format_bytes(st.size_bytes),
+            "chunks_done": {s: f"{d}/{t}" for s, (d, t) in st.samples.items()},
+            "identity": st.identity,
+            "provenance": st.provenance,
+        }
+    )
 
 
 @app.command()
 @user_errors
-def verify(store: Annotated[str, typer.Argument(help="Feature store path or URL.")]):
+def verify(
+    store: Annotated[str, typer.Argument(help="Feature store path or URL.")],
+    repair: Annotated[
+        bool, typer.Option(help="Drop the done-markers of bad chunks, so a rerun of extract redoes exactly those.")
+    ] = False,
+):
     """Read back every chunk (checksums, shapes, finiteness); name missing or corrupted chunks."""
-    from featcache.catalog import verify_store
+    from featcache.stores import FeatureStore
 
-    rep = verify_store(store)
+    rep = FeatureStore(store).verify(repair=repair)
     for p in rep.problems:
         out.print(f"[red]BAD[/] {p}", highlight=False)
     for p in rep.not_extracted:
@@ -317,9 +339,28 @@ def verify(store: Annotated[str, typer.Argument(help="Feature store path or URL.
     if rep.ok:
         out.print(f"[green]OK[/] {rep.location}: {rep.checked} chunks verified", highlight=False)
         return
-    out.print(f"{rep.location}: {len(rep.problems)} corrupted or missing, {len(rep.not_extracted)} not extracted; "
-              "rerun `featcache extract` with the same options to redo them.", highlight=False)
+    if rep.repaired:
+        out.print(
+            f"{rep.location}: dropped the markers of {rep.repaired} bad chunk(s); rerun `featcache extract` with "
+            "the same options to recompute exactly those.",
+            highlight=False,
+        )
+    else:
+        out.print(
+            f"{rep.location}: {len(rep.problems)} corrupted or missing, {len(rep.not_extracted)} not extracted; "
+            + ("run `featcache verify --repair STORE`, then " if rep.problems else "")
+            + "rerun `featcache extract` with the same options to redo them.",
+            highlight=False,
+        )
     raise typer.Exit(1)
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def main() -> None:  # console-script entry point

@@ -10,16 +10,17 @@ model's own ``num_prefix_tokens``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from featcache.errors import FeatcacheError
+from featcache.geometry import GEOMETRY
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_PX = 448
+INPUT_PX = GEOMETRY.patch_px  # 448: a 32 × 32 token grid for patch-14 ViTs
 
 
 def _swiglu_packed():
@@ -57,9 +58,18 @@ class EncoderSpec:
     def describe(self) -> dict:
         kw = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in self.kwargs.items()}
         kw.update({k: _qualname(f()) for k, f in self.callable_kwargs.items()})
-        return {"encoder": self.name, "arch": self.arch, "kind": self.kind, "timm_kwargs": kw, "dim": self.dim,
-                "grid": [self.grid, self.grid], "pooled": self.pooled, "mean": list(self.mean), "std": list(self.std),
-                "input_px": INPUT_PX}
+        return {
+            "encoder": self.name,
+            "arch": self.arch,
+            "kind": self.kind,
+            "timm_kwargs": kw,
+            "dim": self.dim,
+            "grid": [self.grid, self.grid],
+            "pooled": self.pooled,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_px": INPUT_PX,
+        }
 
 
 def _qualname(obj) -> str:
@@ -82,39 +92,108 @@ def register(spec: EncoderSpec) -> EncoderSpec:
     return spec
 
 
-register(EncoderSpec(
-    name="densenet121", arch="densenet121", kind="cnn", dim=1024, grid=14, pooled="mean", params=6.95e6,
-    hf_repo="timm/densenet121.tv_in1k", note="ImageNet CNN; 14×14 map at 448 px (stride 32)",
-))
-register(EncoderSpec(
-    name="uni2h", arch="vit_giant_patch14_224", kind="vit", dim=1536, grid=32, pooled="cls", params=681.4e6,
-    kwargs=dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-                mlp_ratio=2.66667 * 2, no_embed_class=True, reg_tokens=8, dynamic_img_size=True),
-    callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
-    hf_repo="MahmoodLab/UNI2-h", note="pathology ViT-g/14, 8 register tokens",
-))
-register(EncoderSpec(
-    name="virchow2", arch="vit_huge_patch14_224", kind="vit", dim=1280, grid=32, pooled="cls+mean", params=631.2e6,
-    kwargs=dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", reg_tokens=4, dynamic_img_size=True),
-    callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
-    hf_repo="paige-ai/Virchow2", note="pathology ViT-H/14, 4 register tokens; pooled = cls ⊕ mean (2560)",
-))
-register(EncoderSpec(
-    name="hoptimus0", arch="vit_giant_patch14_reg4_dinov2", kind="vit", dim=1536, grid=32, pooled="cls", params=1134.8e6,
-    kwargs=dict(img_size=224, init_values=1e-5, dynamic_img_size=True),
-    mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-    hf_repo="bioptimus/H-optimus-0", note="pathology ViT-g/14 (DINOv2), 4 register tokens",
-))
+register(
+    EncoderSpec(
+        name="densenet121",
+        arch="densenet121",
+        kind="cnn",
+        dim=1024,
+        grid=14,
+        pooled="mean",
+        params=6.95e6,
+        hf_repo="timm/densenet121.tv_in1k",
+        note="ImageNet CNN; 14×14 map at 448 px (stride 32)",
+    )
+)
+register(
+    EncoderSpec(
+        name="uni2h",
+        arch="vit_giant_patch14_224",
+        kind="vit",
+        dim=1536,
+        grid=32,
+        pooled="cls",
+        params=681.4e6,
+        kwargs=dict(
+            img_size=224,
+            patch_size=14,
+            depth=24,
+            num_heads=24,
+            init_values=1e-5,
+            embed_dim=1536,
+            mlp_ratio=2.66667 * 2,
+            no_embed_class=True,
+            reg_tokens=8,
+            dynamic_img_size=True,
+        ),
+        callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
+        hf_repo="MahmoodLab/UNI2-h",
+        note="pathology ViT-g/14, 8 register tokens",
+    )
+)
+register(
+    EncoderSpec(
+        name="virchow2",
+        arch="vit_huge_patch14_224",
+        kind="vit",
+        dim=1280,
+        grid=32,
+        pooled="cls+mean",
+        params=631.2e6,
+        kwargs=dict(
+            img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", reg_tokens=4, dynamic_img_size=True
+        ),
+        callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
+        hf_repo="paige-ai/Virchow2",
+        note="pathology ViT-H/14, 4 register tokens; pooled = cls ⊕ mean (2560)",
+    )
+)
+register(
+    EncoderSpec(
+        name="hoptimus0",
+        arch="vit_giant_patch14_reg4_dinov2",
+        kind="vit",
+        dim=1536,
+        grid=32,
+        pooled="cls",
+        params=1134.8e6,
+        kwargs=dict(img_size=224, init_values=1e-5, dynamic_img_size=True),
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        hf_repo="bioptimus/H-optimus-0",
+        note="pathology ViT-g/14 (DINOv2), 4 register tokens",
+    )
+)
 # Small random-weight stand-ins that run on a CPU in tests; never part of a comparison.
-register(EncoderSpec(
-    name="tiny-vit", arch="vit_tiny_patch16_224", kind="vit", dim=48, grid=32, pooled="cls", params=0.0975e6,
-    kwargs=dict(img_size=224, patch_size=14, embed_dim=48, depth=2, num_heads=3, reg_tokens=2, dynamic_img_size=True),
-    test_only=True, note="test-only: 2-block ViT/14, 2 register tokens",
-))
-register(EncoderSpec(
-    name="tiny-cnn", arch="test_resnet", kind="cnn", dim=96, grid=14, pooled="mean", params=0.3727e6,
-    test_only=True, note="test-only: timm's test_resnet, 14×14 map at 448 px",
-))
+register(
+    EncoderSpec(
+        name="tiny-vit",
+        arch="vit_tiny_patch16_224",
+        kind="vit",
+        dim=48,
+        grid=32,
+        pooled="cls",
+        params=0.0975e6,
+        kwargs=dict(
+            img_size=224, patch_size=14, embed_dim=48, depth=2, num_heads=3, reg_tokens=2, dynamic_img_size=True
+        ),
+        test_only=True,
+        note="test-only: 2-block ViT/14, 2 register tokens",
+    )
+)
+register(
+    EncoderSpec(
+        name="tiny-cnn",
+        arch="test_resnet",
+        kind="cnn",
+        dim=96,
+        grid=14,
+        pooled="mean",
+        params=0.3727e6,
+        test_only=True,
+        note="test-only: timm's test_resnet, 14×14 map at 448 px",
+    )
+)
 
 
 def get_spec(name: str) -> EncoderSpec:

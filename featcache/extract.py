@@ -1,71 +1,43 @@
-"""``featcache extract``: run an encoder once over prepared patches; cache its token grids (DESIGN §7).
+"""``featcache extract``: run an encoder once over prepared patches; cache its token grids.
 
-Store layout, ``features/<dataset>/<encoder>[-random].zarr``::
-
-    <sample>/tokens   float16 (patch, row, col, channel), chunk = a few whole patches, NaN where unwritten
-    <sample>/pooled   float32 (patch, channel)
-    <sample>/origin   int32 (patch, axis), coordinates copied from patches.zarr
-    <sample>/_done/<chunk>   empty marker written after the chunk's tokens and pooled are stored
-                             (``_done`` is a zarr group; the markers are plain files in it)
-
-The root group's attributes hold ``identity`` (what determines the values: encoder, weights
-sha256 or ``random:<seed>``, input size, normalisation, dtype, prefix tokens dropped, geometry,
-dataset fingerprint, layout) and ``provenance`` (library versions, device, batch size). A rerun
-resumes: chunks with a marker are skipped, others are (re)computed. A store whose identity differs
-is refused unless ``--overwrite``.
+The store's format (layout, identity, done-markers) belongs to featcache/stores/features.py;
+this module plans the work and keeps the accelerator busy.
 
 Work is planned as fixed groups of whole chunks (one group = one batch), so a resumed or sharded
 run computes every patch in the same batch as an uninterrupted run would. Shards (``--shard K/N``
 or torchrun's RANK/WORLD_SIZE) take disjoint groups of the same store.
 
-The pipeline keeps the accelerator busy: reader threads decode patch chunks into pinned memory
-ahead of time, copies to the device are non-blocking, results come back through non-blocking
-copies, and a writer thread compresses and stores them while the next batch runs.
+The pipeline: a :class:`~featcache.streams.Prefetcher` decodes patch chunks into reusable pinned
+buffers ahead of time, copies to the device are non-blocking, results come back through
+non-blocking copies into pinned buffers, and a :class:`~featcache.streams.ChunkWriter`
+compresses and stores them while the next batch runs. A chunk's done-marker is written only after
+its tokens and pooled values are stored.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 import torch
-import zarr
 
-from featcache.encoders import REGISTRY, EncoderSpec, GridEncoder, get_spec
+from featcache.device import resolve_device
+from featcache.encoders import REGISTRY, GridEncoder, get_spec
 from featcache.errors import FeatcacheError
-from featcache.prepare import load_dataset_meta
 from featcache.progress import progress
 from featcache.provenance import library_versions
-from featcache.storage import Location
-from featcache.weights import WeightsSource, load_encoder, resolve_weights
-from featcache.workspace import Workspace
-from featcache.zarrio import DEFAULT_TOKEN_CODEC, TOKEN_CODECS, create_array, write_origins
+from featcache.stores import FeatureStore, Workspace
+from featcache.stores.features import DEFAULT_LAYOUT, chunk_patches_for, make_identity
+from featcache.stores.zarrio import DEFAULT_TOKEN_CODEC
+from featcache.streams import ChunkWriter, Prefetcher
+from featcache.weights import load_encoder, resolve_weights
 
-FEATURES_FORMAT = "featcache.features/1"
-# Physical order of the tokens array, by benchmark (benchmarks/RESULTS.md): channel-first
-# compresses better (each chunk row is one channel's 32×32 map) and is what a conv decoder reads.
-# The dimension names say which is stored; xarray users select by name either way.
-LAYOUTS = {"channel-first": ("patch", "channel", "row", "col"), "channel-last": ("patch", "row", "col", "channel")}
-DEFAULT_LAYOUT = "channel-first"
-CHUNK_BYTES = 8 << 20  # target size of one uncompressed tokens chunk
 FP16_MAX = 65504.0
-
-
-def chunk_patches_for(spec: EncoderSpec) -> int:
-    per_patch = spec.grid * spec.grid * spec.dim * 2
-    return int(min(64, max(1, round(CHUNK_BYTES / per_patch))))
-
-
-def store_name(spec: EncoderSpec, source: WeightsSource) -> str:
-    return f"{spec.name}-random" if source.is_random else spec.name
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -82,22 +54,10 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise FeatcacheError(f"--device {device!r}: not a torch device (auto, cpu, cuda, cuda:1, ...).") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
-    return dev
-
-
 @dataclass
 class Group:
+    """Whole chunks of one sample computed as one batch: patches [p0, p1)."""
+
     sample: str
     p0: int
     p1: int
@@ -126,84 +86,21 @@ class ExtractResult:
     shard: tuple[int, int]
     skipped: int = 0
     tiles_per_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
+def all_encoders() -> list[str]:
+    return [n for n, s in REGISTRY.items() if not s.test_only]
 
 
-def _identity(spec, source, model, meta, chunk, compute, codec, layout) -> dict:
-    prefix = int(getattr(model, "num_prefix_tokens", 0)) if spec.kind == "vit" else 0
-    return _jsonable({
-        "format": FEATURES_FORMAT,
-        **spec.describe(),
-        "weights": source.identity(),
-        "stored_dtype": "float16",
-        "pooled_dtype": "float32",
-        "compute": compute,
-        "prefix_tokens_dropped": prefix,
-        "layout": list(LAYOUTS[layout]),
-        "chunk_patches": chunk,
-        "codec": codec,
-        "geometry": meta["geometry"],
-        "dataset": meta["dataset"],
-        "dataset_fingerprint": meta["fingerprint"],
-        "samples": {s: v["n_patches"] for s, v in meta["samples"].items()},
-    })
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: stored {json.dumps(old.get(k))[:60]} vs now {json.dumps(new.get(k))[:60]}" for k in keys if old.get(k) != new.get(k)]
-
-
-def open_or_create_store(loc: Location, identity: dict, provenance: dict, patches_root: zarr.Group,
-                         overwrite: bool) -> zarr.Group:
-    """Open a matching store for resuming, or create it (idempotently, so shards may race)."""
-    meta = loc.read_json("zarr.json")
-    if meta is not None:
-        old = meta.get("attributes", {}).get("identity")
-        if old == identity:
-            return loc.open_group("r+")
-        if old is not None and not overwrite:
-            diff = "; ".join(_differences(old, identity)[:3])
-            raise FeatcacheError(
-                f"feature store {loc} was made with a different identity ({diff}). Pass --overwrite to "
-                "replace it, or write elsewhere with --output."
-            )
-        if old is None and not overwrite:
-            members = set(loc.listdir()) - {"zarr.json"} - set(identity["samples"])
-            if members:
-                raise FeatcacheError(f"{loc} is a Zarr store that featcache did not make; pass --overwrite or choose another --output.")
-        if overwrite and old is not None:
-            loc.remove()
-    root = loc.open_group("a")
-    spec_grid, dim = identity["grid"], identity["dim"]
-    chunk = identity["chunk_patches"]
-    dims = tuple(identity["layout"])
-    sizes = {"row": spec_grid[0], "col": spec_grid[1], "channel": dim}
-    shape = [sizes[d] for d in dims[1:]]
-    pooled_dim = 2 * dim if identity["pooled"] == "cls+mean" else dim
-    for sample, n in identity["samples"].items():
-        g = root.require_group(sample)
-        try:
-            create_array(g, "tokens", shape=(n, *shape), chunks=(chunk, *shape), dtype="float16",
-                         dims=dims, fill_value=float("nan"), attributes={"coordinates": "origin"},
-                         codec=identity["codec"])
-            create_array(g, "pooled", shape=(n, pooled_dim), chunks=(chunk, pooled_dim), dtype="float32",
-                         dims=("patch", "channel"), fill_value=float("nan"), attributes={"coordinates": "origin"})
-            write_origins(g, patches_root[sample]["origin"][:])
-            # Done-markers live in a group of their own so zarr and xarray see a valid hierarchy.
-            g.require_group("_done").attrs["description"] = "one empty marker file per fully written chunk"
-        except zarr.errors.ContainsArrayError:
-            pass  # another shard created it first; the identity check below still applies
-    root.attrs.update({"identity": identity, "provenance": provenance})
-    return root
-
-
-def done_chunks(loc: Location, sample: str) -> set[int]:
-    return {int(x) for x in loc.listdir(sample, "_done") if x.isdigit()}
+def _check_options(batch_size: int, chunk_patches: int | None, readers: int, precision: str) -> None:
+    if batch_size < 1:
+        raise FeatcacheError(f"--batch-size {batch_size}: must be at least 1.")
+    if chunk_patches is not None and chunk_patches < 1:
+        raise FeatcacheError(f"--chunk-patches {chunk_patches}: must be at least 1.")
+    if readers < 1:
+        raise FeatcacheError(f"readers {readers}: must be at least 1.")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise FeatcacheError(f"--precision {precision!r}: use auto, bf16 or fp32.")
 
 
 def extract(
@@ -230,58 +127,58 @@ def extract(
     """Extract one encoder's token grids for every sample of a prepared dataset."""
     t_start = time.perf_counter()
     spec = get_spec(encoder)
-    if batch_size < 1:
-        raise FeatcacheError("--batch-size must be at least 1.")
+    _check_options(batch_size, chunk_patches, readers, precision)
     ws = Workspace.resolve(workspace)
-    meta = load_dataset_meta(ws, dataset)
+    ds = _dataset_with_patches(ws, dataset)
     source = resolve_weights(spec, weights)
     shard_k, shard_n = parse_shard(shard)
     dev = resolve_device(device)
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise FeatcacheError(f"--precision {precision!r}: use auto, bf16 or fp32.")
-
+    precision = ("bf16" if dev.type == "cuda" else "fp32") if precision == "auto" else precision
+    if output:
+        ws.check_output(output)
+    store = FeatureStore(output, storage_options) if output else ws.feature_store(dataset, spec.name, source.is_random)
     if model is None:
         model, prov = load_encoder(spec, source, dev)
     else:  # a prebuilt network (benchmarks); its weights are whatever it holds
         prov = {"weights": source.identity(), "found_via": "caller"}
-    if codec not in TOKEN_CODECS:
-        raise FeatcacheError(f"unknown codec {codec!r}; one of {', '.join(TOKEN_CODECS)}.")
-    if layout not in LAYOUTS:
-        raise FeatcacheError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}.")
-    chunk = chunk_patches or chunk_patches_for(spec)
-    identity = _identity(spec, source, model, meta, chunk, {"precision": precision, "autocast": precision == "bf16"}, codec, layout)
+    identity = make_identity(
+        spec=spec.describe(), weights=source.identity(), dataset=ds.meta, codec=codec, layout=layout,
+        prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)) if spec.kind == "vit" else 0,
+        chunk=chunk_patches or chunk_patches_for(spec.grid, spec.dim),
+        compute={"precision": precision, "autocast": precision == "bf16"},
+    )  # fmt: skip
     provenance = {**prov, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(dev),
-                  "batch_size": batch_size, "compile": compile, "libraries": library_versions()}
+                  "batch_size": batch_size, "compile": compile, "libraries": library_versions()}  # fmt: skip
+    root = store.open_or_create(identity, provenance, {s: ds.origins(s) for s in ds.samples}, overwrite)
 
-    loc = Location(output or ws.features_store(dataset, store_name(spec, source)), storage_options)
-    patches_root = zarr.open_group(zarr.storage.LocalStore(ws.patches_store(dataset), read_only=True), mode="r")
-    root = open_or_create_store(loc, identity, provenance, patches_root, overwrite)
-
-    samples = identity["samples"]
-    groups = plan_groups(samples, chunk, batch_size)[shard_k::shard_n]
-    done = {s: done_chunks(loc, s) for s in samples}
+    groups = plan_groups(identity["samples"], identity["chunk_patches"], batch_size)[shard_k::shard_n]
+    done = {s: store.done_chunks(s) for s in identity["samples"]}
     todo = [g for g in groups if not set(g.chunks) <= done[g.sample]]
-    total = sum(samples.values())
     n_todo = sum(g.p1 - g.p0 for g in todo)
-
-    enc = GridEncoder(spec, model).to(dev).eval()
-    runner = torch.compile(enc) if compile else enc
     seconds = 0.0
     if todo:
+        runner = GridEncoder(spec, model).to(dev).eval()
+        job = _Extraction(torch.compile(runner) if compile else runner, dev, precision, batch_size, ds, store, root,
+                          readers, writers or min(8, os.cpu_count() or 1))  # fmt: skip
         with progress(disable=not show_progress) as bar:
-            task = bar.add_task(f"{store_name(spec, source)}", total=n_todo, rate="")
-            seconds = _run_pipeline(runner, dev, precision, layout == "channel-first", todo, patches_root, root, loc,
-                                    batch_size, readers,
-                                    writers or min(8, os.cpu_count() or 1),
-                                    lambda k, rate: bar.update(task, advance=k, rate=f"{rate:.1f} tiles/s"))
-    complete = all(done_chunks(loc, s) >= set(range(-(-n // chunk))) for s, n in samples.items())
+            task = bar.add_task(store.name, total=n_todo, rate="")
+            seconds = job.run(todo, lambda k, rate: bar.update(task, advance=k, rate=f"{rate:.1f} tiles/s"))
     return ExtractResult(
-        encoder=store_name(spec, source), store=str(loc), patches_done=n_todo, patches_total=total,
-        seconds=time.perf_counter() - t_start, complete=complete, shard=(shard_k, shard_n),
+        encoder=store.name, store=str(store), patches_done=n_todo, patches_total=sum(identity["samples"].values()),
+        seconds=time.perf_counter() - t_start, complete=store.status().complete, shard=(shard_k, shard_n),
         skipped=sum(g.p1 - g.p0 for g in groups) - n_todo, tiles_per_s=n_todo / seconds if seconds else 0.0,
-    )
+    )  # fmt: skip
+
+
+def _dataset_with_patches(ws: Workspace, dataset: str):
+    ds = ws.open_dataset(dataset)
+    empty = [s for s in ds.samples if ds.n_patches(s) == 0]
+    if empty:
+        raise FeatcacheError(f"dataset {dataset!r} has no patches for sample(s) {', '.join(empty)}; prepare it again "
+                             "with a lower --min-tissue.")  # fmt: skip
+    for s in ds.samples:
+        ds.check_chunks(s, images=True)
+    return ds
 
 
 class BufferPool:
@@ -292,15 +189,16 @@ class BufferPool:
     back to the pool with the CUDA event after which it is free again.
     """
 
-    def __init__(self, count: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool):
+    def __init__(self, count: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool, stop: threading.Event):
         self.free: queue.Queue = queue.Queue()
+        self.stop = stop
         for _ in range(count):
             self.free.put((torch.empty(shape, dtype=dtype, pin_memory=pin), None))
 
-    def take(self, stop: list) -> torch.Tensor:
+    def take(self) -> torch.Tensor:
         while True:
-            if stop:
-                raise stop[0]
+            if self.stop.is_set():
+                raise RuntimeError("stopped")
             try:
                 buf, event = self.free.get(timeout=0.5)
                 break
@@ -314,141 +212,110 @@ class BufferPool:
         self.free.put((buf, event))
 
 
-def _run_pipeline(enc, dev, precision, channel_first, todo, patches_root, root, loc, batch_size, readers, writers,
-                  on_progress) -> float:
-    cuda = dev.type == "cuda"
-    images = {g.sample: patches_root[g.sample]["image"] for g in todo}
-    out = {s: (root[s]["tokens"], root[s]["pooled"]) for s in images}
-    failure: list[BaseException] = []
-    most = max(g.p1 - g.p0 for g in todo)
-    px = images[todo[0].sample].shape[1:]
-    in_pool = BufferPool(readers + 2, (most, *px), torch.uint8, cuda)
-    out_pools: dict = {}  # shapes are known after the first batch
+@dataclass
+class _Batch:
+    """One group's results on their way to the writer: pinned host buffers and the copy's event."""
 
-    def read(g: Group) -> torch.Tensor:
-        buf = in_pool.take(failure)
-        buf[: g.p1 - g.p0].copy_(torch.from_numpy(np.ascontiguousarray(images[g.sample][g.p0 : g.p1])))
+    group: Group
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    flags: torch.Tensor  # (non-finite count, beyond-float16 count)
+    event: object
+
+
+class _Extraction:
+    """Reads, computes and writes the groups of one extraction: read → compute → store."""
+
+    def __init__(self, enc, dev, precision, batch_size, dataset, store, root, readers, writers):
+        self.enc, self.dev, self.precision, self.batch_size = enc, dev, precision, batch_size
+        self.cuda = dev.type == "cuda"
+        self.channel_first = store.identity["layout"][1] == "channel"
+        self.dataset, self.store, self.root = dataset, store, root
+        self.readers, self.writers = readers, writers
+        self.stop = threading.Event()
+        self.images: dict = {}
+        self.in_pool: BufferPool | None = None
+        self.out_pools: dict[str, BufferPool] = {}  # made once the first batch's output shapes are known
+
+    def run(self, todo: list[Group], on_progress) -> float:
+        """Every group through the pipeline; returns the seconds spent."""
+        self.images = {g.sample: self.dataset.image_array(g.sample) for g in todo}
+        most = max(g.p1 - g.p0 for g in todo)
+        self.in_pool = BufferPool(
+            self.readers + 2, (most, *self.images[todo[0].sample].shape[1:]), torch.uint8, self.cuda, self.stop
+        )
+        t0, written, lock = time.perf_counter(), [0], threading.Lock()
+
+        def store(batch: _Batch) -> None:
+            self.write(batch)
+            with lock:
+                written[0] += batch.group.p1 - batch.group.p0
+                on_progress(batch.group.p1 - batch.group.p0, written[0] / max(time.perf_counter() - t0, 1e-9))
+
+        batches = iter(Prefetcher(self.read, todo, workers=self.readers, depth=self.readers, name="featcache-reader"))
+        try:
+            with ChunkWriter(store, threads=self.writers, depth=self.writers + 1) as writer:
+                for g, host_in in zip(todo, batches):
+                    writer.put(self.compute(g, host_in, most))
+        finally:
+            self.stop.set()  # readers waiting for a buffer give up
+            batches.close()
+        return time.perf_counter() - t0
+
+    def read(self, g: Group) -> torch.Tensor:
+        buf = self.in_pool.take()
+        buf[: g.p1 - g.p0].copy_(torch.from_numpy(np.ascontiguousarray(self.images[g.sample][g.p0 : g.p1])))
         return buf
 
-    write_q: queue.Queue = queue.Queue(maxsize=writers + 1)
-    lock = threading.Lock()
-    t0 = time.perf_counter()
-    written = [0]
-
-    def store(item) -> None:
-        g, tok_buf, pool_buf, flags, event = item
+    def compute(self, g: Group, host_in: torch.Tensor, most: int) -> _Batch:
         n = g.p1 - g.p0
+        x = host_in[:n].to(self.dev, non_blocking=True)
+        self.in_pool.give(host_in, _event(self.cuda))  # reusable once the copy has finished
+        tokens, pooled = [], []
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"),
+        ):
+            for i in range(0, n, self.batch_size):
+                t, p = self.enc(x[i : i + self.batch_size])
+                tokens.append(t.float())
+                pooled.append(p.float())
+        tok, pol = torch.cat(tokens), torch.cat(pooled)
+        flags = torch.stack([(~torch.isfinite(tok)).sum() + (~torch.isfinite(pol)).sum(), (tok.abs() > FP16_MAX).sum()])
+        if self.channel_first:  # transpose on the device, so the writers read contiguous memory
+            tok = tok.permute(0, 3, 1, 2)
+        tok = tok.half()
+        if not self.out_pools:
+            for name, t, dtype in (("tokens", tok, torch.float16), ("pooled", pol, torch.float32)):
+                self.out_pools[name] = BufferPool(self.writers + 2, (most, *t.shape[1:]), dtype, self.cuda, self.stop)
+        tok_buf, pool_buf = self.out_pools["tokens"].take(), self.out_pools["pooled"].take()
+        tok_buf[:n].copy_(tok, non_blocking=self.cuda)
+        pool_buf[:n].copy_(pol, non_blocking=self.cuda)
+        return _Batch(g, tok_buf, pool_buf, flags.to("cpu", non_blocking=self.cuda), _event(self.cuda))
+
+    def write(self, b: _Batch) -> None:
+        g, n = b.group, b.group.p1 - b.group.p0
         try:
-            if event is not None:
-                event.synchronize()
-            nonfinite, overflow = (int(v) for v in flags.tolist())
+            if b.event is not None:
+                b.event.synchronize()
+            nonfinite, overflow = (int(v) for v in b.flags.tolist())
             if nonfinite or overflow:
                 raise FeatcacheError(
-                    f"sample {g.sample}, patches {g.p0}-{g.p1 - 1}: the encoder produced {nonfinite} non-finite "
-                    f"values and {overflow} beyond float16's range (±65504); nothing was stored for them. "
-                    "Check the weights, or run with --precision fp32."
+                    f"sample {g.sample}, patches {g.p0}-{g.p1 - 1}: the encoder produced {nonfinite} non-finite values "
+                    f"and {overflow} beyond float16's range (±65504); nothing was stored for them. Check the weights, "
+                    "or run with --precision fp32."
                 )
-            tok_arr, pool_arr = out[g.sample]
-            tok_np = tok_buf[:n].numpy()
-            k = tok_arr.chunks[0]
+            tok_arr, pool_arr = self.root[g.sample]["tokens"], self.root[g.sample]["pooled"]
+            tok_np, k = b.tokens[:n].numpy(), tok_arr.chunks[0]
             for c in g.chunks:  # chunk by chunk: zarr then encodes our buffer without copying it first
-                a, b = c * k, min((c + 1) * k, tok_arr.shape[0])
-                tok_arr[a:b] = tok_np[a - g.p0 : b - g.p0]
-            pool_arr[g.p0 : g.p1] = pool_buf[:n].numpy()
+                a, e = c * k, min((c + 1) * k, tok_arr.shape[0])
+                tok_arr[a:e] = tok_np[a - g.p0 : e - g.p0]
+            pool_arr[g.p0 : g.p1] = b.pooled[:n].numpy()
         finally:
-            out_pools["tokens"].give(tok_buf)
-            out_pools["pooled"].give(pool_buf)
+            self.out_pools["tokens"].give(b.tokens)
+            self.out_pools["pooled"].give(b.pooled)
         for c in g.chunks:
-            loc.touch(g.sample, "_done", str(c))  # only now does the chunk count as done
-        with lock:
-            written[0] += n
-            on_progress(n, written[0] / max(time.perf_counter() - t0, 1e-9))
-
-    def writer() -> None:
-        while (item := write_q.get()) is not None:
-            if failure:
-                continue  # drain so the producer never blocks
-            try:
-                store(item)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                failure.append(exc)
-
-    wthreads = [threading.Thread(target=writer, name=f"featcache-writer-{i}", daemon=True) for i in range(writers)]
-    for w in wthreads:
-        w.start()
-    pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="featcache-reader")
-    pending: deque = deque()
-    it = iter(todo)
-
-    def stop_writers() -> None:
-        for _ in wthreads:
-            while True:
-                try:
-                    write_q.put(None, timeout=0.5)
-                    break
-                except queue.Full:
-                    if not any(w.is_alive() for w in wthreads):
-                        return
-
-    try:
-        for g in it:
-            pending.append((g, pool.submit(read, g)))
-            if len(pending) >= readers:
-                break
-        while pending:
-            if failure:
-                raise failure[0]
-            g, fut = pending.popleft()
-            n = g.p1 - g.p0
-            host_in = fut.result()
-            x = host_in[:n].to(dev, non_blocking=True)
-            in_pool.give(host_in, _event(cuda))  # reusable once the copy has finished
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(read, nxt)))
-            tokens, pooled = [], []
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                for i in range(0, n, batch_size):
-                    t, p = enc(x[i : i + batch_size])
-                    tokens.append(t.float())
-                    pooled.append(p.float())
-            tok = torch.cat(tokens)
-            pol = torch.cat(pooled)
-            flags = torch.stack([
-                (~torch.isfinite(tok)).sum() + (~torch.isfinite(pol)).sum(),
-                (tok.abs() > FP16_MAX).sum(),
-            ])
-            if channel_first:  # transpose on the device, so the writers read contiguous memory
-                tok = tok.permute(0, 3, 1, 2)
-            tok = tok.half()
-            if not out_pools:
-                out_pools["tokens"] = BufferPool(writers + 2, (most, *tok.shape[1:]), torch.float16, cuda)
-                out_pools["pooled"] = BufferPool(writers + 2, (most, *pol.shape[1:]), torch.float32, cuda)
-            tok_buf = out_pools["tokens"].take(failure)
-            pool_buf = out_pools["pooled"].take(failure)
-            tok_buf[:n].copy_(tok, non_blocking=cuda)
-            pool_buf[:n].copy_(pol, non_blocking=cuda)
-            item = (g, tok_buf, pool_buf, flags.to("cpu", non_blocking=cuda), _event(cuda))
-            while True:
-                if failure:
-                    raise failure[0]
-                try:
-                    write_q.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-        stop_writers()
-        for w in wthreads:
-            w.join()
-        if failure:
-            raise failure[0]
-    except BaseException:
-        failure.append(RuntimeError("stopped"))  # readers and writers stop without storing
-        pool.shutdown(wait=False, cancel_futures=True)
-        stop_writers()
-        raise
-    pool.shutdown(wait=True)
-    return time.perf_counter() - t0
+            self.store.mark_done(g.sample, c)  # only now does the chunk count as done
 
 
 def _event(cuda: bool):
@@ -457,8 +324,3 @@ def _event(cuda: bool):
     event = torch.cuda.Event()
     event.record()
     return event
-
-
-def all_encoders() -> list[str]:
-    return [n for n, s in REGISTRY.items() if not s.test_only]
-

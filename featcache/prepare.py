@@ -1,17 +1,8 @@
-"""``featcache prepare``: Visium HD samples -> bin-aligned patches and per-bin targets (DESIGN §2, §7).
+"""``featcache prepare``: Visium HD samples -> bin-aligned patches and per-bin targets (DESIGN §2, §3).
 
-Writes, under ``<workspace>/datasets/<dataset>/``::
-
-    patches.zarr/<sample>/image    uint8 (patch, y, x, rgb)   448 × 448 × 3 per patch
-    patches.zarr/<sample>/origin   int32 (patch, axis)        array (row, col) of the patch's bin (0, 0)
-    targets.zarr/<sample>/counts   int32 (patch, gene, row, col)  raw UMI counts of the gene panel
-    targets.zarr/<sample>/library_size  int32 (patch, row, col)   all-gene UMIs of the bin
-    targets.zarr/<sample>/mask     bool  (patch, row, col)        bin is in tissue (and in the matrix)
-    targets.zarr/<sample>/{gene, gene_id, origin}                 coordinates
-    dataset.json                   samples, gene panel, geometry, source fingerprints
-
-The dataset is built in a hidden folder beside its final place and moved there only when complete,
-so an interrupted run never leaves a half-written dataset that looks finished.
+Reads each sample (featcache/visium.py), chooses the gene panel, finds the patch origins on the
+8 µm grid, gathers each patch's 32 × 32 targets and renders its 448 px image, and writes the
+dataset through the store layer (featcache/stores/dataset.py holds the format).
 """
 
 from __future__ import annotations
@@ -19,29 +10,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
+from featcache.geometry import GEOMETRY, gather_windows, patch_origins
 from featcache.progress import progress
-from featcache.provenance import library_versions, read_json
-from featcache.slide import PatchGeometry, Slide, render_patch
+from featcache.provenance import library_versions
+from featcache.slide import Slide, render_patch
+from featcache.stores import Workspace, check_name
+from featcache.stores.dataset import DATASET_FORMAT, IMAGE_CHUNK, TARGET_CHUNK, DatasetBuilder
+from featcache.streams import Prefetcher
 from featcache.visium import VisiumHDSample, open_sample
-from featcache.workspace import Workspace
-from featcache.zarrio import consolidate, create_array, write_origins, write_strings
-
-DATASET_FORMAT = "featcache.dataset/1"
-IMAGE_CHUNK = 8  # patches per image chunk (~4.8 MB raw)
-TARGET_CHUNK = 32  # patches per target chunk
 
 
 # --------------------------------------------------------------------------- parsing inputs
@@ -57,11 +42,6 @@ def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
             raise FeatcacheError(f"{option}: sample name {name!r} is given twice; each sample needs its own name.")
         out[name] = value
     return out
-
-
-def _check_name(name: str, what: str) -> None:
-    if not name or any(c in name for c in "/\\:") or name.startswith("."):
-        raise FeatcacheError(f"{what} {name!r} is not a valid name: use letters, digits, '-', '_' (no '/', ':').")
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -145,7 +125,9 @@ def select_genes(spec: str, samples: list[VisiumHDSample]) -> tuple[np.ndarray, 
             f"{' ...' if len(unknown) > 10 else ''}. Check the spelling or use feature ids."
         )
     if ambiguous:
-        raise FeatcacheError(f"gene list {path}: names matching several features: {'; '.join(ambiguous)}. Use the feature id instead.")
+        raise FeatcacheError(
+            f"gene list {path}: names matching several features: {'; '.join(ambiguous)}. Use the feature id instead."
+        )
     if len(set(picked)) != len(picked):
         raise FeatcacheError(f"gene list {path} names the same gene twice.")
     picked = np.array(picked)
@@ -163,26 +145,6 @@ def _unique_labels(names: np.ndarray, ids: np.ndarray) -> list[str]:
     for n in names:
         counts[n] = counts.get(n, 0) + 1
     return [n if counts[n] == 1 else f"{n} ({i})" for n, i in zip(names, ids)]
-
-
-# --------------------------------------------------------------------------- patch index
-def patch_origins(in_tissue: np.ndarray, geom: PatchGeometry, stride: int, min_tissue: float) -> np.ndarray:
-    """Origins (row, col) stepping ``stride`` bins whose window's in-tissue fraction >= min_tissue."""
-    rows, cols = in_tissue.shape
-    b = geom.bins
-    integral = np.zeros((rows + 1, cols + 1), np.int64)
-    integral[1:, 1:] = in_tissue.astype(np.int64).cumsum(0).cumsum(1)
-    r0 = np.arange(0, rows - b + 1, stride)
-    c0 = np.arange(0, cols - b + 1, stride)
-    rr, cc = np.meshgrid(r0, c0, indexing="ij")
-    inside = integral[rr + b, cc + b] - integral[rr, cc + b] - integral[rr + b, cc] + integral[rr, cc]
-    keep = inside >= min_tissue * b * b - 1e-9
-    return np.column_stack([rr[keep], cc[keep]]).astype(np.int32)
-
-
-def gather_windows(grid: np.ndarray, origins: np.ndarray, bins: int) -> np.ndarray:
-    """(n, bins, bins) slices of a per-bin grid at each patch origin (row, col)."""
-    return np.stack([grid[r : r + bins, c : c + bins] for r, c in origins])
 
 
 # --------------------------------------------------------------------------- the job
@@ -208,146 +170,117 @@ def prepare_dataset(
     workers: int | None = None,
     show_progress: bool = True,
 ) -> PrepareResult:
+    """Prepare (or confirm up to date) dataset ``dataset`` from Space Ranger outputs ``{sample: folder}``."""
     t_start = time.perf_counter()
     images = images or {}
-    geom = PatchGeometry()
-    _check_name(dataset, "dataset")
-    if not samples:
-        raise FeatcacheError("no samples given: pass --sample NAME=DIR once per sample.")
-    for name in samples:
-        _check_name(name, "sample")
-    stray = sorted(set(images) - set(samples))
-    if stray:
-        raise FeatcacheError(f"--image given for {', '.join(stray)}, which is not a --sample name.")
-    if not 1 <= stride <= 4 * geom.bins:
-        raise FeatcacheError(f"--stride {stride}: must be between 1 and {4 * geom.bins} bins.")
-    if not 0.0 <= min_tissue <= 1.0:
-        raise FeatcacheError(f"--min-tissue {min_tissue}: must be a fraction between 0 and 1.")
+    check_name(dataset, "dataset")
+    _check_options(samples, images, stride, min_tissue, workers)
+    ws = Workspace.resolve(workspace)
+    target = ws.dataset(dataset)
 
     opened = [open_sample(n, p, images.get(n)) for n, p in samples.items()]
     for s in opened:
         _ = s.matrix  # read and check now, before anything is written
     gene_ids, gene_names = select_genes(genes, opened)
-
-    ws = Workspace.resolve(workspace)
-    target = ws.dataset_dir(dataset)
-    params = {"genes": genes, "stride": stride, "min_tissue": min_tissue, "geometry": geom.to_json()}
+    params = {"genes": genes, "stride": stride, "min_tissue": min_tissue, "geometry": GEOMETRY.to_json()}
     files = {s.name: {k: file_fingerprint(p) for k, p in _sample_files(s).items()} for s in opened}
-    fingerprint = "sha256:" + hashlib.sha256(
-        json.dumps({"params": params, "files": files, "gene_ids": list(gene_ids)}, sort_keys=True).encode()
-    ).hexdigest()
+    fingerprint = (
+        "sha256:"
+        + hashlib.sha256(
+            json.dumps({"params": params, "files": files, "gene_ids": list(gene_ids)}, sort_keys=True).encode()
+        ).hexdigest()
+    )
 
-    meta_path = ws.dataset_json(dataset)
-    if target.exists():
-        old = read_json(meta_path)
+    if target.path.exists():
+        old = target.meta if target.exists() else None
         if old is not None and old.get("fingerprint") == fingerprint:
             n = {k: v["n_patches"] for k, v in old["samples"].items()}
-            return PrepareResult(dataset, target, True, n, len(gene_ids), time.perf_counter() - t_start)
+            return PrepareResult(dataset, target.path, True, n, len(gene_ids), time.perf_counter() - t_start)
         if not overwrite:
             what = "different inputs" if old is not None else "no dataset.json (an unknown or damaged folder)"
             raise FeatcacheError(
-                f"dataset {dataset!r} already exists at {target} with {what}. Pass --overwrite to replace it, "
-                "or choose another --dataset name."
+                f"dataset {dataset!r} already exists at {target.path} with {what}. Pass --overwrite "
+                "to replace it, or choose another --dataset name."
             )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.parent / f".{dataset}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    try:
-        patches_root = zarr.open_group(zarr.storage.LocalStore(partial / "patches.zarr"), mode="w", zarr_format=3)
-        targets_root = zarr.open_group(zarr.storage.LocalStore(partial / "targets.zarr"), mode="w", zarr_format=3)
-        store_attrs = {"dataset": dataset, "fingerprint": fingerprint, "geometry": geom.to_json(), "featcache_version": __version__}
-        patches_root.attrs.update(store_attrs)
-        targets_root.attrs.update(store_attrs)
-        report = {}
-        with progress(disable=not show_progress) as bar:
-            for s in opened:
-                report[s.name] = _write_sample(s, geom, stride, min_tissue, gene_ids, gene_names,
-                                               patches_root, targets_root, bar, workers)
-        for store in ("patches.zarr", "targets.zarr"):
-            consolidate(partial / store)
-        meta = {
-            "format": DATASET_FORMAT,
-            "dataset": dataset,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "featcache_version": __version__,
-            "fingerprint": fingerprint,
-            "geometry": {**geom.to_json(), "stride_bins": stride, "min_tissue": min_tissue},
-            "genes": {"spec": genes, "ids": list(map(str, gene_ids)), "names": list(map(str, gene_names))},
-            "samples": {
-                s.name: {**report[s.name], "source": str(s.bin_dir), "image": str(s.image_path), "files": files[s.name]}
-                for s in opened
-            },
-            "library_versions": library_versions(),
+    store_attrs = {
+        "dataset": dataset,
+        "fingerprint": fingerprint,
+        "geometry": GEOMETRY.to_json(),
+        "featcache_version": __version__,
+    }
+    with target.builder(store_attrs) as builder, progress(disable=not show_progress) as bar:
+        report = {
+            s.name: _write_sample(s, stride, min_tissue, gene_ids, gene_names, builder, bar, workers) for s in opened
         }
-        (partial / "dataset.json").write_text(json.dumps(meta, indent=2))
-        _swap_into_place(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return PrepareResult(dataset, target, False, {k: v["n_patches"] for k, v in report.items()},
-                         len(gene_ids), time.perf_counter() - t_start)
+        builder.commit(
+            {
+                "format": DATASET_FORMAT,
+                "dataset": dataset,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "featcache_version": __version__,
+                "fingerprint": fingerprint,
+                "geometry": {**GEOMETRY.to_json(), "stride_bins": stride, "min_tissue": min_tissue},
+                "genes": {"spec": genes, "ids": list(map(str, gene_ids)), "names": list(map(str, gene_names))},
+                "samples": {
+                    s.name: {
+                        **report[s.name],
+                        "source": str(s.bin_dir),
+                        "image": str(s.image_path),
+                        "files": files[s.name],
+                    }
+                    for s in opened
+                },
+                "library_versions": library_versions(),
+            }
+        )
+    return PrepareResult(
+        dataset,
+        target.path,
+        False,
+        {k: v["n_patches"] for k, v in report.items()},
+        len(gene_ids),
+        time.perf_counter() - t_start,
+    )
 
 
-def _write_sample(s, geom, stride, min_tissue, gene_ids, gene_names, patches_root, targets_root, bar, workers):
+def _check_options(samples: dict, images: dict, stride: int, min_tissue: float, workers: int | None) -> None:
+    if not samples:
+        raise FeatcacheError("no samples given: pass --sample NAME=DIR once per sample.")
+    for name in samples:
+        check_name(name, "sample")
+    stray = sorted(set(images) - set(samples))
+    if stray:
+        raise FeatcacheError(f"--image given for {', '.join(stray)}, which is not a --sample name.")
+    if not 1 <= stride <= 4 * GEOMETRY.bins:
+        raise FeatcacheError(f"--stride {stride}: must be between 1 and {4 * GEOMETRY.bins} bins.")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise FeatcacheError(f"--min-tissue {min_tissue}: must be a fraction between 0 and 1.")
+    if workers is not None and workers < 1:
+        raise FeatcacheError(f"--workers {workers}: must be at least 1.")
+
+
+def _write_sample(s: VisiumHDSample, stride, min_tissue, gene_ids, gene_names, builder: DatasetBuilder, bar, workers):
     in_tissue, column = s.grid_lookup()
-    origins = patch_origins(in_tissue, geom, stride, min_tissue)
-    n, b, px = len(origins), geom.bins, geom.patch_px
-    m = s.matrix
-    rows = _index_of(m.feature_ids, gene_ids)
-    panel = np.asarray(m.counts[rows, :].T.todense(), dtype=np.int32)  # bins × genes
-    library = m.library_size.astype(np.int32)
-    n_genes = len(gene_ids)
-
-    pg = patches_root.create_group(s.name)
-    pg.attrs.update({
-        "sample": s.name, "microns_per_pixel": s.microns_per_pixel, "bin_affine": s.affine.to_json(),
-        "grid_shape": list(s.grid_shape), "image": str(s.image_path), "image_shape": list(s.image_shape),
-    })
-    image = create_array(pg, "image", shape=(n, px, px, 3), chunks=(IMAGE_CHUNK, px, px, 3), dtype="uint8",
-                         dims=("patch", "y", "x", "rgb"), level=3, attributes={"coordinates": "origin"})
-    write_origins(pg, origins)
-
-    tg = targets_root.create_group(s.name)
-    tg.attrs.update({"sample": s.name, "counts": "raw UMI counts of the gene panel per 8 µm bin"})
-    write_strings(tg, "gene", _unique_labels(gene_names, gene_ids), "gene")
-    write_strings(tg, "gene_id", gene_ids, "gene")
-    write_origins(tg, origins)
-    counts = create_array(tg, "counts", shape=(n, n_genes, b, b), chunks=(TARGET_CHUNK, n_genes, b, b),
-                          dtype="int32", dims=("patch", "gene", "row", "col"),
-                          attributes={"coordinates": "gene_id origin"})
-    libsize = create_array(tg, "library_size", shape=(n, b, b), chunks=(TARGET_CHUNK, b, b), dtype="int32",
-                           dims=("patch", "row", "col"), attributes={"coordinates": "origin"})
-    mask = create_array(tg, "mask", shape=(n, b, b), chunks=(TARGET_CHUNK, b, b), dtype="bool",
-                        dims=("patch", "row", "col"), fill_value=False, attributes={"coordinates": "origin"})
-
-    for start in range(0, n, TARGET_CHUNK):
-        stop = min(start + TARGET_CHUNK, n)
-        idx = gather_windows(column, origins[start:stop], b)  # (k, b, b)
-        present = idx >= 0
-        safe = np.where(present, idx, 0)
-        counts[start:stop] = np.where(present[..., None], panel[safe], 0).transpose(0, 3, 1, 2)
-        libsize[start:stop] = np.where(present, library[safe], 0)
-        tissue = gather_windows(in_tissue, origins[start:stop], b)
-        mask[start:stop] = tissue & present
-
-    task = bar.add_task(f"{s.name}: rendering patches", total=n, rate="")
-    t0 = time.perf_counter()
-    with Slide(s.image_path) as slide, ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-        render = lambda rc: render_patch(slide, s.affine.matrix, int(rc[0]), int(rc[1]), geom)  # noqa: E731
-        chunk_starts = range(0, n, IMAGE_CHUNK)
-        futures = [[pool.submit(render, origins[i]) for i in range(k, min(k + IMAGE_CHUNK, n))] for k in chunk_starts[:2]]
-        for j, k in enumerate(chunk_starts):
-            if j + 2 < len(chunk_starts):  # keep two chunks in flight
-                nk = chunk_starts[j + 2]
-                futures.append([pool.submit(render, origins[i]) for i in range(nk, min(nk + IMAGE_CHUNK, n))])
-            block = np.stack([f.result() for f in futures[j]])
-            futures[j] = None
-            image[k : k + len(block)] = block
-            done = k + len(block)
-            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} patches/s")
+    origins = patch_origins(in_tissue, stride, min_tissue)
+    arrays = builder.add_sample(
+        s.name,
+        origins,
+        gene_ids,
+        _unique_labels(gene_names, gene_ids),
+        {
+            "sample": s.name,
+            "microns_per_pixel": s.microns_per_pixel,
+            "bin_affine": s.affine.to_json(),
+            "grid_shape": list(s.grid_shape),
+            "image": str(s.image_path),
+            "image_shape": list(s.image_shape),
+        },
+    )
+    _write_targets(s, origins, in_tissue, column, gene_ids, arrays)
+    _render_images(s, origins, arrays.image, bar, workers)
     return {
-        "n_patches": int(n),
+        "n_patches": int(len(origins)),
         "grid": list(s.grid_shape),
         "in_tissue_bins": int(in_tissue.sum()),
         "microns_per_pixel": s.microns_per_pixel,
@@ -356,25 +289,43 @@ def _write_sample(s, geom, stride, min_tissue, gene_ids, gene_names, patches_roo
     }
 
 
-def _swap_into_place(partial: Path, target: Path) -> None:
-    if target.exists():
-        trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, trash)
-        os.replace(partial, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(partial, target)
+def _write_targets(s: VisiumHDSample, origins, in_tissue, column, gene_ids, arrays) -> None:
+    """counts, library_size and mask of every patch, chunk by chunk."""
+    m = s.matrix
+    panel = np.asarray(m.counts[_index_of(m.feature_ids, gene_ids), :].T.todense(), dtype=np.int32)  # bins × genes
+    library = m.library_size.astype(np.int32)
+    for start in range(0, len(origins), TARGET_CHUNK):
+        part = origins[start : start + TARGET_CHUNK]
+        idx = gather_windows(column, part)  # (k, b, b) matrix column of each bin, -1 where none
+        present = idx >= 0
+        safe = np.where(present, idx, 0)
+        stop = start + len(part)
+        arrays.counts[start:stop] = np.where(present[..., None], panel[safe], 0).transpose(0, 3, 1, 2)
+        arrays.library_size[start:stop] = np.where(present, library[safe], 0)
+        arrays.mask[start:stop] = gather_windows(in_tissue, part) & present
 
 
-def load_dataset_meta(workspace: Workspace, dataset: str) -> dict:
-    """dataset.json of a prepared dataset, or one clear error saying how to make it."""
-    meta = read_json(workspace.dataset_json(dataset))
-    if meta is None:
-        known = sorted(p.name for p in (workspace.root / "datasets").glob("*") if (p / "dataset.json").is_file()) \
-            if (workspace.root / "datasets").is_dir() else []
-        raise FeatcacheError(
-            f"no prepared dataset {dataset!r} in workspace {workspace.root}"
-            + (f" (it has: {', '.join(known)})" if known else "")
-            + ". Make it with `featcache prepare --dataset NAME --sample NAME=DIR ...`."
+def _render_images(s: VisiumHDSample, origins, image, bar, workers) -> None:
+    """Render every patch (in worker threads, two chunks ahead) and store them chunk by chunk."""
+    n = len(origins)
+    task = bar.add_task(f"{s.name}: rendering patches", total=n, rate="")
+    t0 = time.perf_counter()
+    with Slide(s.image_path) as slide:
+        render = lambda rc: render_patch(slide, s.affine.matrix, int(rc[0]), int(rc[1]))  # noqa: E731
+        rendered = iter(
+            Prefetcher(
+                render,
+                origins,
+                workers=workers or min(4, os.cpu_count() or 1),
+                depth=2 * IMAGE_CHUNK,
+                name="featcache-render",
+            )
         )
-    return meta
+        try:
+            for k in range(0, n, IMAGE_CHUNK):
+                block = np.stack([next(rendered) for _ in range(min(IMAGE_CHUNK, n - k))])
+                image[k : k + len(block)] = block
+                done = k + len(block)
+                bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} patches/s")
+        finally:
+            rendered.close()

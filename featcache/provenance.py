@@ -1,11 +1,9 @@
-"""What every result records about where it came from: library versions; small JSON helpers."""
+"""What every result records about where it came from: the versions of the libraries that made it."""
 
 from __future__ import annotations
 
-import json
 import platform
 from importlib import metadata
-from pathlib import Path
 
 from featcache import __version__
 
@@ -21,11 +19,3 @@ def library_versions() -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when it is missing or unreadable."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -12,7 +12,6 @@ with patch size p covers exactly bin (r0 + i, c0 + j), whatever the grid's rotat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +20,9 @@ import zarr
 from scipy import ndimage
 
 from featcache.errors import FeatcacheError
+from featcache.geometry import GEOMETRY, PatchGeometry
 
 WHITE = 255
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """32 × 32 bins of 8 µm per patch, 14 px per bin: 448 px, one ViT-14 token per bin."""
-
-    bins: int = 32
-    px_per_bin: int = 14
-
-    @property
-    def patch_px(self) -> int:
-        return self.bins * self.px_per_bin
-
-    def to_json(self) -> dict:
-        return {"bins_per_patch": self.bins, "px_per_bin": self.px_per_bin, "patch_px": self.patch_px, "bin_um": 8.0}
 
 
 def _downsample(base: int, size: int) -> float:
@@ -81,7 +66,7 @@ class Slide:
     def close(self) -> None:
         self._tif.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -103,7 +88,7 @@ class Slide:
         return out
 
 
-def patch_to_fullres(affine_matrix: np.ndarray, r0: int, c0: int, geom: PatchGeometry) -> np.ndarray:
+def patch_to_fullres(affine_matrix: np.ndarray, r0: int, c0: int, geom: PatchGeometry = GEOMETRY) -> np.ndarray:
     """2×3 matrix sending output pixel (y, x, 1) of patch (r0, c0) to full-res (row, col)."""
     a2, t = affine_matrix[:, :2], affine_matrix[:, 2]
     p = geom.px_per_bin
@@ -111,7 +96,9 @@ def patch_to_fullres(affine_matrix: np.ndarray, r0: int, c0: int, geom: PatchGeo
     return np.column_stack([a2 / p, a2 @ base + t])
 
 
-def render_patch(slide: Slide, affine_matrix: np.ndarray, r0: int, c0: int, geom: PatchGeometry) -> np.ndarray:
+def render_patch(
+    slide: Slide, affine_matrix: np.ndarray, r0: int, c0: int, geom: PatchGeometry = GEOMETRY
+) -> np.ndarray:
     """Resample the H&E on the bin lattice of patch (r0, c0): uint8 (patch_px, patch_px, 3)."""
     full = patch_to_fullres(affine_matrix, r0, c0, geom)
     scale = float(np.sqrt(abs(np.linalg.det(full[:, :2]))))  # full-res px per output px

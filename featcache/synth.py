@@ -35,9 +35,9 @@ from PIL import Image
 from scipy import ndimage
 
 from featcache.errors import FeatcacheError
+from featcache.geometry import BIN_UM
 
 MICRONS_PER_PIXEL = 0.2738
-BIN_UM = 8.0
 FINE = 4  # fine cells (2 µm) per 8 µm bin along each axis
 COMPARTMENTS = ("background", "stroma", "tumour", "goblet", "lumen", "muscle", "immune")
 BG, STROMA, TUMOUR, GOBLET, LUMEN, MUSCLE, IMMUNE = range(len(COMPARTMENTS))
@@ -47,44 +47,74 @@ BG, STROMA, TUMOUR, GOBLET, LUMEN, MUSCLE, IMMUNE = range(len(COMPARTMENTS))
 _ALL = {c: 1.0 for c in range(1, len(COMPARTMENTS))}
 MARKERS: dict[str, tuple[float, dict[int, float]]] = {
     # tumour / epithelium
-    "EPCAM": (1.5, {TUMOUR: 1.0, GOBLET: 0.7}), "CEACAM5": (2.5, {TUMOUR: 1.0, GOBLET: 0.4}),
-    "CEACAM6": (1.5, {TUMOUR: 1.0, GOBLET: 0.3}), "KRT8": (2.0, {TUMOUR: 1.0, GOBLET: 0.8}),
-    "KRT20": (1.5, {TUMOUR: 0.6, GOBLET: 1.0}), "OLFM4": (2.0, {TUMOUR: 1.0, GOBLET: 0.2}),
-    "MUC12": (1.0, {TUMOUR: 0.4, GOBLET: 1.0}), "PIGR": (1.5, {TUMOUR: 0.5, GOBLET: 1.0}),
-    "KRT18": (1.5, {TUMOUR: 1.0, GOBLET: 0.7}), "KRT19": (1.5, {TUMOUR: 1.0, GOBLET: 0.8}),
-    "LGALS4": (1.5, {TUMOUR: 1.0, GOBLET: 0.9}), "PHGR1": (1.2, {TUMOUR: 1.0, GOBLET: 0.8}),
-    "ELF3": (0.8, {TUMOUR: 1.0, GOBLET: 0.6}), "CDH17": (0.8, {TUMOUR: 1.0, GOBLET: 0.8}),
-    "AGR2": (1.0, {TUMOUR: 0.7, GOBLET: 1.0}), "TFF3": (1.0, {TUMOUR: 0.3, GOBLET: 1.0}),
+    "EPCAM": (1.5, {TUMOUR: 1.0, GOBLET: 0.7}),
+    "CEACAM5": (2.5, {TUMOUR: 1.0, GOBLET: 0.4}),
+    "CEACAM6": (1.5, {TUMOUR: 1.0, GOBLET: 0.3}),
+    "KRT8": (2.0, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "KRT20": (1.5, {TUMOUR: 0.6, GOBLET: 1.0}),
+    "OLFM4": (2.0, {TUMOUR: 1.0, GOBLET: 0.2}),
+    "MUC12": (1.0, {TUMOUR: 0.4, GOBLET: 1.0}),
+    "PIGR": (1.5, {TUMOUR: 0.5, GOBLET: 1.0}),
+    "KRT18": (1.5, {TUMOUR: 1.0, GOBLET: 0.7}),
+    "KRT19": (1.5, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "LGALS4": (1.5, {TUMOUR: 1.0, GOBLET: 0.9}),
+    "PHGR1": (1.2, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "ELF3": (0.8, {TUMOUR: 1.0, GOBLET: 0.6}),
+    "CDH17": (0.8, {TUMOUR: 1.0, GOBLET: 0.8}),
+    "AGR2": (1.0, {TUMOUR: 0.7, GOBLET: 1.0}),
+    "TFF3": (1.0, {TUMOUR: 0.3, GOBLET: 1.0}),
     # goblet
-    "FCGBP": (2.5, {GOBLET: 1.0, LUMEN: 0.3}), "MUC2": (3.0, {GOBLET: 1.0, LUMEN: 0.5}),
-    "ZG16": (1.5, {GOBLET: 1.0}), "CLCA1": (1.5, {GOBLET: 1.0}),
-    "SPINK4": (1.0, {GOBLET: 1.0, TUMOUR: 0.2}), "REG4": (1.0, {GOBLET: 1.0, TUMOUR: 0.4}),
+    "FCGBP": (2.5, {GOBLET: 1.0, LUMEN: 0.3}),
+    "MUC2": (3.0, {GOBLET: 1.0, LUMEN: 0.5}),
+    "ZG16": (1.5, {GOBLET: 1.0}),
+    "CLCA1": (1.5, {GOBLET: 1.0}),
+    "SPINK4": (1.0, {GOBLET: 1.0, TUMOUR: 0.2}),
+    "REG4": (1.0, {GOBLET: 1.0, TUMOUR: 0.4}),
     # fibroblast / stroma
-    "COL1A1": (3.0, {STROMA: 1.0, MUSCLE: 0.2}), "COL1A2": (2.5, {STROMA: 1.0, MUSCLE: 0.2}),
-    "COL3A1": (2.5, {STROMA: 1.0, MUSCLE: 0.25}), "LUM": (1.5, {STROMA: 1.0}),
-    "DCN": (1.5, {STROMA: 1.0, MUSCLE: 0.2}), "VIM": (1.5, {STROMA: 1.0, IMMUNE: 0.5, MUSCLE: 0.4}),
-    "SPARC": (1.2, {STROMA: 1.0, TUMOUR: 0.2}), "MGP": (1.0, {STROMA: 1.0, MUSCLE: 0.4}),
+    "COL1A1": (3.0, {STROMA: 1.0, MUSCLE: 0.2}),
+    "COL1A2": (2.5, {STROMA: 1.0, MUSCLE: 0.2}),
+    "COL3A1": (2.5, {STROMA: 1.0, MUSCLE: 0.25}),
+    "LUM": (1.5, {STROMA: 1.0}),
+    "DCN": (1.5, {STROMA: 1.0, MUSCLE: 0.2}),
+    "VIM": (1.5, {STROMA: 1.0, IMMUNE: 0.5, MUSCLE: 0.4}),
+    "SPARC": (1.2, {STROMA: 1.0, TUMOUR: 0.2}),
+    "MGP": (1.0, {STROMA: 1.0, MUSCLE: 0.4}),
     "COL6A3": (0.6, {STROMA: 1.0}),
     # smooth muscle
-    "DES": (3.0, {MUSCLE: 1.0}), "ACTG2": (3.0, {MUSCLE: 1.0, STROMA: 0.1}),
-    "MYH11": (2.0, {MUSCLE: 1.0}), "TAGLN": (3.0, {MUSCLE: 1.0, STROMA: 0.3}),
-    "CNN1": (1.5, {MUSCLE: 1.0}), "MYL9": (2.0, {MUSCLE: 1.0, STROMA: 0.3}),
+    "DES": (3.0, {MUSCLE: 1.0}),
+    "ACTG2": (3.0, {MUSCLE: 1.0, STROMA: 0.1}),
+    "MYH11": (2.0, {MUSCLE: 1.0}),
+    "TAGLN": (3.0, {MUSCLE: 1.0, STROMA: 0.3}),
+    "CNN1": (1.5, {MUSCLE: 1.0}),
+    "MYL9": (2.0, {MUSCLE: 1.0, STROMA: 0.3}),
     # plasma / B cells
-    "IGKC": (6.0, {IMMUNE: 1.0, STROMA: 0.25}), "JCHAIN": (3.0, {IMMUNE: 1.0, STROMA: 0.2}),
-    "IGHG1": (3.0, {IMMUNE: 1.0, STROMA: 0.15}), "IGHA1": (4.0, {IMMUNE: 1.0, STROMA: 0.25}),
-    "MZB1": (1.5, {IMMUNE: 1.0}), "IGHM": (1.0, {IMMUNE: 1.0}),
+    "IGKC": (6.0, {IMMUNE: 1.0, STROMA: 0.25}),
+    "JCHAIN": (3.0, {IMMUNE: 1.0, STROMA: 0.2}),
+    "IGHG1": (3.0, {IMMUNE: 1.0, STROMA: 0.15}),
+    "IGHA1": (4.0, {IMMUNE: 1.0, STROMA: 0.25}),
+    "MZB1": (1.5, {IMMUNE: 1.0}),
+    "IGHM": (1.0, {IMMUNE: 1.0}),
     # myeloid / antigen-presenting
-    "CD74": (3.0, {IMMUNE: 1.0, STROMA: 0.4, TUMOUR: 0.3}), "HLA-DRA": (1.5, {IMMUNE: 1.0, STROMA: 0.4}),
-    "LYZ": (1.5, {STROMA: 0.6, IMMUNE: 1.0}), "C1QC": (1.0, {STROMA: 0.8, IMMUNE: 1.0}),
-    "C1QB": (0.8, {STROMA: 0.8, IMMUNE: 1.0}), "APOE": (0.8, {STROMA: 0.7, IMMUNE: 0.6}),
+    "CD74": (3.0, {IMMUNE: 1.0, STROMA: 0.4, TUMOUR: 0.3}),
+    "HLA-DRA": (1.5, {IMMUNE: 1.0, STROMA: 0.4}),
+    "LYZ": (1.5, {STROMA: 0.6, IMMUNE: 1.0}),
+    "C1QC": (1.0, {STROMA: 0.8, IMMUNE: 1.0}),
+    "C1QB": (0.8, {STROMA: 0.8, IMMUNE: 1.0}),
+    "APOE": (0.8, {STROMA: 0.7, IMMUNE: 0.6}),
     # mitochondrial (everywhere, a little higher in tumour)
-    "MT-CO3": (0.6, {**_ALL, TUMOUR: 1.4}), "MT-ATP6": (0.6, {**_ALL, TUMOUR: 1.4}),
-    "MT-CO1": (0.5, {**_ALL, TUMOUR: 1.3}), "MT-CO2": (0.45, {**_ALL, TUMOUR: 1.3}),
+    "MT-CO3": (0.6, {**_ALL, TUMOUR: 1.4}),
+    "MT-ATP6": (0.6, {**_ALL, TUMOUR: 1.4}),
+    "MT-CO1": (0.5, {**_ALL, TUMOUR: 1.3}),
+    "MT-CO2": (0.45, {**_ALL, TUMOUR: 1.3}),
     "MT-ND4": (0.3, _ALL),
     # housekeeping
-    "ACTB": (2.0, {**_ALL, MUSCLE: 1.5}), "B2M": (2.0, {**_ALL, IMMUNE: 2.0}),
-    "TMSB4X": (2.0, {**_ALL, IMMUNE: 1.8}), "FTL": (1.5, _ALL), "EEF1A1": (2.0, _ALL),
-    "TPT1": (1.5, _ALL), "RPLP0": (1.0, _ALL),
+    "ACTB": (2.0, {**_ALL, MUSCLE: 1.5}),
+    "B2M": (2.0, {**_ALL, IMMUNE: 2.0}),
+    "TMSB4X": (2.0, {**_ALL, IMMUNE: 1.8}),
+    "FTL": (1.5, _ALL),
+    "EEF1A1": (2.0, _ALL),
+    "TPT1": (1.5, _ALL),
+    "RPLP0": (1.0, _ALL),
 }
 LEAK = 0.04
 
@@ -130,7 +160,7 @@ def gene_table(n_genes: int, seed: int) -> pd.DataFrame:
     n_comp = len(COMPARTMENTS)
     profile = np.full((n_comp, n_genes), LEAK)
     base = np.empty(n_genes)
-    for g, (name, (level, loads)) in enumerate(MARKERS.items()):
+    for g, (level, loads) in enumerate(MARKERS.values()):
         base[g] = level
         for comp, load in loads.items():
             profile[comp, g] = load
@@ -182,7 +212,9 @@ def _patient(cfg: SynthConfig, sample: str) -> Patient:
         e_vector=np.clip(e, 0.02, None) / np.linalg.norm(np.clip(e, 0.02, None)),
         stain_strength=(float(rng.uniform(0.85, 1.2)), float(rng.uniform(0.8, 1.2))),
         gene_batch=rng.lognormal(0, 0.12, n_genes),
-        rotation_deg=float(rng.uniform(0.4, 1.6) * rng.choice([-1, 1])) if cfg.rotation_deg is None else cfg.rotation_deg,
+        rotation_deg=float(rng.uniform(0.4, 1.6) * rng.choice([-1, 1]))
+        if cfg.rotation_deg is None
+        else cfg.rotation_deg,
         flip_rows=bool(rng.random() < 0.5) if cfg.flip_rows is None else cfg.flip_rows,
     )
 
@@ -369,15 +401,18 @@ class HERenderer:
             s = self.sprites[self.nuc_kind[i]][self.nuc_variant[i]]
             sh = s.shape[0] // 2
             cy, cx = int(round(self.nuc_y[i])) - y0 + pad, int(round(x)) - x0 + pad
-            np.maximum(canvas[cy - sh : cy + sh + 1, cx - sh : cx + sh + 1], s,
-                       out=canvas[cy - sh : cy + sh + 1, cx - sh : cx + sh + 1])
+            np.maximum(
+                canvas[cy - sh : cy + sh + 1, cx - sh : cx + sh + 1],
+                s,
+                out=canvas[cy - sh : cy + sh + 1, cx - sh : cx + sh + 1],
+            )
         return canvas[pad : pad + h, pad : pad + w]
 
 
 def _nucleus_sprites(rng) -> list[list[np.ndarray]]:
     """Soft elliptical nuclei with chromatin texture; sizes in full-res px (0.27 µm/px)."""
     kinds = []
-    for (a_um, b_um, dens) in ((3.0, 2.8, 1.25), (4.2, 3.1, 0.8), (6.5, 1.6, 1.0)):
+    for a_um, b_um, dens in ((3.0, 2.8, 1.25), (4.2, 3.1, 0.8), (6.5, 1.6, 1.0)):
         variants = []
         for _ in range(6):
             a, b = a_um / MICRONS_PER_PIXEL, b_um / MICRONS_PER_PIXEL
@@ -424,8 +459,12 @@ def write_image(path: Path, renderer, shape, cfg: SynthConfig, sample: str) -> l
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         tw.write(
             _tiles(renderer, shape, cfg.tile, cfg.seed, sample, level1),
-            shape=(*shape, 3), dtype=np.uint8, subifds=n_reduced, resolutionunit="CENTIMETER",
-            resolution=(1e4 / MICRONS_PER_PIXEL, 1e4 / MICRONS_PER_PIXEL), **opts,
+            shape=(*shape, 3),
+            dtype=np.uint8,
+            subifds=n_reduced,
+            resolutionunit="CENTIMETER",
+            resolution=(1e4 / MICRONS_PER_PIXEL, 1e4 / MICRONS_PER_PIXEL),
+            **opts,
         )
         tw.write(level1, subfiletype=1, **opts)
         for _ in range(n_reduced - 1):
@@ -486,18 +525,22 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
     shape = (int(np.ceil(pr.max() + margin)), int(np.ceil(pc.max() + margin)))
     in_tissue = (1 - fractions[..., BG]) >= 0.5
     barcodes = _barcodes(rr, cc)
-    positions = pd.DataFrame({
-        "barcode": barcodes,
-        "in_tissue": in_tissue.ravel().astype(np.int32),
-        "array_row": rr.ravel().astype(np.int32),
-        "array_col": cc.ravel().astype(np.int32),
-        "pxl_row_in_fullres": pr.ravel(),
-        "pxl_col_in_fullres": pc.ravel(),
-    })
+    positions = pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue.ravel().astype(np.int32),
+            "array_row": rr.ravel().astype(np.int32),
+            "array_col": cc.ravel().astype(np.int32),
+            "pxl_row_in_fullres": pr.ravel(),
+            "pxl_col_in_fullres": pc.ravel(),
+        }
+    )
     positions.to_parquet(spatial / "tissue_positions.parquet", index=False)
 
     keep = in_tissue.ravel()
-    write_matrix_h5(bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], genes["id"], genes["name"], counts[keep], sample)
+    write_matrix_h5(
+        bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], genes["id"], genes["name"], counts[keep], sample
+    )
     write_matrix_h5(bin_dir / "raw_feature_bc_matrix.h5", barcodes, genes["id"], genes["name"], counts, sample)
 
     renderer = HERenderer(cfg, sample, patient, labels, affine)
@@ -525,15 +568,28 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
 
     outs = root / "outs"
     with h5py.File(outs / "feature_slice.h5", "w") as f:
-        f.attrs["metadata_json"] = json.dumps({
-            "sample_id": sample, "nrows": cfg.rows * 4, "ncols": cfg.cols * 4, "bin_scale": 1,
-            "spaceranger_version": "synthetic (featcache)", "transform_matrices": {"spot_colrow_to_microscope_colrow": affine.tolist()},
-        })
+        f.attrs["metadata_json"] = json.dumps(
+            {
+                "sample_id": sample,
+                "nrows": cfg.rows * 4,
+                "ncols": cfg.cols * 4,
+                "bin_scale": 1,
+                "spaceranger_version": "synthetic (featcache)",
+                "transform_matrices": {"spot_colrow_to_microscope_colrow": affine.tolist()},
+            }
+        )
         f.create_group("feature_slices")
     umis = counts[keep].sum(axis=1)
     with open(outs / "metrics_summary.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["Sample ID", "Number of bins under tissue (8 µm)", "Median UMIs per bin (8 µm)", "Mean UMIs per bin (8 µm)"])
+        w.writerow(
+            [
+                "Sample ID",
+                "Number of bins under tissue (8 µm)",
+                "Median UMIs per bin (8 µm)",
+                "Mean UMIs per bin (8 µm)",
+            ]
+        )
         w.writerow([sample, int(keep.sum()), float(np.median(umis)), float(umis.mean())])
 
     with h5py.File(root / "synthetic_truth.h5", "w") as f:
@@ -549,9 +605,14 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
         f.create_dataset("compartments", data=np.array(COMPARTMENTS, dtype="S"))
         f.create_dataset("affine", data=affine)
     return {
-        "sample": sample, "bins": int(cfg.rows * cfg.cols), "in_tissue_bins": int(keep.sum()),
-        "median_umis": float(np.median(umis)), "image_shape": list(shape), "path": str(root),
-        "rotation_deg": patient.rotation_deg, "flip_rows": patient.flip_rows,
+        "sample": sample,
+        "bins": int(cfg.rows * cfg.cols),
+        "in_tissue_bins": int(keep.sum()),
+        "median_umis": float(np.median(umis)),
+        "image_shape": list(shape),
+        "path": str(root),
+        "rotation_deg": patient.rotation_deg,
+        "flip_rows": patient.flip_rows,
     }
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from featcache.errors import FeatcacheError
+from featcache.geometry import BIN_UM as BIN_SIZE_UM
 
 POSITION_COLUMNS = [
     "barcode",
@@ -35,7 +36,6 @@ POSITION_COLUMNS = [
 ]
 BIN_DIR = Path("binned_outputs") / "square_008um"
 IMAGE_SUFFIXES = (".btf", ".tif", ".tiff")
-BIN_SIZE_UM = 8.0
 
 # Positions are bin centres written as floats; a real grid fits an affine map to well under a
 # pixel. Past a tenth of a bin the grid is not a lattice we can cut patches from.
@@ -84,9 +84,7 @@ class BinAffine:
 
 
 def fit_bin_affine(array_row, array_col, pxl_row, pxl_col) -> BinAffine:
-    design = np.column_stack(
-        [np.asarray(array_row, float), np.asarray(array_col, float), np.ones(len(array_row))]
-    )
+    design = np.column_stack([np.asarray(array_row, float), np.asarray(array_col, float), np.ones(len(array_row))])
     target = np.column_stack([np.asarray(pxl_row, float), np.asarray(pxl_col, float)])
     coef, *_ = np.linalg.lstsq(design, target, rcond=None)
     resid = np.linalg.norm(design @ coef - target, axis=1)
@@ -135,7 +133,9 @@ def read_matrix_h5(path: Path) -> CountMatrix:
             g = f["matrix"]
             missing = [k for k in ("barcodes", "data", "indices", "indptr", "shape", "features") if k not in g]
             if missing:
-                raise FeatcacheError(f"{path}: /matrix lacks {', '.join(missing)}; the file is not a complete 10x matrix.")
+                raise FeatcacheError(
+                    f"{path}: /matrix lacks {', '.join(missing)}; the file is not a complete 10x matrix."
+                )
             n_genes, n_bins = (int(v) for v in g["shape"][()])
             data = g["data"][()]
             indices = g["indices"][()]
@@ -144,7 +144,11 @@ def read_matrix_h5(path: Path) -> CountMatrix:
             feat = g["features"]
             ids = _strings(feat["id"])
             names = _strings(feat["name"])
-            types = _strings(feat["feature_type"]) if "feature_type" in feat else np.full(len(ids), "Gene Expression", object)
+            types = (
+                _strings(feat["feature_type"])
+                if "feature_type" in feat
+                else np.full(len(ids), "Gene Expression", object)
+            )
     except OSError as exc:
         raise FeatcacheError(f"cannot read {path} as HDF5 ({exc}); the file may be truncated or not HDF5.") from exc
     if len(barcodes) != n_bins or len(ids) != n_genes or len(indptr) != n_bins + 1:
@@ -164,7 +168,11 @@ def read_positions(spatial_dir: Path) -> pd.DataFrame:
         path, df = parquet, pd.read_parquet(parquet)
     elif csv.is_file():
         path, df = csv, pd.read_csv(csv)
-        if list(df.columns) != POSITION_COLUMNS and len(df.columns) == 6 and not set(POSITION_COLUMNS) & set(df.columns):
+        if (
+            list(df.columns) != POSITION_COLUMNS
+            and len(df.columns) == 6
+            and not set(POSITION_COLUMNS) & set(df.columns)
+        ):
             df = pd.read_csv(csv, header=None, names=POSITION_COLUMNS)  # headerless older file
     else:
         raise FeatcacheError(
@@ -202,9 +210,7 @@ def find_bin_dir(path: Path) -> Path:
     for cand in (path, path / BIN_DIR, path / "outs" / BIN_DIR):
         if (cand / "spatial").is_dir() and cand.name.startswith("square_"):
             if cand.name != "square_008um":
-                raise FeatcacheError(
-                    f"{cand} holds {cand.name} bins; featcache works on 8 µm bins. Use square_008um."
-                )
+                raise FeatcacheError(f"{cand} holds {cand.name} bins; featcache works on 8 µm bins. Use square_008um.")
             return cand
     raise FeatcacheError(
         f"{path} is not a Space Ranger Visium HD output: expected outs/{BIN_DIR}/spatial/ under it. "
@@ -222,8 +228,7 @@ def find_image(bin_dir: Path) -> Path:
                 found.append(p)
     if not found:
         raise FeatcacheError(
-            f"no full-resolution H&E (*tissue_image.btf/.tif/.tiff) next to {outs}. "
-            "Pass it with --image NAME=FILE."
+            f"no full-resolution H&E (*tissue_image.btf/.tif/.tiff) next to {outs}. Pass it with --image NAME=FILE."
         )
     if len(found) > 1:
         raise FeatcacheError(
@@ -323,8 +328,10 @@ def open_sample(name: str, path: str | Path, image: str | Path | None = None) ->
         raise FeatcacheError(f"image for sample {name} not found: {image_path}")
 
     affine = fit_bin_affine(
-        positions["array_row"], positions["array_col"],
-        positions["pxl_row_in_fullres"], positions["pxl_col_in_fullres"],
+        positions["array_row"],
+        positions["array_col"],
+        positions["pxl_row_in_fullres"],
+        positions["pxl_col_in_fullres"],
     )
     src = spatial / "tissue_positions.parquet"
     if affine.max_residual_px > MAX_AFFINE_RESIDUAL_BINS * affine.px_per_bin:

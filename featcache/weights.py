@@ -60,7 +60,7 @@ def parse_random(value: str | None) -> int | None:
     """``random`` -> 0, ``random:SEED`` -> SEED, anything else -> None."""
     if value is None or not value.startswith("random"):
         return None
-    rest = value[len("random"):]
+    rest = value[len("random") :]
     if rest == "":
         return 0
     if rest.startswith(":") and rest[1:].isdigit():
@@ -74,7 +74,9 @@ def _file_in_dir(folder: Path) -> Path | None:
             return folder / name
     found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES)
     if len(found) > 1:
-        raise FeatcacheError(f"{folder} holds several checkpoints ({', '.join(p.name for p in found)}); pass one file with --weights.")
+        raise FeatcacheError(
+            f"{folder} holds several checkpoints ({', '.join(p.name for p in found)}); pass one file with --weights."
+        )
     return found[0] if found else None
 
 
@@ -103,7 +105,9 @@ def resolve_weights(spec: EncoderSpec, weights: str | None) -> WeightsSource:
             return WeightsSource("file", f, found_via="--weights")
         if p.is_file():
             if p.suffix not in SUFFIXES:
-                raise FeatcacheError(f"--weights {p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}.")
+                raise FeatcacheError(
+                    f"--weights {p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}."
+                )
             return WeightsSource("file", p, found_via="--weights")
         raise FeatcacheError(f"--weights {p}: no such file or directory.")
     env = os.environ.get(ENV_VAR)
@@ -156,7 +160,7 @@ def _match_keys(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dic
     for prefix in ("",) + STRIP_PREFIXES:
         if prefix and not all(k.startswith(prefix) for k in state):
             continue
-        renamed = {k[len(prefix):]: v for k, v in state.items()}
+        renamed = {k[len(prefix) :]: v for k, v in state.items()}
         if len(expected & renamed.keys()) >= len(expected & state.keys()):
             state = renamed
     dropped = [k for k in state if k not in expected and k.startswith(HEAD_PREFIXES)]

@@ -28,8 +28,9 @@ def prepared(synth_dir, tmp_path_factory):
     from featcache.prepare import prepare_dataset
 
     ws = tmp_path_factory.mktemp("ws")
-    res = prepare_dataset("tiny", {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")},
-                          workspace=ws, show_progress=False)
+    res = prepare_dataset(
+        "tiny", {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}, workspace=ws, show_progress=False
+    )
     return ws, res
 
 
@@ -59,3 +60,25 @@ def tiny_cnn_features(prepared):
     ws, _ = prepared
     res = extract("tiny", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)
     return ws, res
+
+
+def run_fold(
+    dataset,
+    encoder,
+    fold,
+    *,
+    workspace,
+    device="cpu",
+    show_progress=False,
+    overwrite=False,
+    in_memory="auto",
+    **settings,
+):
+    """train_fold with the settings as keywords (a TrainConfig) and the runtime choices beside them."""
+    from train.config import TrainConfig
+    from train.run import train_fold
+
+    cfg = TrainConfig(dataset=dataset, encoder=encoder, fold=fold, **settings)
+    return train_fold(
+        cfg, workspace, device=device, in_memory=in_memory, overwrite=overwrite, show_progress=show_progress
+    )

@@ -10,9 +10,9 @@ import h5py
 import pandas as pd
 import pytest
 import tifffile
+from conftest import BIN8, clone_sample
 from typer.testing import CliRunner
 
-from conftest import BIN8, clone_sample
 from featcache.cli import app
 
 
@@ -48,7 +48,9 @@ def test_missing_sample_folder(tmp_path):
 
 def test_missing_matrix(p1, tmp_path):
     (p1 / BIN8 / "filtered_feature_bc_matrix.h5").unlink()
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "filtered_feature_bc_matrix.h5")
+    assert_refused(
+        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "filtered_feature_bc_matrix.h5"
+    )
 
 
 def test_missing_image(p1, tmp_path):
@@ -87,8 +89,11 @@ def test_image_smaller_than_positions_need(p1, tmp_path):
     img = tifffile.imread(p1 / "P1_tissue_image.btf")
     small = tmp_path / "small.tif"
     tifffile.imwrite(small, img[: img.shape[0] // 2], photometric="rgb")
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--image", f"P1={small}"),
-                   tmp_path / "ws", "full-resolution")
+    assert_refused(
+        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--image", f"P1={small}"),
+        tmp_path / "ws",
+        "full-resolution",
+    )
 
 
 def test_inconsistent_microns_per_pixel(p1, tmp_path):
@@ -102,13 +107,15 @@ def test_inconsistent_microns_per_pixel(p1, tmp_path):
 def test_unknown_gene_in_gene_list(p1, tmp_path):
     genes = tmp_path / "genes.txt"
     genes.write_text("EPCAM\nDES\nNOT_A_GENE\n")
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--genes", str(genes)),
-                   tmp_path / "ws", "NOT_A_GENE")
+    assert_refused(
+        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--genes", str(genes)), tmp_path / "ws", "NOT_A_GENE"
+    )
 
 
 def test_duplicate_sample_name(p1, tmp_path):
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--sample", f"P1={p1}"),
-                   tmp_path / "ws", "twice")
+    assert_refused(
+        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--sample", f"P1={p1}"), tmp_path / "ws", "twice"
+    )
 
 
 def test_truncated_matrix(p1, tmp_path):
@@ -145,7 +152,21 @@ def test_existing_dataset_with_different_inputs_is_kept(p1, synth_dir, tmp_path)
 
 
 def test_console_script_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "featcache", "prepare", "--dataset", "x", "--sample",
-                           f"P1={tmp_path / 'missing'}", "--workspace", str(tmp_path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featcache",
+            "prepare",
+            "--dataset",
+            "x",
+            "--sample",
+            f"P1={tmp_path / 'missing'}",
+            "--workspace",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr

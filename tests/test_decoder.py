@@ -14,18 +14,20 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from conftest import run_fold
 from scipy.stats import pearsonr, spearmanr
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
 
-from featcache.workspace import Workspace
+from featcache.stores import Workspace
 from train.cli import app
 from train.data import FoldInputs, TargetTransform, blocked_split, load_targets
 from train.decoder import LinearDecoder, MiniUNet
 from train.metrics import evaluate
-from train.run import train_fold
 
-FAST = dict(decoder="linear", epochs=3, batch_size=4, lr=1e-3, seed=0, device="cpu", show_progress=False, overwrite=True)
+FAST = dict(
+    decoder="linear", epochs=3, batch_size=4, lr=1e-3, seed=0, device="cpu", show_progress=False, overwrite=True
+)
 
 
 def test_miniunet_shapes_params_and_init():
@@ -54,8 +56,19 @@ def test_metrics_agree_with_scipy_and_skimage():
         assert m["per_gene"][name]["pcc"] == pytest.approx(pearsonr(p, t)[0], abs=1e-6)
         assert m["per_gene"][name]["spearman"] == pytest.approx(spearmanr(p, t)[0], abs=1e-6)
         dr = t.max() - t.min()
-        ref = np.mean([structural_similarity(np.where(mask[i], truth[i, g], fill[g]), np.where(mask[i], pred[i, g], fill[g]),
-                                             win_size=7, data_range=dr, K1=0.01, K2=0.03) for i in range(5)])
+        ref = np.mean(
+            [
+                structural_similarity(
+                    np.where(mask[i], truth[i, g], fill[g]),
+                    np.where(mask[i], pred[i, g], fill[g]),
+                    win_size=7,
+                    data_range=dr,
+                    K1=0.01,
+                    K2=0.03,
+                )
+                for i in range(5)
+            ]
+        )
         assert m["per_gene"][name]["ssim"] == pytest.approx(ref, abs=1e-6)
     assert m["genes_excluded_constant"] == ["D"] and m["per_gene"]["D"]["pcc"] is None
     assert m["pcc_gene"] == pytest.approx(np.mean([m["per_gene"][n]["pcc"] for n in "ABC"]), abs=1e-12)
@@ -66,8 +79,10 @@ def test_metrics_agree_with_scipy_and_skimage():
 
 
 def test_blocked_split_is_spatial_and_seeded():
-    origins = {"A": np.array([[r, c] for r in range(0, 256, 32) for c in range(0, 256, 32)]),
-               "B": np.array([[r, c] for r in range(0, 128, 32) for c in range(0, 128, 32)])}
+    origins = {
+        "A": np.array([[r, c] for r in range(0, 256, 32) for c in range(0, 256, 32)]),
+        "B": np.array([[r, c] for r in range(0, 128, 32) for c in range(0, 128, 32)]),
+    }
     tr, va = blocked_split(origins, 0.2, seed=3)
     tr2, va2 = blocked_split(origins, 0.2, seed=3)
     assert all(np.array_equal(va[s], va2[s]) for s in origins)
@@ -82,23 +97,29 @@ def test_blocked_split_is_spatial_and_seeded():
 
 def test_test_patient_is_isolated_and_statistics_come_from_training(tiny_cnn_features):
     ws, _ = tiny_cnn_features
-    res = train_fold("tiny", "tiny-cnn", "P2", mode="random", workspace=ws, **FAST)
+    res = run_fold("tiny", "tiny-cnn", "P2", mode="random", workspace=ws, **FAST)
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["train_samples"] == ["P1"] and cfg["fold"] == "P2"
-    ck = torch.load(res.run_dir / "checkpoint.pt", weights_only=False)
-    inputs = FoldInputs(Workspace(ws), "tiny", "tiny-cnn-random", "x")
+    ck = torch.load(res.run_dir / "checkpoint.pt", weights_only=True)
+    inputs = FoldInputs(Workspace(ws).dataset("tiny"), Workspace(ws).feature_store("tiny", "tiny-cnn", random=True))
     p1 = inputs.arrays["P1"]
     expect = TargetTransform.fit([load_targets(p1, np.arange(len(p1.origin)))])
     assert np.allclose(ck["transform"]["mean"], expect.mean) and np.allclose(ck["transform"]["std"], expect.std)
     p2 = inputs.arrays["P2"]
-    with_test = TargetTransform.fit([load_targets(p1, np.arange(len(p1.origin))), load_targets(p2, np.arange(len(p2.origin)))])
+    with_test = TargetTransform.fit(
+        [load_targets(p1, np.arange(len(p1.origin))), load_targets(p2, np.arange(len(p2.origin)))]
+    )
     assert not np.allclose(ck["transform"]["mean"], with_test.mean)
     # every patch the training loop saw came from the training patient
     from train.data import Batches
 
     tr, va = blocked_split({"P1": p1.origin}, 0.15, 0)
-    seen = {k for b in (Batches(inputs, tr, expect, 4, False), Batches(inputs, va, expect, 4, False))
-            for *_, keys in b.epoch(shuffle=True) for k in keys}
+    seen = {
+        k
+        for b in (Batches(inputs, tr, expect, 4, False), Batches(inputs, va, expect, 4, False))
+        for *_, keys in b.epoch(shuffle=True)
+        for k in keys
+    }
     assert seen and {s for s, _ in seen} == {"P1"}
     # predictions cover exactly the test patient's patches
     pred = xr.open_zarr(res.run_dir / "predictions.zarr")
@@ -109,17 +130,40 @@ def test_test_patient_is_isolated_and_statistics_come_from_training(tiny_cnn_fea
 
 def test_same_seed_same_metrics_and_resume(tiny_cnn_features, tmp_path):
     ws, _ = tiny_cnn_features
-    a = train_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
+    a = run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
     first = json.loads((a.run_dir / "metrics.json").read_text())
     shutil.rmtree(a.run_dir)
-    b = train_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
+    b = run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
     assert json.loads((b.run_dir / "metrics.json").read_text()) == first
-    assert train_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST).reused
+    assert run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST).reused
     # An interrupted run resumes from its last finished epoch and ends where an uninterrupted one does.
     shutil.rmtree(b.run_dir)
-    args = [sys.executable, "-m", "train.cli", "decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random",
-            "--dataset", "tiny", "--decoder", "linear", "--epochs", "40", "--batch-size", "4", "--lr", "0.001",
-            "--device", "cpu", "--workspace", str(ws)]
+    args = [
+        sys.executable,
+        "-m",
+        "train.cli",
+        "decoder",
+        "--fold",
+        "P1",
+        "--encoder",
+        "tiny-cnn",
+        "--mode",
+        "random",
+        "--dataset",
+        "tiny",
+        "--decoder",
+        "linear",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.001",
+        "--device",
+        "cpu",
+        "--workspace",
+        str(ws),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = b.run_dir / "log.jsonl"
     deadline = time.time() + 120
@@ -140,9 +184,29 @@ def test_same_seed_same_metrics_and_resume(tiny_cnn_features, tmp_path):
 
 def test_loocv_writes_the_comparison_file(tiny_cnn_features):
     ws, _ = tiny_cnn_features
-    r = CliRunner().invoke(app, ["loocv", "--encoders", "tiny-cnn", "--modes", "random", "--dataset", "tiny",
-                                 "--decoder", "linear", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--overwrite",
-                                 "--workspace", str(ws)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "loocv",
+            "--encoders",
+            "tiny-cnn",
+            "--modes",
+            "random",
+            "--dataset",
+            "tiny",
+            "--decoder",
+            "linear",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--overwrite",
+            "--workspace",
+            str(ws),
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((ws / "results" / "tiny" / "encoder_loocv_comparison.json").read_text())
     assert {"summary", "methodology", "results"} <= set(res)
@@ -151,7 +215,9 @@ def test_loocv_writes_the_comparison_file(tiny_cnn_features):
     folds = run["fold_results"]
     assert set(folds) == {"test_P1", "test_P2"}
     vals = [folds[f]["pearson_r"] for f in folds]
-    assert run["pearson_r"]["mean"] == pytest.approx(np.mean(vals)) and run["pearson_r"]["std"] == pytest.approx(np.std(vals))
+    assert run["pearson_r"]["mean"] == pytest.approx(np.mean(vals)) and run["pearson_r"]["std"] == pytest.approx(
+        np.std(vals)
+    )
     for key in ("spearman_rho", "ssim_st", "mse", "pcc_gene"):
         assert set(run[key]) >= {"mean", "std"}
     assert "pcc_gene" in r.output and "encoder_loocv_comparison.json" in r.output
@@ -159,7 +225,9 @@ def test_loocv_writes_the_comparison_file(tiny_cnn_features):
 
 def test_decoder_bad_input(tiny_cnn_features, prepared, tmp_path):
     ws, _ = tiny_cnn_features
-    run = lambda *a: CliRunner().invoke(app, ["decoder", "--dataset", "tiny", "--workspace", str(ws), "--epochs", "1", *a])  # noqa: E731
+    run = lambda *a: CliRunner().invoke(
+        app, ["decoder", "--dataset", "tiny", "--workspace", str(ws), "--epochs", "1", *a]
+    )  # noqa: E731
     r = run("--fold", "P9", "--encoder", "tiny-cnn", "--mode", "random")
     assert r.exit_code == 2 and "not a sample" in r.output and "P1, P2" in r.output
     r = run("--fold", "P1", "--encoder", "tiny-vit", "--mode", "frozen")
@@ -189,8 +257,24 @@ def test_decoder_bad_input(tiny_cnn_features, prepared, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["fingerprint"] = "sha256:other"
     meta_path.write_text(json.dumps(meta))
-    r = CliRunner().invoke(app, ["decoder", "--dataset", "tiny", "--workspace", str(other), "--fold", "P1",
-                                 "--encoder", "tiny-cnn", "--mode", "random", "--epochs", "1"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "decoder",
+            "--dataset",
+            "tiny",
+            "--workspace",
+            str(other),
+            "--fold",
+            "P1",
+            "--encoder",
+            "tiny-cnn",
+            "--mode",
+            "random",
+            "--epochs",
+            "1",
+        ],
+    )
     assert r.exit_code == 2 and "fingerprint" in r.output
 
 
@@ -200,13 +284,25 @@ def test_random_densenet_features_beat_mean_and_shuffled_controls(prepared):
 
     ws, _ = prepared
     extract("tiny", "densenet121", weights="random:0", workspace=ws, show_progress=False, device="cpu")
-    common = dict(mode="random", decoder="unet", epochs=30, batch_size=2, lr=1e-3, seed=0, device="cpu",
-                  val_fraction=0.2, workspace=ws, show_progress=False)
-    real = train_fold("tiny", "densenet121", "P2", **common).metrics
-    shuffled = train_fold("tiny", "densenet121", "P2", control="shuffled", **common).metrics
+    common = dict(
+        mode="random",
+        decoder="unet",
+        epochs=30,
+        batch_size=2,
+        lr=1e-3,
+        seed=0,
+        device="cpu",
+        val_fraction=0.2,
+        workspace=ws,
+        show_progress=False,
+    )
+    real = run_fold("tiny", "densenet121", "P2", **common).metrics
+    shuffled = run_fold("tiny", "densenet121", "P2", control="shuffled", **common).metrics
     ceiling = real["noise_ceiling"]["pcc_gene"]
-    print(f"pcc_gene: decoder {real['pcc_gene']:.3f}, shuffled {shuffled['pcc_gene']:.3f}, ceiling {ceiling:.3f}; "
-          f"mse: decoder {real['mse']:.3f}, per-gene mean {real['baselines']['per_gene_mean']['mse']:.3f}")
+    print(
+        f"pcc_gene: decoder {real['pcc_gene']:.3f}, shuffled {shuffled['pcc_gene']:.3f}, ceiling {ceiling:.3f}; "
+        f"mse: decoder {real['mse']:.3f}, per-gene mean {real['baselines']['per_gene_mean']['mse']:.3f}"
+    )
     # The per-gene-mean predictor is constant, so its pcc_gene is 0 by construction; with ~4 training
     # patches the decoder's MSE is not yet below it (the demo-scale run in benchmarks/RESULTS.md is).
     assert real["pcc_gene"] > 0.05

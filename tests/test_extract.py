@@ -18,42 +18,59 @@ import zarr
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from featcache.catalog import store_status, verify_store
 from featcache.cli import app
 from featcache.encoders import GridEncoder, get_spec
 from featcache.errors import FeatcacheError
 from featcache.extract import extract
+from featcache.stores import FeatureStore, Workspace
 from featcache.weights import load_encoder, resolve_weights
-from featcache.workspace import Workspace
+
+
+def store_status(location):
+    return FeatureStore(location).status()
+
+
+def verify_store(location):
+    return FeatureStore(location).verify()
 
 
 def chunk_files(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and "/c/" in str(p.relative_to(store)).replace("\\", "/") + "/"}
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and "/c/" in str(p.relative_to(store)).replace("\\", "/") + "/"
+    }
 
 
 def run_cli(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "featcache", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "featcache", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_store(prepared):
     ws, _ = prepared
-    res = extract("tiny", "tiny-vit", weights="random:0", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4)
+    res = extract(
+        "tiny", "tiny-vit", weights="random:0", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4
+    )
     return ws, Path(res.store), res
 
 
 def test_store_contents_equal_the_encoder_on_each_patch(tiny_store):
     ws, store, res = tiny_store
     assert res.complete and store.name == "tiny-vit-random.zarr"
-    assert store == Workspace(ws).features_store("tiny", "tiny-vit-random")
+    assert store == Workspace(ws).feature_store("tiny", "tiny-vit", random=True).path
     spec = get_spec("tiny-vit")
     model, _ = load_encoder(spec, resolve_weights(spec, "random:0"))
     enc = GridEncoder(spec, model).eval()
     for sample in ("P1", "P2"):
         feats = xr.open_zarr(store, group=sample)
-        patches = xr.open_zarr(Workspace(ws).patches_store("tiny"), group=sample)
+        patches = xr.open_zarr(Workspace(ws).dataset("tiny").patches_path, group=sample)
         assert feats.tokens.dims == ("patch", "channel", "row", "col")
         assert feats.tokens.dtype == np.float16 and feats.tokens.shape[1:] == (48, 32, 32)
         assert np.array_equal(feats.origin.values, patches.origin.values)
@@ -67,7 +84,7 @@ def test_store_contents_equal_the_encoder_on_each_patch(tiny_store):
 def test_identity_is_recorded(tiny_store, prepared):
     ws, store, _ = tiny_store
     ident = zarr.open_group(zarr.storage.LocalStore(store), mode="r").attrs["identity"]
-    meta = json.loads(Workspace(ws).dataset_json("tiny").read_text())
+    meta = json.loads(Workspace(ws).dataset("tiny").meta_path.read_text())
     assert ident["weights"] == "random:0" and ident["arch"] == "vit_tiny_patch16_224"
     assert ident["prefix_tokens_dropped"] == 3 and ident["stored_dtype"] == "float16"
     assert ident["dataset_fingerprint"] == meta["fingerprint"] and ident["input_px"] == 448
@@ -77,11 +94,15 @@ def test_identity_is_recorded(tiny_store, prepared):
 def test_rerun_skips_everything_and_other_identity_is_refused(tiny_store):
     ws, store, _ = tiny_store
     before = chunk_files(store)
-    again = extract("tiny", "tiny-vit", weights="random:0", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4)
+    again = extract(
+        "tiny", "tiny-vit", weights="random:0", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4
+    )
     assert again.patches_done == 0 and again.skipped == again.patches_total and again.complete
     assert chunk_files(store) == before
     with pytest.raises(FeatcacheError, match="different identity.*weights"):
-        extract("tiny", "tiny-vit", weights="random:1", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4)
+        extract(
+            "tiny", "tiny-vit", weights="random:1", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4
+        )
     assert chunk_files(store) == before
 
 
@@ -124,8 +145,23 @@ def test_fsspec_url_store(prepared):
 
 def test_resume_after_sigkill_gives_identical_bytes(prepared, tmp_path):
     ws, _ = prepared
-    args = ["extract", "--encoder", "densenet121", "--weights", "random:0", "--dataset", "tiny", "--workspace",
-            str(ws), "--batch-size", "1", "--chunk-patches", "1", "--device", "cpu"]
+    args = [
+        "extract",
+        "--encoder",
+        "densenet121",
+        "--weights",
+        "random:0",
+        "--dataset",
+        "tiny",
+        "--workspace",
+        str(ws),
+        "--batch-size",
+        "1",
+        "--chunk-patches",
+        "1",
+        "--device",
+        "cpu",
+    ]
     killed = tmp_path / "killed.zarr"
     proc = run_cli(*args, "--output", str(killed))
     deadline = time.time() + 120
@@ -138,11 +174,19 @@ def test_resume_after_sigkill_gives_identical_bytes(prepared, tmp_path):
     proc.wait()
     st = store_status(killed)
     assert not st.complete, "the run finished before it could be killed"
-    assert subprocess.run([sys.executable, "-m", "featcache", *args, "--output", str(killed)],
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "featcache", *args, "--output", str(killed)], capture_output=True
+        ).returncode
+        == 0
+    )
     clean = tmp_path / "clean.zarr"
-    assert subprocess.run([sys.executable, "-m", "featcache", *args, "--output", str(clean)],
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "featcache", *args, "--output", str(clean)], capture_output=True
+        ).returncode
+        == 0
+    )
     assert store_status(killed).complete
     a, b = chunk_files(killed), chunk_files(clean)
     assert a.keys() == b.keys() and a == b
@@ -150,16 +194,35 @@ def test_resume_after_sigkill_gives_identical_bytes(prepared, tmp_path):
 
 def test_two_concurrent_shards_make_one_valid_store(prepared, tmp_path):
     ws, _ = prepared
-    base = ["extract", "--encoder", "tiny-vit", "--weights", "random:0", "--dataset", "tiny", "--workspace", str(ws),
-            "--batch-size", "1", "--chunk-patches", "1", "--device", "cpu"]
+    base = [
+        "extract",
+        "--encoder",
+        "tiny-vit",
+        "--weights",
+        "random:0",
+        "--dataset",
+        "tiny",
+        "--workspace",
+        str(ws),
+        "--batch-size",
+        "1",
+        "--chunk-patches",
+        "1",
+        "--device",
+        "cpu",
+    ]
     sharded = tmp_path / "sharded.zarr"
     procs = [run_cli(*base, "--output", str(sharded), "--shard", f"{k}/2") for k in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert verify_store(sharded).ok
     single = tmp_path / "single.zarr"
-    assert subprocess.run([sys.executable, "-m", "featcache", *base, "--output", str(single)],
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "featcache", *base, "--output", str(single)], capture_output=True
+        ).returncode
+        == 0
+    )
     assert chunk_files(sharded) == chunk_files(single)
     # torchrun's environment is picked up the same way
     env_store = tmp_path / "env.zarr"
@@ -176,8 +239,22 @@ def test_non_finite_features_are_an_error(prepared, tmp_path):
     state["norm.weight"][0] = float("nan")
     save_file(state, str(tmp_path / "nan.safetensors"))
     out = tmp_path / "nan.zarr"
-    result = CliRunner().invoke(app, ["extract", "--encoder", "tiny-vit", "--weights", str(tmp_path / "nan.safetensors"),
-                                      "--dataset", "tiny", "--workspace", str(ws), "--output", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--encoder",
+            "tiny-vit",
+            "--weights",
+            str(tmp_path / "nan.safetensors"),
+            "--dataset",
+            "tiny",
+            "--workspace",
+            str(ws),
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 2 and "non-finite" in result.output
     assert not list(out.glob("*/_done/[0-9]*"))
     assert not store_status(out).complete
@@ -185,12 +262,27 @@ def test_non_finite_features_are_an_error(prepared, tmp_path):
 
 def test_extract_bad_input(prepared, tmp_path):
     ws, _ = prepared
-    r = CliRunner().invoke(app, ["extract", "--encoder", "tiny-vit", "--weights", "random", "--dataset", "nope",
-                                 "--workspace", str(ws)])
+    r = CliRunner().invoke(
+        app, ["extract", "--encoder", "tiny-vit", "--weights", "random", "--dataset", "nope", "--workspace", str(ws)]
+    )
     assert r.exit_code == 2 and "featcache prepare" in r.output
     r = CliRunner().invoke(app, ["extract", "--encoder", "uni2h", "--dataset", "tiny", "--workspace", str(ws)])
     assert r.exit_code == 2 and "no weights found" in r.output
-    r = CliRunner().invoke(app, ["extract", "--encoder", "tiny-vit", "--weights", "random", "--dataset", "tiny",
-                                 "--workspace", str(ws), "--shard", "2/2"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--encoder",
+            "tiny-vit",
+            "--weights",
+            "random",
+            "--dataset",
+            "tiny",
+            "--workspace",
+            str(ws),
+            "--shard",
+            "2/2",
+        ],
+    )
     assert r.exit_code == 2 and "0 <= K < N" in r.output
     assert not (ws / "features" / "tiny" / "uni2h.zarr").exists()

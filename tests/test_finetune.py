@@ -12,16 +12,27 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import run_fold
 from typer.testing import CliRunner
 
 from featcache.encoders import get_spec
 from featcache.weights import load_encoder, resolve_weights
 from train.cli import app
 from train.finetune import colour_jitter, dihedral
-from train.run import train_fold
 
-FT = dict(mode="finetune", weights="random:0", decoder="linear", epochs=2, batch_size=4, micro_batch=2, lr=1e-3,
-          encoder_lr=1e-3, seed=0, device="cpu", show_progress=False)
+FT = dict(
+    mode="finetune",
+    weights="random:0",
+    decoder="linear",
+    epochs=2,
+    batch_size=4,
+    micro_batch=2,
+    lr=1e-3,
+    encoder_lr=1e-3,
+    seed=0,
+    device="cpu",
+    show_progress=False,
+)
 
 
 @pytest.mark.parametrize("k", range(4))
@@ -30,7 +41,9 @@ def test_rotated_image_still_lines_up_with_rotated_targets(k, flip):
     """Block (i, j) of the image carries bin (i, j)'s target value; after any dihedral transform too."""
     rng = np.random.default_rng(k)
     values = rng.integers(0, 256, (2, 32, 32))
-    image = torch.from_numpy(np.repeat(np.repeat(values, 14, axis=1), 14, axis=2)[..., None].repeat(3, -1).astype(np.uint8))
+    image = torch.from_numpy(
+        np.repeat(np.repeat(values, 14, axis=1), 14, axis=2)[..., None].repeat(3, -1).astype(np.uint8)
+    )
     targets = torch.from_numpy(values[:, None].astype(np.float32)).repeat(1, 3, 1, 1)  # (B, G, 32, 32)
     mask = torch.from_numpy(values > 128)
     im, tg, mk = dihedral(image, targets, mask, k, flip)
@@ -51,12 +64,15 @@ def test_colour_jitter_is_light_and_seeded():
 
 def test_finetune_changes_encoder_weights_frozen_does_not(tiny_cnn_features):
     ws, feats = tiny_cnn_features
-    res = train_fold("tiny", "tiny-cnn", "P2", workspace=ws, **FT)
-    state = torch.load(res.run_dir / "checkpoint.pt", weights_only=False)["state_dict"]
+    res = run_fold("tiny", "tiny-cnn", "P2", workspace=ws, **FT)
+    state = torch.load(res.run_dir / "checkpoint.pt", weights_only=True)["state_dict"]
     spec = get_spec("tiny-cnn")
     original, _ = load_encoder(spec, resolve_weights(spec, "random:0"))
-    changed = [k for k, v in original.state_dict().items()
-               if v.is_floating_point() and not torch.equal(v, state[f"encoder.model.{k}"])]
+    changed = [
+        k
+        for k, v in original.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, state[f"encoder.model.{k}"])
+    ]
     assert len(changed) > 10
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["mode"] == "finetune" and cfg["encoder_weights"] == "random:0" and cfg["augment"]
@@ -64,9 +80,21 @@ def test_finetune_changes_encoder_weights_frozen_does_not(tiny_cnn_features):
     # A frozen run trains the decoder only: its checkpoint holds no encoder, the cache is untouched.
     store = ws / "features" / "tiny" / "tiny-cnn-random.zarr"
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
-    frozen = train_fold("tiny", "tiny-cnn", "P2", mode="random", decoder="linear", epochs=2, batch_size=4, seed=0,
-                        device="cpu", workspace=ws, show_progress=False, overwrite=True)
-    fstate = torch.load(frozen.run_dir / "checkpoint.pt", weights_only=False)["state_dict"]
+    frozen = run_fold(
+        "tiny",
+        "tiny-cnn",
+        "P2",
+        mode="random",
+        decoder="linear",
+        epochs=2,
+        batch_size=4,
+        seed=0,
+        device="cpu",
+        workspace=ws,
+        show_progress=False,
+        overwrite=True,
+    )
+    fstate = torch.load(frozen.run_dir / "checkpoint.pt", weights_only=True)["state_dict"]
     assert not any(k.startswith("encoder") for k in fstate)
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
@@ -74,9 +102,32 @@ def test_finetune_changes_encoder_weights_frozen_does_not(tiny_cnn_features):
 def test_loocv_three_modes_one_file_and_random_extracted_when_missing(prepared, tmp_path):
     ws, _ = prepared
     shutil.copytree(ws / "datasets", tmp_path / "datasets")
-    r = CliRunner().invoke(app, ["loocv", "--encoders", "tiny-cnn", "--modes", "random,finetune", "--dataset", "tiny",
-                                 "--decoder", "linear", "--epochs", "1", "--batch-size", "4", "--micro-batch", "2",
-                                 "--weights", "random:3", "--device", "cpu", "--workspace", str(tmp_path)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "loocv",
+            "--encoders",
+            "tiny-cnn",
+            "--modes",
+            "random,finetune",
+            "--dataset",
+            "tiny",
+            "--decoder",
+            "linear",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--micro-batch",
+            "2",
+            "--weights",
+            "random:3",
+            "--device",
+            "cpu",
+            "--workspace",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "features" / "tiny" / "tiny-cnn-random.zarr" / "zarr.json").is_file()
     res = json.loads((tmp_path / "results" / "tiny" / "encoder_loocv_comparison.json").read_text())
@@ -90,9 +141,32 @@ def test_loocv_three_modes_one_file_and_random_extracted_when_missing(prepared, 
 def test_finetune_resumes_to_the_same_result(prepared, tmp_path):
     ws, _ = prepared
     shutil.copytree(ws / "datasets", tmp_path / "datasets")
-    args = [sys.executable, "-m", "train.cli", "finetune", "--encoder", "tiny-cnn", "--weights", "random:0", "--fold",
-            "P1", "--dataset", "tiny", "--decoder", "linear", "--epochs", "12", "--batch-size", "4", "--micro-batch", "2",
-            "--device", "cpu", "--workspace", str(tmp_path)]
+    args = [
+        sys.executable,
+        "-m",
+        "train.cli",
+        "finetune",
+        "--encoder",
+        "tiny-cnn",
+        "--weights",
+        "random:0",
+        "--fold",
+        "P1",
+        "--dataset",
+        "tiny",
+        "--decoder",
+        "linear",
+        "--epochs",
+        "12",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--device",
+        "cpu",
+        "--workspace",
+        str(tmp_path),
+    ]
     run_dir = tmp_path / "runs" / "tiny" / "tiny-cnn" / "finetune-linear" / "fold-P1"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = run_dir / "log.jsonl"
@@ -114,10 +188,40 @@ def test_finetune_under_torchrun_ddp(prepared, tmp_path):
     ws, _ = prepared
     shutil.copytree(ws / "datasets", tmp_path / "datasets")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.cli", "finetune",
-         "--encoder", "tiny-cnn", "--weights", "random:0", "--fold", "P2", "--dataset", "tiny", "--decoder", "linear",
-         "--epochs", "2", "--batch-size", "1", "--micro-batch", "1", "--device", "cpu", "--workspace", str(tmp_path)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "train.cli",
+            "finetune",
+            "--encoder",
+            "tiny-cnn",
+            "--weights",
+            "random:0",
+            "--fold",
+            "P2",
+            "--dataset",
+            "tiny",
+            "--decoder",
+            "linear",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "1",
+            "--micro-batch",
+            "1",
+            "--device",
+            "cpu",
+            "--workspace",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_dir = tmp_path / "runs" / "tiny" / "tiny-cnn" / "finetune-linear" / "fold-P2"
     assert json.loads((run_dir / "config.json").read_text())["provenance"]["world_size"] == 2

@@ -9,23 +9,23 @@ import pandas as pd
 import pytest
 import tifffile
 import xarray as xr
+from conftest import BIN8
 from scipy import ndimage
 
-from conftest import BIN8
 from featcache.errors import FeatcacheError
-from featcache.prepare import patch_origins, prepare_dataset
-from featcache.slide import PatchGeometry
-from featcache.workspace import Workspace
+from featcache.geometry import patch_origins
+from featcache.prepare import prepare_dataset
+from featcache.stores import Workspace
 
 
 def test_stores_open_in_xarray_with_labels(prepared):
     ws, res = prepared
     w = Workspace(ws)
-    meta = json.loads(w.dataset_json("tiny").read_text())
+    meta = json.loads(w.dataset("tiny").meta_path.read_text())
     assert set(meta["samples"]) == {"P1", "P2"} and len(meta["genes"]["ids"]) == 50
     for s in ("P1", "P2"):
-        p = xr.open_zarr(w.patches_store("tiny"), group=s)
-        t = xr.open_zarr(w.targets_store("tiny"), group=s)
+        p = xr.open_zarr(w.dataset("tiny").patches_path, group=s)
+        t = xr.open_zarr(w.dataset("tiny").targets_path, group=s)
         n = meta["samples"][s]["n_patches"]
         assert n == res.patches[s] > 0
         assert p.image.dims == ("patch", "y", "x", "rgb") and p.image.shape == (n, 448, 448, 3)
@@ -45,7 +45,7 @@ def test_targets_equal_scanpy_counts_and_mask_matches_in_tissue(prepared, synth_
     for s in ("P1", "P2"):
         adata = sc.read_10x_h5(synth_dir / s / BIN8 / "filtered_feature_bc_matrix.h5")
         pos = pd.read_parquet(synth_dir / s / BIN8 / "spatial" / "tissue_positions.parquet")
-        t = xr.open_zarr(w.targets_store("tiny"), group=s).load()
+        t = xr.open_zarr(w.dataset("tiny").targets_path, group=s).load()
         grid = pos.pivot(index="array_row", columns="array_col", values="barcode").to_numpy()
         tissue = pos.pivot(index="array_row", columns="array_col", values="in_tissue").to_numpy().astype(bool)
         gene_cols = [list(adata.var["gene_ids"]).index(g) for g in t.gene_id.values]
@@ -82,9 +82,15 @@ def test_token_ij_sits_on_bin_r0_plus_i(synth_dir, tmp_path, sample):
         image[y0:y1, x0:x1][disc] = (0, 255, 0)
     painted = tmp_path / "painted.tif"
     tifffile.imwrite(painted, image, photometric="rgb", rowsperstrip=64)  # striped, single level
-    res = prepare_dataset("painted", {sample: str(src)}, {sample: str(painted)}, workspace=tmp_path / "ws",
-                          show_progress=False, min_tissue=0.3)
-    p = xr.open_zarr(Workspace(tmp_path / "ws").patches_store("painted"), group=sample).load()
+    res = prepare_dataset(
+        "painted",
+        {sample: str(src)},
+        {sample: str(painted)},
+        workspace=tmp_path / "ws",
+        show_progress=False,
+        min_tissue=0.3,
+    )
+    p = xr.open_zarr(Workspace(tmp_path / "ws").dataset("painted").patches_path, group=sample).load()
     marked = {(int(m.array_row), int(m.array_col)) for _, m in marks.iterrows()}
     found = 0
     for img, (r0, c0) in zip(p.image.values, p.origin.values):
@@ -111,21 +117,20 @@ def test_token_ij_sits_on_bin_r0_plus_i(synth_dir, tmp_path, sample):
 def test_patch_origins_threshold_and_stride():
     tissue = np.zeros((100, 90), bool)
     tissue[10:60, 0:50] = True
-    geom = PatchGeometry()
-    o = patch_origins(tissue, geom, 32, 0.5)
+    o = patch_origins(tissue, 32, 0.5)
     assert {tuple(x) for x in o} == {(0, 0), (32, 0)}
-    assert {tuple(x) for x in patch_origins(tissue, geom, 16, 1.0)} == {(16, 0), (16, 16)}
-    assert len(patch_origins(tissue, geom, 32, 0.0)) == 3 * 2
+    assert {tuple(x) for x in patch_origins(tissue, 16, 1.0)} == {(16, 0), (16, 16)}
+    assert len(patch_origins(tissue, 32, 0.0)) == 3 * 2
 
 
 def test_rerun_is_a_no_op_and_changes_are_refused(prepared, synth_dir):
     ws, _ = prepared
     w = Workspace(ws)
-    before = w.dataset_json("tiny").stat().st_mtime_ns
+    before = w.dataset("tiny").meta_path.stat().st_mtime_ns
     samples = {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}
     again = prepare_dataset("tiny", samples, workspace=ws, show_progress=False)
-    assert again.up_to_date and w.dataset_json("tiny").stat().st_mtime_ns == before
+    assert again.up_to_date and w.dataset("tiny").meta_path.stat().st_mtime_ns == before
     with pytest.raises(FeatcacheError, match="--overwrite"):
         prepare_dataset("tiny", samples, workspace=ws, stride=16, show_progress=False)
-    assert w.dataset_json("tiny").stat().st_mtime_ns == before
+    assert w.dataset("tiny").meta_path.stat().st_mtime_ns == before
     assert not [p for p in (ws / "datasets").iterdir() if p.name.startswith(".")]

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pandas as pd
 import tifffile
-
 from conftest import BIN8, clone_sample
+
 from featcache.slide import Slide
 from featcache.visium import open_sample, read_matrix_h5
 

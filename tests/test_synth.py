@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-
 from conftest import BIN8, SMALL
+
 from featcache.synth import COMPARTMENTS, MARKERS, SynthConfig, synthesize
 from featcache.visium import read_matrix_h5
 
@@ -18,14 +18,27 @@ from featcache.visium import read_matrix_h5
 def test_layout_is_space_ranger_like(synth_dir):
     root = synth_dir / "P1"
     b = root / BIN8
-    for rel in ("filtered_feature_bc_matrix.h5", "raw_feature_bc_matrix.h5", "spatial/tissue_positions.parquet",
-                "spatial/scalefactors_json.json", "spatial/tissue_hires_image.png", "spatial/tissue_lowres_image.png"):
+    for rel in (
+        "filtered_feature_bc_matrix.h5",
+        "raw_feature_bc_matrix.h5",
+        "spatial/tissue_positions.parquet",
+        "spatial/scalefactors_json.json",
+        "spatial/tissue_hires_image.png",
+        "spatial/tissue_lowres_image.png",
+    ):
         assert (b / rel).is_file(), rel
     assert (root / "outs" / "feature_slice.h5").is_file()
     with h5py.File(root / "outs" / "feature_slice.h5") as f:
         assert json.loads(f.attrs["metadata_json"])["sample_id"] == "P1"
     pos = pd.read_parquet(b / "spatial" / "tissue_positions.parquet")
-    assert list(pos.columns) == ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    assert list(pos.columns) == [
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
+    ]
     assert len(pos) == SMALL.rows * SMALL.cols  # every bin, in and out of tissue
     assert pos["barcode"].iloc[1] == "s_008um_00000_00001-1"
     sf = json.loads((b / "spatial" / "scalefactors_json.json").read_text())

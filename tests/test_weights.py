@@ -77,8 +77,11 @@ def test_env_folder_and_hf_cache(tmp_path, monkeypatch):
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    with_head = {**{k: v.contiguous() for k, v in state.items()},
-                 "classifier.weight": torch.zeros(1000, 1024), "classifier.bias": torch.zeros(1000)}
+    with_head = {
+        **{k: v.contiguous() for k, v in state.items()},
+        "classifier.weight": torch.zeros(1000, 1024),
+        "classifier.bias": torch.zeros(1000),
+    }
     save_file(with_head, str(snap / "model.safetensors"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     import huggingface_hub.constants as hc

@@ -1,39 +1,34 @@
 """Cached token grids and targets, opened lazily (xarray + Dask) and streamed in shuffled batches.
 
-* :class:`FoldInputs` opens one dataset's feature store and targets, checks that they belong
-  together (dataset fingerprint, patch origins, completeness) and splits the patches of a fold:
-  the test patient, and a spatially blocked validation split drawn from the training patients.
+* :class:`FoldInputs` opens one dataset's model inputs (a feature store's token grids, or the
+  image patches for fine-tuning) and its targets through the store layer, and checks that they
+  belong together (dataset fingerprint, patch origins, completeness).
+* :func:`blocked_split`: a validation split of whole spatial blocks of the training patients.
 * :class:`TargetTransform`: counts per 10k → log1p → z-score per gene, statistics from the
   training patients' in-tissue bins only.
 * :class:`Batches`: chunk-aware shuffling (chunk order shuffled, then a shuffle buffer), a
-  background prefetch thread, and an optional in-memory mode that makes epochs pure compute.
+  background :class:`~featcache.streams.Prefetcher`, and an optional in-memory mode that makes
+  epochs pure compute.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 
-from featcache.catalog import store_status
 from featcache.errors import FeatcacheError
-from featcache.prepare import load_dataset_meta
-from featcache.workspace import Workspace
-
-CHANNEL_FIRST = ("patch", "channel", "row", "col")
-
-
-def _open(path, group):
-    return xr.open_zarr(path, group=group, consolidated=False)
+from featcache.stores import Dataset, FeatureStore
+from featcache.stores.features import CHANNEL_FIRST
+from featcache.streams import Prefetcher
+from train.config import BLOCK_BINS
 
 
 @dataclass
 class SampleArrays:
-    tokens: xr.DataArray  # (patch, channel, h, w), lazy
+    tokens: xr.DataArray  # (patch, channel, h, w) token grids, or (patch, y, x, rgb) uint8 images; lazy
     counts: xr.DataArray  # (patch, gene, row, col), lazy
     library: xr.DataArray  # (patch, row, col)
     mask: xr.DataArray  # (patch, row, col)
@@ -44,48 +39,59 @@ class SampleArrays:
 class FoldInputs:
     """A dataset's model inputs and targets, checked for consistency.
 
-    The inputs are the cached token grids of one feature store, or, with ``store_name=None``
-    (fine-tuning), the image patches themselves from patches.zarr.
+    The inputs are the cached token grids of ``store``, or, with ``store=None`` (fine-tuning),
+    the image patches themselves.
     """
 
-    def __init__(self, workspace: Workspace, dataset: str, store_name: str | None, make_hint: str = ""):
-        self.workspace = workspace
-        self.meta = load_dataset_meta(workspace, dataset)
+    def __init__(self, dataset: Dataset, store: FeatureStore | None):
         self.dataset = dataset
-        self.images = store_name is None
-        if self.images:
-            self.store = workspace.patches_store(dataset)
-            self.identity = {"source": "patches.zarr", "dataset_fingerprint": self.meta["fingerprint"]}
-        else:
-            self.store = workspace.features_store(dataset, store_name)
-            self.identity = self._check_store(store_name, make_hint)
-        self.samples = list(self.meta["samples"])
-        self.genes = [str(g) for g in _open(workspace.targets_store(dataset), self.samples[0]).gene.values]
+        self.meta = dataset.meta
+        self.store = store
+        self.images = store is None
+        self.identity = (
+            {"source": "patches.zarr", "dataset_fingerprint": dataset.fingerprint}
+            if self.images
+            else self._check_store(store)
+        )
+        self.samples = dataset.samples
         self.arrays: dict[str, SampleArrays] = {}
         for s in self.samples:
-            f = _open(self.store, s)
-            t = _open(workspace.targets_store(dataset), s)
-            if list(t.gene_id.values) != list(self.meta["genes"]["ids"]):
-                raise FeatcacheError(f"targets of {s} have another gene panel than dataset.json; re-prepare the dataset.")
-            if not np.array_equal(f.origin.values, t.origin.values):
-                raise FeatcacheError(f"{self.store} and the targets of {s} list different patches; "
-                                     "re-extract the features with --overwrite.")
-            x = f.image if self.images else f.tokens.transpose(*CHANNEL_FIRST)
-            chunk = x.encoding.get("chunks", (8,))[0] if self.images else int(self.identity["chunk_patches"])
+            dataset.check_chunks(s, images=self.images)
+            t = dataset.targets(s)
+            if list(t.gene_id.values) != dataset.gene_ids:
+                raise FeatcacheError(
+                    f"targets of {s} have another gene panel than dataset.json; prepare the dataset "
+                    "again with --overwrite."
+                )
+            if self.images:
+                x, chunk = dataset.patches(s).image, dataset.image_array(s).chunks[0]
+            else:
+                f = store.open_sample(s)
+                if not np.array_equal(f.origin.values, t.origin.values):
+                    raise FeatcacheError(
+                        f"{store} and the targets of {s} list different patches; re-extract the "
+                        "features with --overwrite."
+                    )
+                x, chunk = f.tokens.transpose(*CHANNEL_FIRST), self.identity["chunk_patches"]
             self.arrays[s] = SampleArrays(x, t.counts, t.library_size, t.mask, t.origin.values, int(chunk))
+        self.genes = [str(g) for g in dataset.targets(self.samples[0]).gene.values]
 
-    def _check_store(self, store_name: str, make_hint: str) -> dict:
-        if not (self.store / "zarr.json").is_file():
-            raise FeatcacheError(f"no feature store {store_name!r} for dataset {self.dataset!r} at {self.store}. "
-                                 f"Make it with `{make_hint}`.")
-        status = store_status(self.store)
+    def _check_store(self, store: FeatureStore) -> dict:
+        if not store.exists():
+            raise FeatcacheError(
+                f"no feature store {store.name!r} for dataset {self.dataset.name!r} at {store}. "
+                f"Make it with `{store.make_hint}`."
+            )
+        status = store.status()
         if not status.complete:
             missing = {s: f"{d}/{t}" for s, (d, t) in status.samples.items() if d < t}
-            raise FeatcacheError(f"feature store {self.store} is incomplete (chunks done: {missing}). "
-                                 f"Finish it by rerunning `{make_hint}`.")
-        if status.identity.get("dataset_fingerprint") != self.meta["fingerprint"]:
             raise FeatcacheError(
-                f"feature store {self.store} was extracted from other patches than dataset {self.dataset!r} now holds "
+                f"feature store {store} is incomplete (chunks done: {missing}). Finish it by rerunning "
+                f"`{store.make_hint}`."
+            )
+        if status.identity.get("dataset_fingerprint") != self.dataset.fingerprint:
+            raise FeatcacheError(
+                f"feature store {store} was extracted from other patches than dataset {self.dataset.name!r} now holds "
                 "(dataset fingerprint differs; the dataset was re-prepared?). Re-extract it with --overwrite."
             )
         return status.identity
@@ -94,9 +100,21 @@ class FoldInputs:
     def channels(self) -> int:
         return int(self.identity["dim"])
 
+    def check_fold(self, fold: str) -> None:
+        if fold not in self.samples:
+            raise FeatcacheError(
+                f"--fold {fold!r} is not a sample of dataset {self.dataset.name!r} "
+                f"(samples: {', '.join(self.samples)})."
+            )
+        if len(self.samples) < 2:
+            raise FeatcacheError(
+                f"dataset {self.dataset.name!r} has one sample; leave-one-patient-out needs at least two."
+            )
 
-def blocked_split(origins: dict[str, np.ndarray], fraction: float, seed: int, block_bins: int = 64
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+
+def blocked_split(
+    origins: dict[str, np.ndarray], fraction: float, seed: int, block_bins: int = BLOCK_BINS
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Validation = whole spatial blocks (block_bins × block_bins) of the training patients."""
     block_of = {s: [(s, int(r) // block_bins, int(c) // block_bins) for r, c in o] for s, o in origins.items()}
     sizes: dict = {}
@@ -134,7 +152,7 @@ class TargetTransform:
         return np.log1p(counts / lib * 1e4)
 
     @classmethod
-    def fit(cls, parts) -> "TargetTransform":
+    def fit(cls, parts) -> TargetTransform:
         """parts: iterable of (counts (P,G,R,C), library (P,R,C), mask (P,R,C))."""
         s = ss = n = None
         for counts, library, mask in parts:
@@ -169,8 +187,11 @@ def read_tokens(arrays: SampleArrays, sample: str, idx: np.ndarray) -> np.ndarra
 
 
 def load_targets(arrays: SampleArrays, idx: np.ndarray):
-    return (np.asarray(arrays.counts.data[idx].compute()), np.asarray(arrays.library.data[idx].compute()),
-            np.asarray(arrays.mask.data[idx].compute()))
+    return (
+        np.asarray(arrays.counts.data[idx].compute()),
+        np.asarray(arrays.library.data[idx].compute()),
+        np.asarray(arrays.mask.data[idx].compute()),
+    )
 
 
 def memory_budget() -> int:
@@ -184,8 +205,16 @@ def memory_budget() -> int:
 class Batches:
     """Shuffled (or ordered) batches of (tokens float16, targets float32, mask bool) numpy arrays."""
 
-    def __init__(self, inputs: FoldInputs, selection: dict[str, np.ndarray], transform: TargetTransform,
-                 batch_size: int, in_memory: bool, buffer_chunks: int = 4, prefetch: int = 3):
+    def __init__(
+        self,
+        inputs: FoldInputs,
+        selection: dict[str, np.ndarray],
+        transform: TargetTransform,
+        batch_size: int,
+        in_memory: bool,
+        buffer_chunks: int = 4,
+        prefetch: int = 3,
+    ):
         self.inputs = inputs
         self.selection = {s: np.asarray(i) for s, i in selection.items() if len(i)}
         self.transform = transform
@@ -223,36 +252,21 @@ class Batches:
         units = self.units()
         if shuffle:
             units = [units[i] for i in rng.permutation(len(units))]
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce():
-            try:
-                for u in units:
-                    if stop.is_set():
-                        return
-                    q.put(self._get(u))
-                q.put(None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                q.put(exc)
-
-        thread = threading.Thread(target=produce, daemon=True)
-        thread.start()
+        chunks = iter(Prefetcher(self._get, units, workers=1, depth=self.prefetch, name="featcache-batches"))
         buf: list = []
         held = 0
         try:
             while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = next(chunks, None)
                 if item is not None:
                     buf.append(item)
                     held += len(item[0])
                 if item is None or held >= self.buffer_chunks * self.batch_size or not shuffle:
                     if not buf:
                         break
-                    tok, y, m, keys = (np.concatenate([b[i] for b in buf]) if i < 3 else sum((b[3] for b in buf), [])
-                                       for i in range(4))
+                    tok, y, m, keys = (
+                        np.concatenate([b[i] for b in buf]) if i < 3 else sum((b[3] for b in buf), []) for i in range(4)
+                    )
                     order = rng.permutation(len(tok)) if shuffle else np.arange(len(tok))
                     final = item is None
                     stop_at = len(order) if final else len(order) // self.batch_size * self.batch_size
@@ -265,9 +279,4 @@ class Batches:
                 if item is None:
                     break
         finally:
-            stop.set()
-            while thread.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.05)
+            chunks.close()

@@ -8,6 +8,8 @@ from pathlib import Path
 import fsspec
 import zarr
 
+from featcache.errors import FeatcacheError
+
 
 def is_url(location: str | Path) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
@@ -15,12 +17,14 @@ def is_url(location: str | Path) -> bool:
 
 def local_path(location: str | Path) -> Path:
     s = str(location)
-    return Path(s[len("file://"):] if s.startswith("file://") else s)
+    return Path(s[len("file://") :] if s.startswith("file://") else s)
 
 
 def zarr_store(location: str | Path, storage_options: dict | None = None, read_only: bool = False):
     if is_url(location):
-        return zarr.storage.FsspecStore.from_url(str(location), storage_options=storage_options or {}, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            str(location), storage_options=storage_options or {}, read_only=read_only
+        )
     path = local_path(location)
     return zarr.storage.LocalStore(path, read_only=read_only)
 
@@ -32,7 +36,14 @@ class Location:
         self.raw = str(location)
         self.storage_options = storage_options or {}
         if is_url(location):
-            self.fs, self.root = fsspec.core.url_to_fs(self.raw, **self.storage_options)
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(self.raw, **self.storage_options)
+            except (ImportError, ValueError) as exc:
+                protocol = self.raw.split("://", 1)[0]
+                raise FeatcacheError(
+                    f"cannot open {self.raw}: {exc}. Install the fsspec backend for {protocol}:// "
+                    f"(e.g. `pip install s3fs` for s3://, `gcsfs` for gs://)."
+                ) from None
         else:
             self.fs = fsspec.filesystem("file", auto_mkdir=True)
             self.root = str(local_path(location).absolute())
@@ -58,7 +69,7 @@ class Location:
     def read_json(self, *parts: str) -> dict | None:
         try:
             return json.loads(self.fs.cat_file(self.key(*parts)))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
     def remove(self) -> None:

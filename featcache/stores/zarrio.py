@@ -1,4 +1,4 @@
-"""Small helpers for the Zarr v3 stores every stage writes."""
+"""Low-level helpers for the Zarr v3 stores of the store layer: arrays with dimension names, codecs, chunks."""
 
 from __future__ import annotations
 
@@ -82,7 +82,9 @@ def write_origins(group: zarr.Group, origins) -> None:
     """Patch origins (patch, axis) with the axis labels, the coordinate every per-patch store carries."""
     origins = np.asarray(origins, dtype=np.int32)
     n = len(origins)
-    create_array(group, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = origins
+    create_array(group, "origin", shape=(n, 2), chunks=(max(n, 1), 2), dtype="int32", dims=("patch", "axis"))[:] = (
+        origins
+    )
     write_strings(group, "axis", ["array_row", "array_col"], "axis")
 
 
@@ -91,3 +93,18 @@ def consolidate(path: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
         zarr.consolidate_metadata(zarr.storage.LocalStore(path))
+
+
+def open_local(path: Path, mode: str = "r") -> zarr.Group:
+    """A Zarr v3 group on the local disk."""
+    return zarr.open_group(zarr.storage.LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
+def chunk_keys(arr: zarr.Array) -> list[str]:
+    """Every chunk key of an array (``c/0/0/...``), in C order of the chunk grid."""
+    return [arr.metadata.encode_chunk_key(idx) for idx in np.ndindex(*arr.cdata_shape)]
+
+
+def missing_chunks(arr: zarr.Array, array_dir: Path) -> list[str]:
+    """Chunk keys of a fully written local array whose files are absent (zarr would read them as fill)."""
+    return [k for k in chunk_keys(arr) if not (Path(array_dir) / k).is_file()]

@@ -1,0 +1,67 @@
+"""What the three command lines share: the workspace option, consoles, and one-line errors."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from featcache.errors import FeatcacheError
+
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True)
+
+WorkspaceOpt = Annotated[
+    Optional[Path],
+    typer.Option("--workspace", "-w", help="Workspace root [default: $FEATCACHE_WORKSPACE or ./featcache-data]."),
+]
+
+
+def make_app(help: str) -> typer.Typer:
+    return typer.Typer(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _os_error_message(exc: OSError) -> str | None:
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full{where}. Free some space and run the same command again; it resumes or starts clean."
+    if exc.errno == errno.EDQUOT:
+        return f"the disk quota is exhausted{where}. Free some space and run the same command again."
+    if exc.errno in (errno.EROFS,):
+        return f"the file system is read-only{where}; choose a writable --workspace."
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}; choose a --workspace (or --output) you can write to."
+    return None
+
+
+def user_errors(fn):
+    """Print a FeatcacheError (or a full disk, a read-only or unwritable folder) as one line; exit non-zero."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FeatcacheError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            message = _os_error_message(exc)
+            if message is None:
+                raise
+            err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: nothing incomplete was left in place.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def split_list(text: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``."""
+    return [t.strip() for t in text.split(",") if t.strip()]

@@ -1,0 +1,61 @@
+"""Patch geometry (DESIGN §2): the one place that knows 32 bins × 14 px = 448 px and 8 µm bins.
+
+A patch is 32 × 32 bins of 8 µm rendered at 448 × 448 px, 14 px per bin, so a patch-14 ViT's
+32 × 32 token grid sits exactly on the bins: token (i, j) is bin (r0 + i, c0 + j).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BIN_UM = 8.0  # Visium HD's 8 µm bins
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """32 × 32 bins of 8 µm per patch, 14 px per bin: 448 px, one ViT-14 token per bin."""
+
+    bins: int = 32
+    px_per_bin: int = 14
+    bin_um: float = BIN_UM
+
+    @property
+    def patch_px(self) -> int:
+        return self.bins * self.px_per_bin
+
+    @property
+    def um_per_px(self) -> float:
+        return self.bin_um / self.px_per_bin
+
+    def to_json(self) -> dict:
+        return {
+            "bins_per_patch": self.bins,
+            "px_per_bin": self.px_per_bin,
+            "patch_px": self.patch_px,
+            "bin_um": self.bin_um,
+        }
+
+
+GEOMETRY = PatchGeometry()
+
+
+def patch_origins(in_tissue: np.ndarray, stride: int, min_tissue: float, bins: int = GEOMETRY.bins) -> np.ndarray:
+    """Origins (row, col) every ``stride`` bins whose bins×bins window is in tissue by ≥ ``min_tissue``."""
+    rows, cols = in_tissue.shape
+    integral = np.zeros((rows + 1, cols + 1), np.int64)
+    integral[1:, 1:] = in_tissue.astype(np.int64).cumsum(0).cumsum(1)
+    r0 = np.arange(0, rows - bins + 1, stride)
+    c0 = np.arange(0, cols - bins + 1, stride)
+    rr, cc = np.meshgrid(r0, c0, indexing="ij")
+    inside = integral[rr + bins, cc + bins] - integral[rr, cc + bins] - integral[rr + bins, cc] + integral[rr, cc]
+    keep = inside >= min_tissue * bins * bins - 1e-9
+    return np.column_stack([rr[keep], cc[keep]]).astype(np.int32)
+
+
+def gather_windows(grid: np.ndarray, origins: np.ndarray, bins: int = GEOMETRY.bins) -> np.ndarray:
+    """(n, bins, bins) slices of a per-bin grid at each patch origin (row, col)."""
+    if len(origins) == 0:
+        return np.zeros((0, bins, bins), grid.dtype)
+    return np.stack([grid[r : r + bins, c : c + bins] for r, c in origins])

@@ -1,0 +1,228 @@
+"""The prepared dataset: ``datasets/<dataset>/`` (DESIGN §7). This file is its format.
+
+::
+
+    patches.zarr/<sample>/image         uint8 (patch, y, x, rgb)   448 × 448 × 3 per patch
+    patches.zarr/<sample>/origin        int32 (patch, axis)        array (row, col) of the patch's bin (0, 0)
+    targets.zarr/<sample>/counts        int32 (patch, gene, row, col)  raw UMI counts of the gene panel
+    targets.zarr/<sample>/library_size  int32 (patch, row, col)   Gene Expression UMIs of the bin
+    targets.zarr/<sample>/mask          bool  (patch, row, col)   bin is in tissue (and in the matrix)
+    targets.zarr/<sample>/{gene, gene_id, origin}                 coordinates
+    dataset.json                        samples, gene panel, geometry, source fingerprints
+
+A dataset is built in a hidden folder beside its final place (:class:`DatasetBuilder`) and moved
+there only when complete, so an interrupted run never leaves a half-written dataset that looks
+finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from featcache.errors import FeatcacheError
+from featcache.geometry import GEOMETRY
+from featcache.stores.files import read_json, replace_dir, write_json
+from featcache.stores.zarrio import consolidate, create_array, missing_chunks, open_local, write_origins, write_strings
+
+DATASET_FORMAT = "featcache.dataset/1"
+IMAGE_CHUNK = 8  # patches per image chunk (~4.8 MB raw)
+TARGET_CHUNK = 32  # patches per target chunk
+PARTIAL = ".partial-"
+
+
+def open_lazy(path: Path, group: str | None) -> xr.Dataset:
+    """A Zarr group as a lazily loaded (Dask-backed) xarray Dataset."""
+    return xr.open_zarr(path, group=group, consolidated=False)
+
+
+class Dataset:
+    """A prepared dataset of the workspace (made by ``featcache prepare``)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+
+    @property
+    def patches_path(self) -> Path:
+        return self.path / "patches.zarr"
+
+    @property
+    def targets_path(self) -> Path:
+        return self.path / "targets.zarr"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "dataset.json"
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file()
+
+    @cached_property
+    def meta(self) -> dict:
+        meta = read_json(self.meta_path)
+        if meta is None:
+            raise FeatcacheError(
+                f"no prepared dataset {self.name!r} at {self.path}. Make it with "
+                "`featcache prepare --dataset NAME --sample NAME=DIR ...`."
+            )
+        if not isinstance(meta.get("samples"), dict) or not isinstance(meta.get("genes"), dict):
+            raise FeatcacheError(
+                f"{self.meta_path} is damaged (no samples or genes). Prepare the dataset again with --overwrite."
+            )
+        return meta
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    @property
+    def samples(self) -> list[str]:
+        return list(self.meta["samples"])
+
+    @property
+    def gene_ids(self) -> list[str]:
+        return list(self.meta["genes"]["ids"])
+
+    @property
+    def gene_names(self) -> list[str]:
+        return list(self.meta["genes"]["names"])
+
+    def n_patches(self, sample: str) -> int:
+        return int(self.meta["samples"][sample]["n_patches"])
+
+    def _check_sample(self, sample: str) -> None:
+        if sample not in self.meta["samples"]:
+            raise FeatcacheError(
+                f"dataset {self.name!r} has no sample {sample!r} (samples: {', '.join(self.samples)})."
+            )
+
+    def patches(self, sample: str) -> xr.Dataset:
+        """Image patches (patch, y, x, rgb) and origins of one sample, lazily."""
+        self._check_sample(sample)
+        return open_lazy(self.patches_path, sample)
+
+    def targets(self, sample: str) -> xr.Dataset:
+        """counts (patch, gene, row, col), library_size, mask of one sample, lazily."""
+        self._check_sample(sample)
+        return open_lazy(self.targets_path, sample)
+
+    def image_array(self, sample: str) -> zarr.Array:
+        """The raw Zarr array of a sample's patches (for readers that decode chunk by chunk)."""
+        self._check_sample(sample)
+        return open_local(self.patches_path)[sample]["image"]
+
+    def check_chunks(self, sample: str, images: bool = False) -> None:
+        """Refuse a sample whose target (or image) chunk files are missing: zarr would read them as fill values."""
+        arrays = [("targets.zarr", "counts"), ("targets.zarr", "library_size"), ("targets.zarr", "mask")]
+        arrays += [("patches.zarr", "image")] if images else []
+        for store, name in arrays:
+            arr = open_local(self.path / store)[sample][name]
+            missing = missing_chunks(arr, self.path / store / sample / name)
+            if missing:
+                raise FeatcacheError(
+                    f"dataset {self.name!r} is damaged: {store}/{sample}/{name} lacks chunk file(s) "
+                    f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}. Prepare it again "
+                    "with --overwrite."
+                )
+
+    def origins(self, sample: str) -> np.ndarray:
+        self._check_sample(sample)
+        return np.asarray(open_local(self.patches_path)[sample]["origin"][:])
+
+    def summary(self) -> dict:
+        return {
+            "dataset": self.name,
+            "samples": {s: self.n_patches(s) for s in self.samples},
+            "genes": len(self.gene_ids),
+            "path": str(self.path),
+        }
+
+    def builder(self, store_attrs: dict) -> DatasetBuilder:
+        return DatasetBuilder(self, store_attrs)
+
+
+@dataclass
+class SampleArrays:
+    """The arrays of one sample being written; prepare fills them."""
+
+    image: zarr.Array
+    counts: zarr.Array
+    library_size: zarr.Array
+    mask: zarr.Array
+
+
+class DatasetBuilder:
+    """Writes a dataset in a hidden ``.<name>.partial-<pid>-<id>`` folder; :meth:`commit` moves it into place."""
+
+    def __init__(self, dataset: Dataset, store_attrs: dict):
+        self.dataset = dataset
+        dataset.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = dataset.path.parent / f".{dataset.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.partial.mkdir()
+        self.patches = zarr.open_group(zarr.storage.LocalStore(self.partial / "patches.zarr"), mode="w", zarr_format=3)
+        self.targets = zarr.open_group(zarr.storage.LocalStore(self.partial / "targets.zarr"), mode="w", zarr_format=3)
+        self.patches.attrs.update(store_attrs)
+        self.targets.attrs.update(store_attrs)
+
+    def add_sample(self, sample: str, origins: np.ndarray, gene_ids, gene_labels, patch_attrs: dict) -> SampleArrays:
+        n, b, px, g = len(origins), GEOMETRY.bins, GEOMETRY.patch_px, len(gene_ids)
+        pg = self.patches.create_group(sample)
+        pg.attrs.update(patch_attrs)
+        image = create_array(
+            pg,
+            "image",
+            shape=(n, px, px, 3),
+            chunks=(IMAGE_CHUNK, px, px, 3),
+            dtype="uint8",
+            dims=("patch", "y", "x", "rgb"),
+            level=3,
+            attributes={"coordinates": "origin"},
+        )
+        write_origins(pg, origins)
+        tg = self.targets.create_group(sample)
+        tg.attrs.update({"sample": sample, "counts": "raw UMI counts of the gene panel per 8 µm bin"})
+        write_strings(tg, "gene", gene_labels, "gene")
+        write_strings(tg, "gene_id", gene_ids, "gene")
+        write_origins(tg, origins)
+        per_patch = dict(dims=("patch", "row", "col"), attributes={"coordinates": "origin"})
+        counts = create_array(
+            tg,
+            "counts",
+            shape=(n, g, b, b),
+            chunks=(TARGET_CHUNK, g, b, b),
+            dtype="int32",
+            dims=("patch", "gene", "row", "col"),
+            attributes={"coordinates": "gene_id origin"},
+        )
+        library = create_array(
+            tg, "library_size", shape=(n, b, b), chunks=(TARGET_CHUNK, b, b), dtype="int32", **per_patch
+        )
+        mask = create_array(
+            tg, "mask", shape=(n, b, b), chunks=(TARGET_CHUNK, b, b), dtype="bool", fill_value=False, **per_patch
+        )
+        return SampleArrays(image, counts, library, mask)
+
+    def commit(self, meta: dict) -> None:
+        for store in ("patches.zarr", "targets.zarr"):
+            consolidate(self.partial / store)
+        write_json(self.partial / "dataset.json", meta)
+        replace_dir(self.partial, self.dataset.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> DatasetBuilder:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,396 @@
+"""The feature store: ``features/<dataset>/<encoder>[-random].zarr`` (DESIGN §7). This file is its format.
+
+::
+
+    zarr.json                root attributes: ``identity`` (what determines the values) and ``provenance``
+    <sample>/tokens          float16, (patch, channel, row, col) by default; NaN where not yet written
+    <sample>/pooled          float32 (patch, channel)
+    <sample>/origin          int32 (patch, axis), copied from the dataset's patches.zarr
+    <sample>/_done/<chunk>   empty marker, written after the chunk's tokens and pooled are stored
+
+The identity names the encoder and its kwargs, the weights (sha256 or ``random:<seed>``), input
+size, normalisation, stored dtype, compute precision, prefix tokens dropped, geometry, dataset
+fingerprint, layout, codec and chunking. A store is created by writing its root ``zarr.json``
+with the identity in one exclusive step, so a folder either is a featcache store (it has the
+identity) or is not one; only the former is ever resumed or removed. A chunk counts as done
+only once its marker exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from featcache.errors import FeatcacheError
+from featcache.stores.files import create_exclusive, write_bytes
+from featcache.stores.location import Location, is_url, local_path, zarr_store
+from featcache.stores.zarrio import TOKEN_CODECS, create_array, write_origins
+
+FEATURES_FORMAT = "featcache.features/1"
+RANDOM_SUFFIX = "-random"
+# Physical order of the tokens array, by benchmark (benchmarks/RESULTS.md): channel-first
+# compresses better (each chunk row is one channel's 32×32 map) and is what a conv decoder reads.
+# The dimension names say which is stored; xarray users select by name either way.
+LAYOUTS = {"channel-first": ("patch", "channel", "row", "col"), "channel-last": ("patch", "row", "col", "channel")}
+DEFAULT_LAYOUT = "channel-first"
+CHANNEL_FIRST = LAYOUTS["channel-first"]
+CHUNK_BYTES = 8 << 20  # target size of one uncompressed tokens chunk
+DONE = "_done"
+
+
+def store_name(encoder: str, random: bool) -> str:
+    """The store's name in the workspace: ``<encoder>`` for pretrained weights, ``<encoder>-random`` else."""
+    return f"{encoder}{RANDOM_SUFFIX}" if random else encoder
+
+
+def split_store_name(name: str) -> tuple[str, bool]:
+    """``uni2h-random`` -> (``uni2h``, True)."""
+    return (name.removesuffix(RANDOM_SUFFIX), True) if name.endswith(RANDOM_SUFFIX) else (name, False)
+
+
+def chunk_patches_for(grid: int, dim: int) -> int:
+    """Patches per stored chunk: about CHUNK_BYTES of float16 tokens, between 1 and 64."""
+    return int(min(64, max(1, round(CHUNK_BYTES / (grid * grid * dim * 2)))))
+
+
+def make_identity(
+    *, spec: dict, weights: str, prefix_tokens: int, dataset: dict, chunk: int, compute: dict, codec: str, layout: str
+) -> dict:
+    """Everything that determines a store's values (``spec`` is the encoder's ``describe()``)."""
+    if codec not in TOKEN_CODECS:
+        raise FeatcacheError(f"unknown codec {codec!r}; one of {', '.join(TOKEN_CODECS)}.")
+    if layout not in LAYOUTS:
+        raise FeatcacheError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}.")
+    return json.loads(
+        json.dumps(
+            {
+                "format": FEATURES_FORMAT,
+                **spec,
+                "weights": weights,
+                "stored_dtype": "float16",
+                "pooled_dtype": "float32",
+                "compute": compute,
+                "prefix_tokens_dropped": prefix_tokens,
+                "layout": list(LAYOUTS[layout]),
+                "chunk_patches": chunk,
+                "codec": codec,
+                "geometry": dataset["geometry"],
+                "dataset": dataset["dataset"],
+                "dataset_fingerprint": dataset["fingerprint"],
+                "samples": {s: v["n_patches"] for s, v in dataset["samples"].items()},
+            }
+        )
+    )
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [
+        f"{k}: stored {json.dumps(old.get(k))[:60]} vs now {json.dumps(new.get(k))[:60]}"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]
+
+
+@dataclass
+class StoreStatus:
+    location: str
+    identity: dict
+    provenance: dict
+    samples: dict[str, tuple[int, int]]  # sample -> (chunks done, chunks total)
+    size_bytes: int
+
+    @property
+    def complete(self) -> bool:
+        return all(d == t for d, t in self.samples.values())
+
+    @property
+    def patches(self) -> int:
+        return sum(self.identity.get("samples", {}).values())
+
+
+@dataclass
+class VerifyReport:
+    location: str
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    not_extracted: list[str] = field(default_factory=list)
+    bad_chunks: dict[str, set[int]] = field(default_factory=dict)  # sample -> chunk indices to redo
+    repaired: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.not_extracted
+
+
+class FeatureStore:
+    """One encoder's cached token grids for one dataset, at a local path or an fsspec URL."""
+
+    def __init__(
+        self,
+        location: str | Path,
+        storage_options: dict | None = None,
+        *,
+        dataset: str | None = None,
+        encoder: str | None = None,
+        random: bool | None = None,
+    ):
+        self.loc = Location(location, storage_options)
+        self.dataset, self.encoder, self.random = dataset, encoder, random  # known for workspace stores
+
+    @property
+    def make_hint(self) -> str:
+        """The command that makes (or finishes) this store."""
+        if self.dataset is None:
+            return "featcache extract --dataset DATASET --encoder ENCODER --output " + str(self.loc)
+        return f"featcache extract --dataset {self.dataset} --encoder {self.encoder}" + (
+            " --weights random" if self.random else ""
+        )
+
+    def __str__(self) -> str:
+        return str(self.loc)
+
+    @property
+    def name(self) -> str:
+        return str(self.loc).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+
+    @property
+    def path(self) -> Path | None:
+        """The local folder, or None for a URL."""
+        return None if is_url(self.loc.raw) else local_path(self.loc.raw)
+
+    # ------------------------------------------------------------------ identity
+    def _root_meta(self) -> dict | None:
+        return self.loc.read_json("zarr.json")
+
+    def exists(self) -> bool:
+        return self._root_meta() is not None
+
+    @property
+    def identity(self) -> dict:
+        meta = self._root_meta()
+        if meta is None:
+            raise FeatcacheError(
+                f"{self.loc} is not a feature store (no zarr.json). `featcache ls` lists the stores that exist."
+            )
+        ident = meta.get("attributes", {}).get("identity")
+        if not ident:
+            raise FeatcacheError(f"{self.loc} has no featcache identity: it was not made by `featcache extract`.")
+        return ident
+
+    @property
+    def provenance(self) -> dict:
+        return (self._root_meta() or {}).get("attributes", {}).get("provenance", {})
+
+    def open_or_create(
+        self, identity: dict, provenance: dict, origins: dict[str, np.ndarray], overwrite: bool = False
+    ) -> zarr.Group:
+        """Open a store of this identity for resuming, or create it; shards may race here safely.
+
+        A store of another identity is replaced only with ``overwrite``; anything that is not a
+        featcache store (a user's folder, another Zarr store) is never adopted or removed.
+        """
+        meta = self._root_meta()
+        if meta is None:
+            self._refuse_foreign_folder()
+        else:
+            old = meta.get("attributes", {}).get("identity")
+            if not old:
+                raise FeatcacheError(
+                    f"{self.loc} is a Zarr store that featcache did not make; it is left as it is. "
+                    "Choose another --output."
+                )
+            if old != identity:
+                if not overwrite:
+                    diff = "; ".join(_differences(old, identity)[:3])
+                    raise FeatcacheError(
+                        f"feature store {self.loc} was made with a different identity ({diff}). "
+                        "Pass --overwrite to replace it, or write elsewhere with --output."
+                    )
+                self.remove()
+        self._create_root(identity)
+        root = self._open_root(identity)
+        self._create_arrays(root, identity, origins)
+        self.set_provenance(provenance)
+        return root
+
+    def _refuse_foreign_folder(self) -> None:
+        fs, root = self.loc.fs, self.loc.root
+        if fs.exists(root) and not fs.isdir(root):
+            raise FeatcacheError(f"{self.loc} is a file, not a folder; choose another --output.")
+        if fs.exists(root) and fs.ls(root, detail=False):
+            raise FeatcacheError(
+                f"{self.loc} is a folder that featcache did not make (it has files and no feature-store "
+                "identity); it is left as it is. Choose a new or empty folder for --output."
+            )
+
+    def _create_root(self, identity: dict) -> None:
+        meta = {"zarr_format": 3, "node_type": "group", "attributes": {"identity": identity, "provenance": {}}}
+        data = json.dumps(meta, indent=2).encode()
+        if self.path is not None:
+            create_exclusive(self.path / "zarr.json", data)  # a racing shard's copy is equal, or refused below
+        elif not self.loc.exists("zarr.json"):
+            self.loc.fs.pipe_file(self.loc.key("zarr.json"), data)
+
+    def _open_root(self, identity: dict) -> zarr.Group:
+        if self.identity != identity:
+            raise FeatcacheError(
+                f"another process created {self.loc} with a different identity just now; rerun "
+                "with the same options as that process, or choose another --output."
+            )
+        return zarr.open_group(zarr_store(self.loc.raw, self.loc.storage_options), mode="r+")
+
+    def _create_arrays(self, root: zarr.Group, identity: dict, origins: dict[str, np.ndarray]) -> None:
+        chunk, dims = identity["chunk_patches"], tuple(identity["layout"])
+        sizes = {"row": identity["grid"][0], "col": identity["grid"][1], "channel": identity["dim"]}
+        shape = [sizes[d] for d in dims[1:]]
+        pooled_dim = 2 * identity["dim"] if identity["pooled"] == "cls+mean" else identity["dim"]
+        for sample, n in identity["samples"].items():
+            for attempt in range(50):  # a racing shard may be writing the same metadata right now
+                try:
+                    g = root.require_group(sample)
+                    if "tokens" not in g:
+                        create_array(
+                            g,
+                            "tokens",
+                            shape=(n, *shape),
+                            chunks=(chunk, *shape),
+                            dtype="float16",
+                            dims=dims,
+                            fill_value=float("nan"),
+                            attributes={"coordinates": "origin"},
+                            codec=identity["codec"],
+                        )
+                    if "pooled" not in g:
+                        create_array(
+                            g,
+                            "pooled",
+                            shape=(n, pooled_dim),
+                            chunks=(chunk, pooled_dim),
+                            dtype="float32",
+                            dims=("patch", "channel"),
+                            fill_value=float("nan"),
+                            attributes={"coordinates": "origin"},
+                        )
+                    if "origin" not in g:
+                        write_origins(g, origins[sample])
+                    if DONE not in g:
+                        g.require_group(DONE).attrs["description"] = "one empty marker file per fully written chunk"
+                    break
+                except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, json.JSONDecodeError, KeyError):
+                    time.sleep(0.05 * (attempt + 1))
+            else:
+                raise FeatcacheError(
+                    f"could not create the arrays of sample {sample} in {self.loc}; is another process "
+                    "writing it with other options?"
+                )
+
+    def set_provenance(self, provenance: dict) -> None:
+        """Replace the root's provenance in one atomic write (concurrent shards read zarr.json meanwhile)."""
+        meta = self._root_meta()
+        meta.setdefault("attributes", {})["provenance"] = json.loads(json.dumps(provenance))
+        data = json.dumps(meta, indent=2).encode()
+        if self.path is not None:
+            write_bytes(self.path / "zarr.json", data)
+        else:
+            self.loc.fs.pipe_file(self.loc.key("zarr.json"), data)
+
+    def remove(self) -> None:
+        """Delete the store; only a folder whose root carries a featcache identity is ever removed."""
+        _ = self.identity
+        self.loc.remove()
+
+    # ------------------------------------------------------------------ chunks
+    def group(self, mode: str = "r") -> zarr.Group:
+        return self.loc.open_group(mode)
+
+    def n_chunks(self, sample: str) -> int:
+        ident = self.identity
+        return -(-ident["samples"][sample] // ident["chunk_patches"])
+
+    def done_chunks(self, sample: str) -> set[int]:
+        return {int(x) for x in self.loc.listdir(sample, DONE) if x.isdigit()}
+
+    def mark_done(self, sample: str, chunk: int) -> None:
+        self.loc.touch(sample, DONE, str(chunk))
+
+    def unmark(self, sample: str, chunk: int) -> None:
+        key = self.loc.key(sample, DONE, str(chunk))
+        if self.loc.fs.exists(key):
+            self.loc.fs.rm(key)
+
+    def status(self) -> StoreStatus:
+        ident = self.identity
+        samples = {s: (len(self.done_chunks(s)), self.n_chunks(s)) for s in ident["samples"]}
+        return StoreStatus(str(self.loc), ident, self.provenance, samples, self.loc.size_bytes())
+
+    def is_complete(self) -> bool:
+        return self.exists() and self.status().complete
+
+    # ------------------------------------------------------------------ reading
+    def open_sample(self, sample: str) -> xr.Dataset:
+        """tokens, pooled and origins of one sample as a lazily loaded xarray Dataset."""
+        if sample not in self.identity["samples"]:
+            raise FeatcacheError(f"feature store {self.loc} has no sample {sample!r}.")
+        return xr.open_zarr(
+            zarr_store(self.loc.raw, self.loc.storage_options, read_only=True), group=sample, consolidated=False
+        )
+
+    def tokens(self, sample: str, order=CHANNEL_FIRST) -> xr.DataArray:
+        """A sample's token grids in the given dimension order, lazily."""
+        return self.open_sample(sample).tokens.transpose(*order)
+
+    # ------------------------------------------------------------------ verify
+    def verify(self, repair: bool = False) -> VerifyReport:
+        """Read back every done chunk (checksum, shape, finiteness); with ``repair``, drop the markers of bad ones."""
+        ident = self.identity
+        chunk = ident["chunk_patches"]
+        report = VerifyReport(str(self.loc))
+        root = self.group("r")
+        for sample, n in ident["samples"].items():
+            if sample not in root:
+                report.problems.append(f"{sample}: group missing")
+                continue
+            done = self.done_chunks(sample)
+            for name in ("tokens", "pooled"):
+                self._verify_array(report, root[sample][name], sample, name, n, chunk, done, ident)
+        if repair:
+            for sample, chunks in report.bad_chunks.items():
+                for c in chunks:
+                    self.unmark(sample, c)
+                    report.repaired += 1
+        return report
+
+    def _verify_array(self, report, arr, sample, name, n, chunk, done, ident) -> None:
+        sizes = {"row": ident["grid"][0], "col": ident["grid"][1], "channel": ident["dim"]}
+        expect = (n, *(sizes[d] for d in ident["layout"][1:])) if name == "tokens" else (n,)
+        if arr.shape[: len(expect)] != tuple(expect):
+            report.problems.append(f"{sample}/{name}: shape {arr.shape}, identity says {tuple(expect)}")
+            return
+        for c in range(-(-n // chunk)):
+            where = f"{sample}/{name} chunk {c} (patches {c * chunk}-{min((c + 1) * chunk, n) - 1})"
+            if c not in done:
+                if name == "tokens":
+                    report.not_extracted.append(where.replace("/tokens", ""))
+                continue
+            key = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+            bad = None
+            if not self.loc.exists(sample, name, key):
+                bad = f"{where}: chunk file {sample}/{name}/{key} is missing"
+            else:
+                try:
+                    block = np.asarray(arr[c * chunk : min((c + 1) * chunk, n)])
+                    report.checked += 1
+                    if not np.isfinite(block).all():
+                        bad = f"{where}: {int((~np.isfinite(block)).sum())} non-finite values"
+                except Exception as exc:  # noqa: BLE001 - checksum or decompression failure
+                    bad = f"{where}: corrupted ({type(exc).__name__}: {str(exc)[:80]})"
+            if bad:
+                report.problems.append(bad)
+                report.bad_chunks.setdefault(sample, set()).add(c)

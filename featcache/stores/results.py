@@ -1,0 +1,43 @@
+"""Results of a dataset: ``results/<dataset>/`` (DESIGN §7). This file is its format.
+
+::
+
+    encoder_loocv_comparison.json   every run's summary over folds, in the reference study's schema
+    figures/                        the comparison figures and spatial rows (PNG and PDF)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featcache.errors import FeatcacheError
+from featcache.stores.files import read_json, write_json
+
+COMPARISON = "encoder_loocv_comparison.json"
+
+
+class Results:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.dataset = self.path.name
+
+    @property
+    def comparison_path(self) -> Path:
+        return self.path / COMPARISON
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / "figures"
+
+    def read_comparison(self, required: bool = False) -> dict | None:
+        res = read_json(self.comparison_path)
+        if res is None and required:
+            raise FeatcacheError(
+                f"no results file {self.comparison_path}; make it with `train loocv` or "
+                f"`train summarize --dataset {self.dataset}`."
+            )
+        return res
+
+    def write_comparison(self, comparison: dict) -> Path:
+        write_json(self.comparison_path, comparison)
+        return self.comparison_path

@@ -1,0 +1,228 @@
+"""The run folder: ``runs/<dataset>/<encoder>/<run>/fold-<fold>/`` (DESIGN §7). This file is its format.
+
+::
+
+    config.json        every setting that determines the result, and its sha256 (``config_sha256``)
+    log.jsonl          one line per finished epoch (train loss, validation loss and pcc_gene, seconds)
+    train_state.pt     model + optimizer + RNG state after the last finished epoch (for resuming)
+    best.pt            the best validation epoch's weights so far (for resuming)
+    checkpoint.pt      the selected decoder (and encoder, when fine-tuned) with the target transform
+    predictions.zarr   pred, truth, mask (patch, gene, row, col) of the test patient, origins as coords
+    metrics.json       the test metrics
+
+Every ``.pt`` file holds tensors and plain data only and is read with ``weights_only=True``: a
+run folder can come from anywhere (a shared workspace, an archive), so nothing in it may run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from featcache.errors import FeatcacheError
+from featcache.stores.files import append_line, read_json, write_json, write_text
+from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
+
+FOLD_PREFIX = "fold-"
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a temp file, so a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_torch(path: Path):
+    """Tensors and plain data only; a file that needs code to load is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise FeatcacheError(
+            f"refusing to load {path}: it is not plain tensors and data (loading it would run code from the file: "
+            f"{str(exc).splitlines()[0][:120]}). Delete it, or the whole run folder, and train again."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise FeatcacheError(
+            f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); the file is damaged. "
+            "Delete it, or rerun with --overwrite."
+        ) from None
+
+
+class RunDir:
+    """One training run of one fold."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def fold(self) -> str:
+        return self.path.name.removeprefix(FOLD_PREFIX)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------ config
+    def read_config(self) -> dict | None:
+        return read_json(self.file("config.json"))
+
+    def claim(self, config: dict, overwrite: bool, variant_hint: str = "") -> str:
+        """Take the folder for ``config``: ``new``, ``resume`` (same settings, unfinished) or ``done``.
+
+        A folder holding a run with other settings is refused, or with ``overwrite`` emptied
+        first. Nothing is written here: :meth:`write_config` does that once the run can start.
+        """
+        old = self.read_config()
+        if old is None and self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise FeatcacheError(
+                    f"{self.path} holds files but no config.json; it is not a run folder featcache "
+                    "can resume. Pass --overwrite to replace it" + variant_hint + "."
+                )
+        if old is not None and old.get("config_sha256") != config["config_sha256"]:
+            if not overwrite:
+                raise FeatcacheError(
+                    f"run folder {self.path} holds a run with other settings. Pass --overwrite to "
+                    "replace it" + variant_hint + "."
+                )
+            old = None
+        if old is None:
+            if overwrite and self.path.exists():
+                shutil.rmtree(self.path)
+            return "new"
+        return "done" if self.file("metrics.json").is_file() else "resume"
+
+    def write_config(self, config: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.file("config.json"), config)
+
+    # ------------------------------------------------------------------ log and state
+    def read_log(self) -> list[dict]:
+        path = self.file("log.jsonl")
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    def append_log(self, row: dict) -> None:
+        append_line(self.file("log.jsonl"), json.dumps(row))
+
+    def rewrite_log(self, rows: list[dict]) -> None:
+        write_text(self.file("log.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+
+    def save_state(self, state: dict) -> None:
+        save_torch(state, self.file("train_state.pt"))
+
+    def load_state(self) -> dict | None:
+        path = self.file("train_state.pt")
+        return load_torch(path) if path.is_file() else None
+
+    def save_best(self, best: dict) -> None:
+        save_torch(best, self.file("best.pt"))
+
+    def load_best(self) -> dict | None:
+        path = self.file("best.pt")
+        return load_torch(path) if path.is_file() else None
+
+    def clear_state(self) -> None:
+        for name in ("train_state.pt", "best.pt"):
+            self.file(name).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ results
+    def save_checkpoint(self, checkpoint: dict) -> None:
+        save_torch(checkpoint, self.file("checkpoint.pt"))
+
+    def load_checkpoint(self) -> dict:
+        path = self.file("checkpoint.pt")
+        if not path.is_file():
+            raise FeatcacheError(f"{self.path} has no checkpoint.pt: the run is not finished.")
+        return load_torch(path)
+
+    def is_finished(self) -> bool:
+        return self.file("metrics.json").is_file()
+
+    def read_metrics(self) -> dict:
+        m = read_json(self.file("metrics.json"))
+        if m is None:
+            raise FeatcacheError(f"{self.path} has no metrics.json: the run is not finished.")
+        return m
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.file("metrics.json"), metrics)
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.file("predictions.zarr")
+
+    def write_predictions(self, pred, truth, mask, origins, genes, gene_ids, attrs: dict) -> None:
+        write_prediction_store(
+            self.predictions_path, attrs, origins, genes, gene_ids, {"pred": pred, "truth": truth}, mask
+        )
+
+    def open_predictions(self) -> xr.Dataset:
+        if not self.predictions_path.exists():
+            raise FeatcacheError(f"predictions of run not found: {self.predictions_path}")
+        return xr.open_zarr(self.predictions_path, consolidated=False)
+
+
+def write_prediction_store(
+    path: Path,
+    attrs: dict,
+    origins,
+    genes,
+    gene_ids,
+    maps: dict[str, np.ndarray],
+    mask: np.ndarray | None,
+    dtype: str = "float32",
+) -> None:
+    """A (patch, gene, row, col) prediction store with origins and genes as coordinates, replaced whole."""
+    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        root = open_local(partial, "w")
+        root.attrs.update(attrs)
+        dims = ("patch", "gene", "row", "col")
+        for name, data in maps.items():
+            n, g, r, c = data.shape
+            create_array(
+                root,
+                name,
+                shape=data.shape,
+                chunks=(max(1, min(n, 32)), g, r, c),
+                dtype=dtype,
+                dims=dims,
+                attributes={"coordinates": "origin gene_id"},
+            )[:] = data.astype(dtype)
+        if mask is not None:
+            n, r, c = mask.shape
+            create_array(
+                root,
+                "mask",
+                shape=mask.shape,
+                chunks=(max(1, min(n, 32)), r, c),
+                dtype="bool",
+                dims=("patch", "row", "col"),
+                fill_value=False,
+                attributes={"coordinates": "origin"},
+            )[:] = mask
+        write_origins(root, origins)
+        write_strings(root, "gene", genes, "gene")
+        write_strings(root, "gene_id", gene_ids, "gene")
+        consolidate(partial)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

@@ -1,0 +1,141 @@
+"""The workspace: where every artefact lives (DESIGN §7), and the names that may appear in its paths.
+
+The root is ``--workspace``, else ``$FEATCACHE_WORKSPACE``, else ``./featcache-data``::
+
+    datasets/<dataset>/                         Dataset     (featcache/stores/dataset.py)
+    features/<dataset>/<encoder>[-random].zarr  FeatureStore (featcache/stores/features.py)
+    runs/<dataset>/<encoder>/<run>/fold-<fold>  RunDir      (featcache/stores/runs.py)
+    results/<dataset>/                          Results     (featcache/stores/results.py)
+    raw/, weights/                              the demo's synthetic input and stand-in weights
+
+Every name that becomes part of a path (dataset, sample, patient, encoder, run variant, fold) is
+checked here, so no command or API call can read or write outside the workspace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.errors import FeatcacheError
+from featcache.stores.dataset import Dataset
+from featcache.stores.features import FeatureStore, split_store_name, store_name
+from featcache.stores.results import Results
+from featcache.stores.runs import FOLD_PREFIX, RunDir
+
+ENV_VAR = "FEATCACHE_WORKSPACE"
+DEFAULT = "featcache-data"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def check_name(name, what: str) -> str:
+    """``name`` if it is safe as one path component; else one clear error."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or name.endswith(".json") or ".." in name:
+        raise FeatcacheError(
+            f"{what} {name!r} is not a valid name: use letters, digits, '-', '_', '.', '+' "
+            "(starting with a letter or digit; no '/', no '..', not ending in .json)."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def resolve(cls, workspace: str | os.PathLike | None = None) -> Workspace:
+        if isinstance(workspace, Workspace):
+            return workspace
+        root = Path(workspace or os.environ.get(ENV_VAR) or DEFAULT).expanduser().absolute()
+        if root.exists() and not root.is_dir():
+            raise FeatcacheError(f"workspace {root} is a file, not a folder; pass --workspace DIR.")
+        return cls(root)
+
+    # ------------------------------------------------------------------ datasets
+    def dataset(self, name: str) -> Dataset:
+        return Dataset(self.root / "datasets" / check_name(name, "dataset"))
+
+    def open_dataset(self, name: str) -> Dataset:
+        """A prepared dataset, or one error naming the datasets that exist and how to make one."""
+        ds = self.dataset(name)
+        if not ds.exists():
+            known = [d.name for d in self.datasets()]
+            raise FeatcacheError(
+                f"no prepared dataset {name!r} in workspace {self.root}"
+                + (f" (it has: {', '.join(known)})" if known else "")
+                + ". Make it with `featcache prepare --dataset NAME --sample NAME=DIR ...`."
+            )
+        _ = ds.meta  # a damaged dataset.json is reported as such
+        return ds
+
+    def datasets(self) -> list[Dataset]:
+        base = self.root / "datasets"
+        found = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
+        return [Dataset(p) for p in found if (p / "dataset.json").is_file()]
+
+    # ------------------------------------------------------------------ feature stores
+    def feature_store(self, dataset: str, encoder: str, random: bool = False) -> FeatureStore:
+        check_name(dataset, "dataset")
+        name = check_name(store_name(check_name(encoder, "encoder"), random), "feature store")
+        return FeatureStore(
+            self.root / "features" / dataset / f"{name}.zarr", dataset=dataset, encoder=encoder, random=random
+        )
+
+    def features_dir(self, dataset: str | None = None) -> Path:
+        return self.root / "features" / check_name(dataset, "dataset") if dataset else self.root / "features"
+
+    def feature_stores(self, dataset: str | None = None) -> list[FeatureStore]:
+        base = self.features_dir()
+        if not base.is_dir():
+            return []
+        folders = (
+            [base / check_name(dataset, "dataset")] if dataset else sorted(p for p in base.iterdir() if p.is_dir())
+        )
+        stores = [
+            self.feature_store(f.name, *split_store_name(p.stem))
+            for f in folders
+            if f.is_dir()
+            for p in sorted(f.glob("*.zarr"))
+            if NAME.fullmatch(p.stem)
+        ]
+        return [s for s in stores if (s.exists() and (s._root_meta() or {}).get("attributes", {}).get("identity"))]
+
+    def check_output(self, location: str) -> None:
+        """Refuse a store location inside the workspace's datasets, runs or results, or above them."""
+        from featcache.stores.location import is_url, local_path
+
+        if is_url(location):
+            return
+        target = local_path(location).expanduser().absolute().resolve()
+        for sub in ("datasets", "runs", "results"):
+            guarded = (self.root / sub).resolve()
+            if target == guarded or guarded in target.parents or target in guarded.parents:
+                raise FeatcacheError(
+                    f"--output {location} is inside (or holds) the workspace's {sub}/ folder, which "
+                    "feature stores must not touch; choose a folder of its own."
+                )
+
+    # ------------------------------------------------------------------ runs and results
+    def run(self, dataset: str, encoder: str, run: str, fold: str) -> RunDir:
+        parts = [check_name(dataset, "dataset"), check_name(encoder, "encoder"), check_name(run, "run name")]
+        return RunDir(self.root / "runs" / Path(*parts) / f"{FOLD_PREFIX}{check_name(fold, 'fold')}")
+
+    def runs_dir(self, dataset: str) -> Path:
+        return self.root / "runs" / check_name(dataset, "dataset")
+
+    def runs(self, dataset: str) -> list[RunDir]:
+        """Every run folder of a dataset that has a config.json (finished or not)."""
+        base = self.runs_dir(dataset)
+        return [RunDir(p.parent) for p in sorted(base.glob(f"*/*/{FOLD_PREFIX}*/config.json"))] if base.is_dir() else []
+
+    def results(self, dataset: str) -> Results:
+        return Results(self.root / "results" / check_name(dataset, "dataset"))
+
+    # ------------------------------------------------------------------ demo inputs
+    def raw_dir(self, name: str) -> Path:
+        return self.root / "raw" / check_name(name, "raw input")
+
+    def weights_file(self, name: str) -> Path:
+        return self.root / "weights" / check_name(name, "weights file")

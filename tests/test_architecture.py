@@ -1,0 +1,88 @@
+"""The layout the README's Architecture section describes: three stages over one store layer.
+
+Read from the source with ``ast``: which featcache modules each stage imports, and that no module
+outside the store layer writes a workspace path or a store's markers by hand.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = {"featcache", "featcache.errors", "featcache.geometry", "featcache.device", "featcache.streams",
+          "featcache.progress", "featcache.provenance", "featcache.cli_common", "featcache.encoders",
+          "featcache.weights"}  # fmt: skip
+STAGE1 = {"featcache.prepare", "featcache.extract", "featcache.synth", "featcache.visium", "featcache.slide",
+          "featcache.cli", "featcache.predict", "featcache.tissue"}  # fmt: skip
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def allowed_featcache(module: str) -> bool:
+    return module in SHARED or module == "featcache.stores" or module.startswith("featcache.stores.")
+
+
+@pytest.mark.parametrize("package", ["train", "analysis"])
+def test_stages_2_and_3_use_only_the_store_layer_and_shared_helpers(package):
+    for path in modules(package):
+        for mod in imports(path):
+            if mod.startswith("featcache"):
+                ok = allowed_featcache(mod) or (mod == "featcache.pipeline" and path.name == "cli.py")
+                assert ok, f"{path.relative_to(ROOT)} imports {mod}"
+
+
+def test_stage_1_does_not_import_the_later_stages():
+    for path in modules("featcache"):
+        if path.name == "pipeline.py":  # the one module that composes the stages
+            continue
+        bad = {m for m in imports(path) if m.split(".")[0] in ("train", "analysis")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_store_layer_imports_no_stage():
+    for path in modules("featcache/stores"):
+        for mod in imports(path):
+            assert not mod.startswith(("train", "analysis")) and mod not in STAGE1 | {"featcache.pipeline"}, (
+                f"{path.relative_to(ROOT)} imports {mod}"
+            )
+
+
+def test_no_import_circle_between_the_command_lines():
+    assert not {m for m in imports(ROOT / "train" / "cli.py") if m == "featcache.cli"}
+    assert not {m for m in imports(ROOT / "featcache" / "cli.py") if m.startswith("train")}
+
+
+def test_workspace_paths_and_markers_belong_to_the_store_layer():
+    """No string literal naming a workspace folder or a marker outside featcache/stores/."""
+    needles = {"datasets", "features", "runs", "results", "_done", "patches.zarr", "targets.zarr",
+               "dataset.json", "config.json", "metrics.json", "train_state.pt", "checkpoint.pt"}  # fmt: skip
+    for package in ("featcache", "train", "analysis"):
+        for path in modules(package):
+            if "stores" in path.parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):  # path / "literal"
+                    for side in (node.left, node.right):
+                        if isinstance(side, ast.Constant) and side.value in needles:
+                            pytest.fail(f"{path.relative_to(ROOT)}:{node.lineno} builds a store path by hand")
+
+
+def test_matplotlib_backend_is_not_chosen_at_import():
+    for path in modules("analysis"):
+        text = path.read_text()
+        assert "matplotlib.use(" not in text and "import matplotlib.pyplot" not in text, path

@@ -1,0 +1,135 @@
+"""A training run's settings: one frozen :class:`TrainConfig`, the single source of every default.
+
+The CLIs (`train decoder`, `train finetune`, `train loocv`) and the Python API all build a
+TrainConfig, so an option means the same thing, with the same default, wherever it is reached
+from. Its :meth:`TrainConfig.record` is what ``config.json`` holds: the settings plus the identity
+of the inputs (dataset fingerprint, feature store or encoder weights), hashed; a run folder is
+resumed only by a config with the same hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from featcache.errors import FeatcacheError
+from featcache.stores import check_name
+
+MODES = ("frozen", "random", "finetune")
+DECODERS = ("unet", "linear")
+CONTROLS = ("shuffled",)
+BLOCK_BINS = 64  # validation blocks: 64 × 64 bins of the training patients
+FINETUNE_ONLY = ("weights", "encoder_lr", "micro_batch", "grad_checkpointing", "augment", "colour_jitter")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines one fold's result (runtime choices such as the device are not here)."""
+
+    dataset: str
+    encoder: str
+    fold: str
+    mode: str = "frozen"  # frozen | random | finetune
+    decoder: str = "unet"  # unet (Img2ST-Net MiniUNet) | linear
+    control: str | None = None  # "shuffled": targets shuffled across training patches
+    epochs: int = 200
+    batch_size: int = 64  # effective batch (patches per optimizer step)
+    lr: float = 1e-4  # decoder learning rate (Adam, no weight decay)
+    seed: int = 0
+    val_fraction: float = 0.15
+    # fine-tune mode only
+    weights: str | None = None  # file, folder or random[:SEED]; recorded by identity, never by path
+    encoder_lr: float = 1e-5
+    micro_batch: int = 16  # patches per forward pass; gradients accumulate to batch_size
+    grad_checkpointing: bool = False
+    augment: bool | None = None  # dihedral augmentation; None = on for fine-tuning
+    colour_jitter: float = 0.0
+
+    @classmethod
+    def from_options(cls, **options) -> TrainConfig:
+        """A config from keyword options, ignoring those left as None (their default applies)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+    def but(self, **changes) -> TrainConfig:
+        return replace(self, **changes)
+
+    @property
+    def finetune(self) -> bool:
+        return self.mode == "finetune"
+
+    @property
+    def run_name(self) -> str:
+        """The run folder's name: the mode, then the decoder when not the UNet, then the control."""
+        name = self.mode if self.decoder == "unet" else f"{self.mode}-{self.decoder}"
+        return f"{name}-{self.control}" if self.control else name
+
+    @property
+    def micro(self) -> int:
+        return min(self.micro_batch, self.batch_size) if self.finetune else self.batch_size
+
+    @property
+    def augmented(self) -> bool:
+        return self.finetune if self.augment is None else self.augment
+
+    def validate(self) -> TrainConfig:
+        for what, name in (("dataset", self.dataset), ("encoder", self.encoder), ("fold", self.fold)):
+            check_name(name, what)
+        if self.mode not in MODES:
+            raise FeatcacheError(f"--mode {self.mode!r}: use {', '.join(MODES)}.")
+        if self.decoder not in DECODERS:
+            raise FeatcacheError(f"--decoder {self.decoder!r}: use one of {', '.join(DECODERS)}.")
+        if self.control not in (None, *CONTROLS):
+            raise FeatcacheError(f"--control {self.control!r}: the only control is 'shuffled'.")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise FeatcacheError(f"--epochs {self.epochs} and --batch-size {self.batch_size}: both must be at least 1.")
+        for name in ("lr", "encoder_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise FeatcacheError(f"--{name.replace('_', '-')} {v}: must be a positive number.")
+        if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
+            raise FeatcacheError(f"--val-fraction {self.val_fraction}: must be at least 0 and below 1.")
+        if self.seed < 0:
+            raise FeatcacheError(f"--seed {self.seed}: must be 0 or more.")
+        if not (math.isfinite(self.colour_jitter) and 0 <= self.colour_jitter < 1):
+            raise FeatcacheError(f"--colour-jitter {self.colour_jitter}: must be at least 0 and below 1.")
+        if self.augment and not self.finetune:
+            raise FeatcacheError(
+                "augmentation applies to image patches: use it with fine-tuning (cached grids are fixed)."
+            )
+        if self.finetune and (self.micro_batch < 1 or self.batch_size % self.micro):
+            raise FeatcacheError(
+                f"--micro-batch {self.micro_batch} must divide --batch-size {self.batch_size} (gradient accumulation)."
+            )
+        return self
+
+    def record(self, inputs: dict) -> dict:
+        """config.json: the settings, descriptions of the fixed choices, the inputs' identity, its sha256."""
+        settings = {k: v for k, v in asdict(self).items() if self.finetune or k not in FINETUNE_ONLY}
+        settings.pop("weights", None)  # a path; the weights' identity is in ``inputs``
+        if self.finetune:
+            settings.update(
+                {
+                    "micro_batch": self.micro,
+                    "augment": "dihedral (8)" if self.augmented else None,
+                    "precision": "bf16 autocast on GPU, fp32 on CPU",
+                }
+            )
+        record = {
+            **settings,
+            "run": self.run_name,
+            "optimizer": "Adam",
+            "weight_decay": 0.0,
+            "loss": "MSE over in-tissue bins",
+            "val_split": f"spatial blocks of {BLOCK_BINS}×{BLOCK_BINS} bins from the training patients",
+            "selection": "epoch with the best validation pcc_gene",
+            "target_transform": "log1p(CP10k), z-score per gene (training patients)",
+            **inputs,
+        }
+        record["config_sha256"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        return record
