@@ -50,39 +50,28 @@ def synth(
 @user_errors
 def prepare(
     dataset: Annotated[str, typer.Option(help="Name of the dataset to create in the workspace.")],
-    sample: Annotated[
-        list[str], typer.Option(help="NAME=DIR: a Space Ranger output (folder with outs/). Repeat per sample.")
-    ],
-    image: Annotated[
-        Optional[list[str]], typer.Option(help="NAME=FILE: full-resolution H&E when not found next to outs/.")
-    ] = None,
-    genes: Annotated[
-        str, typer.Option(help="Gene panel: top-mean:N, or a file with one gene name or id per line.")
-    ] = "top-mean:50",
+    sample: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: a Space Ranger output (folder with outs/, outs/ "
+                                                              "or square_008um/). Repeat per sample.")] = None,
+    image: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: the microscope image when not found next to "
+                                                             "outs/ (TIFF/BigTIFF/OME-TIFF/SVS, JPEG, PNG).")] = None,
+    patient: Annotated[Optional[list[str]], typer.Option(help="SAMPLE=PATIENT: the patient of a sample [default: the "
+                                                               "sample itself]. A fold is a patient.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="CSV with columns sample,patient,path[,image], instead of "
+                                                           "(or beside) --sample/--patient/--image.")] = None,
+    genes: Annotated[str, typer.Option(help="Gene panel: top-mean:N, or a file with one gene name or id per line.")] = "top-mean:50",
     stride: Annotated[int, typer.Option(help="Step between patch origins, in 8 µm bins.")] = 32,
-    min_tissue: Annotated[
-        float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")
-    ] = 0.5,
+    min_tissue: Annotated[float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")] = 0.5,
     workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: up to 4].")] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing dataset of this name made from other inputs.")
-    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset of this name made from other inputs.")] = False,
     workspace: WorkspaceOpt = None,
-):
+):  # fmt: skip
     """Cut bin-aligned 448 px patches and per-bin targets into Zarr stores."""
-    from featcache.prepare import parse_pairs, prepare_dataset
+    from featcache.prepare import merge_inputs, parse_pairs, prepare_dataset
 
-    res = prepare_dataset(
-        dataset,
-        parse_pairs(sample, "--sample"),
-        parse_pairs(image, "--image"),
-        genes=genes,
-        stride=stride,
-        min_tissue=min_tissue,
-        workspace=workspace,
-        overwrite=overwrite,
-        workers=workers,
-    )
+    inputs = merge_inputs(parse_pairs(sample, "--sample"), parse_pairs(image, "--image"),
+                          parse_pairs(patient, "--patient", "sample"), str(manifest) if manifest else None)  # fmt: skip
+    res = prepare_dataset(dataset, inputs.samples, inputs.images, genes=genes, stride=stride, min_tissue=min_tissue,
+                          workspace=workspace, overwrite=overwrite, workers=workers, patients=inputs.patients)  # fmt: skip
     if res.up_to_date:
         out.print(f"dataset {dataset!r} is up to date at {res.path}; nothing to do.")
         return
@@ -96,6 +85,8 @@ def prepare(
 
     d = Dataset(res.path)
     out.print(f"  {d.patches_path}\n  {d.targets_path}\n  {d.meta_path}")
+    for note in res.notes:
+        out.print(f"[yellow]note:[/] {note}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -323,36 +314,58 @@ def info(store: Annotated[str, typer.Argument(help="Feature store path or URL.")
 @app.command()
 @user_errors
 def verify(
-    store: Annotated[str, typer.Argument(help="Feature store path or URL.")],
-    repair: Annotated[
-        bool, typer.Option(help="Drop the done-markers of bad chunks, so a rerun of extract redoes exactly those.")
-    ] = False,
-):
-    """Read back every chunk (checksums, shapes, finiteness); name missing or corrupted chunks."""
-    from featcache.stores import FeatureStore
+    store: Annotated[Optional[str], typer.Argument(help="A feature store (path or URL) or a dataset folder.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Verify this dataset of the workspace and all its feature stores.")] = None,
+    repair: Annotated[bool, typer.Option(help="Drop the done-markers of bad feature chunks, so that rerunning "
+                                              "extract recomputes exactly those.")] = False,
+    workspace: WorkspaceOpt = None,
+):  # fmt: skip
+    """Read back every chunk (checksums, shapes, finiteness); name missing or corrupted chunks (exit 1 if any)."""
+    from featcache.stores import Dataset, FeatureStore, Workspace
 
-    rep = FeatureStore(store).verify(repair=repair)
+    if (store is None) == (dataset is None):
+        raise FeatcacheError("give a STORE (a feature store or dataset folder) or --dataset NAME, not both or neither.")
+    if dataset is not None:
+        ws = Workspace.resolve(workspace)
+        ok = _verify_dataset(ws.open_dataset(dataset))
+        ok = all([_verify_store(st, repair) for st in ws.feature_stores(dataset)]) and ok
+    elif Dataset(Path(store)).exists():
+        ok = _verify_dataset(Dataset(Path(store)))
+    else:
+        ok = _verify_store(FeatureStore(store), repair)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _verify_dataset(ds) -> bool:
+    problems = ds.verify()
+    for p in problems:
+        out.print(f"[red]BAD[/] {p}", highlight=False)
+    if problems:
+        out.print(f"{ds.path}: {len(problems)} problem(s); the dataset cannot be repaired in place: prepare it again "
+                  "with the same inputs and --overwrite.", highlight=False)  # fmt: skip
+        return False
+    out.print(f"[green]OK[/] {ds.path}: every chunk read back", highlight=False)
+    return True
+
+
+def _verify_store(st, repair: bool) -> bool:
+    rep = st.verify(repair=repair)
     for p in rep.problems:
         out.print(f"[red]BAD[/] {p}", highlight=False)
     for p in rep.not_extracted:
         out.print(f"[yellow]NOT EXTRACTED[/] {p}", highlight=False)
     if rep.ok:
         out.print(f"[green]OK[/] {rep.location}: {rep.checked} chunks verified", highlight=False)
-        return
+        return True
     if rep.repaired:
-        out.print(
-            f"{rep.location}: dropped the markers of {rep.repaired} bad chunk(s); rerun `featcache extract` with "
-            "the same options to recompute exactly those.",
-            highlight=False,
-        )
+        out.print(f"{rep.location}: dropped the markers of {rep.repaired} bad chunk(s); rerun `{st.make_hint}` with "
+                  "the same options to recompute exactly those.", highlight=False)  # fmt: skip
     else:
-        out.print(
-            f"{rep.location}: {len(rep.problems)} corrupted or missing, {len(rep.not_extracted)} not extracted; "
-            + ("run `featcache verify --repair STORE`, then " if rep.problems else "")
-            + "rerun `featcache extract` with the same options to redo them.",
-            highlight=False,
-        )
-    raise typer.Exit(1)
+        out.print(f"{rep.location}: {len(rep.problems)} corrupted or missing, {len(rep.not_extracted)} not extracted; "
+                  + (f"run `featcache verify --repair {rep.location}`, then " if rep.problems else "")
+                  + f"rerun `{st.make_hint}` with the same options to redo them.", highlight=False)  # fmt: skip
+    return False
 
 
 def format_bytes(n: int) -> str:

@@ -36,6 +36,10 @@ def _os_error_message(exc: OSError) -> str | None:
         return f"the file system is read-only{where}; choose a writable --workspace."
     if exc.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied{where}; choose a --workspace (or --output) you can write to."
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG):
+        return f"{exc.strerror.lower()}{where}; a folder featcache needs is blocked by a file (or the path is invalid)."
+    if exc.errno == errno.EIO:
+        return f"an input/output error{where}: the disk or network file system failed; check it and run again."
     return None
 
 

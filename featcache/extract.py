@@ -177,7 +177,7 @@ def _dataset_with_patches(ws: Workspace, dataset: str):
         raise FeatcacheError(f"dataset {dataset!r} has no patches for sample(s) {', '.join(empty)}; prepare it again "
                              "with a lower --min-tissue.")  # fmt: skip
     for s in ds.samples:
-        ds.check_chunks(s, images=True)
+        ds.check_chunks(s, ("image",))
     return ds
 
 
@@ -264,7 +264,12 @@ class _Extraction:
 
     def read(self, g: Group) -> torch.Tensor:
         buf = self.in_pool.take()
-        buf[: g.p1 - g.p0].copy_(torch.from_numpy(np.ascontiguousarray(self.images[g.sample][g.p0 : g.p1])))
+        try:
+            block = np.ascontiguousarray(self.images[g.sample][g.p0 : g.p1])
+        except Exception as exc:  # noqa: BLE001 - zarr reports checksum and decompression failures as plain errors
+            self.in_pool.give(buf)
+            raise self.dataset.read_error(g.sample, "image", np.arange(g.p0, g.p1), exc) from None
+        buf[: g.p1 - g.p0].copy_(torch.from_numpy(block))
         return buf
 
     def compute(self, g: Group, host_in: torch.Tensor, most: int) -> _Batch:

@@ -1,17 +1,20 @@
-"""``featcache prepare``: Visium HD samples -> bin-aligned patches and per-bin targets (DESIGN §2, §3).
+"""``featcache prepare``: Visium HD samples -> bin-aligned patches and per-bin targets (DESIGN §2, §3, §6).
 
-Reads each sample (featcache/visium.py), chooses the gene panel, finds the patch origins on the
-8 µm grid, gathers each patch's 32 × 32 targets and renders its 448 px image, and writes the
-dataset through the store layer (featcache/stores/dataset.py holds the format).
+Reads each sample (featcache/visium.py), chooses the gene panel among the Gene Expression
+features every sample has, finds the patch origins on the 8 µm grid, gathers each patch's
+32 × 32 targets and renders its 448 px image through the sample's bin map, and writes the dataset
+through the store layer (featcache/stores/dataset.py holds the format). Samples are grouped into
+patients (``--patient`` or ``--manifest``): a fold of the evaluation is a patient.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,22 +29,71 @@ from featcache.slide import Slide, render_patch
 from featcache.stores import Workspace, check_name
 from featcache.stores.dataset import DATASET_FORMAT, IMAGE_CHUNK, TARGET_CHUNK, DatasetBuilder
 from featcache.streams import Prefetcher
-from featcache.visium import VisiumHDSample, open_sample
+from featcache.visium import GENE_EXPRESSION, VisiumHDSample, open_sample
 
 
 # --------------------------------------------------------------------------- parsing inputs
-def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
-    """``["P1=DIR", ...]`` -> ``{"P1": "DIR"}``, refusing malformed and duplicate names."""
+def parse_pairs(values: list[str] | None, option: str, what: str = "sample name") -> dict[str, str]:
+    """``["P1=DIR", ...]`` -> ``{"P1": "DIR"}``, refusing malformed and repeated names."""
     out: dict[str, str] = {}
     for item in values or []:
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
         if not sep or not name or not value:
-            raise FeatcacheError(f"{option} {item!r}: expected NAME=PATH, e.g. {option} P1=/data/P1")
+            raise FeatcacheError(f"{option} {item!r}: expected NAME=VALUE, e.g. {option} P1=...")
         if name in out:
-            raise FeatcacheError(f"{option}: sample name {name!r} is given twice; each sample needs its own name.")
+            raise FeatcacheError(
+                f"{option}: {what} {name!r} is given twice ({out[name]!r} and {value!r}); give each once."
+            )
         out[name] = value
     return out
+
+
+@dataclass
+class Inputs:
+    """What prepare reads: sample → Space Ranger folder, sample → image, sample → patient."""
+
+    samples: dict[str, str]
+    images: dict[str, str] = field(default_factory=dict)
+    patients: dict[str, str] = field(default_factory=dict)
+
+
+def read_manifest(path: str | Path) -> Inputs:
+    """A CSV with columns ``sample,patient,path[,image]``; relative paths are taken from the manifest's folder."""
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeatcacheError(f"cannot read manifest {path} ({exc}).") from None
+    if not rows or not {"sample", "patient", "path"} <= set(rows[0]):
+        raise FeatcacheError(f"manifest {path} needs a header with the columns sample,patient,path (image optional), "
+                             "and one row per sample.")  # fmt: skip
+    out = Inputs({}, {}, {})
+    for line, row in enumerate(rows, start=2):
+        sample, patient, folder = (str(row.get(k) or "").strip() for k in ("sample", "patient", "path"))
+        if not sample or not patient or not folder:
+            raise FeatcacheError(f"manifest {path}, line {line}: sample, patient and path are all required.")
+        if sample in out.samples:
+            raise FeatcacheError(f"manifest {path}, line {line}: sample {sample!r} appears twice; list each once.")
+        resolve = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
+        out.samples[sample] = resolve(folder)
+        out.patients[sample] = patient
+        if (row.get("image") or "").strip():
+            out.images[sample] = resolve(row["image"].strip())
+    return out
+
+
+def merge_inputs(samples: dict, images: dict, patients: dict, manifest: str | None) -> Inputs:
+    """--sample/--image/--patient options and a --manifest, as one checked set of inputs."""
+    inputs = read_manifest(manifest) if manifest else Inputs({}, {}, {})
+    for kind, given in (("samples", samples), ("images", images), ("patients", patients)):
+        mine = getattr(inputs, kind)
+        for k, v in given.items():
+            if k in mine and mine[k] != v:
+                raise FeatcacheError(f"sample {k!r} has two {kind[:-1]}s ({mine[k]!r} in the manifest, {v!r} on the "
+                                     "command line); give one.")  # fmt: skip
+            mine[k] = v
+    return inputs
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -72,71 +124,101 @@ def _sample_files(s: VisiumHDSample) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------- gene panel
-def select_genes(spec: str, samples: list[VisiumHDSample]) -> tuple[np.ndarray, np.ndarray]:
-    """Resolve ``top-mean:N`` or a gene-list file to (feature ids, names) shared by all samples."""
+@dataclass
+class Panel:
+    """The gene panel: Gene Expression features (by id) every sample has, chosen by a rule."""
+
+    ids: np.ndarray
+    names: np.ndarray
+    spec: str
+    not_in_every_sample: dict[str, list[str]]  # feature id -> samples that lack it (never in the panel)
+
+    def describe(self) -> dict:
+        rule = (f"the {len(self.ids)} Gene Expression features with the highest mean raw count over every bin of "
+                "every sample (the test patients included), among those every sample has"
+                if self.spec.startswith("top-mean:") else f"the gene list {self.spec}")  # fmt: skip
+        return {"spec": self.spec, "rule": rule, "ids": list(map(str, self.ids)), "names": list(map(str, self.names)),
+                "not_in_every_sample": self.not_in_every_sample}  # fmt: skip
+
+
+def _gene_expression_ids(s: VisiumHDSample) -> dict[str, int]:
+    ids = s.matrix.feature_ids
+    if len(set(ids)) != len(ids):
+        raise FeatcacheError(f"sample {s.name}: {s.matrix.path.name} lists a feature id twice; the file is damaged.")
+    return {fid: i for i, fid in enumerate(ids) if s.matrix.feature_types[i] == GENE_EXPRESSION}
+
+
+def select_genes(spec: str, samples: list[VisiumHDSample], totals: dict[str, np.ndarray]) -> Panel:
+    """Resolve ``top-mean:N`` or a gene-list file among the Gene Expression features shared by all samples.
+
+    ``totals`` holds each sample's total count per feature (one pass over its matrix).
+    """
+    ge = [_gene_expression_ids(s) for s in samples]
     first = samples[0].matrix
-    for s in samples[1:]:
-        if not np.array_equal(np.sort(s.matrix.feature_ids), np.sort(first.feature_ids)):
-            raise FeatcacheError(
-                f"samples {samples[0].name} and {s.name} have different feature sets; prepare samples "
-                "processed with the same Space Ranger reference together."
-            )
-    ids, names = first.feature_ids, first.feature_names
+    shared = [fid for fid in ge[0] if all(fid in g for g in ge[1:])]
+    if not shared:
+        raise FeatcacheError("the samples share no Gene Expression feature; were they run with the same reference?")
+    everywhere = set(shared)
+    lacking = {
+        fid: [s.name for s, g in zip(samples, ge) if fid not in g] for g in ge for fid in g if fid not in everywhere
+    }
+    ids = np.array(shared, dtype=object)
+    names = np.array([first.feature_names[ge[0][fid]] for fid in shared], dtype=object)
     if spec.startswith("top-mean:"):
         try:
             n = int(spec.split(":", 1)[1])
         except ValueError:
             raise FeatcacheError(f"--genes {spec!r}: expected top-mean:N with an integer N, e.g. top-mean:50") from None
         if not 1 <= n <= len(ids):
-            raise FeatcacheError(f"--genes {spec}: N must be between 1 and {len(ids)} (the number of features).")
-        total = np.zeros(len(ids))
-        n_bins = 0
-        for s in samples:
-            order = _index_of(s.matrix.feature_ids, ids)
-            total += np.asarray(s.matrix.counts.sum(axis=1)).ravel()[order]
-            n_bins += s.matrix.counts.shape[1]
-        mean = total / max(n_bins, 1)
+            raise FeatcacheError(
+                f"--genes {spec}: N must be between 1 and {len(ids)} (the shared Gene Expression features)."
+            )
+        total = sum(totals[s.name][[g[fid] for fid in shared]] for s, g in zip(samples, ge))
+        mean = total / max(sum(s.matrix.n_bins for s in samples), 1)
         pick = np.argsort(-mean, kind="stable")[:n]
-        return ids[pick], names[pick]
-    path = Path(spec)
+    else:
+        pick = _genes_from_file(Path(spec), ids, names, samples, lacking)
+    return Panel(ids[pick], names[pick], spec, lacking)
+
+
+def _genes_from_file(path: Path, ids, names, samples, lacking) -> np.ndarray:
     if not path.is_file():
-        raise FeatcacheError(f"--genes {spec!r}: not top-mean:N and no such gene-list file.")
-    wanted = [ln.split("#", 1)[0].strip() for ln in path.read_text().splitlines()]
-    wanted = [w for w in wanted if w]
+        raise FeatcacheError(f"--genes {str(path)!r}: not top-mean:N and no such gene-list file.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise FeatcacheError(f"gene list {path} is not UTF-8 text; save it as plain text, one gene per line.") from None
+    wanted = [w for w in (ln.split("#", 1)[0].strip() for ln in lines) if w]
     if not wanted:
         raise FeatcacheError(f"gene list {path} is empty; put one gene name or feature id per line.")
     by_id = {fid: i for i, fid in enumerate(ids)}
     by_name: dict[str, list[int]] = {}
     for i, nm in enumerate(names):
         by_name.setdefault(nm, []).append(i)
-    picked, unknown, ambiguous = [], [], []
+    other = {fid: t for s in samples for fid, nm, t in zip(s.matrix.feature_ids, s.matrix.feature_names,
+                                                            s.matrix.feature_types) if t != GENE_EXPRESSION}  # fmt: skip
+    other.update({nm: t for s in samples for nm, t in zip(s.matrix.feature_names, s.matrix.feature_types)
+                  if t != GENE_EXPRESSION})  # fmt: skip
+    picked, problems = [], []
     for w in wanted:
         if w in by_id:
             picked.append(by_id[w])
         elif len(by_name.get(w, [])) == 1:
             picked.append(by_name[w][0])
         elif w in by_name:
-            ambiguous.append(f"{w} ({', '.join(ids[i] for i in by_name[w])})")
+            problems.append(f"{w} names several features ({', '.join(ids[i] for i in by_name[w])}): use the feature id")
+        elif w in lacking:
+            problems.append(f"{w} is missing from sample(s) {', '.join(lacking[w])}")
+        elif w in other:
+            problems.append(f"{w} is a {other[w]} feature (only Gene Expression features are targets)")
         else:
-            unknown.append(w)
-    if unknown:
-        raise FeatcacheError(
-            f"gene list {path}: {len(unknown)} gene(s) not in the matrix: {', '.join(unknown[:10])}"
-            f"{' ...' if len(unknown) > 10 else ''}. Check the spelling or use feature ids."
-        )
-    if ambiguous:
-        raise FeatcacheError(
-            f"gene list {path}: names matching several features: {'; '.join(ambiguous)}. Use the feature id instead."
-        )
+            problems.append(f"{w} is not in the matrix")
+    if problems:
+        raise FeatcacheError(f"gene list {path}: " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+                             + ". Fix the list (names or feature ids, one per line).")  # fmt: skip
     if len(set(picked)) != len(picked):
         raise FeatcacheError(f"gene list {path} names the same gene twice.")
-    picked = np.array(picked)
-    return ids[picked], names[picked]
-
-
-def _index_of(have: np.ndarray, want: np.ndarray) -> np.ndarray:
-    pos = {v: i for i, v in enumerate(have)}
-    return np.array([pos[v] for v in want], dtype=np.int64)
+    return np.array(picked)
 
 
 def _unique_labels(names: np.ndarray, ids: np.ndarray) -> list[str]:
@@ -156,6 +238,7 @@ class PrepareResult:
     patches: dict[str, int]
     genes: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what a user should know (conversions, genes left out)
 
 
 def prepare_dataset(
@@ -169,89 +252,86 @@ def prepare_dataset(
     overwrite: bool = False,
     workers: int | None = None,
     show_progress: bool = True,
+    patients: dict[str, str] | None = None,
 ) -> PrepareResult:
-    """Prepare (or confirm up to date) dataset ``dataset`` from Space Ranger outputs ``{sample: folder}``."""
+    """Prepare (or confirm up to date) dataset ``dataset`` from Space Ranger outputs ``{sample: folder}``.
+
+    ``patients`` maps samples to patients (default: each sample is its own patient).
+    """
     t_start = time.perf_counter()
-    images = images or {}
+    images, given = images or {}, patients or {}
     check_name(dataset, "dataset")
-    _check_options(samples, images, stride, min_tissue, workers)
+    _check_options(samples, images, given, stride, min_tissue, workers)
+    patients = {s: given.get(s, s) for s in samples}
     ws = Workspace.resolve(workspace)
     target = ws.dataset(dataset)
-
     opened = [open_sample(n, p, images.get(n)) for n, p in samples.items()]
-    for s in opened:
-        _ = s.matrix  # read and check now, before anything is written
-    gene_ids, gene_names = select_genes(genes, opened)
-    params = {"genes": genes, "stride": stride, "min_tissue": min_tissue, "geometry": GEOMETRY.to_json()}
     files = {s.name: {k: file_fingerprint(p) for k, p in _sample_files(s).items()} for s in opened}
-    fingerprint = (
-        "sha256:"
-        + hashlib.sha256(
-            json.dumps({"params": params, "files": files, "gene_ids": list(gene_ids)}, sort_keys=True).encode()
-        ).hexdigest()
+    _refuse_duplicates(opened, files)
+    params = {"genes": genes, "stride": stride, "min_tissue": min_tissue, "geometry": GEOMETRY.to_json(),
+              "patients": patients}  # fmt: skip
+    key = (
+        "sha256:" + hashlib.sha256(json.dumps({"params": params, "files": files}, sort_keys=True).encode()).hexdigest()
     )
-
     if target.path.exists():
         old = target.meta if target.exists() else None
-        if old is not None and old.get("fingerprint") == fingerprint:
+        if old is not None and old.get("inputs_sha256") == key:
             n = {k: v["n_patches"] for k, v in old["samples"].items()}
-            return PrepareResult(dataset, target.path, True, n, len(gene_ids), time.perf_counter() - t_start)
+            return PrepareResult(dataset, target.path, True, n, len(old["genes"]["ids"]), time.perf_counter() - t_start)
         if not overwrite:
             what = "different inputs" if old is not None else "no dataset.json (an unknown or damaged folder)"
-            raise FeatcacheError(
-                f"dataset {dataset!r} already exists at {target.path} with {what}. Pass --overwrite "
-                "to replace it, or choose another --dataset name."
-            )
+            raise FeatcacheError(f"dataset {dataset!r} already exists at {target.path} with {what}. Pass --overwrite "
+                                 "to replace it, or choose another --dataset name.")  # fmt: skip
 
-    store_attrs = {
-        "dataset": dataset,
-        "fingerprint": fingerprint,
-        "geometry": GEOMETRY.to_json(),
-        "featcache_version": __version__,
-    }
+    cut = {s.name: _plan_patches(s, stride, min_tissue) for s in opened}  # refuses samples without patches
+    totals, libraries = {}, {}
+    for s in opened:
+        totals[s.name], libraries[s.name] = s.matrix.scan()
+    panel = select_genes(genes, opened, totals)
+    fingerprint = (
+        "sha256:" + hashlib.sha256(json.dumps({"inputs": key, "gene_ids": list(panel.ids)}).encode()).hexdigest()
+    )
+    notes = [n for s in opened for n in s.image_info["notes"]]
+    if panel.not_in_every_sample:
+        notes.append(f"{len(panel.not_in_every_sample)} Gene Expression feature(s) are missing from some samples and "
+                     "were left out of the panel (listed in dataset.json, genes.not_in_every_sample)")  # fmt: skip
+    store_attrs = {"dataset": dataset, "fingerprint": fingerprint, "geometry": GEOMETRY.to_json(),
+                   "featcache_version": __version__}  # fmt: skip
     with target.builder(store_attrs) as builder, progress(disable=not show_progress) as bar:
         report = {
-            s.name: _write_sample(s, stride, min_tissue, gene_ids, gene_names, builder, bar, workers) for s in opened
+            s.name: _write_sample(s, cut[s.name], panel, libraries[s.name], builder, bar, workers) for s in opened
         }
-        builder.commit(
-            {
-                "format": DATASET_FORMAT,
-                "dataset": dataset,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "featcache_version": __version__,
-                "fingerprint": fingerprint,
-                "geometry": {**GEOMETRY.to_json(), "stride_bins": stride, "min_tissue": min_tissue},
-                "genes": {"spec": genes, "ids": list(map(str, gene_ids)), "names": list(map(str, gene_names))},
-                "samples": {
-                    s.name: {
-                        **report[s.name],
-                        "source": str(s.bin_dir),
-                        "image": str(s.image_path),
-                        "files": files[s.name],
-                    }
-                    for s in opened
-                },
-                "library_versions": library_versions(),
-            }
-        )
-    return PrepareResult(
-        dataset,
-        target.path,
-        False,
-        {k: v["n_patches"] for k, v in report.items()},
-        len(gene_ids),
-        time.perf_counter() - t_start,
-    )
+        builder.commit({
+            "format": DATASET_FORMAT, "dataset": dataset, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "featcache_version": __version__, "fingerprint": fingerprint, "inputs_sha256": key,
+            "geometry": {**GEOMETRY.to_json(), "stride_bins": stride, "min_tissue": min_tissue},
+            "genes": panel.describe(), "patients": _by_patient(patients),
+            "samples": {s.name: {**report[s.name], "patient": patients[s.name], "source": str(s.bin_dir),
+                                 "image": str(s.image_path), "files": files[s.name]} for s in opened},
+            "notes": notes, "library_versions": library_versions(),
+        })  # fmt: skip
+    return PrepareResult(dataset, target.path, False, {k: v["n_patches"] for k, v in report.items()}, len(panel.ids),
+                         time.perf_counter() - t_start, notes)  # fmt: skip
 
 
-def _check_options(samples: dict, images: dict, stride: int, min_tissue: float, workers: int | None) -> None:
+def _by_patient(patients: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for sample, patient in patients.items():
+        out.setdefault(patient, []).append(sample)
+    return out
+
+
+def _check_options(samples: dict, images: dict, patients: dict, stride: int, min_tissue: float, workers) -> None:
     if not samples:
-        raise FeatcacheError("no samples given: pass --sample NAME=DIR once per sample.")
+        raise FeatcacheError("no samples given: pass --sample NAME=DIR once per sample (or --manifest FILE.csv).")
     for name in samples:
         check_name(name, "sample")
-    stray = sorted(set(images) - set(samples))
-    if stray:
-        raise FeatcacheError(f"--image given for {', '.join(stray)}, which is not a --sample name.")
+    for name in set(patients.values()):
+        check_name(name, "patient")
+    for option, given in (("--image", images), ("--patient", patients)):
+        stray = sorted(set(given) - set(samples))
+        if stray:
+            raise FeatcacheError(f"{option} given for {', '.join(stray)}, which is not a --sample name.")
     if not 1 <= stride <= 4 * GEOMETRY.bins:
         raise FeatcacheError(f"--stride {stride}: must be between 1 and {4 * GEOMETRY.bins} bins.")
     if not 0.0 <= min_tissue <= 1.0:
@@ -260,47 +340,52 @@ def _check_options(samples: dict, images: dict, stride: int, min_tissue: float, 
         raise FeatcacheError(f"--workers {workers}: must be at least 1.")
 
 
-def _write_sample(s: VisiumHDSample, stride, min_tissue, gene_ids, gene_names, builder: DatasetBuilder, bar, workers):
+def _refuse_duplicates(opened: list[VisiumHDSample], files: dict) -> None:
+    """One Space Ranger output under two sample names would put a test patient into its own training set."""
+    seen: dict[tuple, str] = {}
+    for s in opened:
+        for key in ((s.bin_dir.resolve(),), ("matrix", files[s.name]["matrix"])):
+            if key in seen:
+                raise FeatcacheError(f"samples {seen[key]} and {s.name} are the same Space Ranger output "
+                                     f"({s.bin_dir}); give each sample once.")  # fmt: skip
+            seen[key] = s.name
+
+
+def _plan_patches(s: VisiumHDSample, stride: int, min_tissue: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(in-tissue grid, matrix-column grid, patch origins) of a sample, with each patch's bin map fitted."""
     in_tissue, column = s.grid_lookup()
     origins = patch_origins(in_tissue, stride, min_tissue)
-    arrays = builder.add_sample(
-        s.name,
-        origins,
-        gene_ids,
-        _unique_labels(gene_names, gene_ids),
-        {
-            "sample": s.name,
-            "microns_per_pixel": s.microns_per_pixel,
-            "bin_affine": s.affine.to_json(),
-            "grid_shape": list(s.grid_shape),
-            "image": str(s.image_path),
-            "image_shape": list(s.image_shape),
-        },
-    )
-    _write_targets(s, origins, in_tissue, column, gene_ids, arrays)
+    if len(origins) == 0:
+        raise FeatcacheError(f"sample {s.name}: no 32 × 32-bin window has {min_tissue:.0%} of its bins in tissue "
+                             f"({int(in_tissue.sum())} in-tissue bins); lower --min-tissue.")  # fmt: skip
+    s.registration.fit_patches(origins, s.grid_shape)
+    return in_tissue, column, origins
+
+
+def _write_sample(s: VisiumHDSample, cut, panel: Panel, library, builder: DatasetBuilder, bar, workers) -> dict:
+    in_tissue, column, origins = cut
+    arrays = builder.add_sample(s.name, origins, panel.ids, _unique_labels(panel.names, panel.ids), {
+        "sample": s.name, "microns_per_pixel": s.microns_per_pixel, "registration": s.registration.to_json(),
+        "grid_shape": list(s.grid_shape), "image": str(s.image_path), "image_shape": list(s.image_shape),
+    })  # fmt: skip
+    ge = {fid: i for i, fid in enumerate(s.matrix.feature_ids)}
+    counts = s.matrix.gather(np.array([ge[fid] for fid in panel.ids]))  # bins × genes, one pass over the matrix
+    _write_targets(origins, in_tissue, column, counts, library.astype(np.int32), arrays)
+    del counts
     _render_images(s, origins, arrays.image, bar, workers)
-    return {
-        "n_patches": int(len(origins)),
-        "grid": list(s.grid_shape),
-        "in_tissue_bins": int(in_tissue.sum()),
-        "microns_per_pixel": s.microns_per_pixel,
-        "bin_affine": s.affine.to_json(),
-        "image_shape": list(s.image_shape),
-    }
+    return {"n_patches": int(len(origins)), "in_tissue_bins": int(in_tissue.sum()),
+            "bins_in_matrix": int(s.matrix.n_bins), **s.describe()}  # fmt: skip
 
 
-def _write_targets(s: VisiumHDSample, origins, in_tissue, column, gene_ids, arrays) -> None:
+def _write_targets(origins, in_tissue, column, panel_counts, library, arrays) -> None:
     """counts, library_size and mask of every patch, chunk by chunk."""
-    m = s.matrix
-    panel = np.asarray(m.counts[_index_of(m.feature_ids, gene_ids), :].T.todense(), dtype=np.int32)  # bins × genes
-    library = m.library_size.astype(np.int32)
     for start in range(0, len(origins), TARGET_CHUNK):
         part = origins[start : start + TARGET_CHUNK]
         idx = gather_windows(column, part)  # (k, b, b) matrix column of each bin, -1 where none
         present = idx >= 0
         safe = np.where(present, idx, 0)
         stop = start + len(part)
-        arrays.counts[start:stop] = np.where(present[..., None], panel[safe], 0).transpose(0, 3, 1, 2)
+        arrays.counts[start:stop] = np.where(present[..., None], panel_counts[safe], 0).transpose(0, 3, 1, 2)
         arrays.library_size[start:stop] = np.where(present, library[safe], 0)
         arrays.mask[start:stop] = gather_windows(in_tissue, part) & present
 
@@ -311,16 +396,10 @@ def _render_images(s: VisiumHDSample, origins, image, bar, workers) -> None:
     task = bar.add_task(f"{s.name}: rendering patches", total=n, rate="")
     t0 = time.perf_counter()
     with Slide(s.image_path) as slide:
-        render = lambda rc: render_patch(slide, s.affine.matrix, int(rc[0]), int(rc[1]))  # noqa: E731
-        rendered = iter(
-            Prefetcher(
-                render,
-                origins,
-                workers=workers or min(4, os.cpu_count() or 1),
-                depth=2 * IMAGE_CHUNK,
-                name="featcache-render",
-            )
-        )
+        reg = s.registration
+        render = lambda rc: render_patch(slide, reg.map_for(*rc), int(rc[0]), int(rc[1]))  # noqa: E731
+        rendered = iter(Prefetcher(render, origins, workers=workers or min(4, os.cpu_count() or 1),
+                                   depth=2 * IMAGE_CHUNK, name="featcache-render"))  # fmt: skip
         try:
             for k in range(0, n, IMAGE_CHUNK):
                 block = np.stack([next(rendered) for _ in range(min(IMAGE_CHUNK, n - k))])

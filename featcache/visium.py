@@ -1,12 +1,17 @@
 """Reader for Space Ranger (3.x/4.x) Visium HD outputs at 8 µm (DESIGN §3).
 
-What it reads, from ``outs/binned_outputs/square_008um/``:
+What it reads, from ``outs/binned_outputs/square_008um/`` (``segmented_outputs/`` beside it, in
+Space Ranger 4, is ignored):
 
 * ``spatial/tissue_positions.parquet`` (or the older ``tissue_positions.csv``): every bin, with
   ``barcode, in_tissue, array_row, array_col, pxl_row_in_fullres, pxl_col_in_fullres``;
-* ``spatial/scalefactors_json.json``: ``microns_per_pixel``, ``bin_size_um``, ...;
-* ``filtered_feature_bc_matrix.h5``: 10x HDF5 matrix, one column per in-tissue bin;
-* the full-resolution H&E, found as ``*tissue_image.(btf|tif|tiff)`` next to ``outs/`` or given.
+* ``spatial/scalefactors_json.json``: ``microns_per_pixel`` (older deposits lack it; then, as
+  Space Ranger does, ``bin_size_um / spot_diameter_fullres``), ``bin_size_um``, ...;
+* ``filtered_feature_bc_matrix.h5``: 10x HDF5 matrix, one column per in-tissue bin, read in
+  blocks of bins (a real 8 µm matrix has ~10⁸ non-zeros and is never held whole). Only
+  ``Gene Expression`` features count; others (e.g. ``Antibody Capture``) are counted per type;
+* the full-resolution microscope image: ``*tissue_image.*`` found next to ``outs/`` (or above
+  the bin folder), or given.
 
 Everything is checked on opening, and each problem raises one :class:`FeatcacheError` that says
 what is wrong and how to fix it.
@@ -16,164 +21,150 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from featcache.errors import FeatcacheError
-from featcache.geometry import BIN_UM as BIN_SIZE_UM
+from featcache.geometry import BIN_UM, GEOMETRY
+from featcache.registration import Registration, register
 
-POSITION_COLUMNS = [
-    "barcode",
-    "in_tissue",
-    "array_row",
-    "array_col",
-    "pxl_row_in_fullres",
-    "pxl_col_in_fullres",
-]
+POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 BIN_DIR = Path("binned_outputs") / "square_008um"
-IMAGE_SUFFIXES = (".btf", ".tif", ".tiff")
-
-# Positions are bin centres written as floats; a real grid fits an affine map to well under a
-# pixel. Past a tenth of a bin the grid is not a lattice we can cut patches from.
-MAX_AFFINE_RESIDUAL_BINS = 0.1
-# µm/px, the spot diameter and the fitted lattice spacing must agree to this relative tolerance.
-MPP_TOLERANCE = 0.02
-
-
-# --------------------------------------------------------------------------- affine bin lattice
-@dataclass(frozen=True)
-class BinAffine:
-    """Least-squares map (array_row, array_col, 1) -> (pxl_row, pxl_col) in full-res pixels."""
-
-    matrix: np.ndarray  # shape (2, 3)
-    rms_residual_px: float
-    max_residual_px: float
-
-    def to_pixels(self, rows, cols) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.asarray(rows, dtype=np.float64)
-        cols = np.asarray(cols, dtype=np.float64)
-        m = self.matrix
-        return m[0, 0] * rows + m[0, 1] * cols + m[0, 2], m[1, 0] * rows + m[1, 1] * cols + m[1, 2]
-
-    @property
-    def px_per_bin(self) -> float:
-        """Lattice spacing in full-resolution pixels (geometric mean of the two axes)."""
-        return float(np.sqrt(abs(np.linalg.det(self.matrix[:, :2]))))
-
-    @property
-    def rotation_deg(self) -> float:
-        return float(np.degrees(np.arctan2(self.matrix[1, 0], self.matrix[0, 0])))
-
-    @property
-    def flipped(self) -> bool:
-        return bool(np.linalg.det(self.matrix[:, :2]) < 0)
-
-    def to_json(self) -> dict:
-        return {
-            "matrix": self.matrix.tolist(),
-            "rms_residual_px": self.rms_residual_px,
-            "max_residual_px": self.max_residual_px,
-            "px_per_bin": self.px_per_bin,
-            "rotation_deg": self.rotation_deg,
-            "flipped": self.flipped,
-        }
-
-
-def fit_bin_affine(array_row, array_col, pxl_row, pxl_col) -> BinAffine:
-    design = np.column_stack([np.asarray(array_row, float), np.asarray(array_col, float), np.ones(len(array_row))])
-    target = np.column_stack([np.asarray(pxl_row, float), np.asarray(pxl_col, float)])
-    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
-    resid = np.linalg.norm(design @ coef - target, axis=1)
-    return BinAffine(
-        matrix=coef.T.copy(),
-        rms_residual_px=float(np.sqrt(np.mean(resid**2))),
-        max_residual_px=float(resid.max()),
-    )
+IMAGE_SUFFIXES = (".btf", ".tif", ".tiff", ".svs", ".jpg", ".jpeg", ".png")
+GENE_EXPRESSION = "Gene Expression"
+MPP_TOLERANCE = 0.01  # µm/px against the fitted bin pitch, and against the spot diameter
+MAX_UPSAMPLING = 1.25  # the image needs ≥ 14 / 1.25 = 11.2 native px per 8 µm bin
+BLOCK_NNZ = 4_000_000  # non-zeros read per block of bins (~64 MB of temporaries)
 
 
 # --------------------------------------------------------------------------- count matrix
-@dataclass
-class CountMatrix:
-    """A 10x feature-barcode matrix: ``counts`` is genes × bins (CSC, one column per bin)."""
-
-    barcodes: np.ndarray
-    feature_ids: np.ndarray
-    feature_names: np.ndarray
-    feature_types: np.ndarray
-    counts: sp.csc_matrix
-
-    @property
-    def library_size(self) -> np.ndarray:
-        return np.asarray(self.counts.sum(axis=0)).ravel()
-
-
 def _strings(ds) -> np.ndarray:
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in ds[()]], dtype=object)
 
 
-def read_matrix_h5(path: Path) -> CountMatrix:
-    """Read a 10x HDF5 feature-barcode matrix (``/matrix`` group, column-per-bin CSC)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeatcacheError(
-            f"count matrix not found: {path}. Point --sample at a Space Ranger outs/ folder that "
-            "holds binned_outputs/square_008um/filtered_feature_bc_matrix.h5."
-        )
-    try:
-        with h5py.File(path, "r") as f:
-            if "matrix" not in f:
-                raise FeatcacheError(
-                    f"{path} has no /matrix group: it is not a 10x feature-barcode matrix "
-                    "(expected Space Ranger's filtered_feature_bc_matrix.h5)."
-                )
-            g = f["matrix"]
-            missing = [k for k in ("barcodes", "data", "indices", "indptr", "shape", "features") if k not in g]
-            if missing:
-                raise FeatcacheError(
-                    f"{path}: /matrix lacks {', '.join(missing)}; the file is not a complete 10x matrix."
-                )
-            n_genes, n_bins = (int(v) for v in g["shape"][()])
-            data = g["data"][()]
-            indices = g["indices"][()]
-            indptr = g["indptr"][()]
-            barcodes = _strings(g["barcodes"])
-            feat = g["features"]
-            ids = _strings(feat["id"])
-            names = _strings(feat["name"])
-            types = (
-                _strings(feat["feature_type"])
-                if "feature_type" in feat
-                else np.full(len(ids), "Gene Expression", object)
+class MatrixH5:
+    """A 10x HDF5 feature-barcode matrix (``/matrix``, column per bin), read in blocks of bins."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FeatcacheError(
+                f"count matrix not found: {self.path}. Point --sample at a Space Ranger outs/ folder that "
+                "holds binned_outputs/square_008um/filtered_feature_bc_matrix.h5."
             )
-    except OSError as exc:
-        raise FeatcacheError(f"cannot read {path} as HDF5 ({exc}); the file may be truncated or not HDF5.") from exc
-    if len(barcodes) != n_bins or len(ids) != n_genes or len(indptr) != n_bins + 1:
-        raise FeatcacheError(
-            f"{path}: /matrix/shape says {n_genes} genes × {n_bins} bins but holds {len(ids)} features, "
-            f"{len(barcodes)} barcodes and {len(indptr) - 1} columns; the file is inconsistent."
+        try:
+            with h5py.File(self.path, "r") as f:
+                self._read_header(f)
+        except OSError as exc:
+            raise FeatcacheError(
+                f"cannot read {self.path} as HDF5 ({exc}); the file may be truncated or not HDF5."
+            ) from None
+
+    def _read_header(self, f) -> None:
+        if "matrix" not in f:
+            raise FeatcacheError(f"{self.path} has no /matrix group: it is not a 10x feature-barcode matrix "
+                                 "(expected Space Ranger's filtered_feature_bc_matrix.h5).")  # fmt: skip
+        g = f["matrix"]
+        missing = [k for k in ("barcodes", "data", "indices", "indptr", "shape", "features") if k not in g]
+        if missing:
+            raise FeatcacheError(
+                f"{self.path}: /matrix lacks {', '.join(missing)}; the file is not a complete 10x matrix."
+            )
+        self.n_features, self.n_bins = (int(v) for v in g["shape"][()])
+        self.barcodes = _strings(g["barcodes"])
+        feat = g["features"]
+        self.feature_ids = _strings(feat["id"])
+        self.feature_names = _strings(feat["name"])
+        n = len(self.feature_ids)
+        self.feature_types = (
+            _strings(feat["feature_type"]) if "feature_type" in feat else np.full(n, GENE_EXPRESSION, object)
         )
-    counts = sp.csc_matrix((data, indices, indptr), shape=(n_genes, n_bins))
-    return CountMatrix(barcodes, ids, names, types, counts)
+        self.indptr = g["indptr"][()].astype(np.int64)
+        self.nnz = int(g["data"].shape[0])
+        version = f.attrs.get("software_version", b"")
+        self.software_version = version.decode() if isinstance(version, bytes) else str(version)
+        if len(self.barcodes) != self.n_bins or n != self.n_features or len(self.indptr) != self.n_bins + 1:
+            raise FeatcacheError(
+                f"{self.path}: /matrix/shape says {self.n_features} features × {self.n_bins} bins but holds {n} "
+                f"features, {len(self.barcodes)} barcodes and {len(self.indptr) - 1} columns; the file is inconsistent."
+            )
+        if self.indptr[-1] != self.nnz or np.any(np.diff(self.indptr) < 0):
+            raise FeatcacheError(f"{self.path}: /matrix/indptr does not match its data; the file is damaged.")
+
+    @property
+    def gene_expression(self) -> np.ndarray:
+        """Boolean mask of the Gene Expression features."""
+        return self.feature_types == GENE_EXPRESSION
+
+    def feature_type_counts(self) -> dict[str, int]:
+        types, counts = np.unique(self.feature_types.astype(str), return_counts=True)
+        return {str(t): int(c) for t, c in zip(types, counts)}
+
+    def blocks(self):
+        """(first bin, last bin + 1, column index per non-zero, feature index per non-zero, counts)."""
+        try:
+            with h5py.File(self.path, "r") as f:
+                data, indices = f["matrix"]["data"], f["matrix"]["indices"]
+                c0 = 0
+                while c0 < self.n_bins:
+                    c1 = int(np.searchsorted(self.indptr, self.indptr[c0] + BLOCK_NNZ, side="right")) - 1
+                    c1 = min(max(c1, c0 + 1), self.n_bins)
+                    a, b = self.indptr[c0], self.indptr[c1]
+                    cols = np.repeat(np.arange(c1 - c0, dtype=np.int64), np.diff(self.indptr[c0 : c1 + 1]))
+                    yield c0, c1, cols, indices[a:b].astype(np.int64), data[a:b]
+                    c0 = c1
+        except OSError as exc:
+            raise FeatcacheError(
+                f"cannot read the counts of {self.path} ({exc}); the file is truncated or damaged."
+            ) from None
+
+    def scan(self) -> tuple[np.ndarray, np.ndarray]:
+        """One pass: total counts per feature, and each bin's library size (its Gene Expression UMIs)."""
+        per_feature = np.zeros(self.n_features, np.float64)
+        library = np.zeros(self.n_bins, np.int64)
+        ge = self.gene_expression
+        for c0, c1, cols, idx, val in self.blocks():
+            if len(idx) and (idx.min() < 0 or idx.max() >= self.n_features):
+                raise FeatcacheError(
+                    f"{self.path}: a feature index lies outside the feature list; the file is damaged."
+                )
+            per_feature += np.bincount(idx, weights=val, minlength=self.n_features)
+            keep = ge[idx]
+            library[c0:c1] = np.bincount(cols[keep], weights=val[keep], minlength=c1 - c0)
+        return per_feature, library
+
+    def gather(self, features: np.ndarray) -> np.ndarray:
+        """Dense counts (bins × len(features)) of the given feature indices, one pass over the matrix."""
+        lookup = np.full(self.n_features, -1, np.int64)
+        lookup[np.asarray(features, np.int64)] = np.arange(len(features))
+        out = np.zeros((self.n_bins, len(features)), np.int32)
+        for c0, _, cols, idx, val in self.blocks():
+            j = lookup[idx]
+            keep = j >= 0
+            out[c0 + cols[keep], j[keep]] = val[keep]
+        return out
 
 
-# --------------------------------------------------------------------------- positions
 def read_positions(spatial_dir: Path) -> pd.DataFrame:
+    """Every bin of the sample: ``barcode, in_tissue, array_row, array_col, pxl_row/col_in_fullres``, checked."""
     parquet = spatial_dir / "tissue_positions.parquet"
     csv = spatial_dir / "tissue_positions.csv"
     if parquet.is_file():
-        path, df = parquet, pd.read_parquet(parquet)
+        path, df = parquet, _read_table(parquet, pd.read_parquet)
     elif csv.is_file():
-        path, df = csv, pd.read_csv(csv)
+        path, df = csv, _read_table(csv, pd.read_csv)
         if (
             list(df.columns) != POSITION_COLUMNS
             and len(df.columns) == 6
             and not set(POSITION_COLUMNS) & set(df.columns)
         ):
-            df = pd.read_csv(csv, header=None, names=POSITION_COLUMNS)  # headerless older file
+            df = _read_table(
+                csv, lambda p: pd.read_csv(p, header=None, names=POSITION_COLUMNS)
+            )  # headerless older file
     else:
         raise FeatcacheError(
             f"no tissue_positions.parquet (or .csv) in {spatial_dir}. Point --sample at a Space Ranger "
@@ -185,11 +176,17 @@ def read_positions(spatial_dir: Path) -> pd.DataFrame:
             f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, df.columns))}); "
             f"a Space Ranger positions file has {', '.join(POSITION_COLUMNS)}."
         )
+    if len(df) == 0:
+        raise FeatcacheError(f"{path} lists no bins; the positions file is empty or truncated.")
     df = df[POSITION_COLUMNS].copy()
     df["barcode"] = df["barcode"].astype(str)
-    for col in ("in_tissue", "array_row", "array_col"):
-        if not pd.api.types.is_numeric_dtype(df[col]):
+    for col in POSITION_COLUMNS[1:]:
+        if not pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]) and col != "in_tissue":
             raise FeatcacheError(f"{path}: column {col} is not numeric; the positions file is malformed.")
+    bad = ~np.isfinite(df[POSITION_COLUMNS[1:]].to_numpy(dtype=np.float64)).all(axis=1)
+    if bad.any():
+        raise FeatcacheError(f"{path}: {int(bad.sum())} bin(s) have a missing or non-finite position (e.g. "
+                             f"{df['barcode'][bad].iloc[0]}); the positions file is damaged.")  # fmt: skip
     if df["barcode"].duplicated().any():
         dup = df["barcode"][df["barcode"].duplicated()].iloc[0]
         raise FeatcacheError(f"{path}: barcode {dup} appears more than once; each bin must be listed once.")
@@ -198,7 +195,19 @@ def read_positions(spatial_dir: Path) -> pd.DataFrame:
     df["in_tissue"] = df["in_tissue"].astype(bool)
     df["array_row"] = df["array_row"].astype(np.int64)
     df["array_col"] = df["array_col"].astype(np.int64)
+    if df[["array_row", "array_col"]].duplicated().any():
+        raise FeatcacheError(f"{path}: two bins share one (array_row, array_col); the positions file is malformed.")
     return df
+
+
+def _read_table(path: Path, reader) -> pd.DataFrame:
+    try:
+        return reader(path)
+    except pd.errors.EmptyDataError:
+        raise FeatcacheError(f"{path} is empty; the Space Ranger spatial/ folder is incomplete.") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow and pandas raise many types for damaged files
+        raise FeatcacheError(f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); the file is damaged "
+                             "or not a positions table.") from None  # fmt: skip
 
 
 # --------------------------------------------------------------------------- locating files
@@ -214,28 +223,64 @@ def find_bin_dir(path: Path) -> Path:
             return cand
     raise FeatcacheError(
         f"{path} is not a Space Ranger Visium HD output: expected outs/{BIN_DIR}/spatial/ under it. "
-        "Point --sample NAME=DIR at the folder holding outs/ (or outs/ itself)."
+        "Point --sample NAME=DIR at the folder holding outs/ (or outs/ itself, or square_008um/)."
     )
 
 
+NOT_MICROSCOPE = {"tissue_hires_image", "tissue_lowres_image", "detected_tissue_image", "aligned_tissue_image"}
+
+
 def find_image(bin_dir: Path) -> Path:
-    """The full-resolution H&E: ``*tissue_image.(btf|tif|tiff)`` next to outs/ or inside it."""
-    outs = bin_dir.parent.parent
+    """The microscope image: ``*tissue_image.<ext>`` in the bin folder or up to three folders above it."""
     found: list[Path] = []
-    for folder in (outs.parent, outs):
-        for p in sorted(folder.iterdir()):
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.stem.lower().endswith("tissue_image"):
+    for folder in [bin_dir, *list(bin_dir.parents)[:3]]:
+        for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+            stem = p.name.lower()
+            for suffix in (".ome.tif", ".ome.tiff", *IMAGE_SUFFIXES):
+                if stem.endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
+            else:
+                continue
+            if p.is_file() and stem.endswith("tissue_image") and stem not in NOT_MICROSCOPE:
                 found.append(p)
     if not found:
-        raise FeatcacheError(
-            f"no full-resolution H&E (*tissue_image.btf/.tif/.tiff) next to {outs}. Pass it with --image NAME=FILE."
-        )
+        raise FeatcacheError(f"no full-resolution microscope image (*tissue_image.btf/.tif/.jpg ...) near {bin_dir}. "
+                             "Pass it with --image NAME=FILE.")  # fmt: skip
     if len(found) > 1:
-        raise FeatcacheError(
-            f"several candidate H&E images next to {outs}: {', '.join(p.name for p in found)}. "
-            "Choose one with --image NAME=FILE."
-        )
+        raise FeatcacheError(f"several candidate microscope images near {bin_dir}: {', '.join(p.name for p in found)}. "
+                             "Choose one with --image NAME=FILE.")  # fmt: skip
     return found[0]
+
+
+def read_scalefactors(spatial: Path) -> dict:
+    """scalefactors_json.json as a dict whose numeric entries are checked to be positive numbers."""
+    path = spatial / "scalefactors_json.json"
+    if not path.is_file():
+        raise FeatcacheError(f"{path} not found; the Space Ranger spatial/ folder is incomplete.")
+    try:
+        sf = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FeatcacheError(f"{path} is not valid JSON ({str(exc)[:80]}); the file is damaged.") from None
+    if not isinstance(sf, dict):
+        raise FeatcacheError(f"{path} holds {type(sf).__name__}, not an object of scale factors; the file is damaged.")
+    for key in ("microns_per_pixel", "bin_size_um", "spot_diameter_fullres", "tissue_hires_scalef"):
+        v = sf.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0):
+            raise FeatcacheError(f"{path}: {key} is {v!r}, not a positive number; the file is damaged.")
+    return sf
+
+
+def microns_per_pixel(sf: dict, path: Path) -> tuple[float, str]:
+    """µm per full-resolution pixel and where it came from: the scale factors, or derived as Space Ranger does."""
+    if "microns_per_pixel" in sf:
+        return float(sf["microns_per_pixel"]), "scalefactors_json.json microns_per_pixel"
+    if "spot_diameter_fullres" in sf:
+        return float(sf.get("bin_size_um", BIN_UM)) / float(sf["spot_diameter_fullres"]), (
+            "derived: bin_size_um / spot_diameter_fullres"
+        )
+    raise FeatcacheError(f"{path} has neither microns_per_pixel nor spot_diameter_fullres, so the image scale is "
+                         "unknown; use the scale factors of the Space Ranger run that made the positions.")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one sample
@@ -248,134 +293,121 @@ class VisiumHDSample:
     image_path: Path
     positions: pd.DataFrame
     scalefactors: dict
-    affine: BinAffine
+    microns_per_pixel: float
+    mpp_source: str
+    registration: Registration
     image_shape: tuple[int, int]
-    _matrix: CountMatrix | None = field(default=None, repr=False)
+    image_info: dict
+    matrix: MatrixH5 = field(repr=False)
 
     @property
     def matrix_path(self) -> Path:
-        return self.bin_dir / "filtered_feature_bc_matrix.h5"
-
-    @property
-    def microns_per_pixel(self) -> float:
-        return float(self.scalefactors["microns_per_pixel"])
+        return self.matrix.path
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         return int(self.positions["array_row"].max()) + 1, int(self.positions["array_col"].max()) + 1
 
-    @property
-    def matrix(self) -> CountMatrix:
-        if self._matrix is None:
-            self._matrix = read_matrix_h5(self.matrix_path)
-            self._check_matrix(self._matrix)
-        return self._matrix
-
-    def _check_matrix(self, m: CountMatrix) -> None:
-        known = pd.Index(self.positions["barcode"])
-        absent = ~pd.Index(m.barcodes).isin(known)
-        if absent.any():
-            examples = ", ".join(map(str, m.barcodes[absent][:3]))
-            raise FeatcacheError(
-                f"sample {self.name}: {int(absent.sum())} barcode(s) in {self.matrix_path.name} are not in "
-                f"the positions file (e.g. {examples}). The matrix and positions come from different runs "
-                "or bin sizes; use the files of one Space Ranger output."
-            )
+    @cached_property
+    def column_of_bin(self) -> np.ndarray:
+        """For each position row, the matrix column of its barcode (-1 when the matrix has none)."""
+        return pd.Index(self.matrix.barcodes).get_indexer(self.positions["barcode"])
 
     def grid_lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """(in_tissue grid, matrix column index grid with -1 where the bin has no column)."""
-        rows, cols = self.grid_shape
         pos = self.positions
-        in_tissue = np.zeros((rows, cols), dtype=bool)
-        in_tissue[pos["array_row"].to_numpy(), pos["array_col"].to_numpy()] = pos["in_tissue"].to_numpy()
-        column = np.full((rows, cols), -1, dtype=np.int64)
-        where = pd.Index(self.matrix.barcodes).get_indexer(pos["barcode"])
-        has = where >= 0
-        column[pos["array_row"].to_numpy()[has], pos["array_col"].to_numpy()[has]] = where[has]
+        rr, cc = pos["array_row"].to_numpy(), pos["array_col"].to_numpy()
+        in_tissue = np.zeros(self.grid_shape, dtype=bool)
+        in_tissue[rr, cc] = pos["in_tissue"].to_numpy()
+        column = np.full(self.grid_shape, -1, dtype=np.int64)
+        column[rr, cc] = self.column_of_bin
         return in_tissue, column
 
-
-def _read_scalefactors(spatial: Path) -> dict:
-    path = spatial / "scalefactors_json.json"
-    if not path.is_file():
-        raise FeatcacheError(f"{path} not found; the Space Ranger spatial/ folder is incomplete.")
-    try:
-        sf = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FeatcacheError(f"{path} is not valid JSON ({exc}).") from exc
-    if "microns_per_pixel" not in sf:
-        raise FeatcacheError(
-            f"{path} has no microns_per_pixel; featcache takes the image scale from it "
-            "(never from the TIFF tag). Use a Space Ranger 3.x/4.x output."
-        )
-    return sf
+    def describe(self) -> dict:
+        """What dataset.json records about the sample's sources and geometry."""
+        return {
+            "microns_per_pixel": self.microns_per_pixel, "microns_per_pixel_source": self.mpp_source,
+            "registration": self.registration.to_json(), "grid": list(self.grid_shape),
+            "image_shape": list(self.image_shape), "image": self.image_info,
+            "feature_types": self.matrix.feature_type_counts(), "space_ranger": self.matrix.software_version or None,
+        }  # fmt: skip
 
 
 def open_sample(name: str, path: str | Path, image: str | Path | None = None) -> VisiumHDSample:
-    """Open and check one sample. The count matrix is read (and checked) on first use."""
-    from featcache.slide import Slide  # local: slide imports heavy optional bits lazily
-
+    """Open and check one sample; the image is probed, the count matrix's header read (its counts are not)."""
     bin_dir = find_bin_dir(Path(path))
     spatial = bin_dir / "spatial"
-    sf = _read_scalefactors(spatial)
+    sf = read_scalefactors(spatial)
     positions = read_positions(spatial)
-    if not (bin_dir / "filtered_feature_bc_matrix.h5").is_file():
-        raise FeatcacheError(
-            f"{bin_dir / 'filtered_feature_bc_matrix.h5'} not found; the Space Ranger output is incomplete."
-        )
+    matrix = MatrixH5(bin_dir / "filtered_feature_bc_matrix.h5")
     image_path = Path(image) if image else find_image(bin_dir)
     if not image_path.is_file():
         raise FeatcacheError(f"image for sample {name} not found: {image_path}")
-
-    affine = fit_bin_affine(
-        positions["array_row"],
-        positions["array_col"],
-        positions["pxl_row_in_fullres"],
-        positions["pxl_col_in_fullres"],
-    )
-    src = spatial / "tissue_positions.parquet"
-    if affine.max_residual_px > MAX_AFFINE_RESIDUAL_BINS * affine.px_per_bin:
+    reg = register(name, *(positions[c].to_numpy() for c in POSITION_COLUMNS[2:]), positions["in_tissue"].to_numpy())
+    mpp, source = _check_scale(name, sf, spatial, reg)
+    image_shape, info = _check_image(name, image_path, positions, reg, sf)
+    sample = VisiumHDSample(name, bin_dir, image_path, positions, sf, mpp, source, reg, image_shape, info, matrix)
+    absent = sample.column_of_bin < 0
+    in_matrix = len(matrix.barcodes) - int((~absent).sum())
+    if in_matrix:
+        known = pd.Index(positions["barcode"])
+        missing = matrix.barcodes[~pd.Index(matrix.barcodes).isin(known)]
         raise FeatcacheError(
-            f"sample {name}: bin positions are not an affine lattice (worst bin is "
-            f"{affine.max_residual_px:.1f} px = {affine.max_residual_px / max(affine.px_per_bin, 1e-9):.2f} bins "
-            f"off the least-squares fit of {src.parent}). The positions file is corrupt or edited."
+            f"sample {name}: {in_matrix} barcode(s) in {matrix.path.name} are not in the positions file "
+            f"(e.g. {', '.join(map(str, missing[:3]))}). The matrix and positions come from different runs or bin "
+            "sizes; use the files of one Space Ranger output."
         )
-    mpp = float(sf["microns_per_pixel"])
-    bin_um = float(sf.get("bin_size_um", BIN_SIZE_UM))
-    if abs(bin_um - BIN_SIZE_UM) > 1e-6:
+    return sample
+
+
+def _check_scale(name: str, sf: dict, spatial: Path, reg: Registration) -> tuple[float, str]:
+    bin_um = float(sf.get("bin_size_um", BIN_UM))
+    if abs(bin_um - BIN_UM) > 1e-6:
         raise FeatcacheError(f"sample {name}: scalefactors say bin_size_um={bin_um}; featcache needs the 8 µm bins.")
-    lattice_um = affine.px_per_bin * mpp
+    mpp, source = microns_per_pixel(sf, spatial / "scalefactors_json.json")
     problems = []
-    if abs(lattice_um - BIN_SIZE_UM) > MPP_TOLERANCE * BIN_SIZE_UM:
-        problems.append(
-            f"bin centres are {affine.px_per_bin:.2f} px apart, which at microns_per_pixel={mpp} is "
-            f"{lattice_um:.2f} µm, not {BIN_SIZE_UM:g} µm"
-        )
-    if "spot_diameter_fullres" in sf:
+    lattice_um = reg.px_per_bin * mpp
+    if abs(lattice_um - BIN_UM) > MPP_TOLERANCE * BIN_UM:
+        problems.append(f"bin centres are {reg.px_per_bin:.2f} px apart, which at {mpp:.5g} µm/px ({source}) is "
+                        f"{lattice_um:.2f} µm, not {BIN_UM:g} µm")  # fmt: skip
+    if "spot_diameter_fullres" in sf and "microns_per_pixel" in sf:
         spot_um = float(sf["spot_diameter_fullres"]) * mpp
         if abs(spot_um - bin_um) > MPP_TOLERANCE * bin_um:
             problems.append(f"spot_diameter_fullres × microns_per_pixel = {spot_um:.2f} µm, not {bin_um:g} µm")
     if problems:
-        raise FeatcacheError(
-            f"sample {name}: inconsistent µm/px in {spatial / 'scalefactors_json.json'}: "
-            + "; ".join(problems)
-            + ". The positions and scale factors must describe the same full-resolution image."
-        )
+        raise FeatcacheError(f"sample {name}: inconsistent µm/px in {spatial / 'scalefactors_json.json'}: "
+                             + "; ".join(problems)
+                             + ". The positions and scale factors must describe the same full-resolution image.")  # fmt: skip
+    return mpp, source
 
-    with Slide(image_path) as slide:
+
+def _check_image(name: str, path: Path, positions: pd.DataFrame, reg: Registration, sf: dict) -> tuple[tuple, dict]:
+    """Open and probe the image; refuse one that does not cover the tissue or is too coarse to render."""
+    from featcache.slide import Slide
+
+    with Slide(path) as slide:
+        slide.probe()
         height, width = slide.shape
+        info = {"path": str(path), "compression": slide.compression, "levels": len(slide.levels), "notes": slide.notes}
+    need = GEOMETRY.px_per_bin / MAX_UPSAMPLING
     tissue = positions[positions["in_tissue"]]
     if len(tissue) == 0:
         raise FeatcacheError(f"sample {name}: no bin is marked in_tissue in the positions file.")
-    half = affine.px_per_bin / 2
-    need_r = float(tissue["pxl_row_in_fullres"].max() + half)
-    need_c = float(tissue["pxl_col_in_fullres"].max() + half)
-    low_r = float(tissue["pxl_row_in_fullres"].min() - half)
-    low_c = float(tissue["pxl_col_in_fullres"].min() - half)
-    if need_r > height or need_c > width or low_r < 0 or low_c < 0:
+    half = reg.px_per_bin / 2
+    r_lo, r_hi = tissue["pxl_row_in_fullres"].min() - half, tissue["pxl_row_in_fullres"].max() + half
+    c_lo, c_hi = tissue["pxl_col_in_fullres"].min() - half, tissue["pxl_col_in_fullres"].max() + half
+    wanted = f"the full-resolution microscope image (at least {need:.1f} px per 8 µm bin)"
+    if r_hi > height or c_hi > width or r_lo < 0 or c_lo < 0:
+        scale = min(height / max(r_hi, 1), width / max(c_hi, 1))
+        hint = (f"; it looks downscaled about {1 / scale:.1f}× (a tissue_hires/lowres PNG or a CytAssist image?)"
+                if scale < 0.9 else "")  # fmt: skip
         raise FeatcacheError(
-            f"sample {name}: image {image_path.name} is {height} × {width} px but the in-tissue bins reach "
-            f"rows {low_r:.0f}..{need_r:.0f}, cols {low_c:.0f}..{need_c:.0f}. Is it the full-resolution "
-            "image of this sample (not a downscaled or cropped copy)?"
+            f"sample {name}: image {path.name} is {height} × {width} px but the in-tissue bins reach rows "
+            f"{r_lo:.0f}..{r_hi:.0f}, cols {c_lo:.0f}..{c_hi:.0f}{hint}. Pass {wanted} with --image {name}=FILE."
         )
-    return VisiumHDSample(name, bin_dir, image_path, positions, sf, affine, (height, width))
+    if reg.px_per_bin < need:
+        raise FeatcacheError(
+            f"sample {name}: image {path.name} has {reg.px_per_bin:.1f} px per 8 µm bin; rendering {GEOMETRY.px_per_bin} "
+            f"px per bin would upsample it {GEOMETRY.px_per_bin / reg.px_per_bin:.1f}×. Pass {wanted} with --image."
+        )
+    return (height, width), info

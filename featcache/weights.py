@@ -57,15 +57,15 @@ def sha256_file(path: Path) -> str:
 
 
 def parse_random(value: str | None) -> int | None:
-    """``random`` -> 0, ``random:SEED`` -> SEED, anything else -> None."""
-    if value is None or not value.startswith("random"):
+    """``random`` -> 0, ``random:SEED`` -> SEED, anything else (a path, even ``random.safetensors``) -> None."""
+    if value is None or (value != "random" and not value.startswith("random:")):
         return None
-    rest = value[len("random") :]
-    if rest == "":
+    if value == "random":
         return 0
-    if rest.startswith(":") and rest[1:].isdigit():
-        return int(rest[1:])
-    raise FeatcacheError(f"--weights {value!r}: write random or random:SEED with an integer seed.")
+    seed = value.split(":", 1)[1]
+    if not seed.isdigit():
+        raise FeatcacheError(f"--weights {value!r}: write random or random:SEED with a non-negative integer seed.")
+    return int(seed)
 
 
 def _file_in_dir(folder: Path) -> Path | None:

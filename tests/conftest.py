@@ -82,3 +82,13 @@ def run_fold(
     return train_fold(
         cfg, workspace, device=device, in_memory=in_memory, overwrite=overwrite, show_progress=show_progress
     )
+
+
+def dense_counts(path):
+    """(MatrixH5, counts as a dense bins × features array) of a small matrix file."""
+    import numpy as np
+
+    from featcache.visium import MatrixH5
+
+    m = MatrixH5(path)
+    return m, m.gather(np.arange(m.n_features))

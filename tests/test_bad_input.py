@@ -1,36 +1,69 @@
-"""Bad input: one clear message, a non-zero exit, and nothing written or damaged."""
+"""Bad input, as a catalogue: every case ends in one clear message, a non-zero exit, no traceback,
+and a workspace whose files are byte for byte what they were.
+
+Grouped by what the user got wrong: the Space Ranger folder, the image, the options and names,
+the workspace, the stores (missing, corrupt or foreign chunks), and run folders from elsewhere.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
-import h5py
+import numpy as np
 import pandas as pd
 import pytest
 import tifffile
 from conftest import BIN8, clone_sample
 from typer.testing import CliRunner
 
-from featcache.cli import app
+from featcache.cli import app as featcache_app
+from train.cli import app as train_app
 
 
-def run_prepare(ws, *args):
-    result = CliRunner().invoke(app, ["prepare", "--dataset", "bad", "--workspace", str(ws), *args])
-    return result
+# --------------------------------------------------------------------------- helpers
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (a missing root is an empty workspace)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
 
 
-def assert_refused(result, ws, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
+def refused(result, *needles, code: int = 2) -> str:
+    """One `error:` line holding every needle, the exit code, no traceback; returns the message."""
+    assert result.exit_code == code, result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     for needle in needles:
         assert needle in errors[0], errors[0]
-    assert "Traceback" not in result.output
-    datasets = ws / "datasets"
-    assert not datasets.exists() or not any(datasets.iterdir()), "something was left in the workspace"
+    return errors[0]
+
+
+def invoke(app, ws: Path, *args):
+    before = snapshot(ws)
+    result = CliRunner().invoke(app, [*args, "--workspace", str(ws)])
+    return result, before
+
+
+def check(app, ws: Path, args, *needles) -> str:
+    """Run a command that must be refused and leave the workspace exactly as it was."""
+    result, before = invoke(app, ws, *args)
+    message = refused(result, *needles)
+    assert snapshot(ws) == before, "the workspace changed"
+    return message
+
+
+def prepare_args(*args):
+    return ["prepare", "--dataset", "bad", *args]
 
 
 @pytest.fixture
@@ -38,135 +71,427 @@ def p1(synth_dir, tmp_path):
     return clone_sample(synth_dir / "P1", tmp_path / "P1")
 
 
-def spatial(sample):
+@pytest.fixture
+def ws(tmp_path):
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def full_ws(tiny_cnn_features, tmp_path):
+    """A copy of a workspace with the 'tiny' dataset and tiny-cnn random-init features."""
+    src, _ = tiny_cnn_features
+    dst = tmp_path / "full"
+    for sub in ("datasets", "features"):
+        shutil.copytree(src / sub, dst / sub)
+    return dst
+
+
+def spatial(sample: Path) -> Path:
     return sample / BIN8 / "spatial"
 
 
-def test_missing_sample_folder(tmp_path):
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={tmp_path / 'nope'}"), tmp_path / "ws", "not found")
+def sample_image(sample: Path) -> np.ndarray:
+    return tifffile.imread(sample / f"{sample.name}_tissue_image.btf")
 
 
-def test_missing_matrix(p1, tmp_path):
+# --------------------------------------------------------------------------- the Space Ranger folder
+def test_missing_sample_folder(ws, tmp_path):
+    check(featcache_app, ws, prepare_args("--sample", f"P1={tmp_path / 'nope'}"), "not found")
+
+
+def test_folder_that_is_not_a_space_ranger_output(ws, tmp_path):
+    (tmp_path / "empty").mkdir()
+    check(featcache_app, ws, prepare_args("--sample", f"P1={tmp_path / 'empty'}"), "not a Space Ranger")
+
+
+def test_missing_matrix(p1, ws):
     (p1 / BIN8 / "filtered_feature_bc_matrix.h5").unlink()
-    assert_refused(
-        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "filtered_feature_bc_matrix.h5"
-    )
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "filtered_feature_bc_matrix.h5")
 
 
-def test_missing_image(p1, tmp_path):
-    (p1 / "P1_tissue_image.btf").unlink()
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "--image")
+def test_truncated_matrix(p1, ws):
+    path = p1 / BIN8 / "filtered_feature_bc_matrix.h5"
+    path.write_bytes(path.read_bytes()[:2000])
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "HDF5")
 
 
-def test_missing_scalefactors(p1, tmp_path):
+def test_missing_scalefactors(p1, ws):
     (spatial(p1) / "scalefactors_json.json").unlink()
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "scalefactors_json.json")
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "scalefactors_json.json")
 
 
-def test_positions_with_wrong_columns(p1, tmp_path):
+@pytest.mark.parametrize("content, needle", [(b"\x89\xff\x00binary", "not valid JSON"), (b"null", "holds NoneType"),
+                                             (b'{"microns_per_pixel": "0.27"}', "not a positive number"),
+                                             (b'{"microns_per_pixel": 0.27, "bin_size_um": true}', "not a positive number")])  # fmt: skip
+def test_damaged_scalefactors(p1, ws, content, needle):
+    (spatial(p1) / "scalefactors_json.json").write_bytes(content)
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), needle)
+
+
+def test_positions_with_wrong_columns(p1, ws):
     path = spatial(p1) / "tissue_positions.parquet"
     pd.read_parquet(path).rename(columns={"array_col": "col"}).to_parquet(path)
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "array_col")
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "array_col")
 
 
-def test_matrix_barcodes_absent_from_positions(p1, tmp_path):
+@pytest.mark.parametrize("kind", ["corrupt parquet", "empty parquet", "zero-row parquet", "corrupt csv", "empty csv",
+                                  "zero-row csv"])  # fmt: skip
+def test_damaged_positions_table(p1, ws, kind):
     path = spatial(p1) / "tissue_positions.parquet"
     pos = pd.read_parquet(path)
-    drop = pos.index[pos.in_tissue == 1][:5]
-    pos.drop(drop).to_parquet(path)
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "5 barcode(s)", "not in")
+    if "csv" in kind:
+        path.unlink()
+        path = path.with_suffix(".csv")
+    if kind.startswith("corrupt"):
+        path.write_bytes(os.urandom(3000) if "parquet" in kind else b"\x00\xff" * 500 + b"\n,,\n\x01")
+    elif kind.startswith("empty"):
+        path.write_bytes(b"")
+    elif "parquet" in kind:
+        pos.iloc[:0].to_parquet(path)
+    else:
+        pos.iloc[:0].to_csv(path, index=False)
+    message = check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "tissue_positions")
+    assert any(w in message for w in ("damaged", "empty", "no bins", "lacks column", "not numeric")), message
 
 
-def test_positions_not_affine(p1, tmp_path):
+def test_non_finite_bin_position(p1, ws):
     path = spatial(p1) / "tissue_positions.parquet"
     pos = pd.read_parquet(path)
-    pos.loc[100, "pxl_row_in_fullres"] += 40.0
+    pos.loc[500, "pxl_col_in_fullres"] = np.nan
     pos.to_parquet(path)
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "not an affine lattice")
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "non-finite position")
 
 
-def test_image_smaller_than_positions_need(p1, tmp_path):
-    img = tifffile.imread(p1 / "P1_tissue_image.btf")
-    small = tmp_path / "small.tif"
-    tifffile.imwrite(small, img[: img.shape[0] // 2], photometric="rgb")
-    assert_refused(
-        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--image", f"P1={small}"),
-        tmp_path / "ws",
-        "full-resolution",
-    )
+def test_matrix_barcodes_absent_from_positions(p1, ws):
+    path = spatial(p1) / "tissue_positions.parquet"
+    pos = pd.read_parquet(path)
+    pos.drop(pos.index[pos.in_tissue == 1][:5]).to_parquet(path)
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "5 barcode(s)", "not in")
 
 
-def test_inconsistent_microns_per_pixel(p1, tmp_path):
+def test_bins_that_no_local_projective_map_follows(p1, ws):
+    """One bin inside a kept patch moved by 1.4 bins: neither the sample-wide nor the patch's own homography fits."""
+    path = spatial(p1) / "tissue_positions.parquet"
+    pos = pd.read_parquet(path)
+    k = pos.index[(pos.array_row == 45) & (pos.array_col == 50)][0]
+    pos.loc[k, "pxl_row_in_fullres"] += 40.0
+    pos.to_parquet(path)
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "patch at array (32, 32)", "no projective map")
+
+
+def test_inconsistent_microns_per_pixel(p1, ws):
     path = spatial(p1) / "scalefactors_json.json"
     sf = json.loads(path.read_text())
     sf["microns_per_pixel"] = 0.5
     path.write_text(json.dumps(sf))
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "inconsistent µm/px")
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "inconsistent µm/px")
 
 
-def test_unknown_gene_in_gene_list(p1, tmp_path):
+def test_one_folder_under_two_sample_names(p1, ws, tmp_path):
+    copy = shutil.copytree(p1, tmp_path / "copy", symlinks=True)
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--sample", f"P9={p1}"), "same Space Ranger output")
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--sample", f"P9={copy}"), "same Space Ranger output")
+
+
+def test_duplicate_sample_name(p1, ws):
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--sample", f"P1={p1}"), "twice")
+
+
+def test_min_tissue_that_keeps_no_patch(p1, ws):
+    pos = pd.read_parquet(spatial(p1) / "tissue_positions.parquet")
+    pos.loc[pos.array_row % 2 == 0, "in_tissue"] = 0  # at most half of any window is in tissue
+    pos.to_parquet(spatial(p1) / "tissue_positions.parquet")
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--min-tissue", "0.9"), "lower --min-tissue")
+
+
+# --------------------------------------------------------------------------- the image
+def test_missing_image(p1, ws):
+    (p1 / "P1_tissue_image.btf").unlink()
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "--image")
+
+
+def test_downscaled_image(p1, ws):
+    hires = spatial(p1) / "tissue_hires_image.png"
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={hires}"), "downscaled",
+          "full-resolution microscope image")  # fmt: skip
+
+
+def test_truncated_tiff(p1, ws, tmp_path):
+    img = sample_image(p1)
+    path = tmp_path / "truncated.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256), compression="zlib")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={path}"), str(path))
+
+
+def test_compression_that_cannot_be_decoded(p1, ws, tmp_path):
+    path = tmp_path / "odd.tif"
+    tifffile.imwrite(path, sample_image(p1), photometric="rgb", tile=(256, 256))
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["Compression"].overwrite(34892)  # a compression nothing here decodes
+    message = check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={path}"), str(path))
+    assert "compression" in message or "decode" in message or "cannot read" in message
+
+
+def test_float_image_out_of_range(p1, ws, tmp_path):
+    path = tmp_path / "float.tif"
+    tifffile.imwrite(path, sample_image(p1).astype(np.float32) * 300, photometric="rgb", tile=(256, 256))
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={path}"), "8-bit RGB")
+
+
+def test_single_channel_image(p1, ws, tmp_path):
+    path = tmp_path / "grey.tif"
+    tifffile.imwrite(path, sample_image(p1)[..., 0], tile=(256, 256))
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={path}"), "single-channel")
+
+
+# --------------------------------------------------------------------------- options and names
+def test_unknown_gene_in_gene_list(p1, ws, tmp_path):
     genes = tmp_path / "genes.txt"
     genes.write_text("EPCAM\nDES\nNOT_A_GENE\n")
-    assert_refused(
-        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--genes", str(genes)), tmp_path / "ws", "NOT_A_GENE"
-    )
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--genes", str(genes)), "NOT_A_GENE")
 
 
-def test_duplicate_sample_name(p1, tmp_path):
-    assert_refused(
-        run_prepare(tmp_path / "ws", "--sample", f"P1={p1}", "--sample", f"P1={p1}"), tmp_path / "ws", "twice"
-    )
-
-
-def test_truncated_matrix(p1, tmp_path):
-    path = p1 / BIN8 / "filtered_feature_bc_matrix.h5"
-    path.write_bytes(path.read_bytes()[:2000])
-    assert_refused(run_prepare(tmp_path / "ws", "--sample", f"P1={p1}"), tmp_path / "ws", "HDF5")
-
-
-def test_gene_list_by_name_and_id(p1, tmp_path):
-    with h5py.File(p1 / BIN8 / "filtered_feature_bc_matrix.h5") as f:
-        ids = [v.decode() for v in f["matrix/features/id"][()]]
+def test_gene_list_that_is_not_utf8(p1, ws, tmp_path):
     genes = tmp_path / "genes.txt"
-    genes.write_text(f"# panel\nEPCAM\n{ids[40]}\nDES  # smooth muscle\n")
-    ws = tmp_path / "ws"
-    result = run_prepare(ws, "--sample", f"P1={p1}", "--genes", str(genes))
-    assert result.exit_code == 0, result.output
-    meta = json.loads((ws / "datasets" / "bad" / "dataset.json").read_text())
-    assert meta["genes"]["names"][0] == "EPCAM" and meta["genes"]["ids"][1] == ids[40]
-    assert meta["genes"]["names"][2] == "DES"
+    genes.write_bytes("EPCAM\nDES\n".encode("utf-16"))
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--genes", str(genes)), "not UTF-8")
 
 
-def test_existing_dataset_with_different_inputs_is_kept(p1, synth_dir, tmp_path):
-    ws = tmp_path / "ws"
-    assert run_prepare(ws, "--sample", f"P1={p1}").exit_code == 0
-    meta_path = ws / "datasets" / "bad" / "dataset.json"
-    before = meta_path.read_bytes()
-    result = run_prepare(ws, "--sample", f"P1={p1}", "--min-tissue", "0.9")
-    assert result.exit_code == 2 and "--overwrite" in result.output
-    assert meta_path.read_bytes() == before
-    result = run_prepare(ws, "--sample", f"P1={p1}", "--min-tissue", "0.9", "--overwrite")
-    assert result.exit_code == 0, result.output
-    assert json.loads(meta_path.read_text())["geometry"]["min_tissue"] == 0.9
-    assert [p.name for p in (ws / "datasets").iterdir()] == ["bad"]
+@pytest.mark.parametrize("args, needle", [
+    (["--workers", "-1"], "--workers"), (["--stride", "0"], "--stride"), (["--min-tissue", "1.5"], "--min-tissue"),
+    (["--patient", "P9=A"], "not a --sample name"), (["--patient", "P1=A", "--patient", "P1=B"], "twice"),
+])  # fmt: skip
+def test_bad_prepare_options(p1, ws, args, needle):
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", *args), needle)
+
+
+@pytest.mark.parametrize("name", ["zarr.json", "../../x", ".hidden", "a/b"])
+def test_names_that_would_escape_or_break_a_store(p1, ws, name):
+    check(featcache_app, ws, ["prepare", "--dataset", name, "--sample", f"P1={p1}"], "not a valid name")
+    check(featcache_app, ws, prepare_args("--sample", f"{name}={p1}"), "not a valid name")
+
+
+def test_manifest_naming_a_missing_folder_or_a_sample_twice(p1, ws, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"sample,patient,path\nP1,A,{p1}\nP2,A,missing_folder\n")
+    check(featcache_app, ws, prepare_args("--manifest", str(manifest)), "missing_folder")
+    manifest.write_text(f"sample,patient,path\nP1,A,{p1}\nP1,B,{p1}\n")
+    check(featcache_app, ws, prepare_args("--manifest", str(manifest)), "appears twice")
+    manifest.write_text("name,folder\nP1,x\n")
+    check(featcache_app, ws, prepare_args("--manifest", str(manifest)), "sample,patient,path")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dataset", "../../x"], "not a valid name"), (["--chunk-patches", "-1"], "--chunk-patches"),
+    (["--batch-size", "0"], "--batch-size"), (["--weights", "random:-1"], "random:SEED"),
+    (["--output", "s3://bucket/x.zarr"], "s3fs"), (["--device", "tpu"], "--device"),
+    (["--precision", "fp8"], "--precision"), (["--shard", "2/2"], "0 <= K < N"),
+])  # fmt: skip
+def test_bad_extract_options(full_ws, args, needle):
+    base = ["extract", "--encoder", "tiny-cnn", "--weights", "random:5", "--dataset", "tiny"]
+    check(featcache_app, full_ws, [*base, *args], needle)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--encoder", "../../x"], "not a valid name"), (["--seed", "-1"], "--seed"), (["--lr", "nan"], "--lr"),
+    (["--epochs", "0"], "--epochs"), (["--val-fraction", "1"], "--val-fraction"), (["--in-memory", "maybe"], "--in-memory"),
+    (["--fold", "P9"], "not a patient"), (["--dataset", "nope"], "no prepared dataset"),
+])  # fmt: skip
+def test_bad_training_options(full_ws, args, needle):
+    base = {"--fold": "P1", "--encoder": "tiny-cnn", "--mode": "random", "--dataset": "tiny", "--epochs": "1"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    check(train_app, full_ws, ["decoder", *[x for kv in base.items() for x in kv]], needle)
+
+
+def test_weights_file_named_like_the_random_mode(full_ws, tmp_path):
+    """`--weights random.safetensors` is a file, not the random mode."""
+    r = CliRunner().invoke(featcache_app, ["extract", "--encoder", "tiny-cnn", "--dataset", "tiny", "--weights",
+                                           str(tmp_path / "random.safetensors"), "--workspace", str(full_ws)])  # fmt: skip
+    refused(r, "no such file")
+
+
+# --------------------------------------------------------------------------- the workspace
+def test_workspace_that_is_a_file(p1, tmp_path):
+    path = tmp_path / "ws-file"
+    path.write_text("not a folder")
+    r = CliRunner().invoke(featcache_app, [*prepare_args("--sample", f"P1={p1}"), "--workspace", str(path)])
+    refused(r, "is a file")
+    assert path.read_text() == "not a folder"
+
+
+def test_workspace_under_a_file(p1, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = CliRunner().invoke(
+        featcache_app, [*prepare_args("--sample", f"P1={p1}"), "--workspace", str(tmp_path / "file" / "ws")]
+    )
+    refused(r, "blocked by a file")
+
+
+def test_damaged_dataset_json(full_ws):
+    path = full_ws / "datasets" / "tiny" / "dataset.json"
+    path.write_text(path.read_text()[:50])
+    check(featcache_app, full_ws, ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset", "tiny"],
+          "damaged")  # fmt: skip
+    check(train_app, full_ws, ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny"],
+          "damaged")  # fmt: skip
+
+
+def test_info_and_verify_on_a_non_store(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for target in ("folder", "file", "missing"):
+        refused(CliRunner().invoke(featcache_app, ["info", str(tmp_path / target)]), "not a feature store")
+        refused(CliRunner().invoke(featcache_app, ["verify", str(tmp_path / target)]), "not a feature store")
+
+
+# --------------------------------------------------------------------------- feature-store outputs: no data loss
+def test_output_into_the_workspace_or_its_datasets_is_refused(full_ws):
+    base = ["extract", "--encoder", "tiny-cnn", "--weights", "random:7", "--dataset", "tiny"]
+    for target in (
+        full_ws,
+        full_ws / "datasets",
+        full_ws / "datasets" / "tiny" / "patches.zarr",
+        full_ws / "runs" / "x",
+    ):
+        for extra in ([], ["--overwrite"]):
+            message = check(featcache_app, full_ws, [*base, "--output", str(target), *extra], "--output")
+            assert "featcache did not make" in message or "must not touch" in message
+
+
+def test_output_into_a_users_folder_is_refused_even_with_overwrite(full_ws, tmp_path):
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    other_zarr = tmp_path / "other.zarr"
+    other_zarr.mkdir()
+    (other_zarr / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    base = ["extract", "--encoder", "tiny-cnn", "--weights", "random:7", "--dataset", "tiny"]
+    for target, needle in ((mine, "featcache did not make"), (other_zarr, "did not make")):
+        before = snapshot(target)
+        for extra in ([], ["--overwrite"]):
+            check(featcache_app, full_ws, [*base, "--output", str(target), *extra], needle)
+        assert snapshot(target) == before
+
+
+def test_a_store_of_another_identity_is_replaced_only_with_overwrite(full_ws):
+    store = full_ws / "features" / "tiny" / "tiny-cnn-random.zarr"
+    args = ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset", "tiny", "--chunk-patches", "3"]
+    check(featcache_app, full_ws, args, "different identity", "--overwrite")
+    r = CliRunner().invoke(featcache_app, [*args, "--overwrite", "--workspace", str(full_ws)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["identity"]["chunk_patches"] == 3
+
+
+# --------------------------------------------------------------------------- missing and corrupt chunks
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_deleted_image_or_target_chunk_is_noticed(full_ws):
+    targets = full_ws / "datasets" / "tiny" / "targets.zarr" / "P1"
+    (targets / "mask" / "c" / "0" / "0" / "0").unlink()
+    check(train_app, full_ws, ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny",
+                               "--epochs", "1"], "lacks chunk file", "mask")  # fmt: skip
+    (full_ws / "datasets" / "tiny" / "patches.zarr" / "P2" / "image" / "c" / "0" / "0" / "0" / "0").unlink()
+    check(featcache_app, full_ws, ["extract", "--encoder", "tiny-cnn", "--weights", "random:9", "--dataset", "tiny"],
+          "lacks chunk file", "image")  # fmt: skip
+    r = CliRunner().invoke(featcache_app, ["verify", str(full_ws / "datasets" / "tiny")])
+    assert r.exit_code == 1 and "P1/mask: chunk file" in r.output and "P2/image: chunk file" in r.output
+
+
+def test_corrupt_target_chunk_names_store_array_and_chunk(full_ws):
+    corrupt(full_ws / "datasets" / "tiny" / "targets.zarr" / "P2" / "counts" / "c" / "0" / "0" / "0" / "0")
+    message = check(train_app, full_ws, ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random",
+                                         "--dataset", "tiny", "--epochs", "1"], "targets.zarr/P2/counts", "chunk 0")  # fmt: skip
+    assert "featcache verify" in message
+
+
+def test_corrupt_feature_chunk_then_repair_recomputes_exactly_that_chunk(full_ws):
+    store = full_ws / "features" / "tiny" / "tiny-cnn-random.zarr"
+    chunk = store / "P1" / "tokens" / "c" / "0" / "0" / "0" / "0"
+    good = chunk.read_bytes()
+    others = {p: p.read_bytes() for p in store.rglob("c/*/*/*/*") if p != chunk and p.is_file()}
+    corrupt(chunk)
+    message = check(train_app, full_ws, ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random",
+                                         "--dataset", "tiny", "--epochs", "1"], "tiny-cnn-random.zarr/P1/tokens")  # fmt: skip
+    assert "--repair" in message
+    r = CliRunner().invoke(featcache_app, ["verify", str(store)])
+    assert r.exit_code == 1 and "--repair" in r.output
+    r = CliRunner().invoke(featcache_app, ["verify", "--repair", str(store)])
+    assert r.exit_code == 1 and "dropped the markers of 1" in r.output
+    r = CliRunner().invoke(featcache_app, ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset",
+                                           "tiny", "--workspace", str(full_ws)])  # fmt: skip
+    assert r.exit_code == 0 and "extracted 5 patches" in r.output and "5 already done" in r.output, r.output
+    assert chunk.read_bytes() == good
+    assert all(p.read_bytes() == b for p, b in others.items())
+    assert CliRunner().invoke(featcache_app, ["verify", str(store)]).exit_code == 0
+
+
+# --------------------------------------------------------------------------- run folders from elsewhere
+class Payload:
+    """A pickle that runs code when loaded: it would create the file named in ``flag``."""
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.flag),))
+
+
+def test_planted_pickle_in_a_run_folder_never_runs(full_ws, tmp_path):
+    flag = tmp_path / "payload-ran"
+    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny",
+            "--decoder", "linear", "--epochs", "3", "--batch-size", "2"]  # fmt: skip
+    run_dir = full_ws / "runs" / "tiny" / "tiny-cnn" / "random-linear" / "fold-P1"
+    # 1. planted in a folder with no config.json
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "train_state.pt", "wb") as fh:
+        pickle.dump({"epoch": 0, "model": Payload(str(flag))}, fh)
+    check(train_app, full_ws, args, "no config.json")
+    assert not flag.exists()
+    # 2. planted beside a real config.json, as if a run had been interrupted
+    shutil.rmtree(run_dir)
+    r = CliRunner().invoke(train_app, [*args, "--workspace", str(full_ws)])
+    assert r.exit_code == 0, r.output
+    (run_dir / "metrics.json").unlink()
+    import torch
+
+    torch.save({"epoch": 0, "model": Payload(str(flag)), "log": "[]"}, run_dir / "train_state.pt")
+    check(train_app, full_ws, args, "refusing to load", "train_state.pt")
+    assert not flag.exists()
+    # 3. a checkpoint is never unpickled either
+    from featcache.errors import FeatcacheError
+    from featcache.stores import RunDir
+
+    torch.save({"state_dict": Payload(str(flag))}, run_dir / "checkpoint.pt")
+    with pytest.raises(FeatcacheError, match="refusing to load"):
+        RunDir(run_dir).load_checkpoint()
+    assert not flag.exists()
+
+
+def test_refused_training_run_leaves_nothing_that_blocks_the_corrected_rerun(full_ws):
+    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny",
+            "--decoder", "linear", "--epochs", "1", "--batch-size", "2"]  # fmt: skip
+    check(train_app, full_ws, [*args, "--lr", "-1"], "--lr")
+    r = CliRunner().invoke(train_app, [*args, "--workspace", str(full_ws)])
+    assert r.exit_code == 0, r.output
+
+
+def test_stale_partial_folders_of_killed_prepares_are_cleaned(p1, ws):
+    (ws / "datasets" / ".bad.partial-999999999-dead0000").mkdir(parents=True)  # no such process
+    alive = ws / "datasets" / f".bad.partial-{os.getpid()}-live0000"  # a prepare still running
+    alive.mkdir()
+    r = CliRunner().invoke(featcache_app, [*prepare_args("--sample", f"P1={p1}"), "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (ws / "datasets").iterdir()) == [alive.name, "bad"]
 
 
 def test_console_script_exit_code(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "featcache",
-            "prepare",
-            "--dataset",
-            "x",
-            "--sample",
-            f"P1={tmp_path / 'missing'}",
-            "--workspace",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run([sys.executable, "-m", "featcache", "prepare", "--dataset", "x", "--sample",
+                           f"P1={tmp_path / 'missing'}", "--workspace", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr

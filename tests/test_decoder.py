@@ -229,7 +229,7 @@ def test_decoder_bad_input(tiny_cnn_features, prepared, tmp_path):
         app, ["decoder", "--dataset", "tiny", "--workspace", str(ws), "--epochs", "1", *a]
     )  # noqa: E731
     r = run("--fold", "P9", "--encoder", "tiny-cnn", "--mode", "random")
-    assert r.exit_code == 2 and "not a sample" in r.output and "P1, P2" in r.output
+    assert r.exit_code == 2 and "not a patient" in r.output and "P1, P2" in r.output
     r = run("--fold", "P1", "--encoder", "tiny-vit", "--mode", "frozen")
     assert r.exit_code == 2 and "featcache extract --dataset tiny --encoder tiny-vit" in r.output
     # an incomplete store
@@ -308,3 +308,16 @@ def test_random_densenet_features_beat_mean_and_shuffled_controls(prepared):
     assert real["pcc_gene"] > 0.05
     assert real["pcc_gene"] > shuffled["pcc_gene"] + 0.05
     assert real["pcc_gene"] < ceiling
+
+
+def test_a_moved_workspace_keeps_its_runs(tiny_cnn_features, tmp_path):
+    """Run folders record identities, never absolute paths: a copied workspace reuses them."""
+    ws, _ = tiny_cnn_features
+    first = run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
+    config = json.loads((first.run_dir / "config.json").read_text())
+    assert str(ws) not in json.dumps({k: v for k, v in config.items() if k != "provenance"})
+    moved = tmp_path / "elsewhere"
+    for sub in ("datasets", "features", "runs"):
+        shutil.copytree(ws / sub, moved / sub)
+    again = run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=moved, **{**FAST, "overwrite": False})
+    assert again.reused and again.metrics["pcc_gene"] == first.metrics["pcc_gene"]

@@ -17,8 +17,18 @@ def truth_file(inputs: FoldInputs, sample: str) -> Path:
     return src.parents[2] / "synthetic_truth.h5"
 
 
-def noise_ceiling(inputs: FoldInputs, sample: str, transform: TargetTransform, truth, mask) -> dict | None:
-    """Best achievable scores on a synthetic sample: the true rates scored like a prediction."""
+def noise_ceiling(inputs: FoldInputs, samples: list[str], transform: TargetTransform, truth, mask) -> dict | None:
+    """Best achievable scores on synthetic samples: the true rates scored like a prediction (None for real data)."""
+    parts = [ceiling_prediction(inputs, s, transform) for s in samples]
+    if any(p is None for p in parts):
+        return None
+    ceiling = evaluate(np.concatenate(parts), truth, mask, np.zeros(len(inputs.genes)), inputs.genes)
+    ceiling.pop("per_gene")
+    return ceiling
+
+
+def ceiling_prediction(inputs: FoldInputs, sample: str, transform: TargetTransform) -> np.ndarray | None:
+    """The true rates of one synthetic sample, transformed like the targets: (patch, gene, row, col)."""
     import h5py
 
     path = truth_file(inputs, sample)
@@ -39,6 +49,4 @@ def noise_ceiling(inputs: FoldInputs, sample: str, transform: TargetTransform, t
     safe = np.where(has, row, 0)
     panel = np.where(has[..., None], rates[safe][..., cols], 0.0).transpose(0, 3, 1, 2)
     lib = np.where(has, rates.sum(axis=1)[safe], 0.0)
-    ceiling = evaluate(transform(panel, lib), truth, mask, np.zeros(len(cols)), inputs.genes)
-    ceiling.pop("per_gene")
-    return ceiling
+    return transform(panel, lib)

@@ -34,6 +34,16 @@ class SampleArrays:
     mask: xr.DataArray  # (patch, row, col)
     origin: np.ndarray
     chunk: int
+    sample: str = ""
+    source: object = None  # the FoldInputs that opened these arrays (to explain a damaged chunk)
+
+    def read_error(self, name: str, idx, exc: Exception) -> FeatcacheError:
+        sample = self.sample
+        inputs = self.source
+        if name == "tokens" and not inputs.images:
+            return inputs.store.read_error(sample, "tokens", idx, exc)
+        stored = {"tokens": "image", "library": "library_size"}.get(name, name)
+        return inputs.dataset.read_error(sample, stored, idx, exc)
 
 
 class FoldInputs:
@@ -56,7 +66,7 @@ class FoldInputs:
         self.samples = dataset.samples
         self.arrays: dict[str, SampleArrays] = {}
         for s in self.samples:
-            dataset.check_chunks(s, images=self.images)
+            dataset.check_chunks(s, ("counts", "library_size", "mask") + (("image",) if self.images else ()))
             t = dataset.targets(s)
             if list(t.gene_id.values) != dataset.gene_ids:
                 raise FeatcacheError(
@@ -73,7 +83,7 @@ class FoldInputs:
                         "features with --overwrite."
                     )
                 x, chunk = f.tokens.transpose(*CHANNEL_FIRST), self.identity["chunk_patches"]
-            self.arrays[s] = SampleArrays(x, t.counts, t.library_size, t.mask, t.origin.values, int(chunk))
+            self.arrays[s] = SampleArrays(x, t.counts, t.library_size, t.mask, t.origin.values, int(chunk), s, self)
         self.genes = [str(g) for g in dataset.targets(self.samples[0]).gene.values]
 
     def _check_store(self, store: FeatureStore) -> dict:
@@ -101,15 +111,22 @@ class FoldInputs:
         return int(self.identity["dim"])
 
     def check_fold(self, fold: str) -> None:
-        if fold not in self.samples:
+        patients = self.dataset.patients
+        if fold not in patients:
+            raise FeatcacheError(f"--fold {fold!r} is not a patient of dataset {self.dataset.name!r} "
+                                 f"(patients: {', '.join(patients)}).")  # fmt: skip
+        if len(patients) < 2:
             raise FeatcacheError(
-                f"--fold {fold!r} is not a sample of dataset {self.dataset.name!r} "
-                f"(samples: {', '.join(self.samples)})."
+                f"dataset {self.dataset.name!r} has one patient; leave-one-patient-out needs at least two."
             )
-        if len(self.samples) < 2:
-            raise FeatcacheError(
-                f"dataset {self.dataset.name!r} has one sample; leave-one-patient-out needs at least two."
-            )
+
+    def test_samples(self, fold: str) -> list[str]:
+        """Every section of the test patient."""
+        return self.dataset.patients[fold]
+
+    def train_samples(self, fold: str) -> list[str]:
+        """Every section of every other patient (none of the test patient's)."""
+        return [s for s in self.samples if self.dataset.patient_of(s) != fold]
 
 
 def blocked_split(
@@ -174,24 +191,31 @@ class TargetTransform:
         return {"kind": "log1p(cp10k) z-score", "mean": self.mean.tolist(), "std": self.std.tolist()}
 
 
+def _compute(arrays: SampleArrays, name: str, idx: np.ndarray) -> np.ndarray:
+    """Patches ``idx`` of one lazily opened array; a damaged chunk becomes one error naming store, array and chunk."""
+    try:
+        return np.asarray(getattr(arrays, name).data[idx].compute())
+    except FeatcacheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zarr reports checksum and decompression failures as plain errors
+        raise arrays.read_error(name, idx, exc) from None
+
+
 def read_tokens(arrays: SampleArrays, sample: str, idx: np.ndarray) -> np.ndarray:
     """Model inputs of the given patches: token grids (checked finite) or uint8 images."""
-    tokens = np.asarray(arrays.tokens.data[idx].compute())
+    tokens = _compute(arrays, "tokens", idx)
     if tokens.dtype.kind == "f" and not np.isfinite(tokens).all():
         bad = sorted({int(idx[i]) for i in np.argwhere(~np.isfinite(tokens))[:, 0]})
         raise FeatcacheError(
             f"non-finite features in sample {sample}, patches {bad[:5]}{' ...' if len(bad) > 5 else ''}. The feature "
-            "store is damaged: run `featcache verify STORE`, then re-extract with --overwrite."
+            "store is damaged: run `featcache verify --repair STORE`, then rerun `featcache extract`."
         )
     return tokens
 
 
 def load_targets(arrays: SampleArrays, idx: np.ndarray):
-    return (
-        np.asarray(arrays.counts.data[idx].compute()),
-        np.asarray(arrays.library.data[idx].compute()),
-        np.asarray(arrays.mask.data[idx].compute()),
-    )
+    """Raw counts, library sizes and the in-tissue mask of the given patches."""
+    return tuple(_compute(arrays, name, idx) for name in ("counts", "library", "mask"))
 
 
 def memory_budget() -> int:

@@ -71,16 +71,15 @@ def run_loocv(
     """
     ws = Workspace.resolve(workspace)
     ds = ws.open_dataset(dataset)
-    if len(ds.samples) < 2:
+    if len(ds.patients) < 2:
         raise FeatcacheError(
-            f"dataset {dataset!r} has {len(ds.samples)} sample(s); leave-one-patient-out needs two or more."
+            f"dataset {dataset!r} has {len(ds.patients)} patient(s); leave-one-patient-out needs two or more."
         )
     if jobs < 1:
         raise FeatcacheError(f"--jobs {jobs}: must be at least 1.")
-    configs = loocv_configs(dataset, encoders, modes, ds.samples, options or {})
-    for cfg in configs:
-        if not cfg.finetune:
-            FoldInputs(ds, ws.feature_store(dataset, cfg.encoder, cfg.mode == "random"))
+    configs = loocv_configs(dataset, encoders, modes, list(ds.patients), options or {})
+    for e, random in {(c.encoder, c.mode == "random") for c in configs if not c.finetune}:
+        FoldInputs(ds, ws.feature_store(dataset, e, random))
     runtime = {
         "device": device,
         "in_memory": in_memory,

@@ -53,14 +53,13 @@ def train_fold(
         return FoldResult(run.path, run.read_metrics(), reused=True)
     dev = resolve_device(device)
     ddp = Distributed(cfg.finetune, dev)
-    if ddp.main and run.read_config() is None:
-        provenance = {"device": str(dev), "libraries": library_versions(), "world_size": ddp.world}
-        run.write_config({**record, "provenance": {**provenance, "torch_threads": torch.get_num_threads()}})
-    ddp.barrier()
-
     data = FoldData(inputs, cfg, in_memory, ddp.world)
     torch.manual_seed(cfg.seed)
     model, opt = _build(cfg, inputs, encoder, dev)
+    if ddp.main and run.read_config() is None:  # written only once the run can start
+        provenance = {"device": str(dev), "libraries": library_versions(), "world_size": ddp.world}
+        run.write_config({**record, "provenance": {**provenance, "torch_threads": torch.get_num_threads()}})
+    ddp.barrier()
     step = Stepper(ddp.wrap(model, dev), opt, dev, cfg)
     best = fit(model, opt, step, cfg, run, ddp, data.train, data.val, dev, data.targets_for, show_progress)
 
@@ -86,7 +85,7 @@ class FoldData:
 
     def __init__(self, inputs: FoldInputs, cfg: TrainConfig, in_memory: str, world: int):
         self.inputs = inputs
-        samples = [s for s in inputs.samples if s != cfg.fold]
+        samples = inputs.train_samples(cfg.fold)
         self.train_idx, self.val_idx = blocked_split(
             {s: inputs.arrays[s].origin for s in samples}, cfg.val_fraction, cfg.seed
         )
@@ -104,23 +103,37 @@ class FoldData:
         )
 
 
+@dataclass
+class TestSet:
+    """The test patient's patches, all its sections in one: predictions, truth, mask, origins, samples."""
+
+    pred: np.ndarray
+    truth: np.ndarray
+    mask: np.ndarray
+    origins: np.ndarray
+    samples: np.ndarray  # the section each patch comes from
+
+    @classmethod
+    def predict(cls, model, inputs: FoldInputs, fold: str, transform, dev) -> TestSet:
+        parts = []
+        for s in inputs.test_samples(fold):
+            idx = np.arange(len(inputs.arrays[s].origin))
+            parts.append(
+                (*predict(model, inputs, s, idx, transform, dev), inputs.arrays[s].origin, np.full(len(idx), s))
+            )
+        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+
+
 def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, best, encoder, dev) -> dict:
     """Score the test patient once with the selected epoch's weights; write predictions, checkpoint, metrics."""
     inputs = data.inputs
     model.load_state_dict(best.state)
-    test_idx = np.arange(len(inputs.arrays[cfg.fold].origin))
-    pred, truth, mask = predict(model, inputs, cfg.fold, test_idx, data.transform, dev)
-    metrics = _score(cfg, record, inputs, data.transform, best, pred, truth, mask)
-    space = "log1p(CP10k) z-scored with training-patient statistics"
-    run.write_predictions(
-        pred,
-        truth,
-        mask,
-        inputs.arrays[cfg.fold].origin,
-        inputs.genes,
-        inputs.dataset.gene_ids,
-        {"sample": cfg.fold, "space": space},
-    )
+    test = TestSet.predict(model, inputs, cfg.fold, data.transform, dev)
+    metrics = _score(cfg, record, inputs, data.transform, best, test)
+    attrs = {"fold": cfg.fold, "samples": inputs.test_samples(cfg.fold),
+             "space": "log1p(CP10k) z-scored with training-patient statistics"}  # fmt: skip
+    run.write_predictions(test.pred, test.truth, test.mask, test.origins, test.samples, inputs.genes,
+                          inputs.dataset.gene_ids, attrs)  # fmt: skip
     run.save_checkpoint({
         "decoder": cfg.decoder, "mode": cfg.mode, "state_dict": best.state, "c_in": _c_in(inputs, encoder),
         "genes": inputs.genes, "transform": data.transform.to_json(), "epoch": best.epoch,
@@ -146,7 +159,8 @@ def _input_identity(cfg: TrainConfig, inputs: FoldInputs, encoder) -> dict:
     """What the run reads, by identity (never by path, so a workspace can move)."""
     out = {
         "dataset_fingerprint": inputs.dataset.fingerprint,
-        "train_samples": [s for s in inputs.samples if s != cfg.fold],
+        "train_samples": inputs.train_samples(cfg.fold),
+        "test_samples": inputs.test_samples(cfg.fold),
         "features": {"store": inputs.store.name if inputs.store else None, "identity": inputs.identity},
         "genes": inputs.genes,
     }
@@ -204,25 +218,18 @@ def _shuffled_targets(batches: Batches, train_idx: dict, seed: int):
     return targets_for
 
 
-def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, transform, best, pred, truth, mask) -> dict:
-    metrics = evaluate(pred, truth, mask, np.zeros(len(inputs.genes)), inputs.genes)
-    metrics.update(
-        {
-            "dataset": cfg.dataset,
-            "encoder": cfg.encoder,
-            "mode": cfg.mode,
-            "run": cfg.run_name,
-            "fold": cfg.fold,
-            "selected_epoch": best.epoch,
-            "val_pcc_gene": best.score if np.isfinite(best.score) else None,
-            "baselines": {
-                "per_gene_mean": {"mse": float(np.mean(truth.transpose(0, 2, 3, 1)[mask] ** 2)), "pcc_gene": 0.0}
-            },
-            "noise_ceiling": noise_ceiling(inputs, cfg.fold, transform, truth, mask),
-            "features_weights": record.get("encoder_weights") or inputs.identity.get("weights"),
-            "config_sha256": record["config_sha256"],
-        }
-    )
+def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, transform, best, test: TestSet) -> dict:
+    metrics = evaluate(test.pred, test.truth, test.mask, np.zeros(len(inputs.genes)), inputs.genes)
+    metrics.update({
+        "dataset": cfg.dataset, "encoder": cfg.encoder, "mode": cfg.mode, "run": cfg.run_name, "fold": cfg.fold,
+        "test_samples": inputs.test_samples(cfg.fold), "selected_epoch": best.epoch,
+        "val_pcc_gene": best.score if np.isfinite(best.score) else None,
+        "baselines": {"per_gene_mean": {"mse": float(np.mean(test.truth.transpose(0, 2, 3, 1)[test.mask] ** 2)),
+                                        "pcc_gene": 0.0}},
+        "noise_ceiling": noise_ceiling(inputs, inputs.test_samples(cfg.fold), transform, test.truth, test.mask),
+        "features_weights": record.get("encoder_weights") or inputs.identity.get("weights"),
+        "config_sha256": record["config_sha256"],
+    })  # fmt: skip
     return metrics
 
 

@@ -31,7 +31,15 @@ import zarr
 from featcache.errors import FeatcacheError
 from featcache.geometry import GEOMETRY
 from featcache.stores.files import read_json, replace_dir, write_json
-from featcache.stores.zarrio import consolidate, create_array, missing_chunks, open_local, write_origins, write_strings
+from featcache.stores.zarrio import (
+    consolidate,
+    create_array,
+    missing_chunks,
+    open_local,
+    read_error,
+    write_origins,
+    write_strings,
+)
 
 DATASET_FORMAT = "featcache.dataset/1"
 IMAGE_CHUNK = 8  # patches per image chunk (~4.8 MB raw)
@@ -96,6 +104,17 @@ class Dataset:
     def gene_names(self) -> list[str]:
         return list(self.meta["genes"]["names"])
 
+    @property
+    def patients(self) -> dict[str, list[str]]:
+        """patient -> its samples (each sample is its own patient unless prepare was told otherwise)."""
+        out: dict[str, list[str]] = {}
+        for s, info in self.meta["samples"].items():
+            out.setdefault(info.get("patient", s), []).append(s)
+        return out
+
+    def patient_of(self, sample: str) -> str:
+        return self.meta["samples"][sample].get("patient", sample)
+
     def n_patches(self, sample: str) -> int:
         return int(self.meta["samples"][sample]["n_patches"])
 
@@ -120,11 +139,10 @@ class Dataset:
         self._check_sample(sample)
         return open_local(self.patches_path)[sample]["image"]
 
-    def check_chunks(self, sample: str, images: bool = False) -> None:
-        """Refuse a sample whose target (or image) chunk files are missing: zarr would read them as fill values."""
-        arrays = [("targets.zarr", "counts"), ("targets.zarr", "library_size"), ("targets.zarr", "mask")]
-        arrays += [("patches.zarr", "image")] if images else []
-        for store, name in arrays:
+    def check_chunks(self, sample: str, names=("counts", "library_size", "mask")) -> None:
+        """Refuse a sample whose chunk files of these arrays are missing: zarr would read them as fill values."""
+        for name in names:
+            store = "patches.zarr" if name == "image" else "targets.zarr"
             arr = open_local(self.path / store)[sample][name]
             missing = missing_chunks(arr, self.path / store / sample / name)
             if missing:
@@ -134,6 +152,14 @@ class Dataset:
                     "with --overwrite."
                 )
 
+    def read_error(self, sample: str, name: str, idx, exc: Exception) -> FeatcacheError:
+        """The error for a damaged chunk of this dataset, naming the store, array and chunk."""
+        store = "patches.zarr" if name == "image" else "targets.zarr"
+        arr = open_local(self.path / store)[sample][name]
+        return read_error(arr, f"{self.path / store}/{sample}/{name}", idx, exc,
+                          f"the dataset is damaged: check it with `featcache verify {self.path}` and prepare it "
+                          "again with --overwrite.")  # fmt: skip
+
     def origins(self, sample: str) -> np.ndarray:
         self._check_sample(sample)
         return np.asarray(open_local(self.patches_path)[sample]["origin"][:])
@@ -142,12 +168,31 @@ class Dataset:
         return {
             "dataset": self.name,
             "samples": {s: self.n_patches(s) for s in self.samples},
+            "patients": len(self.patients),
             "genes": len(self.gene_ids),
             "path": str(self.path),
         }
 
     def builder(self, store_attrs: dict) -> DatasetBuilder:
         return DatasetBuilder(self, store_attrs)
+
+    ARRAYS = (("patches.zarr", ("image", "origin")), ("targets.zarr", ("counts", "library_size", "mask", "origin")))
+
+    def verify(self) -> list[str]:
+        """Read back every chunk of every array (presence, checksums); the problems found, one line each."""
+        problems = []
+        for store, names in self.ARRAYS:
+            root = open_local(self.path / store)
+            for sample in self.samples:
+                if sample not in root:
+                    problems.append(f"{store}/{sample}: group missing")
+                    continue
+                for name in names:
+                    arr = root[sample][name]
+                    for key in missing_chunks(arr, self.path / store / sample / name):
+                        problems.append(f"{store}/{sample}/{name}: chunk file {key} is missing")
+                    problems += _read_back(arr, f"{store}/{sample}/{name}")
+        return problems
 
 
 @dataclass
@@ -160,12 +205,45 @@ class SampleArrays:
     mask: zarr.Array
 
 
+def _read_back(arr, label: str) -> list[str]:
+    """Read every chunk along the patch axis; one line per chunk that fails its checksum or decompression."""
+    k, out = arr.chunks[0], []
+    for c in range(arr.cdata_shape[0]):
+        try:
+            arr[c * k : (c + 1) * k]
+        except Exception as exc:  # noqa: BLE001 - checksum or decompression failure
+            out.append(f"{label}: chunk {c} (patches {c * k}-{min((c + 1) * k, arr.shape[0]) - 1}) is corrupted "
+                       f"({type(exc).__name__}: {str(exc)[:60]})")  # fmt: skip
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path, name: str) -> None:
+    """Remove what killed prepares of ``name`` left behind (hidden ``.partial``/``.old`` folders of dead processes)."""
+    for p in folder.glob(f".{name}{PARTIAL}*"):
+        pid = p.name[len(f".{name}{PARTIAL}") :].split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in folder.glob(f".{name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 class DatasetBuilder:
     """Writes a dataset in a hidden ``.<name>.partial-<pid>-<id>`` folder; :meth:`commit` moves it into place."""
 
     def __init__(self, dataset: Dataset, store_attrs: dict):
         self.dataset = dataset
         dataset.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(dataset.path.parent, dataset.name)
         self.partial = dataset.path.parent / f".{dataset.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.partial.mkdir()
         self.patches = zarr.open_group(zarr.storage.LocalStore(self.partial / "patches.zarr"), mode="w", zarr_format=3)

@@ -19,7 +19,7 @@ only once its marker exists.
 from __future__ import annotations
 
 import json
-import time
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import zarr
 from featcache.errors import FeatcacheError
 from featcache.stores.files import create_exclusive, write_bytes
 from featcache.stores.location import Location, is_url, local_path, zarr_store
-from featcache.stores.zarrio import TOKEN_CODECS, create_array, write_origins
+from featcache.stores.zarrio import TOKEN_CODECS, create_array, read_error, write_origins
 
 FEATURES_FORMAT = "featcache.features/1"
 RANDOM_SUFFIX = "-random"
@@ -87,6 +87,27 @@ def make_identity(
             }
         )
     )
+
+
+def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """The files of an empty store of this identity (all but the root zarr.json): relative path -> bytes."""
+    chunk, dims = identity["chunk_patches"], tuple(identity["layout"])
+    sizes = {"row": identity["grid"][0], "col": identity["grid"][1], "channel": identity["dim"]}
+    shape = [sizes[d] for d in dims[1:]]
+    pooled_dim = 2 * identity["dim"] if identity["pooled"] == "cls+mean" else identity["dim"]
+    with tempfile.TemporaryDirectory(prefix="featcache-skeleton-") as tmp:
+        root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+        for sample, n in identity["samples"].items():
+            g = root.create_group(sample)
+            create_array(g, "tokens", shape=(n, *shape), chunks=(chunk, *shape), dtype="float16", dims=dims,
+                         fill_value=float("nan"), attributes={"coordinates": "origin"}, codec=identity["codec"])  # fmt: skip
+            create_array(g, "pooled", shape=(n, pooled_dim), chunks=(chunk, pooled_dim), dtype="float32",
+                         dims=("patch", "channel"), fill_value=float("nan"), attributes={"coordinates": "origin"})  # fmt: skip
+            write_origins(g, origins[sample])
+            g.create_group(DONE).attrs["description"] = "one empty marker file per fully written chunk"
+        base = Path(tmp)
+        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*"))
+                if p.is_file() and p.relative_to(base) != Path("zarr.json")}  # fmt: skip
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -247,49 +268,15 @@ class FeatureStore:
         return zarr.open_group(zarr_store(self.loc.raw, self.loc.storage_options), mode="r+")
 
     def _create_arrays(self, root: zarr.Group, identity: dict, origins: dict[str, np.ndarray]) -> None:
-        chunk, dims = identity["chunk_patches"], tuple(identity["layout"])
-        sizes = {"row": identity["grid"][0], "col": identity["grid"][1], "channel": identity["dim"]}
-        shape = [sizes[d] for d in dims[1:]]
-        pooled_dim = 2 * identity["dim"] if identity["pooled"] == "cls+mean" else identity["dim"]
-        for sample, n in identity["samples"].items():
-            for attempt in range(50):  # a racing shard may be writing the same metadata right now
-                try:
-                    g = root.require_group(sample)
-                    if "tokens" not in g:
-                        create_array(
-                            g,
-                            "tokens",
-                            shape=(n, *shape),
-                            chunks=(chunk, *shape),
-                            dtype="float16",
-                            dims=dims,
-                            fill_value=float("nan"),
-                            attributes={"coordinates": "origin"},
-                            codec=identity["codec"],
-                        )
-                    if "pooled" not in g:
-                        create_array(
-                            g,
-                            "pooled",
-                            shape=(n, pooled_dim),
-                            chunks=(chunk, pooled_dim),
-                            dtype="float32",
-                            dims=("patch", "channel"),
-                            fill_value=float("nan"),
-                            attributes={"coordinates": "origin"},
-                        )
-                    if "origin" not in g:
-                        write_origins(g, origins[sample])
-                    if DONE not in g:
-                        g.require_group(DONE).attrs["description"] = "one empty marker file per fully written chunk"
-                    break
-                except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError, json.JSONDecodeError, KeyError):
-                    time.sleep(0.05 * (attempt + 1))
-            else:
-                raise FeatcacheError(
-                    f"could not create the arrays of sample {sample} in {self.loc}; is another process "
-                    "writing it with other options?"
-                )
+        """Every group's and array's metadata and the origins, each file written whole (atomically) when it
+        is absent or differs: racing shards write the same bytes, and a full disk leaves no half-written file."""
+        for key, data in _skeleton(identity, origins).items():
+            if self.path is not None:
+                target = self.path / key
+                if not target.is_file() or target.read_bytes() != data:
+                    write_bytes(target, data)
+            elif not self.loc.exists(key) or self.loc.fs.cat_file(self.loc.key(key)) != data:
+                self.loc.fs.pipe_file(self.loc.key(key), data)
 
     def set_provenance(self, provenance: dict) -> None:
         """Replace the root's provenance in one atomic write (concurrent shards read zarr.json meanwhile)."""
@@ -345,6 +332,12 @@ class FeatureStore:
     def tokens(self, sample: str, order=CHANNEL_FIRST) -> xr.DataArray:
         """A sample's token grids in the given dimension order, lazily."""
         return self.open_sample(sample).tokens.transpose(*order)
+
+    def read_error(self, sample: str, name: str, idx, exc: Exception) -> FeatcacheError:
+        """The error for a damaged chunk of this store, naming the store, array and chunk, and the repair."""
+        arr = self.group("r")[sample][name]
+        return read_error(arr, f"{self.loc}/{sample}/{name}", idx, exc,
+                          f"repair it with `featcache verify --repair {self.loc}`, then rerun `{self.make_hint}`.")  # fmt: skip
 
     # ------------------------------------------------------------------ verify
     def verify(self, repair: bool = False) -> VerifyReport:

@@ -16,6 +16,7 @@ run folder can come from anywhere (a shared workspace, an archive), so nothing i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -28,21 +29,17 @@ import torch
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.stores.files import append_line, read_json, write_json, write_text
+from featcache.stores.files import append_line, read_json, write_bytes, write_json, write_text
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
 
 FOLD_PREFIX = "fold-"
 
 
 def save_torch(obj, path: Path) -> None:
-    """torch.save through a temp file, so a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """torch.save through memory and a temp file: a kill leaves the old file or the new one, a full disk an OSError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_torch(path: Path):
@@ -166,10 +163,10 @@ class RunDir:
     def predictions_path(self) -> Path:
         return self.file("predictions.zarr")
 
-    def write_predictions(self, pred, truth, mask, origins, genes, gene_ids, attrs: dict) -> None:
-        write_prediction_store(
-            self.predictions_path, attrs, origins, genes, gene_ids, {"pred": pred, "truth": truth}, mask
-        )
+    def write_predictions(self, pred, truth, mask, origins, samples, genes, gene_ids, attrs: dict) -> None:
+        """The test patient's predictions; ``samples`` names each patch's section (a coordinate over patch)."""
+        write_prediction_store(self.predictions_path, attrs, origins, genes, gene_ids, {"pred": pred, "truth": truth},
+                               mask, samples=samples)  # fmt: skip
 
     def open_predictions(self) -> xr.Dataset:
         if not self.predictions_path.exists():
@@ -177,46 +174,27 @@ class RunDir:
         return xr.open_zarr(self.predictions_path, consolidated=False)
 
 
-def write_prediction_store(
-    path: Path,
-    attrs: dict,
-    origins,
-    genes,
-    gene_ids,
-    maps: dict[str, np.ndarray],
-    mask: np.ndarray | None,
-    dtype: str = "float32",
-) -> None:
-    """A (patch, gene, row, col) prediction store with origins and genes as coordinates, replaced whole."""
+def write_prediction_store(path: Path, attrs: dict, origins, genes, gene_ids, maps: dict[str, np.ndarray],
+                           mask: np.ndarray | None, dtype: str = "float32", samples=None) -> None:  # fmt: skip
+    """A (patch, gene, row, col) prediction store with origins, samples and genes as coordinates, replaced whole."""
     partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    coords = "origin sample" if samples is not None else "origin"
     try:
         root = open_local(partial, "w")
         root.attrs.update(attrs)
-        dims = ("patch", "gene", "row", "col")
         for name, data in maps.items():
             n, g, r, c = data.shape
-            create_array(
-                root,
-                name,
-                shape=data.shape,
-                chunks=(max(1, min(n, 32)), g, r, c),
-                dtype=dtype,
-                dims=dims,
-                attributes={"coordinates": "origin gene_id"},
-            )[:] = data.astype(dtype)
+            create_array(root, name, shape=data.shape, chunks=(max(1, min(n, 32)), g, r, c), dtype=dtype,
+                         dims=("patch", "gene", "row", "col"), attributes={"coordinates": f"{coords} gene_id"},
+                         )[:] = data.astype(dtype)  # fmt: skip
         if mask is not None:
             n, r, c = mask.shape
-            create_array(
-                root,
-                "mask",
-                shape=mask.shape,
-                chunks=(max(1, min(n, 32)), r, c),
-                dtype="bool",
-                dims=("patch", "row", "col"),
-                fill_value=False,
-                attributes={"coordinates": "origin"},
-            )[:] = mask
+            create_array(root, "mask", shape=mask.shape, chunks=(max(1, min(n, 32)), r, c), dtype="bool",
+                         dims=("patch", "row", "col"), fill_value=False, attributes={"coordinates": coords},
+                         )[:] = mask  # fmt: skip
         write_origins(root, origins)
+        if samples is not None:
+            write_strings(root, "sample", [str(v) for v in samples], "patch")
         write_strings(root, "gene", genes, "gene")
         write_strings(root, "gene_id", gene_ids, "gene")
         consolidate(partial)

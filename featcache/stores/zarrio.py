@@ -108,3 +108,18 @@ def chunk_keys(arr: zarr.Array) -> list[str]:
 def missing_chunks(arr: zarr.Array, array_dir: Path) -> list[str]:
     """Chunk keys of a fully written local array whose files are absent (zarr would read them as fill)."""
     return [k for k in chunk_keys(arr) if not (Path(array_dir) / k).is_file()]
+
+
+def read_error(arr: zarr.Array, label: str, idx, exc: Exception, fix: str):
+    """One clear error for a failed read of patches ``idx``: which chunk(s) of which array, and what to do."""
+    from featcache.errors import FeatcacheError
+
+    k = arr.chunks[0]
+    bad = []
+    for c in sorted({int(i) // k for i in np.atleast_1d(idx)}):
+        try:
+            arr[c * k : min((c + 1) * k, arr.shape[0])]
+        except Exception:  # noqa: BLE001 - the same failure, located
+            bad.append(c)
+    where = ", ".join(f"chunk {c} (patches {c * k}-{min((c + 1) * k, arr.shape[0]) - 1})" for c in bad) or "a chunk"
+    return FeatcacheError(f"{label}: {where} cannot be read ({type(exc).__name__}: {str(exc)[:90]}); {fix}")

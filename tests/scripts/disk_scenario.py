@@ -1,0 +1,96 @@
+"""Run inside a private mount namespace (tests/test_disk.py): a workspace on a tiny tmpfs.
+
+Each step runs a real featcache command in a subprocess and records its exit code, its last
+stderr line and what is left on the disk; the test reads the JSON this prints.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+p1, p2, mount = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+ws = mount / "ws"
+
+
+def tmpfs(options: str) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "featcache-test", str(mount)], check=True)
+
+
+def remount(options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
+
+
+def run(*args) -> dict:
+    p = subprocess.run([sys.executable, "-m", *args, "--workspace", str(ws)], capture_output=True, text=True)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    return {"code": p.returncode, "last": lines[-1] if lines else "", "traceback": "Traceback" in p.stderr}
+
+
+def fill(leave: int) -> Path:
+    st = os.statvfs(mount)
+    filler = mount / "filler"
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+def files() -> list[str]:
+    return sorted(str(p.relative_to(ws)) for p in ws.rglob("*") if p.is_file()) if ws.exists() else []
+
+
+out = {}
+tmpfs("size=1m")
+prepare = ("featcache", "prepare", "--dataset", "d", "--sample", f"P1={p1}", "--sample", f"P2={p2}")
+out["prepare_full"] = {**run(*prepare), "left": [f for f in files() if not f.startswith("datasets/.")]}
+out["prepare_full"]["hidden"] = [p.name for p in (ws / "datasets").iterdir()] if (ws / "datasets").exists() else []
+remount("size=64m")
+out["prepare_again"] = run(*prepare)
+
+extract = (
+    "featcache",
+    "extract",
+    "--encoder",
+    "tiny-cnn",
+    "--weights",
+    "random:0",
+    "--dataset",
+    "d",
+    "--chunk-patches",
+    "1",
+)
+filler = fill(60_000)
+out["extract_full"] = run(*extract)
+filler.unlink()
+out["extract_again"] = run(*extract)
+
+train = (
+    "train.cli",
+    "decoder",
+    "--fold",
+    "P1",
+    "--encoder",
+    "tiny-cnn",
+    "--mode",
+    "random",
+    "--dataset",
+    "d",
+    "--decoder",
+    "linear",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "2",
+    "--val-fraction",
+    "0",
+)
+filler = fill(4_000)
+out["train_full"] = run(*train)
+filler.unlink()
+out["train_again"] = run(*train)
+
+remount("ro")
+out["read_only"] = run("featcache", "prepare", "--dataset", "other", "--sample", f"P1={p1}")
+subprocess.run(["umount", str(mount)], check=False)
+print(json.dumps(out))
