@@ -403,6 +403,12 @@ def test_deleted_image_or_target_chunk_is_noticed(full_ws):
     assert r.exit_code == 1 and "P1/mask: chunk file" in r.output and "P2/image: chunk file" in r.output
 
 
+def test_corrupt_image_chunk_stops_extract_with_its_name(full_ws):
+    corrupt(full_ws / "datasets" / "tiny" / "patches.zarr" / "P2" / "image" / "c" / "0" / "0" / "0" / "0")
+    check(featcache_app, full_ws, ["extract", "--encoder", "tiny-cnn", "--weights", "random:4", "--dataset", "tiny",
+                                   "--output", str(full_ws.parent / "new.zarr")], "patches.zarr/P2/image", "chunk 0")  # fmt: skip
+
+
 def test_corrupt_target_chunk_names_store_array_and_chunk(full_ws):
     corrupt(full_ws / "datasets" / "tiny" / "targets.zarr" / "P2" / "counts" / "c" / "0" / "0" / "0" / "0")
     message = check(train_app, full_ws, ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random",

@@ -4,8 +4,8 @@
 
     config.json        every setting that determines the result, and its sha256 (``config_sha256``)
     log.jsonl          one line per finished epoch (train loss, validation loss and pcc_gene, seconds)
-    train_state.pt     model + optimizer + RNG state after the last finished epoch (for resuming)
-    best.pt            the best validation epoch's weights so far (for resuming)
+    train_state.pt     model + optimizer + RNG state after a finished epoch (saved when cheap enough; resuming)
+    best-<epoch>.pt    the best validation epoch's weights at that state (for resuming)
     checkpoint.pt      the selected decoder (and encoder, when fine-tuned) with the target transform
     predictions.zarr   pred, truth, mask (patch, gene, row, col) of the test patient, origins as coords
     metrics.json       the test metrics
@@ -126,16 +126,25 @@ class RunDir:
         path = self.file("train_state.pt")
         return load_torch(path) if path.is_file() else None
 
-    def save_best(self, best: dict) -> None:
-        save_torch(best, self.file("best.pt"))
+    def save_best(self, epoch: int, best: dict) -> None:
+        save_torch(best, self.file(f"best-{epoch}.pt"))
 
-    def load_best(self) -> dict | None:
-        path = self.file("best.pt")
-        return load_torch(path) if path.is_file() else None
+    def load_best(self, epoch: int) -> dict:
+        path = self.file(f"best-{epoch}.pt")
+        if not path.is_file():
+            raise FeatcacheError(f"{path} is missing, though train_state.pt names it; the run folder is damaged. "
+                                 "Rerun with --overwrite.")  # fmt: skip
+        return load_torch(path)
+
+    def drop_bests(self, keep: int | None = None) -> None:
+        """Remove best-<epoch>.pt files other than ``keep``'s."""
+        for p in self.path.glob("best-*.pt"):
+            if p.name != f"best-{keep}.pt":
+                p.unlink(missing_ok=True)
 
     def clear_state(self) -> None:
-        for name in ("train_state.pt", "best.pt"):
-            self.file(name).unlink(missing_ok=True)
+        self.file("train_state.pt").unlink(missing_ok=True)
+        self.drop_bests()
 
     # ------------------------------------------------------------------ results
     def save_checkpoint(self, checkpoint: dict) -> None:
