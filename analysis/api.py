@@ -97,7 +97,7 @@ def open_run(run_dir) -> xr.Dataset:
     return ds
 
 
-def stitch(run: xr.Dataset, gene: str, var: str = "pred") -> xr.DataArray:
+def stitch(run: xr.Dataset, gene: str, var: str = "pred", sample: str | None = None) -> xr.DataArray:
     """One gene of a run as a map of the whole test slide on the 8 µm bin grid.
 
     Parameters
@@ -108,6 +108,9 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred") -> xr.DataArray:
         A gene of the run's panel.
     var : str
         ``pred``, ``truth`` or ``mask``.
+    sample : str, optional
+        The section to draw when the run's test patient has several (its ``sample`` coordinate);
+        required then, ignored for a single-section run.
 
     Returns
     -------
@@ -119,6 +122,14 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred") -> xr.DataArray:
         raise FeatcacheError(
             f"gene {gene!r} is not in this run's panel (e.g. {', '.join(map(str, run.gene.values[:5]))})."
         )
+    if "sample" in run.coords:
+        sections = [str(s) for s in np.unique(run["sample"].values)]
+        if sample is None and len(sections) > 1:
+            raise FeatcacheError(f"this run tests on several sections ({', '.join(sections)}); pass sample=NAME.")
+        if sample is not None:
+            if sample not in sections:
+                raise FeatcacheError(f"section {sample!r} is not in this run (it has {', '.join(sections)}).")
+            run = run.isel(patch=np.flatnonzero(run["sample"].values == sample))
     values = run[var].sel(gene=gene).values if "gene" in run[var].dims else run[var].values
     origins = run.origin.values.astype(int)
     size = values.shape[-1]  # the run's grid side (32 bins)
@@ -136,7 +147,7 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred") -> xr.DataArray:
         dims=("array_row", "array_col"),
         coords={"array_row": np.arange(r0, r0 + rows), "array_col": np.arange(c0, c0 + cols)},
         name=f"{gene}:{var}",
-        attrs={"gene": gene, "variable": var, "units": "z-scored log1p(CP10k)"},
+        attrs={"gene": gene, "variable": var, "units": run.attrs.get("units", "z-scored log1p(CP10k)")},
     )
 
 

@@ -29,6 +29,32 @@ def figures(
     out.print(f"wrote {len(written)} files to {folder}", soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def compare(
+    dataset: Annotated[str, typer.Option(help="Dataset whose runs to compare.")] = "demo",
+    runs: Annotated[Optional[str], typer.Option(help="Comma-separated runs of the comparison file [default: all].")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of spatial blocks.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    workspace: WorkspaceOpt = None,
+):  # fmt: skip
+    """Paired statistics for every pair of runs: per-gene differences, Wilcoxon, block-bootstrap interval."""
+    from analysis.compare import comparison_figure, paired_comparison
+    from featcache.errors import FeatcacheError
+    from featcache.stores import Workspace
+
+    if bootstrap < 100:
+        raise FeatcacheError(f"--bootstrap {bootstrap}: use at least 100 resamples.")
+    res = paired_comparison(dataset, split_list(runs) if runs else None, workspace, n_boot=bootstrap, seed=seed)
+    for p in res["pairs"]:
+        w = p["wilcoxon"]
+        out.print(f"{p['b']} − {p['a']}: Δ pcc_gene {p['mean_pcc_gene_difference']:+.4f} "
+                  f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; {p['genes_favouring_b']}/{p['n_genes']} genes favour "
+                  f"{p['b']}" + (f"; Wilcoxon p = {w['p_value']:.3g}" if w else ""), soft_wrap=True, highlight=False)  # fmt: skip
+    figures = comparison_figure(res, Workspace.resolve(workspace).results(dataset).figures_dir)
+    out.print(f"written: {res['_path']} and {figures[0]}", soft_wrap=True)
+
+
 @app.callback()
 def _root() -> None:
     """Stage 3 of featcache: figures and xarray views (`import analysis` in a notebook)."""

@@ -1,9 +1,9 @@
-"""The comparison figures (DESIGN §7), drawn with matplotlib as PNG and PDF.
+"""The figures (DESIGN §7), drawn with matplotlib's object API (no pyplot, no backend chosen) as PNG and PDF.
 
-Comparison figures read ``results/<dataset>/encoder_loocv_comparison.json`` (the reference
-schema, so a hand-made file in that schema can be drawn too); spatial rows read the run folders.
-Colours are the Okabe–Ito palette (colour-blind safe); error bars are the population std over
-folds.
+The comparison figures read ``results/<dataset>/encoder_loocv_comparison.json`` alone (a file in
+the reference study's schema can be drawn too); the spatial rows draw the runs that file lists,
+from their run folders. Colours are the Okabe–Ito palette (colour-blind safe); error bars are the
+population std over folds.
 """
 
 from __future__ import annotations
@@ -55,14 +55,10 @@ def category(gene: str) -> str:
     return next((c for c, genes in CATEGORIES.items() if gene in genes), "other")
 
 
-STYLE = {
-    "figure.dpi": 110,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "font.size": 9,
-}
+STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False, "axes.titlesize": 11,
+         "axes.labelsize": 10, "font.size": 9}  # fmt: skip
+MODE_LABELS = {"random": "random-init (floor)", "frozen": "frozen", "finetune": "fine-tuned"}
+LABELS = {"pcc_gene": "PCC per gene (mean over genes)", "pearson_r": "Pearson r (all values, the reference's)"}
 
 
 @contextmanager
@@ -86,160 +82,134 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def _metric(run: dict, key: str) -> tuple[float, float]:
-    v = run.get(key) or {}
+def _metric(run: dict | None, key: str) -> tuple[float, float]:
+    v = (run or {}).get(key) or {}
     return (v.get("mean") if v.get("mean") is not None else np.nan), (v.get("std") or 0.0)
 
 
-def _cell(by: dict, encoder: str, mode: str, key: str) -> tuple[float, float]:
-    """(mean, std) of one encoder × mode, NaN where that run does not exist."""
-    return _metric(by[(encoder, mode)], key) if (encoder, mode) in by else (np.nan, 0.0)
-
-
-def _finish_bars(ax, x, encoders, label: str, title: str) -> None:
-    ax.set_xticks(x, encoders, rotation=20, ha="right")
-    ax.set_ylabel(label)
-    ax.set_title(title)
-    ax.axhline(0, color="black", lw=0.6)
-    ax.legend(frameon=False, fontsize=8)
+def _legend_outside(ax) -> None:
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def load_results(path) -> dict:
+    """The comparison file, each run tagged with its encoder, mode and whether it follows the default protocol."""
     path = Path(path)
     if not path.is_file():
-        raise FeatcacheError(f"no results file {path}; make it with `train loocv`.")
+        raise FeatcacheError(f"no results file {path}; make it with `train loocv` or `train summarize`.")
     res = json.loads(path.read_text())
-    if "results" not in res or not res["results"]:
+    if not res.get("results"):
         raise FeatcacheError(f"{path} has no 'results' section in the reference schema.")
     for name, r in res["results"].items():
-        r.setdefault("encoder", name.split("_")[0])
-        r.setdefault("mode", "frozen" if r.get("frozen", True) else "finetune")
-        if "random" in name and r["mode"] == "frozen":
-            r["mode"] = "random"
+        r.setdefault("encoder_name", r.get("encoder", name.split("_")[0]))
+        r.setdefault("mode", "random" if "random" in name else "frozen" if r.get("frozen", True) else "finetune")
+        r.setdefault("default_protocol", True)
     return res
 
 
 def _key_metric(res: dict) -> str:
     """pcc_gene where the file has it (ours), else the reference file's pearson_r."""
-    any_run = next(iter(res["results"].values()))
-    return "pcc_gene" if (any_run.get("pcc_gene") or {}).get("mean") is not None else "pearson_r"
+    has = any(np.isfinite(_metric(r, "pcc_gene")[0]) for r in res["results"].values())
+    return "pcc_gene" if has else "pearson_r"
 
 
 def comparison_figures(results_path, out: Path, params: dict[str, float] | None = None) -> list[Path]:
     """encoder_comparison, encoder_comparison_grouped, encoder_simple, params_vs_pcc, per_fold_consistency."""
     with _style():
-        return _comparison_figures(results_path, out, params)
+        res = load_results(results_path)
+        key = _key_metric(res)
+        runs = res["results"]
+        main = {(r["encoder_name"], r["mode"]): r for r in runs.values() if r["default_protocol"]}
+        encoders = sorted({e for e, _ in main})
+        written = _modes_figure(main, encoders, key, out, "encoder_comparison",
+                                "Every mode of every encoder (leave-one-patient-out, mean ± std over folds)")  # fmt: skip
+        written += _modes_figure(main, encoders, "pearson_r", out, "encoder_comparison_grouped",
+                                 "The same runs in the reference study's metric (pearson_r)")  # fmt: skip
+        written += _all_runs(runs, key, out)
+        written += _params(main, encoders, key, out, params)
+        written += _per_fold(runs, key, out)
+        return written
 
 
-def _comparison_figures(results_path, out: Path, params: dict[str, float] | None) -> list[Path]:
-    res = load_results(results_path)
-    runs = res["results"]
-    key = _key_metric(res)
-    label = "PCC per gene (mean over genes)" if key == "pcc_gene" else "Pearson r (all values)"
-    encoders = sorted({r["encoder"] for r in runs.values()})
-    by = {(r["encoder"], r["mode"]): r for r in runs.values()}
-    written: list[Path] = []
-
-    # 1. encoder_comparison: frozen (or best non-random) bars with fold std, random-init as a floor.
-    fig, ax = _figure(1.3 * len(encoders) + 2.5, 3.8)
+def _modes_figure(main: dict, encoders: list[str], key: str, out: Path, name: str, title: str) -> list[Path]:
+    """Frozen and fine-tuned bars per encoder; random-init drawn as a dashed floor across the encoder's group."""
+    fig, ax = _figure(1.4 * len(encoders) + 3.5, 3.8)
     x = np.arange(len(encoders))
-    main = [by.get((e, "frozen")) or by.get((e, "finetune")) for e in encoders]
-    m = [_metric(r, key) if r else (np.nan, 0) for r in main]
-    ax.bar(x, [v for v, _ in m], yerr=[s for _, s in m], color=OKABE_ITO[0], capsize=4, label="frozen encoder")
-    rnd = [_cell(by, e, "random", key) for e in encoders]
-    ax.errorbar(
-        x,
-        [v for v, _ in rnd],
-        yerr=[sd for _, sd in rnd],
-        fmt="D",
-        color="black",
-        ms=6,
-        capsize=3,
-        zorder=3,
-        label="random-init encoder (floor)",
-    )
-    _finish_bars(ax, x, encoders, label, "Encoder comparison (leave-one-patient-out, mean ± std over folds)")
-    written += _save(fig, out, "encoder_comparison")
+    bars = [m for m in ("frozen", "finetune") if any((e, m) in main for e in encoders)] or ["frozen"]
+    w = 0.8 / len(bars)
+    for i, mode in enumerate(bars):
+        vals = [_metric(main.get((e, mode)), key) for e in encoders]
+        ax.bar(x + (i - (len(bars) - 1) / 2) * w, [v for v, _ in vals], w, yerr=[s for _, s in vals], capsize=3,
+               color=MODE_COLOURS[mode], label=MODE_LABELS[mode])  # fmt: skip
+    floor = [_metric(main.get((e, "random")), key)[0] for e in encoders]
+    for xi, v in zip(x, floor):
+        if np.isfinite(v):
+            ax.hlines(v, xi - 0.45, xi + 0.45, colors="black", linestyles="--", lw=1.4, zorder=4,
+                      label=MODE_LABELS["random"] if xi == x[np.isfinite(floor)][0] else None)  # fmt: skip
+    ax.set_xticks(x, encoders, rotation=20, ha="right")
+    ax.set_ylabel(LABELS.get(key, key))
+    ax.set_title(title)
+    ax.axhline(0, color="black", lw=0.6)
+    _legend_outside(ax)
+    return _save(fig, out, name)
 
-    # 2. encoder_comparison_grouped: frozen vs fine-tuned (vs random) side by side.
-    modes = [md for md in ("random", "frozen", "finetune") if any((e, md) in by for e in encoders)]
-    fig, ax = _figure(1.5 * len(encoders) + 2.5, 3.8)
-    w = 0.8 / max(len(modes), 1)
-    for i, md in enumerate(modes):
-        vals = [_cell(by, e, md, key) for e in encoders]
-        ax.bar(
-            x + (i - (len(modes) - 1) / 2) * w,
-            [v for v, _ in vals],
-            w,
-            yerr=[s for _, s in vals],
-            capsize=3,
-            color=MODE_COLOURS[md],
-            label={"random": "random-init", "frozen": "frozen", "finetune": "fine-tuned"}[md],
-        )
-    _finish_bars(ax, x, encoders, label, "Frozen vs fine-tuned encoders")
-    written += _save(fig, out, "encoder_comparison_grouped")
 
-    # 3. encoder_simple: every run, sorted.
+def _all_runs(runs: dict, key: str, out: Path) -> list[Path]:
     order = sorted(runs, key=lambda k: -np.nan_to_num(_metric(runs[k], key)[0], nan=-9))
-    fig, ax = _figure(5.5, 0.38 * len(order) + 1.2)
+    fig, ax = _figure(6.0, 0.38 * len(order) + 1.3)
     vals = [_metric(runs[k], key) for k in order]
-    ax.barh(
-        range(len(order)),
-        [v for v, _ in vals],
-        xerr=[s for _, s in vals],
-        capsize=3,
-        color=[MODE_COLOURS.get(runs[k]["mode"], OKABE_ITO[0]) for k in order],
-    )
+    ax.barh(range(len(order)), [v for v, _ in vals], xerr=[s for _, s in vals], capsize=3,
+            color=[MODE_COLOURS.get(runs[k]["mode"], OKABE_ITO[0]) for k in order])  # fmt: skip
+    ceiling = [_metric(runs[k], "noise_ceiling_pcc_gene")[0] for k in order]
+    if key == "pcc_gene" and np.isfinite(ceiling).any():
+        ax.axvline(np.nanmean(ceiling), color="#D55E00", ls=":", lw=1.2, label="noise ceiling (synthetic data)")
+        _legend_outside(ax)
     ax.set_yticks(range(len(order)), order)
     ax.invert_yaxis()
-    ax.set_xlabel(label)
-    ax.set_title("All runs")
-    written += _save(fig, out, "encoder_simple")
+    ax.set_xlabel(LABELS.get(key, key))
+    ax.set_title("All runs, variants included")
+    return _save(fig, out, "encoder_simple")
 
-    # 4. params_vs_pcc (log x).
+
+def _params(main: dict, encoders: list[str], key: str, out: Path, params: dict | None) -> list[Path]:
     from featcache.encoders import REGISTRY
 
     params = params or {n: s.params for n, s in REGISTRY.items()}
-    fig, ax = _figure(5, 3.8)
-    for md in modes:
-        pts = [(params.get(e), _metric(by[(e, md)], key)[0], e) for e in encoders if (e, md) in by and params.get(e)]
+    fig, ax = _figure(5.5, 3.8)
+    for mode in ("frozen", "finetune", "random"):
+        pts = [(params.get(e), _metric(main.get((e, mode)), key)[0], e) for e in encoders if (e, mode) in main]
+        pts = [p for p in pts if p[0]]
         if pts:
-            ax.scatter([p for p, _, _ in pts], [v for _, v, _ in pts], color=MODE_COLOURS[md], label=md, s=40, zorder=3)
+            ax.scatter([p for p, _, _ in pts], [v for _, v, _ in pts], color=MODE_COLOURS[mode], label=MODE_LABELS[mode],
+                       s=40, zorder=3)  # fmt: skip
             for p, v, e in pts:
                 ax.annotate(e, (p, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("encoder parameters")
-    ax.set_ylabel(label)
+    ax.set_ylabel(LABELS.get(key, key))
     ax.set_title("Model size vs accuracy")
-    ax.legend(frameon=False, fontsize=8)
-    written += _save(fig, out, "params_vs_pcc")
+    _legend_outside(ax)
+    return _save(fig, out, "params_vs_pcc")
 
-    # 5. per_fold_consistency: one line per run across the test patients.
+
+def _per_fold(runs: dict, key: str, out: Path) -> list[Path]:
     folds = sorted({f for r in runs.values() for f in r.get("fold_results", {})})
     fig, ax = _figure(1.2 * len(folds) + 3.5, 3.8)
     fold_key = "pcc_gene" if key == "pcc_gene" else "pearson_r"
     for i, (name, r) in enumerate(sorted(runs.items())):
-        ys = [r.get("fold_results", {}).get(f, {}).get(fold_key, np.nan) for f in folds]
-        ax.plot(
-            range(len(folds)),
-            [np.nan if v is None else v for v in ys],
-            marker="o",
-            label=name,
-            color=OKABE_ITO[i % len(OKABE_ITO)],
-            ls="--" if r["mode"] == "random" else "-",
-        )
-    ax.set_xticks(range(len(folds)), [f.replace("test_", "test ") for f in folds])
-    ax.set_ylabel(label)
+        ys = [r.get("fold_results", {}).get(f, {}).get(fold_key) for f in folds]
+        ax.plot(range(len(folds)), [np.nan if v is None else v for v in ys], marker="o", label=name,
+                color=OKABE_ITO[i % len(OKABE_ITO)], ls="--" if r["mode"] == "random" else "-")  # fmt: skip
+    ax.set_xticks(range(len(folds)), [f.replace("test_", "test patient ") for f in folds])
+    ax.set_ylabel(LABELS.get(fold_key, fold_key))
     ax.set_title("Per-fold consistency")
-    ax.legend(frameon=False, fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    written += _save(fig, out, "per_fold_consistency")
-    return written
+    _legend_outside(ax)
+    return _save(fig, out, "per_fold_consistency")
 
 
 def spatial_figures(
     dataset: str, sample: str, run_dirs: dict[str, Path], genes, out: Path, workspace=None
 ) -> list[Path]:
-    """Rows H&E | truth | one panel per run for each gene, on the stitched test slide; shared colour scale."""
+    """Rows H&E | truth | one panel per run for each gene, on the stitched test section; one colour scale."""
     with _style():
         return _spatial_figures(dataset, sample, run_dirs, genes, out, workspace)
 
@@ -247,48 +217,51 @@ def spatial_figures(
 def _spatial_figures(dataset, sample, run_dirs, genes, out: Path, workspace) -> list[Path]:
     runs = {name: open_run(d) for name, d in run_dirs.items()}
     if not runs:
-        raise FeatcacheError(f"no finished runs with sample {sample} as the test patient.")
+        raise FeatcacheError(f"no finished runs with sample {sample} as a test section.")
     first = next(iter(runs.values()))
+    fold = first.attrs.get("metrics", {}).get("fold", sample)
+    space = first.attrs.get("units", "z-scored log1p(CP10k)")
     he = stitch_image(dataset, sample, workspace=workspace)
-    written = []
-    summary = {}
+    written, summary = [], {}
     for name, ds in runs.items():
         m = ds.attrs.get("metrics", {})
-        summary[name] = {k: m.get(k) for k in ("pcc_gene", "pcc_global", "spearman_gene", "ssim_st", "mse")}
+        summary[name] = {
+            k: m.get(k) for k in ("pcc_gene", "pcc_global", "spearman_gene", "spearman_global", "ssim_st", "mse")
+        }
     for gene in genes:
         if gene not in first.gene.values:
             continue
-        truth = stitch(first, gene, "truth")
-        mask = stitch(first, gene, "mask") if "gene" not in first["mask"].dims else None
-        inside = truth.values[np.isfinite(truth.values) & (mask.values > 0.5 if mask is not None else True)]
+        truth = stitch(first, gene, "truth", sample=sample)
+        mask = stitch(first, gene, "mask", sample=sample)
+        inside = truth.values[np.isfinite(truth.values) & (mask.values > 0.5)]
         lo, hi = np.percentile(inside, [1, 99]) if inside.size else (0, 1)
         n = 2 + len(runs)
-        fig, axes = _figure(2.6 * n, 2.9, ncols=n, layout="constrained")
+        fig, axes = _figure(2.6 * n, 3.1, ncols=n, layout="constrained")
         axes[0].imshow(he)
-        axes[0].set_title(f"H&E ({sample})")
+        axes[0].set_title(f"H&E, section {sample}")
         im = axes[1].imshow(_masked(truth, mask), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-        axes[1].set_title(f"truth: {gene}")
+        axes[1].set_title(f"measured {gene}")
         for ax, (name, ds) in zip(axes[2:], runs.items()):
             pg = ds.attrs.get("metrics", {}).get("per_gene", {}).get(gene, {})
-            axes_title = f"{name}\nPCC {_fmt(pg.get('pcc'))}  SSIM {_fmt(pg.get('ssim'))}"
-            ax.imshow(
-                _masked(stitch(ds, gene, "pred"), mask), cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest"
-            )
-            ax.set_title(axes_title, fontsize=8)
+            ax.imshow(_masked(stitch(ds, gene, "pred", sample=sample), mask), cmap="viridis", vmin=lo, vmax=hi,
+                      interpolation="nearest")  # fmt: skip
+            ax.set_title(f"{name}\n{gene}: PCC {_fmt(pg.get('pcc'))}, SSIM {_fmt(pg.get('ssim'))}", fontsize=8)
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.colorbar(im, ax=axes[1:], shrink=0.8, label="z-scored log1p(CP10k)")
+        fig.colorbar(im, ax=axes[1:], shrink=0.8, label=space)
+        fig.suptitle(f"{gene} ({category(gene)}), test patient {fold}: per-gene PCC and SSIM over this fold's test bins",
+                     fontsize=9)  # fmt: skip
         written += _save(fig, out / "spatial", f"{category(gene)}_{gene}_{sample}")
     path = out / f"metrics_summary_{sample}.json"
-    write_json(path, {"dataset": dataset, "sample": sample, "runs": summary})
+    write_json(path, {"dataset": dataset, "sample": sample, "fold": fold, "runs": summary})
     written.append(path)
     return written
 
 
 def _masked(values, mask) -> np.ndarray:
     """A stitched map with bins outside the tissue blanked (NaN)."""
-    return np.where(mask.values > 0.5, values.values, np.nan) if mask is not None else values.values
+    return np.where(mask.values > 0.5, values.values, np.nan)
 
 
 def _fmt(v) -> str:
@@ -296,16 +269,22 @@ def _fmt(v) -> str:
 
 
 def draw_all(dataset: str, sample: str | None = None, genes=DEFAULT_GENES, workspace=None) -> list[Path]:
-    """Every comparison figure, and the spatial rows of test patient ``sample`` [default: the last fold]."""
+    """Every comparison figure, and the spatial rows of test section ``sample`` [default: the last one]."""
     ws = Workspace.resolve(workspace)
     results = ws.results(dataset)
     written = comparison_figures(results.comparison_path, results.figures_dir)
-    finished = [r for r in ws.runs(dataset) if r.is_finished()]
-    folds = sorted({r.fold for r in finished})
-    if not folds:
+    runs = load_results(results.comparison_path)["results"]
+    by_section: dict[str, dict[str, Path]] = {}
+    for name, r in runs.items():
+        for f in r.get("fold_results", {}).values():
+            if f.get("run_dir") and (ws.root / f["run_dir"]).is_dir():
+                for s in f.get("test_samples") or []:
+                    by_section.setdefault(s, {})[name] = ws.root / f["run_dir"]
+    if not by_section:
         return written
-    sample = sample or folds[-1]
-    if sample not in folds:
-        raise FeatcacheError(f"--sample {sample}: no finished run tests on it (have: {', '.join(folds)}).")
-    run_dirs = {f"{r.path.parents[1].name}/{r.path.parent.name}": r.path for r in finished if r.fold == sample}
-    return written + spatial_figures(dataset, sample, run_dirs, genes, results.figures_dir, workspace=ws.root)
+    sample = sample or sorted(by_section)[-1]
+    if sample not in by_section:
+        raise FeatcacheError(
+            f"--sample {sample}: no run of the comparison file tests on it (have: {', '.join(sorted(by_section))})."
+        )
+    return written + spatial_figures(dataset, sample, by_section[sample], genes, results.figures_dir, workspace=ws.root)

@@ -45,6 +45,9 @@ class EncoderSpec:
     hf_repo: str | None = None
     test_only: bool = False
     note: str = ""
+    # A CNN whose grid is taken before its final activation: the dotted name of the norm layer whose
+    # ``act`` is dropped (DenseNet-121: torchvision's ``features``, the grid Img2ST-Net decodes).
+    pre_activation: str | None = None
 
     @property
     def pooled_dim(self) -> int:
@@ -58,18 +61,12 @@ class EncoderSpec:
     def describe(self) -> dict:
         kw = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in self.kwargs.items()}
         kw.update({k: _qualname(f()) for k, f in self.callable_kwargs.items()})
-        return {
-            "encoder": self.name,
-            "arch": self.arch,
-            "kind": self.kind,
-            "timm_kwargs": kw,
-            "dim": self.dim,
-            "grid": [self.grid, self.grid],
-            "pooled": self.pooled,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "input_px": INPUT_PX,
-        }
+        out = {"encoder": self.name, "arch": self.arch, "kind": self.kind, "timm_kwargs": kw, "dim": self.dim,
+               "grid": [self.grid, self.grid], "pooled": self.pooled, "mean": list(self.mean), "std": list(self.std),
+               "input_px": INPUT_PX}  # fmt: skip
+        if self.pre_activation:
+            out["grid_before_activation_of"] = self.pre_activation
+        return out
 
 
 def _qualname(obj) -> str:
@@ -102,7 +99,8 @@ register(
         pooled="mean",
         params=6.95e6,
         hf_repo="timm/densenet121.tv_in1k",
-        note="ImageNet CNN; 14×14 map at 448 px (stride 32)",
+        pre_activation="features.norm5",
+        note="ImageNet CNN; 14×14 map at 448 px (stride 32), before the final ReLU (torchvision's features)",
     )
 )
 register(
@@ -224,6 +222,8 @@ class GridEncoder(torch.nn.Module):
         self.model = model
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+        if spec.pre_activation:  # the grid before the final activation; pooled applies it (torchvision's forward)
+            model.get_submodule(spec.pre_activation).act = torch.nn.Identity()
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -235,7 +235,7 @@ class GridEncoder(torch.nn.Module):
         out = self.model.forward_features(x)
         if self.spec.kind == "cnn":
             tokens = out.permute(0, 2, 3, 1)  # (B, H, W, C)
-            pooled = out.mean(dim=(2, 3))
+            pooled = (torch.relu(out) if self.spec.pre_activation else out).mean(dim=(2, 3))
         else:
             n_prefix = self.num_prefix_tokens
             patch = out[:, n_prefix:]

@@ -59,3 +59,18 @@ def gather_windows(grid: np.ndarray, origins: np.ndarray, bins: int = GEOMETRY.b
     if len(origins) == 0:
         return np.zeros((0, bins, bins), grid.dtype)
     return np.stack([grid[r : r + bins, c : c + bins] for r, c in origins])
+
+
+def bin_table(origins: np.ndarray, values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch maps as one row per distinct bin: averaged where patches overlap (stride < 32).
+
+    ``values`` (patch, ..., bins, bins), ``mask`` (patch, bins, bins) marks the bins to keep.
+    Returns (array coordinates (n, 2), values (n, ...)) sorted by (row, col).
+    """
+    p, i, j = np.nonzero(mask)
+    coords = np.asarray(origins, dtype=np.int64)[p] + np.column_stack([i, j])
+    rows = np.moveaxis(values, (-2, -1), (1, 2))[p, i, j].astype(np.float64)  # (m, ...)
+    unique, inverse, count = np.unique(coords, axis=0, return_inverse=True, return_counts=True)
+    total = np.zeros((len(unique), *rows.shape[1:]))
+    np.add.at(total, inverse.ravel(), rows)
+    return unique, total / count.reshape(-1, *([1] * (rows.ndim - 1)))

@@ -132,6 +132,8 @@ class Panel:
     names: np.ndarray
     spec: str
     not_in_every_sample: dict[str, list[str]]  # feature id -> samples that lack it (never in the panel)
+    shared_ids: np.ndarray  # every Gene Expression feature all samples have ...
+    shared_totals: np.ndarray  # ... and each sample's total count of it (samples × features)
 
     def describe(self) -> dict:
         rule = (f"the {len(self.ids)} Gene Expression features with the highest mean raw count over every bin of "
@@ -164,6 +166,7 @@ def select_genes(spec: str, samples: list[VisiumHDSample], totals: dict[str, np.
     }
     ids = np.array(shared, dtype=object)
     names = np.array([first.feature_names[ge[0][fid]] for fid in shared], dtype=object)
+    per_sample = np.stack([totals[s.name][[g[fid] for fid in shared]] for s, g in zip(samples, ge)])
     if spec.startswith("top-mean:"):
         try:
             n = int(spec.split(":", 1)[1])
@@ -173,12 +176,11 @@ def select_genes(spec: str, samples: list[VisiumHDSample], totals: dict[str, np.
             raise FeatcacheError(
                 f"--genes {spec}: N must be between 1 and {len(ids)} (the shared Gene Expression features)."
             )
-        total = sum(totals[s.name][[g[fid] for fid in shared]] for s, g in zip(samples, ge))
-        mean = total / max(sum(s.matrix.n_bins for s in samples), 1)
+        mean = per_sample.sum(axis=0) / max(sum(s.matrix.n_bins for s in samples), 1)
         pick = np.argsort(-mean, kind="stable")[:n]
     else:
         pick = _genes_from_file(Path(spec), ids, names, samples, lacking)
-    return Panel(ids[pick], names[pick], spec, lacking)
+    return Panel(ids[pick], names[pick], spec, lacking, ids, per_sample)
 
 
 def _genes_from_file(path: Path, ids, names, samples, lacking) -> np.ndarray:
@@ -301,6 +303,8 @@ def prepare_dataset(
         report = {
             s.name: _write_sample(s, cut[s.name], panel, libraries[s.name], builder, bar, workers) for s in opened
         }
+        builder.write_gene_totals(panel.shared_ids, [s.name for s in opened], panel.shared_totals,
+                                  [s.matrix.n_bins for s in opened])  # fmt: skip
         builder.commit({
             "format": DATASET_FORMAT, "dataset": dataset, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "featcache_version": __version__, "fingerprint": fingerprint, "inputs_sha256": key,

@@ -117,6 +117,7 @@ MARKERS: dict[str, tuple[float, dict[int, float]]] = {
     "RPLP0": (1.0, _ALL),
 }
 LEAK = 0.04
+NB_SIZE = 2.5  # counts ~ Poisson(rate × Gamma(NB_SIZE, 1/NB_SIZE)): negative binomial with this size
 
 # UMIs of an 8 µm bin made wholly of one compartment (before patient depth and noise).
 UMI_DENSITY = np.array([3.0, 330.0, 700.0, 480.0, 70.0, 300.0, 620.0])
@@ -320,8 +321,7 @@ def expression(cfg: SynthConfig, sample: str, patient: Patient, fractions, modul
     quality = np.exp(0.25 * _smooth_field(rng, (rows, cols), 12, 1.5).reshape(-1))
     library = patient.depth * umis * quality * rng.lognormal(-0.08, 0.4, len(umis))
     rates = (library[:, None] * mix).astype(np.float32)
-    shape_k = 2.5  # gamma-Poisson overdispersion (NB size)
-    counts = rng.poisson(rates * rng.gamma(shape_k, 1 / shape_k, rates.shape)).astype(np.int32)
+    counts = rng.poisson(rates * rng.gamma(NB_SIZE, 1 / NB_SIZE, rates.shape)).astype(np.int32)
     return rates, counts
 
 
@@ -596,6 +596,11 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
         f.attrs["description"] = (
             "True expected UMIs per in-tissue 8 um bin and gene (before gamma-Poisson noise), the "
             "compartment fractions of each bin, and the exact bin->pixel affine map."
+        )
+        f.attrs["nb_size"] = NB_SIZE
+        f.attrs["noise_model"] = (
+            "counts ~ Poisson(rate * Gamma(nb_size, 1/nb_size)) independently per bin and gene; the library of a "
+            "bin is the sum of its Gene Expression counts"
         )
         f.attrs["seed"] = cfg.seed
         f.create_dataset("barcodes", data=np.array(barcodes[keep], dtype="S"))

@@ -78,6 +78,7 @@ def run_fold(
     from train.config import TrainConfig
     from train.run import train_fold
 
+    settings.setdefault("val_fraction", 0.0)  # 5 patches per sample: too few for a validation region and its buffer
     cfg = TrainConfig(dataset=dataset, encoder=encoder, fold=fold, **settings)
     return train_fold(
         cfg, workspace, device=device, in_memory=in_memory, overwrite=overwrite, show_progress=show_progress

@@ -299,7 +299,14 @@ def test_bad_extract_options(full_ws, args, needle):
     (["--fold", "P9"], "not a patient"), (["--dataset", "nope"], "no prepared dataset"),
 ])  # fmt: skip
 def test_bad_training_options(full_ws, args, needle):
-    base = {"--fold": "P1", "--encoder": "tiny-cnn", "--mode": "random", "--dataset": "tiny", "--epochs": "1"}
+    base = {
+        "--fold": "P1",
+        "--encoder": "tiny-cnn",
+        "--mode": "random",
+        "--dataset": "tiny",
+        "--epochs": "1",
+        "--val-fraction": "0",
+    }
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
     check(train_app, full_ws, ["decoder", *[x for kv in base.items() for x in kv]], needle)
@@ -394,7 +401,7 @@ def corrupt(path: Path) -> None:
 def test_deleted_image_or_target_chunk_is_noticed(full_ws):
     targets = full_ws / "datasets" / "tiny" / "targets.zarr" / "P1"
     (targets / "mask" / "c" / "0" / "0" / "0").unlink()
-    check(train_app, full_ws, ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny",
+    check(train_app, full_ws, ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--val-fraction", "0",
                                "--epochs", "1"], "lacks chunk file", "mask")  # fmt: skip
     (full_ws / "datasets" / "tiny" / "patches.zarr" / "P2" / "image" / "c" / "0" / "0" / "0" / "0").unlink()
     check(featcache_app, full_ws, ["extract", "--encoder", "tiny-cnn", "--weights", "random:9", "--dataset", "tiny"],
@@ -450,8 +457,8 @@ class Payload:
 
 def test_planted_pickle_in_a_run_folder_never_runs(full_ws, tmp_path):
     flag = tmp_path / "payload-ran"
-    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny",
-            "--decoder", "linear", "--epochs", "3", "--batch-size", "2"]  # fmt: skip
+    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--val-fraction", "0",
+            "--decoder", "linear", "--epochs", "3", "--batch-size", "2", "--val-fraction", "0"]  # fmt: skip
     run_dir = full_ws / "runs" / "tiny" / "tiny-cnn" / "random-linear" / "fold-P1"
     # 1. planted in a folder with no config.json
     run_dir.mkdir(parents=True)
@@ -480,8 +487,8 @@ def test_planted_pickle_in_a_run_folder_never_runs(full_ws, tmp_path):
 
 
 def test_refused_training_run_leaves_nothing_that_blocks_the_corrected_rerun(full_ws):
-    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny",
-            "--decoder", "linear", "--epochs", "1", "--batch-size", "2"]  # fmt: skip
+    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--val-fraction", "0",
+            "--decoder", "linear", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0"]  # fmt: skip
     check(train_app, full_ws, [*args, "--lr", "-1"], "--lr")
     r = CliRunner().invoke(train_app, [*args, "--workspace", str(full_ws)])
     assert r.exit_code == 0, r.output

@@ -33,7 +33,7 @@ def test_densenet121_grid_and_params():
     with torch.inference_mode():
         tokens, pooled = GridEncoder(spec, model)(torch.zeros(1, 448, 448, 3, dtype=torch.uint8))
     assert tuple(tokens.shape) == (1, 14, 14, 1024) and tuple(pooled.shape) == (1, 1024)
-    assert torch.allclose(pooled, tokens.mean(dim=(1, 2)), atol=1e-5)
+    assert torch.allclose(pooled, torch.relu(tokens).mean(dim=(1, 2)), atol=1e-5)  # tokens: before the ReLU
 
 
 def test_hoptimus_uses_its_own_normalisation():
@@ -77,3 +77,36 @@ def test_unknown_encoder_message():
         get_spec("resnet")
     assert {"densenet121", "uni2h", "virchow2", "hoptimus0"} <= set(REGISTRY)
     assert all(REGISTRY[n].test_only for n in ("tiny-vit", "tiny-cnn"))
+
+
+def test_densenet_grid_is_torchvisions_features(tmp_path):
+    """Same weights, same patch: our cached grid is torchvision's densenet121().features(x), the grid Img2ST-Net
+    decoded (the final batch norm without timm's ReLU); pooled is torchvision's ReLU + global average."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from featcache.weights import load_encoder, resolve_weights
+
+    torch.manual_seed(0)
+    tv = torchvision.models.densenet121(weights=None).eval()
+    for m in tv.modules():  # non-trivial running statistics, so the final batch norm matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "tv_densenet121.safetensors"
+    save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(path))
+    spec = get_spec("densenet121")
+    model, prov = load_encoder(spec, resolve_weights(spec, str(path)))
+    assert sorted(prov["dropped_head_keys"]) == ["classifier.bias", "classifier.weight"]
+    enc = GridEncoder(spec, model).eval()
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 448, 448, 3), dtype=np.uint8))
+    normalised = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(
+        spec.std
+    ).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        tokens, pooled = enc(x)
+        ref = tv.features(normalised)
+        ref_pooled = torch.relu(ref).mean(dim=(2, 3))
+    assert (ref < 0).float().mean() > 0.2  # the grid keeps its negative values
+    assert torch.allclose(tokens.permute(0, 3, 1, 2).half().float(), ref.half().float(), atol=2e-3, rtol=1e-3)
+    assert torch.allclose(pooled, ref_pooled, atol=1e-4, rtol=1e-4)

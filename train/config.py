@@ -20,7 +20,18 @@ from featcache.stores import check_name
 MODES = ("frozen", "random", "finetune")
 DECODERS = ("unet", "linear")
 CONTROLS = ("shuffled",)
+TARGETS = ("log1p-cp10k", "log1p-counts")  # ours (z-scored per gene) | the reference pipeline's
+SCORES = ("in-tissue", "all-bins")  # ours | the reference pipeline's (every bin of the patch)
 BLOCK_BINS = 64  # validation blocks: 64 × 64 bins of the training patients
+TRANSFORM_TEXT = {
+    "log1p-cp10k": "log1p(counts per 10k of the bin's Gene Expression UMIs), z-scored per gene with statistics of "
+    "the training patients' in-tissue bins",
+    "log1p-counts": "log1p(raw counts), not normalised or scaled (the reference pipeline's targets)",
+}
+SCORE_TEXT = {
+    "in-tissue": "in-tissue bins only (loss, selection and metrics)",
+    "all-bins": "every bin of each patch, in tissue or not (the reference pipeline's scoring)",
+}
 FINETUNE_ONLY = ("weights", "encoder_lr", "micro_batch", "grad_checkpointing", "augment", "colour_jitter")
 
 
@@ -39,6 +50,9 @@ class TrainConfig:
     lr: float = 1e-4  # decoder learning rate (Adam, no weight decay)
     seed: int = 0
     val_fraction: float = 0.15
+    target: str = "log1p-cp10k"  # log1p(CP10k) z-scored per gene | log1p-counts (the reference pipeline)
+    score: str = "in-tissue"  # bins in loss and metrics: in-tissue | all-bins (the reference pipeline)
+    name: str | None = None  # a variant's name: runs/<dataset>/<encoder>/<run>-<name>/ beside the default run
     # fine-tune mode only
     weights: str | None = None  # file, folder or random[:SEED]; recorded by identity, never by path
     encoder_lr: float = 1e-5
@@ -65,9 +79,16 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        """The run folder's name: the mode, then the decoder when not the UNet, then the control."""
-        name = self.mode if self.decoder == "unet" else f"{self.mode}-{self.decoder}"
-        return f"{name}-{self.control}" if self.control else name
+        """The run folder's name: the mode, then what differs from the default protocol, then the variant name."""
+        parts = [self.mode, self.decoder if self.decoder != "unet" else None, self.control,
+                 "counts" if self.target == "log1p-counts" else None, "allbins" if self.score == "all-bins" else None,
+                 self.name]  # fmt: skip
+        return "-".join(p for p in parts if p)
+
+    @property
+    def default_protocol(self) -> bool:
+        """The comparison's own protocol (the reference study's run keys are given to these runs only)."""
+        return self.run_name == self.mode
 
     @property
     def micro(self) -> int:
@@ -80,6 +101,12 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         for what, name in (("dataset", self.dataset), ("encoder", self.encoder), ("fold", self.fold)):
             check_name(name, what)
+        if self.name is not None:
+            check_name(self.name, "--name")
+        if self.target not in TARGETS:
+            raise FeatcacheError(f"--target {self.target!r}: use {' or '.join(TARGETS)}.")
+        if self.score not in SCORES:
+            raise FeatcacheError(f"--score {self.score!r}: use {' or '.join(SCORES)}.")
         if self.mode not in MODES:
             raise FeatcacheError(f"--mode {self.mode!r}: use {', '.join(MODES)}.")
         if self.decoder not in DECODERS:
@@ -126,9 +153,11 @@ class TrainConfig:
             "optimizer": "Adam",
             "weight_decay": 0.0,
             "loss": "MSE over in-tissue bins",
-            "val_split": f"spatial blocks of {BLOCK_BINS}×{BLOCK_BINS} bins from the training patients",
-            "selection": "epoch with the best validation pcc_gene",
-            "target_transform": "log1p(CP10k), z-score per gene (training patients)",
+            "val_split": f"one compact region of {BLOCK_BINS}×{BLOCK_BINS}-bin blocks per training section "
+            "(val_fraction of its patches); training patches overlapping or adjoining it are left out",
+            "selection": "epoch with the best validation pcc_gene (the last epoch when val_fraction is 0)",
+            "target_transform": TRANSFORM_TEXT[self.target],
+            "scored_bins": SCORE_TEXT[self.score],
             **inputs,
         }
         record["config_sha256"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()

@@ -20,6 +20,7 @@ import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
+from featcache.geometry import GEOMETRY
 from featcache.stores import Dataset, FeatureStore
 from featcache.stores.features import CHANNEL_FIRST
 from featcache.streams import Prefetcher
@@ -129,51 +130,86 @@ class FoldInputs:
         return [s for s in self.samples if self.dataset.patient_of(s) != fold]
 
 
-def blocked_split(
-    origins: dict[str, np.ndarray], fraction: float, seed: int, block_bins: int = BLOCK_BINS
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Validation = whole spatial blocks (block_bins × block_bins) of the training patients."""
-    block_of = {s: [(s, int(r) // block_bins, int(c) // block_bins) for r, c in o] for s, o in origins.items()}
-    sizes: dict = {}
-    for blocks in block_of.values():
-        for b in blocks:
-            sizes[b] = sizes.get(b, 0) + 1
-    keys = [b for blocks in block_of.values() for b in sorted(set(blocks))]  # sample order, then block
-    total = sum(len(o) for o in origins.values())
-    want = int(round(fraction * total))
-    val_blocks: set = set()
-    n_val = 0
-    for i in np.random.default_rng(seed).permutation(len(keys)):
-        if n_val >= want or n_val + 1 >= total:
-            break
-        val_blocks.add(keys[i])
-        n_val += sizes[keys[i]]
+def blocked_split(origins: dict[str, np.ndarray], fraction: float, seed: int, block_bins: int = BLOCK_BINS,
+                  buffer_bins: int = GEOMETRY.bins) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+    """Validation = one compact region of whole block_bins × block_bins blocks in each training sample.
+
+    Each sample gives about ``fraction`` of its patches: blocks are taken in order of their distance
+    from a seeded random block, so the region is compact and its border short. Training patches
+    that overlap or adjoin a validation patch (within ``buffer_bins``, one patch) are left out of
+    training, so no training patch shares tissue or a border with validation.
+    """
+    rng = np.random.default_rng(seed)
     train, val = {}, {}
-    for s, blocks in block_of.items():
-        in_val = np.array([b in val_blocks for b in blocks], dtype=bool)
-        train[s] = np.flatnonzero(~in_val)
+    for s, o in origins.items():
+        blocks = o.astype(np.int64) // block_bins
+        unique, which, sizes = np.unique(blocks, axis=0, return_inverse=True, return_counts=True)
+        want = int(round(fraction * len(o)))
+        chosen: list[int] = []
+        if want and len(o) > 1:
+            start = unique[rng.integers(len(unique))]
+            order = np.lexsort((rng.random(len(unique)), np.abs(unique - start).max(axis=1)))
+            for k in order:
+                if sizes[chosen].sum() >= want or sizes[chosen].sum() + sizes[k] >= len(o):
+                    break
+                chosen.append(int(k))
+        in_val = np.isin(which.ravel(), chosen)
+        train[s] = np.flatnonzero(~in_val & ~near(o, o[in_val], buffer_bins))
         val[s] = np.flatnonzero(in_val)
     return train, val
 
 
-class TargetTransform:
-    """counts → CP10k → log1p → z-score per gene, fitted on training bins (in tissue) only."""
+def near(origins: np.ndarray, others: np.ndarray, distance: int) -> np.ndarray:
+    """For each origin: is some other origin within ``distance`` bins along both axes (windows overlap or adjoin)?"""
+    if len(others) == 0 or len(origins) == 0:
+        return np.zeros(len(origins), bool)
+    d = np.abs(origins[:, None, :].astype(np.int64) - others[None, :, :].astype(np.int64)).max(axis=2)
+    return (d <= distance).any(axis=1)
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray):
+
+def target_values(kind: str, counts: np.ndarray, library: np.ndarray) -> np.ndarray:
+    """log1p(CP10k) (``log1p-cp10k``) or log1p(counts) (``log1p-counts``); counts (..., genes), library (...)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if kind == "log1p-counts":
+        return np.log1p(counts)
+    return np.log1p(counts / np.maximum(np.asarray(library, dtype=np.float64), 1.0)[..., None] * 1e4)
+
+
+class TargetTransform:
+    """Counts → the target space the decoder learns and is scored in.
+
+    ``log1p-cp10k`` (ours): counts per 10k of the bin's Gene Expression UMIs, log1p, then z-scored
+    per gene with statistics of the training patients' in-tissue bins only. ``log1p-counts`` (the
+    reference pipeline): log1p of the raw counts, nothing else.
+    """
+
+    def __init__(self, kind: str, mean, std):
+        self.kind = kind
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = np.asarray(std, dtype=np.float64)
 
-    @staticmethod
-    def log_cp10k(counts: np.ndarray, library: np.ndarray) -> np.ndarray:
-        lib = np.maximum(library.astype(np.float64), 1.0)[:, None]
-        return np.log1p(counts / lib * 1e4)
+    @property
+    def zscored(self) -> bool:
+        return self.kind == "log1p-cp10k"
+
+    def values(self, counts: np.ndarray, library: np.ndarray) -> np.ndarray:
+        """The target before scaling: counts (..., G, R, C), library (..., R, C)."""
+        genes_last = target_values(self.kind, np.moveaxis(np.asarray(counts), -3, -1), np.asarray(library))
+        return np.moveaxis(genes_last, -1, -3)
+
+    def scale(self, values: np.ndarray) -> np.ndarray:
+        if not self.zscored:
+            return values.astype(np.float32)
+        shape = (1,) * (values.ndim - 3) + (-1, 1, 1)
+        return ((values - self.mean.reshape(shape)) / self.std.reshape(shape)).astype(np.float32)
 
     @classmethod
-    def fit(cls, parts) -> TargetTransform:
-        """parts: iterable of (counts (P,G,R,C), library (P,R,C), mask (P,R,C))."""
+    def fit(cls, parts, kind: str = "log1p-cp10k") -> TargetTransform:
+        """parts: iterable of (counts (P,G,R,C), library (P,R,C), mask (P,R,C)) of the training patients."""
         s = ss = n = None
+        probe = cls(kind, 0.0, 1.0)
         for counts, library, mask in parts:
-            x = cls.log_cp10k(counts, library)
+            x = probe.values(counts, library)
             m = mask[:, None].astype(np.float64)
             s0, ss0 = (x * m).sum(axis=(0, 2, 3)), (x * x * m).sum(axis=(0, 2, 3))
             s, ss, n = (s0, ss0, m.sum()) if s is None else (s + s0, ss + ss0, n + m.sum())
@@ -181,14 +217,23 @@ class TargetTransform:
             raise FeatcacheError("the training patients have no in-tissue bins to fit the target transform on.")
         mean = s / n
         std = np.sqrt(np.maximum(ss / n - mean**2, 0.0))
-        return cls(mean, np.where(std > 1e-8, std, 1.0))
+        return cls(kind, mean, np.where(std > 1e-8, std, 1.0))
 
     def __call__(self, counts: np.ndarray, library: np.ndarray) -> np.ndarray:
-        x = self.log_cp10k(counts, library)
-        return ((x - self.mean[None, :, None, None]) / self.std[None, :, None, None]).astype(np.float32)
+        return self.scale(self.values(counts, library))
+
+    @property
+    def target_mean(self) -> np.ndarray:
+        """Each gene's training mean in target space (what unscored bins are filled with for SSIM)."""
+        return np.zeros_like(self.mean) if self.zscored else self.mean
 
     def to_json(self) -> dict:
-        return {"kind": "log1p(cp10k) z-score", "mean": self.mean.tolist(), "std": self.std.tolist()}
+        return {"kind": self.kind, "zscored": self.zscored, "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TargetTransform:
+        kind = d.get("kind", "log1p-cp10k")
+        return cls("log1p-cp10k" if kind.startswith("log1p(cp10k)") else kind, d["mean"], d["std"])
 
 
 def _compute(arrays: SampleArrays, name: str, idx: np.ndarray) -> np.ndarray:
@@ -238,8 +283,11 @@ class Batches:
         in_memory: bool,
         buffer_chunks: int = 4,
         prefetch: int = 3,
+        all_bins: bool = False,
     ):
+        """``all_bins``: every bin of a patch counts (the reference pipeline's scoring), not just in-tissue ones."""
         self.inputs = inputs
+        self.all_bins = all_bins
         self.selection = {s: np.asarray(i) for s, i in selection.items() if len(i)}
         self.transform = transform
         self.batch_size = batch_size
@@ -265,7 +313,8 @@ class Batches:
         idx = idx[(idx >= a) & (idx < b)]
         tokens = read_tokens(arr, s, idx)
         counts, library, mask = load_targets(arr, idx)
-        return tokens, self.transform(counts, library), mask.astype(bool), [(s, int(i)) for i in idx]
+        mask = np.ones(mask.shape, bool) if self.all_bins else mask.astype(bool)
+        return tokens, self.transform(counts, library), mask, [(s, int(i)) for i in idx]
 
     def _get(self, unit):
         return self.cache[unit] if self.cache is not None else self._read(*unit)

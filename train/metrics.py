@@ -1,18 +1,20 @@
 """Metrics on the test patient, in target space (DESIGN §6).
 
 All functions take ``pred`` and ``truth`` of shape (patch, gene, row, col) and a boolean ``mask``
-(patch, row, col) of in-tissue bins; only in-tissue bins count.
+(patch, row, col) of the bins that are scored (in-tissue bins by default; every bin in the
+reproduction mode).
 
-* ``pcc_gene``: Pearson per gene across all in-tissue bins, then the mean over genes (primary).
-  Genes constant in truth (or prediction) have no correlation: they are excluded and counted.
-* ``pcc_global``: one Pearson over all flattened in-tissue values (the reference study's
-  ``pearson_r``).
-* ``spearman_gene``: as pcc_gene on ranks (average ranks for ties).
-* ``mse``: mean squared error over in-tissue bins and genes.
+* ``pcc_gene`` (primary): Pearson per gene across all scored bins, then the mean over genes.
+  Genes constant in the truth have no correlation and are left out (and listed); a gene the
+  model predicts as a constant scores 0 (as Img2ST-Net does), so collapsing a gene never helps.
+* ``pcc_global``: one Pearson over all flattened values (the reference study's ``pearson_r``).
+* ``spearman_gene``: as pcc_gene on ranks (average ranks for ties); ``spearman_global``: one
+  Spearman over all flattened values (the reference study's ``spearman_rho``).
+* ``mse``: mean squared error over scored bins and genes.
 * ``ssim_st``: 2-D SSIM of each gene's 32 × 32 map per patch (7 × 7 uniform window, K1 0.01,
   K2 0.03, sample covariance, borders cropped, as scikit-image computes it), with data range = the
-  gene's truth range over the test patient and out-of-tissue bins set to the gene's training mean
-  in both maps; averaged over patches and genes. (The reference code's "ssim_st" was a clipped
+  gene's truth range over the test patient and unscored bins set to the gene's training mean in
+  both maps; averaged over patches and genes. (The reference code's "ssim_st" was a clipped
   correlation, not SSIM.)
 """
 
@@ -30,29 +32,33 @@ def _flat(pred, truth, mask):
     return p, t
 
 
-def _columnwise_pearson(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+def columnwise_pearson(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Pearson r of each column pair; NaN where the truth is constant, 0 where only the prediction is."""
     pc = p - p.mean(axis=0)
     tc = t - t.mean(axis=0)
-    denom = np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = (pc * tc).sum(axis=0) / denom
-    r[~(denom > 0)] = np.nan
-    return r
+        r = (pc * tc).sum(axis=0) / np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
+    varies = lambda a: np.ptp(a, axis=0) > 0 if len(a) else np.zeros(a.shape[1], bool)  # noqa: E731
+    return np.where(varies(t), np.where(varies(p), r, 0.0), np.nan)
 
 
 def per_gene_pearson(pred, truth, mask) -> np.ndarray:
-    return _columnwise_pearson(*_flat(pred, truth, mask))
+    return columnwise_pearson(*_flat(pred, truth, mask))
 
 
 def per_gene_spearman(pred, truth, mask) -> np.ndarray:
     p, t = _flat(pred, truth, mask)
-    return _columnwise_pearson(rankdata(p, axis=0), rankdata(t, axis=0))
+    return columnwise_pearson(rankdata(p, axis=0), rankdata(t, axis=0))
 
 
 def pearson_global(pred, truth, mask) -> float:
     p, t = _flat(pred, truth, mask)
-    r = _columnwise_pearson(p.reshape(-1, 1), t.reshape(-1, 1))[0]
-    return float(r)
+    return float(columnwise_pearson(p.reshape(-1, 1), t.reshape(-1, 1))[0])
+
+
+def spearman_global(pred, truth, mask) -> float:
+    p, t = _flat(pred, truth, mask)
+    return float(columnwise_pearson(rankdata(p.ravel())[:, None], rankdata(t.ravel())[:, None])[0])
 
 
 def mse(pred, truth, mask) -> float:
@@ -60,9 +66,8 @@ def mse(pred, truth, mask) -> float:
     return float(np.mean((p - t) ** 2))
 
 
-def ssim_maps(
-    x: np.ndarray, y: np.ndarray, data_range: np.ndarray, win: int = 7, k1: float = 0.01, k2: float = 0.03
-) -> np.ndarray:
+def ssim_maps(x: np.ndarray, y: np.ndarray, data_range: np.ndarray, win: int = 7, k1: float = 0.01,
+              k2: float = 0.03) -> np.ndarray:  # fmt: skip
     """Mean SSIM of each 2-D map pair; x, y (..., H, W), data_range broadcastable to (...)."""
     x = x.astype(np.float64)
     y = y.astype(np.float64)
@@ -93,25 +98,35 @@ def ssim_st(pred, truth, mask, train_mean: np.ndarray) -> tuple[float, np.ndarra
     return float(np.nanmean(per_gene)) if np.isfinite(per_gene).any() else float("nan"), per_gene
 
 
-def evaluate(pred, truth, mask, train_mean, gene_names) -> dict:
-    """Every metric, plus per-gene values and the genes excluded as constant."""
+def evaluate(pred, truth, mask, train_mean, gene_names, ssim_mask=None) -> dict:
+    """Every metric, per-gene values, and the genes left out (constant truth) or scored 0 (constant prediction).
+
+    ``ssim_mask`` (default ``mask``): the bins SSIM's maps keep, when the point metrics count fewer
+    (overlapping patches, each bin counted once).
+    """
     r = per_gene_pearson(pred, truth, mask)
     rho = per_gene_spearman(pred, truth, mask)
-    ssim, ssim_g = ssim_st(pred, truth, mask, train_mean)
-    excluded = [g for g, v in zip(gene_names, r) if not np.isfinite(v)]
+    ssim, ssim_g = ssim_st(pred, truth, mask if ssim_mask is None else ssim_mask, train_mean)
+    p, t = _flat(pred, truth, mask)
+    constant_truth = [g for g, v in zip(gene_names, r) if not np.isfinite(v)]
+    flat = np.ptp(p, axis=0) == 0 if len(p) else np.ones(len(gene_names), bool)
+    constant_pred = [g for g, c, v in zip(gene_names, flat, r) if c and np.isfinite(v)]
     nanmean = lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")  # noqa: E731
     return {
         "pcc_gene": nanmean(r),
         "pcc_global": pearson_global(pred, truth, mask),
         "spearman_gene": nanmean(rho),
+        "spearman_global": spearman_global(pred, truth, mask),
         "mse": mse(pred, truth, mask),
         "ssim_st": ssim,
         "n_bins": int(mask.sum()),
         "n_patches": int(len(mask)),
-        "genes_excluded_constant": excluded,
+        "n_genes_scored": int(np.isfinite(r).sum()),
+        "genes_constant_in_truth": constant_truth,
+        "genes_constant_prediction": constant_pred,
         "per_gene": {
             g: {"pcc": _num(a), "spearman": _num(b), "ssim": _num(c)} for g, a, b, c in zip(gene_names, r, rho, ssim_g)
-        },
+        },  # fmt: skip
     }
 
 

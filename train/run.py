@@ -19,7 +19,7 @@ from featcache.errors import FeatcacheError
 from featcache.provenance import library_versions
 from featcache.stores import Workspace
 from train.ceiling import noise_ceiling
-from train.config import TrainConfig
+from train.config import SCORE_TEXT, TRANSFORM_TEXT, TrainConfig
 from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget
 from train.decoder import build_decoder
 from train.loop import Distributed, Stepper, fit, predict
@@ -49,7 +49,8 @@ def train_fold(
     ws = Workspace.resolve(workspace)
     inputs, encoder, record = _inputs(ws, cfg)
     run = ws.run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold)
-    if run.claim(record, overwrite) == "done":
+    hint = f", or --name NAME to train a variant beside it (runs/{cfg.dataset}/{cfg.encoder}/{cfg.run_name}-NAME/)"
+    if run.claim(record, overwrite, hint) == "done":
         return FoldResult(run.path, run.read_metrics(), reused=True)
     dev = resolve_device(device)
     ddp = Distributed(cfg.finetune, dev)
@@ -90,10 +91,18 @@ class FoldData:
             {s: inputs.arrays[s].origin for s in samples}, cfg.val_fraction, cfg.seed
         )
         seen = {s: np.sort(np.concatenate([self.train_idx[s], self.val_idx[s]])) for s in samples}
-        self.transform = TargetTransform.fit(load_targets(inputs.arrays[s], seen[s]) for s in samples)
+        self.transform = TargetTransform.fit((load_targets(inputs.arrays[s], seen[s]) for s in samples), cfg.target)
+        self.buffered = {s: len(seen[s]) - len(self.train_idx[s]) - len(self.val_idx[s]) for s in samples}
         load = in_memory == "yes" or (in_memory == "auto" and _training_bytes(inputs, self.train_idx) < memory_budget())
-        self.train = Batches(inputs, self.train_idx, self.transform, cfg.batch_size, in_memory=load)
-        self.val = Batches(inputs, self.val_idx, self.transform, cfg.batch_size, in_memory=load)
+        every = cfg.score == "all-bins"
+        self.train = Batches(inputs, self.train_idx, self.transform, cfg.batch_size, in_memory=load, all_bins=every)
+        self.val = Batches(inputs, self.val_idx, self.transform, cfg.batch_size, in_memory=load, all_bins=every)
+        if self.train.n == 0:
+            raise FeatcacheError(
+                f"the training patients' {sum(len(v) for v in seen.values())} patches leave none for training once "
+                f"the validation region (--val-fraction {cfg.val_fraction}) and its one-patch buffer are set aside; "
+                "lower --val-fraction (0 turns validation off and keeps the last epoch)."
+            )
         if -(-self.train.n // cfg.batch_size) < world:
             raise FeatcacheError(
                 f"{self.train.n} training patches make fewer batches than there are processes ({world})."
@@ -123,15 +132,44 @@ class TestSet:
             )
         return cls(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
 
+    def scored(self, all_bins: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(pred, truth, mask of the bins each point metric counts, mask for SSIM's maps).
+
+        Where patches overlap (stride < 32) each bin is scored once: its predictions are averaged
+        over the patches that hold it (as ``analysis.stitch`` does), and it counts in the point
+        metrics in its first patch only; SSIM compares each patch's 32 × 32 map of averaged values.
+        """
+        scoring = np.ones(self.mask.shape, bool) if all_bins else self.mask
+        pred, first = self.pred.copy(), scoring.copy()
+        b = self.mask.shape[-1]
+        for s in np.unique(self.samples):
+            k = np.flatnonzero(self.samples == s)
+            o = self.origins[k].astype(int) - self.origins[k].min(axis=0)
+            count = np.zeros(tuple(o.max(axis=0) + b), np.int32)
+            for r, c in o:
+                count[r : r + b, c : c + b] += 1
+            if count.max() <= 1:
+                continue
+            total = np.zeros((self.pred.shape[1], *count.shape), np.float64)
+            for j, (r, c) in zip(k, o):
+                total[:, r : r + b, c : c + b] += self.pred[j]
+            seen = np.zeros(count.shape, bool)
+            for j, (r, c) in zip(k, o):
+                pred[j] = total[:, r : r + b, c : c + b] / count[r : r + b, c : c + b]
+                first[j] &= ~seen[r : r + b, c : c + b]
+                seen[r : r + b, c : c + b] = True
+        return pred, self.truth, first, scoring
+
 
 def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, best, encoder, dev) -> dict:
     """Score the test patient once with the selected epoch's weights; write predictions, checkpoint, metrics."""
     inputs = data.inputs
     model.load_state_dict(best.state)
     test = TestSet.predict(model, inputs, cfg.fold, data.transform, dev)
-    metrics = _score(cfg, record, inputs, data.transform, best, test)
-    attrs = {"fold": cfg.fold, "samples": inputs.test_samples(cfg.fold),
-             "space": "log1p(CP10k) z-scored with training-patient statistics"}  # fmt: skip
+    metrics = _score(cfg, record, inputs, data, best, test)
+    units = "z-scored log1p(CP10k)" if cfg.target == "log1p-cp10k" else "log1p(counts)"
+    attrs = {"fold": cfg.fold, "samples": inputs.test_samples(cfg.fold), "space": TRANSFORM_TEXT[cfg.target], "units": units,
+             "scored_bins": SCORE_TEXT[cfg.score], "mask": "in-tissue bins"}  # fmt: skip
     run.write_predictions(test.pred, test.truth, test.mask, test.origins, test.samples, inputs.genes,
                           inputs.dataset.gene_ids, attrs)  # fmt: skip
     run.save_checkpoint({
@@ -218,19 +256,27 @@ def _shuffled_targets(batches: Batches, train_idx: dict, seed: int):
     return targets_for
 
 
-def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, transform, best, test: TestSet) -> dict:
-    metrics = evaluate(test.pred, test.truth, test.mask, np.zeros(len(inputs.genes)), inputs.genes)
+def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, data: FoldData, best, test: TestSet) -> dict:
+    pred, truth, points, maps = test.scored(cfg.score == "all-bins")
+    mean = data.transform.target_mean
+    metrics = evaluate(pred, truth, points, mean, inputs.genes, ssim_mask=maps)
+    ceiling = noise_ceiling(inputs, test, data.transform, points, maps)
     metrics.update({
         "dataset": cfg.dataset, "encoder": cfg.encoder, "mode": cfg.mode, "run": cfg.run_name, "fold": cfg.fold,
         "test_samples": inputs.test_samples(cfg.fold), "selected_epoch": best.epoch,
         "val_pcc_gene": best.score if np.isfinite(best.score) else None,
-        "baselines": {"per_gene_mean": {"mse": float(np.mean(test.truth.transpose(0, 2, 3, 1)[test.mask] ** 2)),
-                                        "pcc_gene": 0.0}},
-        "noise_ceiling": noise_ceiling(inputs, inputs.test_samples(cfg.fold), transform, test.truth, test.mask),
-        "features_weights": record.get("encoder_weights") or inputs.identity.get("weights"),
+        "training_patches_buffered_out": data.buffered,
+        "baselines": {"per_gene_mean": {"mse": _mse_of_mean(truth, points, mean), "pcc_gene": 0.0}},
+        "noise_ceiling": ceiling, "features_weights": record.get("encoder_weights") or inputs.identity.get("weights"),
         "config_sha256": record["config_sha256"],
     })  # fmt: skip
     return metrics
+
+
+def _mse_of_mean(truth: np.ndarray, mask: np.ndarray, mean: np.ndarray) -> float:
+    """MSE of predicting each gene's training mean everywhere (the constant baseline)."""
+    t = np.moveaxis(truth, 1, -1)[mask.astype(bool)]
+    return float(np.mean((t - mean[None, :]) ** 2)) if len(t) else float("nan")
 
 
 def _clean(obj):

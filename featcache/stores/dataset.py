@@ -139,6 +139,26 @@ class Dataset:
         self._check_sample(sample)
         return open_local(self.patches_path)[sample]["image"]
 
+    @property
+    def gene_totals_path(self) -> Path:
+        return self.path / "gene_totals.npz"
+
+    def panel_overlap_per_fold(self) -> dict | None:
+        """For a ``top-mean:N`` panel: per test patient, how many of the N genes a panel chosen from the training
+        patients alone would share (None for a gene-list panel or a dataset without gene totals)."""
+        spec = self.meta["genes"].get("spec", "")
+        if not spec.startswith("top-mean:") or not self.gene_totals_path.is_file():
+            return None
+        with np.load(self.gene_totals_path, allow_pickle=False) as f:
+            ids, samples, totals, bins = f["ids"], list(f["samples"]), f["totals"], f["n_bins"]
+        panel, n = set(self.gene_ids), len(self.gene_ids)
+        out = {}
+        for patient, held_out in self.patients.items():
+            keep = [i for i, s in enumerate(samples) if s not in held_out]
+            mean = totals[keep].sum(axis=0) / max(bins[keep].sum(), 1)
+            out[patient] = {"shared": len(panel & set(ids[np.argsort(-mean, kind="stable")[:n]])), "of": n}
+        return out
+
     def check_chunks(self, sample: str, names=("counts", "library_size", "mask")) -> None:
         """Refuse a sample whose chunk files of these arrays are missing: zarr would read them as fill values."""
         for name in names:
@@ -288,6 +308,12 @@ class DatasetBuilder:
             tg, "mask", shape=(n, b, b), chunks=(TARGET_CHUNK, b, b), dtype="bool", fill_value=False, **per_patch
         )
         return SampleArrays(image, counts, library, mask)
+
+    def write_gene_totals(self, ids, samples: list[str], totals: np.ndarray, n_bins) -> None:
+        """Each sample's total count per shared Gene Expression feature (to judge the panel rule per fold)."""
+        np.savez_compressed(self.partial / "gene_totals.npz", ids=np.asarray(ids, dtype=str),
+                            samples=np.asarray(samples, dtype=str), totals=np.asarray(totals, np.float64),
+                            n_bins=np.asarray(n_bins, np.int64))  # fmt: skip
 
     def commit(self, meta: dict) -> None:
         for store in ("patches.zarr", "targets.zarr"):

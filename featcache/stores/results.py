@@ -3,6 +3,7 @@
 ::
 
     encoder_loocv_comparison.json   every run's summary over folds, in the reference study's schema
+    paired_comparison.json          paired statistics between runs (``analysis compare``)
     figures/                        the comparison figures and spatial rows (PNG and PDF)
 """
 
@@ -14,6 +15,7 @@ from featcache.errors import FeatcacheError
 from featcache.stores.files import read_json, write_json
 
 COMPARISON = "encoder_loocv_comparison.json"
+PAIRED = "paired_comparison.json"
 
 
 class Results:
@@ -41,3 +43,11 @@ class Results:
     def write_comparison(self, comparison: dict) -> Path:
         write_json(self.comparison_path, comparison)
         return self.comparison_path
+
+    @property
+    def paired_path(self) -> Path:
+        return self.path / PAIRED
+
+    def write_paired(self, paired: dict) -> Path:
+        write_json(self.paired_path, {k: v for k, v in paired.items() if not k.startswith("_")})
+        return self.paired_path
