@@ -19,31 +19,52 @@ app = make_app("featcache: cut bin-aligned H&E patches from Visium HD outputs an
 @user_errors
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the samples into.")],
-    samples: Annotated[str, typer.Option(help="Comma-separated sample (patient) names.")] = "P1,P2,P5",
+    samples: Annotated[str, typer.Option(help="Comma-separated patients (one sample each unless --sections).")] = "P1,P2,P5",
     seed: Annotated[int, typer.Option(help="Random seed; the dataset is identical for the same seed.")] = 0,
     rows: Annotated[int, typer.Option(help="8 µm bins along array_row per sample.")] = 128,
     cols: Annotated[int, typer.Option(help="8 µm bins along array_col per sample.")] = 160,
-    genes: Annotated[int, typer.Option(help="Genes in the synthetic panel (≥ 64).")] = 250,
-):
-    """Write a synthetic Visium HD dataset in Space Ranger's on-disk layout."""
+    genes: Annotated[int, typer.Option(help="Genes in the panel (≥ 64; above 2000 counts are drawn sparsely).")] = 250,
+    sections: Annotated[int, typer.Option(help="Sections per patient (samples <patient>-s1, -s2, ...; writes manifest.csv).")] = 1,
+    perspective: Annotated[float, typer.Option(help="Projective registration: the bin pitch changes by ± this fraction across the grid.")] = 0.0,
+    image: Annotated[str, typer.Option(help="Microscope image container: btf, ome.tif, tif (striped), jpg, png.")] = "btf",
+    compression: Annotated[str, typer.Option(help="TIFF compression: zlib, jpeg, lzw, jpeg2000, none.")] = "zlib",
+    antibody_features: Annotated[int, typer.Option(help="Antibody Capture features added to each matrix.")] = 0,
+    missing_genes: Annotated[Optional[list[str]], typer.Option(help="SAMPLE=N: that sample's matrix lacks the last N genes.")] = None,
+    mpp: Annotated[bool, typer.Option("--mpp/--no-mpp", help="Write microns_per_pixel into the scale factors.")] = True,
+    spaceranger: Annotated[str, typer.Option(help="Space Ranger version to imitate (4.x adds segmented_outputs/).")] = "3.1.2",
+):  # fmt: skip
+    """Write a synthetic Visium HD dataset in Space Ranger's on-disk layout, with the quirks real deposits have."""
+    from featcache.prepare import parse_pairs
     from featcache.synth import SynthConfig, synthesize
 
-    names = [s.strip() for s in samples.split(",") if s.strip()]
-    cfg = SynthConfig(rows=rows, cols=cols, n_genes=genes, seed=seed)
+    if sections < 1:
+        raise FeatcacheError(f"--sections {sections}: must be at least 1.")
+    patients = [s.strip() for s in samples.split(",") if s.strip()]
+    names = [f"{p}-s{k}" for p in patients for k in range(1, sections + 1)] if sections > 1 else patients
+    cfg = SynthConfig(rows=rows, cols=cols, n_genes=genes, seed=seed, perspective=perspective, image=image,
+                      compression=compression, antibody_features=antibody_features, write_mpp=mpp, spaceranger=spaceranger)  # fmt: skip
+    missing = parse_pairs(missing_genes, "--missing-genes", "sample")
+    try:
+        per_sample = {s: {"missing_genes": int(n)} for s, n in missing.items()}
+    except ValueError:
+        raise FeatcacheError("--missing-genes SAMPLE=N: N must be an integer.") from None
+    stray = sorted(set(per_sample) - set(names))
+    if stray:
+        raise FeatcacheError(f"--missing-genes names {', '.join(stray)}, which is not a sample ({', '.join(names)}).")
     with err.status("synthesizing ...") as status:
-        reports = synthesize(out_dir, names, cfg, on_sample=lambda r: status.update(f"wrote {r['sample']}"))
+        reports = synthesize(out_dir, names, cfg, on_sample=lambda r: status.update(f"wrote {r['sample']}"),
+                             per_sample=per_sample, patients={n: n.rsplit("-s", 1)[0] for n in names} if sections > 1 else None)  # fmt: skip
     table = Table(title=f"synthetic Visium HD dataset in {out_dir}")
-    for col in ("sample", "in-tissue bins", "median UMIs/bin", "image (px)", "grid rotation"):
+    for col in ("sample", "patient", "in-tissue bins", "median UMIs/bin", "image (px)", "grid rotation"):
         table.add_column(col)
     for r in reports:
-        table.add_row(
-            r["sample"],
-            str(r["in_tissue_bins"]),
-            f"{r['median_umis']:.0f}",
-            "×".join(map(str, r["image_shape"])),
-            f"{r['rotation_deg']:+.2f}°" + (" flipped" if r["flip_rows"] else ""),
-        )
+        table.add_row(r["sample"], r["patient"], str(r["in_tissue_bins"]), f"{r['median_umis']:.0f}",
+                      "×".join(map(str, r["image_shape"])), f"{r['rotation_deg']:+.2f}°" + (" flipped" if r["flip_rows"] else ""))  # fmt: skip
     out.print(table)
+    if sections > 1:
+        out.print(
+            f"prepare it with: featcache prepare --dataset NAME --manifest {out_dir / 'manifest.csv'}", soft_wrap=True
+        )
 
 
 @app.command()
@@ -160,7 +181,7 @@ def encoders(as_json: Annotated[bool, typer.Option("--json")] = False):
     rows = []
     for spec in REGISTRY.values():
         try:
-            src = resolve_weights(spec, None)
+            src = resolve_weights(spec, None, download=False)
             weights = f"yes ({src.found_via})"
         except FeatcacheError:
             weights = "random only" if spec.test_only else "no"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -133,8 +133,15 @@ H_VECTOR = np.array([0.650, 0.704, 0.286])
 E_VECTOR = np.array([0.072, 0.990, 0.105])
 
 
+IMAGE_FORMATS = ("btf", "ome.tif", "tif", "jpg", "png")
+COMPRESSIONS = ("zlib", "jpeg", "lzw", "jpeg2000", "none")
+SPARSE_GENES = 2000  # above this many genes, counts are drawn sparsely (real-size panels of ~18,000 genes)
+
+
 @dataclass(frozen=True)
 class SynthConfig:
+    """One synthetic sample's recipe; every quirk of real deposits has an option here."""
+
     rows: int = 128  # bins along array_row
     cols: int = 160  # bins along array_col
     n_genes: int = 250
@@ -142,6 +149,13 @@ class SynthConfig:
     tile: int = 512
     rotation_deg: float | None = None  # grid rotation; None draws one per sample
     flip_rows: bool | None = None  # array_row runs against pxl_row; None draws per sample
+    perspective: float = 0.0  # projective registration: the bin pitch changes by ± this fraction across the grid
+    image: str = "btf"  # btf (tiled pyramidal BigTIFF) | ome.tif (tiled pyramidal OME-TIFF) | tif (striped) | jpg | png
+    compression: str = "zlib"  # the TIFF's tiles or strips: zlib | jpeg | lzw | jpeg2000 | none
+    antibody_features: int = 0  # extra Antibody Capture features in the matrix (never targets)
+    missing_genes: int = 0  # the matrix lacks the last N filler genes (another probe-set version)
+    write_mpp: bool = True  # False: scalefactors without microns_per_pixel, as older deposits
+    spaceranger: str = "3.1.2"  # 4.x also writes outs/segmented_outputs/, as Space Ranger 4 does
 
 
 def _sample_rng(seed: int, sample: str, purpose: str) -> np.random.Generator:
@@ -198,8 +212,9 @@ class Patient:
     flip_rows: bool
 
 
-def _patient(cfg: SynthConfig, sample: str) -> Patient:
-    rng = _sample_rng(cfg.seed, sample, "patient")
+def _patient(cfg: SynthConfig, patient: str) -> Patient:
+    """What a patient's sections share: composition, stain, depth, gene batch effects, and the slide's placement."""
+    rng = _sample_rng(cfg.seed, patient, "patient")
     n_genes = cfg.n_genes
     h = H_VECTOR + rng.normal(0, 0.05, 3)
     e = E_VECTOR + rng.normal(0, 0.05, 3)
@@ -301,51 +316,118 @@ def bin_fractions(labels: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- expression
+def _mixture(fractions: np.ndarray, patient: Patient, profiles: np.ndarray):
+    """Per bin: the UMIs each compartment contributes (bins × compartments) and their total."""
+    f = fractions.reshape(-1, fractions.shape[-1]).astype(np.float64)
+    weight = f * UMI_DENSITY
+    return weight, weight.sum(axis=1)
+
+
+def _library(cfg: SynthConfig, sample: str, patient: Patient, umis: np.ndarray, rng) -> np.ndarray:
+    quality = np.exp(0.25 * _smooth_field(rng, (cfg.rows, cfg.cols), 12, 1.5).reshape(-1))
+    return patient.depth * umis * quality * rng.lognormal(-0.08, 0.4, len(umis))
+
+
 def expression(cfg: SynthConfig, sample: str, patient: Patient, fractions, modulation, profiles):
-    """True rates (bins × genes, UMIs per bin) and observed counts, for every bin of the grid."""
+    """True rates (bins × genes, UMIs per bin) and observed counts (genes × bins, CSC) for every bin of the grid."""
+    import scipy.sparse as sp
+
     rng = _sample_rng(cfg.seed, sample, "expression")
-    rows, cols, n_comp = fractions.shape
-    f = fractions.reshape(-1, n_comp).astype(np.float64)
-    mod = modulation.reshape(rows, FINE, cols, FINE).mean(axis=(1, 3)).reshape(-1)
+    weight, umis = _mixture(fractions, patient, profiles)
     prof = profiles / profiles.sum(axis=1, keepdims=True)
-    weight = f * UMI_DENSITY  # UMIs contributed by each compartment
-    umis = weight.sum(axis=1)
     mix = (weight @ prof) / umis[:, None]
     mix *= patient.gene_batch
     # Smooth spatial programmes: OLFM4 (stem-like) and LYZ (inflammation) vary across the slide.
+    mod = modulation.reshape(cfg.rows, FINE, cfg.cols, FINE).mean(axis=(1, 3)).reshape(-1)
     names = list(MARKERS)
     mix[:, names.index("OLFM4")] *= np.exp(0.9 * mod)
     mix[:, names.index("LYZ")] *= np.exp(-0.7 * mod)
     mix[:, names.index("IGKC")] *= np.exp(0.4 * mod)
     mix /= mix.sum(axis=1, keepdims=True)
-    quality = np.exp(0.25 * _smooth_field(rng, (rows, cols), 12, 1.5).reshape(-1))
-    library = patient.depth * umis * quality * rng.lognormal(-0.08, 0.4, len(umis))
+    library = _library(cfg, sample, patient, umis, rng)
     rates = (library[:, None] * mix).astype(np.float32)
     counts = rng.poisson(rates * rng.gamma(NB_SIZE, 1 / NB_SIZE, rates.shape)).astype(np.int32)
-    return rates, counts
+    return rates, sp.csc_matrix(counts.T)
+
+
+def sparse_expression(cfg: SynthConfig, sample: str, patient: Patient, fractions, profiles, block: int = 20_000):
+    """Counts (genes × bins, CSC) of a real-size panel without a dense bins × genes array: each compartment's
+    UMIs of a bin (Poisson of a gamma-scaled rate) are spread over the genes by that compartment's profile."""
+    import scipy.sparse as sp
+
+    rng = _sample_rng(cfg.seed, sample, "expression")
+    weight, umis = _mixture(fractions, patient, profiles)
+    library = _library(cfg, sample, patient, umis, rng)
+    prof = profiles * patient.gene_batch
+    cdf = np.cumsum(prof / prof.sum(axis=1, keepdims=True), axis=1)
+    n_genes, n_bins = profiles.shape[1], len(umis)
+    parts = []
+    for a in range(0, n_bins, block):
+        share = weight[a : a + block] / np.maximum(umis[a : a + block, None], 1e-9)
+        expect = library[a : a + block, None] * share * rng.gamma(NB_SIZE, 1 / NB_SIZE, share.shape)
+        n = rng.poisson(expect)  # UMIs per (bin, compartment)
+        bins = np.repeat(np.tile(np.arange(a, a + len(n)), (n.shape[1], 1)).T.ravel(), n.ravel())
+        comps = np.repeat(np.tile(np.arange(n.shape[1]), len(n)), n.ravel())
+        genes = np.minimum(_draw_genes(cdf, comps, rng), n_genes - 1)
+        keys, values = np.unique(bins.astype(np.int64) * n_genes + genes, return_counts=True)
+        parts.append((keys // n_genes, keys % n_genes, values))
+    cols, rows, data = (np.concatenate(x) for x in zip(*parts))
+    return sp.csc_matrix((data.astype(np.int32), (rows, cols)), shape=(n_genes, n_bins))
+
+
+def _draw_genes(cdf: np.ndarray, comps: np.ndarray, rng) -> np.ndarray:
+    """A gene for each UMI, from its compartment's cumulative profile."""
+    genes = np.empty(len(comps), np.int64)
+    for c in np.unique(comps):
+        at = np.flatnonzero(comps == c)
+        genes[at] = np.searchsorted(cdf[c], rng.random(len(at)))
+    return genes
 
 
 # --------------------------------------------------------------------------- geometry
-def bin_affine(cfg: SynthConfig, patient: Patient, margin_px: float) -> np.ndarray:
-    """(array_row, array_col, 1) -> (pxl_row, pxl_col): rotated, offset, maybe flipped rows."""
+def bin_map(cfg: SynthConfig, patient: Patient, margin_px: float) -> np.ndarray:
+    """The 3 × 3 map (array_row, array_col, 1) -> (pxl_row, pxl_col, w): rotated, maybe flipped rows, offset,
+    and projective when ``cfg.perspective`` > 0 (the bin pitch then changes by ± that fraction across the grid)."""
     pb = BIN_UM / MICRONS_PER_PIXEL
     t = np.radians(patient.rotation_deg)
     rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
     flip = np.diag([-1.0 if patient.flip_rows else 1.0, 1.0])
-    a2 = pb * rot @ flip
-    corners = np.array([[0, 0], [0, cfg.cols - 1], [cfg.rows - 1, 0], [cfg.rows - 1, cfg.cols - 1]]) @ a2.T
-    offset = -corners.min(axis=0) + margin_px
-    return np.column_stack([a2, offset])
+    m = np.eye(3)
+    m[:2, :2] = pb * rot @ flip
+    if cfg.perspective:
+        # p = q_c + d / (1 + g·d), d = A·(r, c) − q_c: exact pitch at the grid's centre, ± perspective at its edges
+        q_c = m[:2, :2] @ [(cfg.rows - 1) / 2, (cfg.cols - 1) / 2]
+        half = np.abs(m[:2, :2]) @ [(cfg.rows - 1) / 2, (cfg.cols - 1) / 2]
+        g = cfg.perspective * np.array([0.8, 0.6]) / half
+        centred = np.eye(3)
+        centred[:2, 2] = -q_c
+        tilt = np.eye(3)
+        tilt[:2, :2] += np.outer(q_c, g)
+        tilt[:2, 2] = q_c
+        tilt[2, :2] = g
+        m = tilt @ centred @ m
+    corners = np.array([[0, 0, 1], [0, cfg.cols - 1, 1], [cfg.rows - 1, 0, 1], [cfg.rows - 1, cfg.cols - 1, 1.0]])
+    mapped = corners @ m.T
+    pixels = mapped[:, :2] / mapped[:, 2:]
+    shift = np.eye(3)
+    shift[:2, 2] = -pixels.min(axis=0) + margin_px
+    out = shift @ m
+    return out / out[2, 2]
+
+
+def apply_map(m: np.ndarray, rows, cols) -> tuple[np.ndarray, np.ndarray]:
+    w = m[2, 0] * rows + m[2, 1] * cols + m[2, 2]
+    return (m[0, 0] * rows + m[0, 1] * cols + m[0, 2]) / w, (m[1, 0] * rows + m[1, 1] * cols + m[1, 2]) / w
 
 
 # --------------------------------------------------------------------------- image
 class HERenderer:
     """Renders H&E pixels of one sample, tile by tile, from the fine-grid layout."""
 
-    def __init__(self, cfg, sample, patient, labels, affine):
+    def __init__(self, cfg, sample, patient, labels, m):
         rng = _sample_rng(cfg.seed, sample, "image")
         self.patient = patient
-        self.inverse = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
+        self.inverse = np.linalg.inv(m)
         smooth = lambda a: ndimage.gaussian_filter(a.astype(np.float32), 0.8)  # noqa: E731
         self.eosin = smooth(EOSIN[labels])
         self.haem = smooth(HAEMATOXYLIN[labels])
@@ -362,8 +444,7 @@ class HERenderer:
         kind = NUCLEUS_KIND[labels[fy, fx]]
         ar = (fy + rng.random(len(fy))) / FINE - 0.5
         ac = (fx + rng.random(len(fx))) / FINE - 0.5
-        py = affine[0, 0] * ar + affine[0, 1] * ac + affine[0, 2]
-        px = affine[1, 0] * ar + affine[1, 1] * ac + affine[1, 2]
+        py, px = apply_map(m, ar, ac)
         order = np.argsort(py)
         self.nuc_y, self.nuc_x, self.nuc_kind = py[order], px[order], kind[order]
         self.nuc_variant = rng.integers(0, 6, len(order))
@@ -372,9 +453,7 @@ class HERenderer:
 
     def render(self, y0: int, x0: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         yy, xx = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(np.float64)
-        inv = self.inverse
-        ar = inv[0, 0] * yy + inv[0, 1] * xx + inv[0, 2]
-        ac = inv[1, 0] * yy + inv[1, 1] * xx + inv[1, 2]
+        ar, ac = apply_map(self.inverse, yy, xx)
         coords = np.stack([(ar + 0.5) * FINE - 0.5, (ac + 0.5) * FINE - 0.5])
         sample = lambda f: ndimage.map_coordinates(f, coords, order=1, mode="constant", cval=0.0)  # noqa: E731
         eosin = sample(self.eosin)
@@ -448,24 +527,44 @@ def _halve(img: np.ndarray) -> np.ndarray:
 
 
 def write_image(path: Path, renderer, shape, cfg: SynthConfig, sample: str) -> list[np.ndarray]:
-    """Tiled, pyramidal (2×, 4×, ... down to < 2000 px) BigTIFF; returns the reduced levels."""
+    """The microscope image in ``cfg.image``'s container; returns the reduced levels (2×, 4×, ... < 2000 px)."""
     level1 = np.full((shape[0] // 2, shape[1] // 2, 3), 255, np.uint8)
+    tiles = _tiles(renderer, shape, cfg.tile, cfg.seed, sample, level1)
+    compression = None if cfg.compression == "none" else cfg.compression
+    resolution = dict(resolutionunit="CENTIMETER", resolution=(1e4 / MICRONS_PER_PIXEL, 1e4 / MICRONS_PER_PIXEL))
+    if cfg.image in ("jpg", "png", "tif"):  # one level, assembled whole (small samples)
+        full = np.full((*shape, 3), 255, np.uint8)
+        for (y0, x0), block in zip(((y, x) for y in range(0, shape[0], cfg.tile) for x in range(0, shape[1], cfg.tile)),
+                                   tiles):  # fmt: skip
+            h, w = min(cfg.tile, shape[0] - y0), min(cfg.tile, shape[1] - x0)
+            full[y0 : y0 + h, x0 : x0 + w] = block[:h, :w]
+        if cfg.image == "tif":
+            tifffile.imwrite(path, full, photometric="rgb", rowsperstrip=64, compression=compression, **resolution)
+        else:
+            Image.fromarray(full).save(path, quality=92) if cfg.image == "jpg" else Image.fromarray(full).save(path)
+        levels = [level1]
+    else:
+        levels = _write_pyramid(path, tiles, shape, level1, cfg, compression, resolution)
+    while max(levels[-1].shape[:2]) > 2000:
+        levels.append(_halve(levels[-1]))
+    return levels
+
+
+def _write_pyramid(path, tiles, shape, level1, cfg: SynthConfig, compression, resolution) -> list[np.ndarray]:
+    """A tiled pyramidal BigTIFF (or OME-TIFF with its physical pixel size) written tile by tile."""
     n_reduced, side = 1, max(level1.shape[:2])
     while side > 2000:
         side //= 2
         n_reduced += 1
-    opts = dict(tile=(cfg.tile, cfg.tile), compression="zlib", photometric="rgb")
+    opts = dict(tile=(cfg.tile, cfg.tile), compression=compression, photometric="rgb")
+    if cfg.compression == "jpeg":
+        opts["compressionargs"] = {"level": 90}
+    ome = cfg.image == "ome.tif"
+    meta = {"metadata": {"PhysicalSizeX": MICRONS_PER_PIXEL, "PhysicalSizeY": MICRONS_PER_PIXEL, "axes": "YXS"}} if ome \
+        else {}  # fmt: skip
     levels = [level1]
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(
-            _tiles(renderer, shape, cfg.tile, cfg.seed, sample, level1),
-            shape=(*shape, 3),
-            dtype=np.uint8,
-            subifds=n_reduced,
-            resolutionunit="CENTIMETER",
-            resolution=(1e4 / MICRONS_PER_PIXEL, 1e4 / MICRONS_PER_PIXEL),
-            **opts,
-        )
+    with tifffile.TiffWriter(path, bigtiff=True, ome=ome) as tw:
+        tw.write(tiles, shape=(*shape, 3), dtype=np.uint8, subifds=n_reduced, **opts, **resolution, **meta)
         tw.write(level1, subfiletype=1, **opts)
         for _ in range(n_reduced - 1):
             levels.append(_halve(levels[-1]))
@@ -474,11 +573,11 @@ def write_image(path: Path, renderer, shape, cfg: SynthConfig, sample: str) -> l
 
 
 # --------------------------------------------------------------------------- 10x files
-def write_matrix_h5(path: Path, barcodes, gene_ids, gene_names, counts_bins_by_genes: np.ndarray, sample: str):
-    """10x HDF5 v2 feature-barcode matrix, column per bin (CSC)."""
+def write_matrix_h5(path: Path, barcodes, features: pd.DataFrame, counts, sample: str, version: str) -> None:
+    """10x HDF5 v2 feature-barcode matrix, column per bin (CSC); ``counts`` is features × bins (scipy sparse)."""
     import scipy.sparse as sp
 
-    csc = sp.csc_matrix(counts_bins_by_genes.T.astype(np.int32))  # genes × bins
+    csc = sp.csc_matrix(counts, dtype=np.int32)
     csc.sort_indices()
     with h5py.File(path, "w") as f:
         f.attrs["filetype"] = "matrix"
@@ -486,7 +585,7 @@ def write_matrix_h5(path: Path, barcodes, gene_ids, gene_names, counts_bins_by_g
         f.attrs["original_gem_groups"] = np.array([1])
         f.attrs["version"] = 2
         f.attrs["chemistry_description"] = "Visium HD v1 (synthetic)"
-        f.attrs["software_version"] = "featcache-synth"
+        f.attrs["software_version"] = f"spaceranger-{version} (featcache synth)"
         g = f.create_group("matrix")
         g.create_dataset("barcodes", data=np.array(barcodes, dtype="S"), compression="gzip")
         g.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
@@ -494,11 +593,10 @@ def write_matrix_h5(path: Path, barcodes, gene_ids, gene_names, counts_bins_by_g
         g.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
         g.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
         feat = g.create_group("features")
-        n = len(gene_ids)
-        feat.create_dataset("id", data=np.array(gene_ids, dtype="S"))
-        feat.create_dataset("name", data=np.array(gene_names, dtype="S"))
-        feat.create_dataset("feature_type", data=np.array(["Gene Expression"] * n, dtype="S"))
-        feat.create_dataset("genome", data=np.array(["GRCh38"] * n, dtype="S"))
+        feat.create_dataset("id", data=np.array(features["id"], dtype="S"))
+        feat.create_dataset("name", data=np.array(features["name"], dtype="S"))
+        feat.create_dataset("feature_type", data=np.array(features["type"], dtype="S"))
+        feat.create_dataset("genome", data=np.array(["GRCh38"] * len(features), dtype="S"))
         feat.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
 
 
@@ -506,96 +604,130 @@ def _barcodes(rows, cols) -> np.ndarray:
     return np.array([f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows.ravel(), cols.ravel())], dtype=object)
 
 
-def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFrame, profiles: np.ndarray) -> dict:
-    patient = _patient(cfg, sample)
-    labels, modulation = tissue_layout(cfg, sample, patient)
+def _antibodies(cfg: SynthConfig, sample: str, fractions: np.ndarray, n_bins: int):
+    """Antibody Capture features (names, counts features × bins): abundant, so a reader that took them for genes
+    would skew every bin's library size."""
+    import scipy.sparse as sp
+
+    rng = _sample_rng(cfg.seed, sample, "antibodies")
+    immune = fractions.reshape(-1, fractions.shape[-1])[:, IMMUNE]
+    means = 40 + 400 * immune[None, :] * rng.uniform(0.2, 1.0, (cfg.antibody_features, 1))
+    table = pd.DataFrame({"id": [f"ADT{k:04d}" for k in range(cfg.antibody_features)],
+                          "name": [f"CD{3 + k}-TotalSeqB" for k in range(cfg.antibody_features)],
+                          "type": "Antibody Capture"})  # fmt: skip
+    return table, sp.csc_matrix(rng.poisson(means).astype(np.int32))
+
+
+def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFrame, profiles: np.ndarray,
+                      patient: str | None = None) -> dict:  # fmt: skip
+    import scipy.sparse as sp
+
+    who = _patient(cfg, patient or sample)
+    draw = _sample_rng(cfg.seed, sample, "placement")  # each section sits on its slide its own way
+    rotation = float(draw.uniform(0.4, 1.6) * draw.choice([-1, 1])) if cfg.rotation_deg is None else cfg.rotation_deg
+    who = replace(
+        who, rotation_deg=rotation, flip_rows=bool(draw.random() < 0.5) if cfg.flip_rows is None else cfg.flip_rows
+    )
+    labels, modulation = tissue_layout(cfg, sample, who)
     fractions = bin_fractions(labels)
-    rates, counts = expression(cfg, sample, patient, fractions, modulation, profiles)
+    dense = cfg.n_genes <= SPARSE_GENES
+    rates, counts = expression(cfg, sample, who, fractions, modulation, profiles) if dense else \
+        (None, sparse_expression(cfg, sample, who, fractions, profiles))  # fmt: skip
 
     root = out / sample
-    bin_dir = root / "outs" / "binned_outputs" / "square_008um"
+    outs = root / "outs"
+    bin_dir = outs / "binned_outputs" / "square_008um"
     spatial = bin_dir / "spatial"
     spatial.mkdir(parents=True, exist_ok=True)
-
-    margin = 40 * BIN_UM / MICRONS_PER_PIXEL / 8  # 40 µm of glass around the grid
-    affine = bin_affine(cfg, patient, margin)
+    m = bin_map(cfg, who, 40 * BIN_UM / MICRONS_PER_PIXEL / 8)  # 40 µm of glass around the grid
     rr, cc = np.mgrid[0 : cfg.rows, 0 : cfg.cols]
-    pr = affine[0, 0] * rr + affine[0, 1] * cc + affine[0, 2]
-    pc = affine[1, 0] * rr + affine[1, 1] * cc + affine[1, 2]
-    shape = (int(np.ceil(pr.max() + margin)), int(np.ceil(pc.max() + margin)))
+    pr, pc = apply_map(m, rr.astype(float), cc.astype(float))
+    shape = (int(np.ceil(pr.max() + 40 / MICRONS_PER_PIXEL)), int(np.ceil(pc.max() + 40 / MICRONS_PER_PIXEL)))
     in_tissue = (1 - fractions[..., BG]) >= 0.5
     barcodes = _barcodes(rr, cc)
-    positions = pd.DataFrame(
-        {
-            "barcode": barcodes,
-            "in_tissue": in_tissue.ravel().astype(np.int32),
-            "array_row": rr.ravel().astype(np.int32),
-            "array_col": cc.ravel().astype(np.int32),
-            "pxl_row_in_fullres": pr.ravel(),
-            "pxl_col_in_fullres": pc.ravel(),
-        }
-    )
-    positions.to_parquet(spatial / "tissue_positions.parquet", index=False)
+    pd.DataFrame({
+        "barcode": barcodes, "in_tissue": in_tissue.ravel().astype(np.int32), "array_row": rr.ravel().astype(np.int32),
+        "array_col": cc.ravel().astype(np.int32), "pxl_row_in_fullres": pr.ravel(), "pxl_col_in_fullres": pc.ravel(),
+    }).to_parquet(spatial / "tissue_positions.parquet", index=False)  # fmt: skip
 
+    keep_genes = len(genes) - cfg.missing_genes
+    features = genes.iloc[:keep_genes].assign(type="Gene Expression")
+    matrix = counts[:keep_genes]
+    if cfg.antibody_features:
+        table, adt = _antibodies(cfg, sample, fractions, matrix.shape[1])
+        features, matrix = pd.concat([features, table], ignore_index=True), sp.vstack([matrix, adt]).tocsc()
     keep = in_tissue.ravel()
-    write_matrix_h5(
-        bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], genes["id"], genes["name"], counts[keep], sample
-    )
-    write_matrix_h5(bin_dir / "raw_feature_bc_matrix.h5", barcodes, genes["id"], genes["name"], counts, sample)
+    write_matrix_h5(bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], features, matrix[:, keep], sample,
+                    cfg.spaceranger)  # fmt: skip
+    if dense:
+        write_matrix_h5(bin_dir / "raw_feature_bc_matrix.h5", barcodes, features, matrix, sample, cfg.spaceranger)
 
-    renderer = HERenderer(cfg, sample, patient, labels, affine)
-    image_path = root / f"{sample}_tissue_image.btf"
-    levels = write_image(image_path, renderer, shape, cfg, sample)
+    image_path = root / f"{sample}_tissue_image.{cfg.image}"
+    levels = write_image(image_path, HERenderer(cfg, sample, who, labels, m), shape, cfg, sample)
+    hires_scale, lowres_scale = _write_png_images(spatial, levels, shape)
+    scalefactors = {"spot_diameter_fullres": BIN_UM / MICRONS_PER_PIXEL, "bin_size_um": BIN_UM,
+                    "microns_per_pixel": MICRONS_PER_PIXEL, "regist_target_img_scalef": hires_scale,
+                    "tissue_lowres_scalef": lowres_scale, "fiducial_diameter_fullres": 1000 * BIN_UM / MICRONS_PER_PIXEL / 8,
+                    "tissue_hires_scalef": hires_scale}  # fmt: skip
+    if not cfg.write_mpp:
+        del scalefactors["microns_per_pixel"]
+    (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
+    _write_outs_extras(outs, sample, cfg, m, matrix[:keep_genes, keep])
+    _write_truth(root / "synthetic_truth.h5", cfg, barcodes[keep], genes, rates[keep] if dense else None,
+                 fractions.reshape(-1, len(COMPARTMENTS))[keep], m)  # fmt: skip
+    umis = np.asarray(matrix[:keep_genes][:, keep].sum(axis=0)).ravel()
+    return {"sample": sample, "patient": patient or sample, "bins": int(cfg.rows * cfg.cols),
+            "in_tissue_bins": int(keep.sum()), "median_umis": float(np.median(umis)), "image_shape": list(shape),
+            "image": str(image_path), "path": str(root), "rotation_deg": who.rotation_deg, "flip_rows": who.flip_rows}  # fmt: skip
 
+
+def _write_png_images(spatial: Path, levels: list[np.ndarray], shape) -> tuple[float, float]:
+    """tissue_hires_image.png (longest side ≤ 6000 px) and tissue_lowres_image.png (600 px), as Space Ranger."""
     longest = max(shape)
-    hires_scale = min(0.5, 6000 / longest)
-    lowres_scale = 600 / longest
+    hires_scale, lowres_scale = min(0.5, 6000 / longest), 600 / longest
     for name, scalef in (("tissue_hires_image.png", hires_scale), ("tissue_lowres_image.png", lowres_scale)):
-        # resample from the finest stored level that is still at least as large as the target
         size = (max(1, round(shape[1] * scalef)), max(1, round(shape[0] * scalef)))
         src = ([lvl for lvl in levels if lvl.shape[1] >= size[0]] or levels[:1])[-1]
         Image.fromarray(src).resize(size, Image.Resampling.LANCZOS).save(spatial / name)
-    scalefactors = {
-        "spot_diameter_fullres": BIN_UM / MICRONS_PER_PIXEL,
-        "bin_size_um": BIN_UM,
-        "microns_per_pixel": MICRONS_PER_PIXEL,
-        "regist_target_img_scalef": hires_scale,
-        "tissue_lowres_scalef": lowres_scale,
-        "fiducial_diameter_fullres": 1000 * BIN_UM / MICRONS_PER_PIXEL / 8,
-        "tissue_hires_scalef": hires_scale,
-    }
-    (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
+    return hires_scale, lowres_scale
 
-    outs = root / "outs"
+
+def _write_outs_extras(outs: Path, sample: str, cfg: SynthConfig, m: np.ndarray, counts) -> None:
+    """feature_slice.h5 (with the HD layout and transform matrices scverse readers look for), metrics_summary.csv,
+    and Space Ranger 4's segmented_outputs/."""
+    swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1.0]])  # (row, col) <-> (col, row)
+    to_micro = swap @ m @ swap
+    to_micro /= to_micro[2, 2]
+    flat = lambda a: [float(v) for v in np.asarray(a).ravel()]  # noqa: E731
+    matrices = {"spot_colrow_to_microscope_colrow": flat(to_micro),
+                "microscope_colrow_to_spot_colrow": flat(np.linalg.inv(to_micro)),
+                "cytassist_colrow_to_spot_colrow": flat(np.eye(3)), "spot_colrow_to_cytassist_colrow": flat(np.eye(3))}  # fmt: skip
+    layout = {"schema_version": "1.0", "file_format": "1.0", "num_rows": cfg.rows * 4, "num_cols": cfg.cols * 4,
+              "spot_pitch": BIN_UM / 4, "transform": flat(np.eye(3))}  # fmt: skip
     with h5py.File(outs / "feature_slice.h5", "w") as f:
-        f.attrs["metadata_json"] = json.dumps(
-            {
-                "sample_id": sample,
-                "nrows": cfg.rows * 4,
-                "ncols": cfg.cols * 4,
-                "bin_scale": 1,
-                "spaceranger_version": "synthetic (featcache)",
-                "transform_matrices": {"spot_colrow_to_microscope_colrow": affine.tolist()},
-            }
-        )
+        f.attrs["metadata_json"] = json.dumps({
+            "sample_id": sample, "nrows": cfg.rows * 4, "ncols": cfg.cols * 4, "bin_scale": 1,
+            "spaceranger_version": f"spaceranger-{cfg.spaceranger} (featcache synth)",
+            "transform_matrices": matrices, "hd_layout_json": json.dumps(layout),
+        })  # fmt: skip
         f.create_group("feature_slices")
-    umis = counts[keep].sum(axis=1)
+    umis = np.asarray(counts.sum(axis=0)).ravel()
     with open(outs / "metrics_summary.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(
-            [
-                "Sample ID",
-                "Number of bins under tissue (8 µm)",
-                "Median UMIs per bin (8 µm)",
-                "Mean UMIs per bin (8 µm)",
-            ]
-        )
-        w.writerow([sample, int(keep.sum()), float(np.median(umis)), float(umis.mean())])
+        w.writerow(["Sample ID", "Number of bins under tissue (8 µm)", "Median UMIs per bin (8 µm)",
+                    "Mean UMIs per bin (8 µm)"])  # fmt: skip
+        w.writerow([sample, len(umis), float(np.median(umis)), float(umis.mean())])
+    if cfg.spaceranger.startswith("4"):
+        seg = outs / "segmented_outputs"
+        seg.mkdir(exist_ok=True)
+        (seg / "cell_segmentations.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
 
-    with h5py.File(root / "synthetic_truth.h5", "w") as f:
+
+def _write_truth(path: Path, cfg: SynthConfig, barcodes, genes: pd.DataFrame, rates, fractions, m: np.ndarray) -> None:
+    with h5py.File(path, "w") as f:
         f.attrs["description"] = (
-            "True expected UMIs per in-tissue 8 um bin and gene (before gamma-Poisson noise), the "
-            "compartment fractions of each bin, and the exact bin->pixel affine map."
+            "True expected UMIs per in-tissue 8 um bin and gene (before gamma-Poisson noise; absent for real-size "
+            "panels), the compartment fractions of each bin, and the exact bin->pixel map (3 x 3, projective)."
         )
         f.attrs["nb_size"] = NB_SIZE
         f.attrs["noise_model"] = (
@@ -603,38 +735,48 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
             "bin is the sum of its Gene Expression counts"
         )
         f.attrs["seed"] = cfg.seed
-        f.create_dataset("barcodes", data=np.array(barcodes[keep], dtype="S"))
+        f.create_dataset("barcodes", data=np.array(barcodes, dtype="S"))
         f.create_dataset("gene_ids", data=np.array(genes["id"], dtype="S"))
-        f.create_dataset("rates", data=rates[keep], compression="gzip", chunks=True)
-        f.create_dataset("compartment_fractions", data=fractions.reshape(-1, len(COMPARTMENTS))[keep])
+        if rates is not None:
+            f.create_dataset("rates", data=rates, compression="gzip", chunks=True)
+        f.create_dataset("compartment_fractions", data=fractions)
         f.create_dataset("compartments", data=np.array(COMPARTMENTS, dtype="S"))
-        f.create_dataset("affine", data=affine)
-    return {
-        "sample": sample,
-        "bins": int(cfg.rows * cfg.cols),
-        "in_tissue_bins": int(keep.sum()),
-        "median_umis": float(np.median(umis)),
-        "image_shape": list(shape),
-        "path": str(root),
-        "rotation_deg": patient.rotation_deg,
-        "flip_rows": patient.flip_rows,
-    }
+        f.create_dataset("homography", data=m)
+        f.create_dataset("affine", data=m[:2] / m[2, 2])
 
 
-def synthesize(out: str | Path, samples: list[str], cfg: SynthConfig = SynthConfig(), on_sample=None) -> list[dict]:
-    """Write the synthetic dataset; refuses to write into an existing sample folder."""
+def synthesize(out: str | Path, samples: list[str], cfg: SynthConfig = SynthConfig(), on_sample=None,
+               per_sample: dict[str, dict] | None = None, patients: dict[str, str] | None = None) -> list[dict]:  # fmt: skip
+    """Write the synthetic dataset; refuses to write into an existing sample folder.
+
+    ``per_sample`` overrides SynthConfig fields for some samples (another image container, a missing gene, ...);
+    ``patients`` maps samples to patients: sections of one patient share its composition, stain and depth, and a
+    ``manifest.csv`` for ``featcache prepare --manifest`` is written beside them.
+    """
     out = Path(out)
     if len(set(samples)) != len(samples):
         raise FeatcacheError(f"duplicate sample names in {samples}")
-    if cfg.rows < 32 or cfg.cols < 32:
-        raise FeatcacheError("--rows and --cols must be at least 32 bins (one patch).")
-    for s in samples:
+    configs = {s: replace(cfg, **(per_sample or {}).get(s, {})) for s in samples}
+    for s, c in configs.items():
+        if c.rows < 32 or c.cols < 32:
+            raise FeatcacheError("--rows and --cols must be at least 32 bins (one patch).")
+        if c.image not in IMAGE_FORMATS or c.compression not in COMPRESSIONS:
+            raise FeatcacheError(f"--image {c.image!r} / --compression {c.compression!r}: use one of "
+                                 f"{', '.join(IMAGE_FORMATS)} / {', '.join(COMPRESSIONS)}.")  # fmt: skip
+        if not 0 <= c.perspective < 0.5 or c.missing_genes < 0 or c.antibody_features < 0:
+            raise FeatcacheError("--perspective must be in [0, 0.5); --missing-genes and --antibody-features ≥ 0.")
         if (out / s).exists():
             raise FeatcacheError(f"{out / s} already exists; choose another OUT folder or remove it.")
     genes, profiles = gene_table(cfg.n_genes, cfg.seed)
     reports = []
     for s in samples:
-        reports.append(synthesize_sample(out, s, cfg, genes, profiles))
+        reports.append(synthesize_sample(out, s, configs[s], genes, profiles, (patients or {}).get(s)))
         if on_sample:
             on_sample(reports[-1])
+    if patients:
+        with open(out / "manifest.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["sample", "patient", "path", "image"])
+            for r in reports:
+                w.writerow([r["sample"], r["patient"], r["sample"], Path(r["image"]).relative_to(out)])
     return reports

@@ -328,7 +328,7 @@ class VisiumHDSample:
         return {
             "microns_per_pixel": self.microns_per_pixel, "microns_per_pixel_source": self.mpp_source,
             "registration": self.registration.to_json(), "grid": list(self.grid_shape),
-            "image_shape": list(self.image_shape), "image": self.image_info,
+            "image_shape": list(self.image_shape), "image_info": self.image_info,
             "feature_types": self.matrix.feature_type_counts(), "space_ranger": self.matrix.software_version or None,
         }  # fmt: skip
 

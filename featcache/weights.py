@@ -1,12 +1,16 @@
-"""Encoder weights, offline (DESIGN §4).
+"""Encoder weights (DESIGN §4).
 
-Three ways to supply pretrained weights, tried in this order:
+Four ways to supply pretrained weights, tried in this order:
 
 1. ``--weights PATH``: a ``.safetensors``, ``.bin``, ``.pth`` or ``.pt`` file, or a directory
    holding one (``model.safetensors`` / ``pytorch_model.bin`` preferred);
 2. ``$FEATCACHE_WEIGHTS/<encoder>/`` (a directory, as above);
 3. an existing Hugging Face cache (``$HF_HOME`` / ``~/.cache/huggingface``) holding the model's
-   hub repository, read offline — nothing is downloaded.
+   hub repository, read offline;
+4. on a machine that is online (``HF_HUB_OFFLINE`` unset), a download of the model's hub
+   repository through ``huggingface_hub`` into that cache (``$HF_ENDPOINT`` is honoured). The
+   models are gated: accept the licence on the model's page and log in (``hf auth login`` or
+   ``$HF_TOKEN``) first.
 
 ``--weights random`` or ``random:SEED`` is an explicit mode (random initialisation with a fixed
 seed); it is never a silent fallback. Checkpoints are untrusted input: safetensors, or
@@ -92,7 +96,43 @@ def _hf_cache_file(repo: str) -> Path | None:
     return None
 
 
-def resolve_weights(spec: EncoderSpec, weights: str | None) -> WeightsSource:
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _download(repo: str) -> Path:
+    """The model's checkpoint downloaded from the hub into the Hugging Face cache; one clear error otherwise."""
+    from huggingface_hub import errors, hf_hub_download
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    page = f"{(endpoint or 'https://huggingface.co').rstrip('/')}/{repo}"
+    missing = tuple(
+        getattr(errors, n) for n in ("EntryNotFoundError", "RemoteEntryNotFoundError") if hasattr(errors, n)
+    )
+    for name in PREFERRED:
+        try:
+            return Path(hf_hub_download(repo, name, endpoint=endpoint))
+        except errors.GatedRepoError:
+            raise FeatcacheError(f"{repo} is a gated model and this account has no access: accept its licence on "
+                                 f"{page}, then log in (`hf auth login`, or set HF_TOKEN) and run again.") from None  # fmt: skip
+        except errors.RepositoryNotFoundError:
+            raise FeatcacheError(f"{repo} was not found on the hub at {page} (or it is private and you are not logged "
+                                 "in: `hf auth login`, or set HF_TOKEN).") from None  # fmt: skip
+        except missing:
+            continue
+        except Exception as exc:  # noqa: BLE001 - network failures take many forms
+            raise FeatcacheError(f"could not download {repo} from {page} ({type(exc).__name__}: {str(exc)[:120]}). "
+                                 "Check the connection, or supply the weights offline with --weights FILE or "
+                                 f"$FEATCACHE_WEIGHTS (set HF_HUB_OFFLINE=1 to never try).") from None  # fmt: skip
+    raise FeatcacheError(
+        f"{repo} on the hub has none of {', '.join(PREFERRED)}; pass the checkpoint with --weights FILE."
+    )
+
+
+def resolve_weights(spec: EncoderSpec, weights: str | None, download: bool = True) -> WeightsSource:
+    """Where the weights come from (see the module docstring); ``download=False`` never reaches the network."""
     seed = parse_random(weights)
     if seed is not None:
         return WeightsSource("random", seed=seed, found_via="--weights")
@@ -119,12 +159,19 @@ def resolve_weights(spec: EncoderSpec, weights: str | None) -> WeightsSource:
         f = _hf_cache_file(spec.hf_repo)
         if f is not None:
             return WeightsSource("file", f, found_via="Hugging Face cache")
+        if download and not _offline():
+            return WeightsSource("file", _download(spec.hf_repo), found_via="downloaded from the Hugging Face hub")
     raise FeatcacheError(
-        f"no weights found for encoder {spec.name!r}. Supply them one of three ways: "
+        f"no weights found for encoder {spec.name!r}"
+        + (" (HF_HUB_OFFLINE is set, so nothing is downloaded)" if spec.hf_repo and _offline() else "")
+        + ". Supply them one of these ways: "
         f"(1) --weights PATH to a {'/'.join(SUFFIXES)} file or a folder holding one; "
         f"(2) put the file in ${ENV_VAR}/{spec.name}/; "
-        f"(3) have {spec.hf_repo or 'the model'} in the Hugging Face cache (download it where you have "
-        "access, e.g. `hf download " + (spec.hf_repo or "REPO") + "`, then copy ~/.cache/huggingface). "
+        f"(3) have {spec.hf_repo or 'the model'} in the Hugging Face cache (on a machine with access: `hf download "
+        + (spec.hf_repo or "REPO")
+        + "`, then copy ~/.cache/huggingface here); "
+        "(4) on a machine that is online, leave HF_HUB_OFFLINE unset and featcache downloads it (gated models: "
+        "accept the licence on the model page and log in first). "
         "Or pass --weights random[:SEED] for the random-init mode."
     )
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from featcache.synth import SynthConfig, synthesize
+# No test may reach the network: weights are never downloaded here (tests/test_hub.py runs its own local hub).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from featcache.synth import SynthConfig, synthesize  # noqa: E402
 
 # Small enough for 2 CPU cores, large enough for several patches per sample.
 SMALL = SynthConfig(rows=72, cols=104, n_genes=120, seed=3)

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import tifffile
 from conftest import BIN8, clone_sample
+from PIL import Image
 from typer.testing import CliRunner
 
 from featcache.cli import app as featcache_app
@@ -216,6 +217,25 @@ def test_downscaled_image(p1, ws):
           "full-resolution microscope image")  # fmt: skip
 
 
+def test_image_too_coarse_for_14_px_per_bin(p1, ws, tmp_path):
+    """A scan at ~0.8 µm/px (10 px per 8 µm bin): rendering 14 px per bin would upsample it; refused."""
+    k = 0.35
+    pos_path = spatial(p1) / "tissue_positions.parquet"
+    pos = pd.read_parquet(pos_path)
+    pos[["pxl_row_in_fullres", "pxl_col_in_fullres"]] *= k
+    pos.to_parquet(pos_path)
+    sf_path = spatial(p1) / "scalefactors_json.json"
+    sf = json.loads(sf_path.read_text())
+    sf.update(microns_per_pixel=sf["microns_per_pixel"] / k, spot_diameter_fullres=sf["spot_diameter_fullres"] * k)
+    sf_path.write_text(json.dumps(sf))
+    img = sample_image(p1)
+    small = np.asarray(Image.fromarray(img).resize((int(img.shape[1] * k), int(img.shape[0] * k))))
+    path = tmp_path / "coarse.tif"
+    tifffile.imwrite(path, small, photometric="rgb")
+    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={path}"), "upsample",
+          "px per 8 µm bin")  # fmt: skip
+
+
 def test_truncated_tiff(p1, ws, tmp_path):
     img = sample_image(p1)
     path = tmp_path / "truncated.tif"
@@ -285,7 +305,7 @@ def test_manifest_naming_a_missing_folder_or_a_sample_twice(p1, ws, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--dataset", "../../x"], "not a valid name"), (["--chunk-patches", "-1"], "--chunk-patches"),
     (["--batch-size", "0"], "--batch-size"), (["--weights", "random:-1"], "random:SEED"),
-    (["--output", "s3://bucket/x.zarr"], "s3fs"), (["--device", "tpu"], "--device"),
+    (["--output", "gs://bucket/x.zarr"], "gcsfs"), (["--device", "tpu"], "--device"),
     (["--precision", "fp8"], "--precision"), (["--shard", "2/2"], "0 <= K < N"),
 ])  # fmt: skip
 def test_bad_extract_options(full_ws, args, needle):
