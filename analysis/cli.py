@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -53,6 +54,43 @@ def compare(
                   f"{p['b']}" + (f"; Wilcoxon p = {w['p_value']:.3g}" if w else ""), soft_wrap=True, highlight=False)  # fmt: skip
     figures = comparison_figure(res, Workspace.resolve(workspace).results(dataset).figures_dir)
     out.print(f"written: {res['_path']} and {figures[0]}", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Optional[Path], typer.Option(help="A finished run folder: its test predictions and truth.")] = None,
+    features: Annotated[Optional[str], typer.Option(help="A feature store of --dataset (e.g. uni2h, uni2h-random): its "
+                                                         "pooled embeddings per patch.")] = None,
+    dataset: Annotated[str, typer.Option(help="The dataset of --features.")] = "demo",
+    output: Annotated[Optional[Path], typer.Option(help="The .h5ad to write [default: results/<dataset>/exports/...].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    workspace: WorkspaceOpt = None,
+):  # fmt: skip
+    """AnnData (.h5ad) for scanpy: a run's test predictions and truth, or a feature store's pooled features."""
+    from analysis.export import features_anndata, run_anndata
+    from featcache.errors import FeatcacheError
+    from featcache.stores import RunDir, Workspace
+
+    if (run is None) == (features is None):
+        raise FeatcacheError("give --run RUN_DIR or --features STORE (with --dataset), one of the two.")
+    ws = Workspace.resolve(workspace)
+    if run is not None:
+        adata = run_anndata(run, ws)
+        config = RunDir(run).read_config()
+        name = f"{config['encoder']}-{config['run']}-fold-{config['fold']}.h5ad"
+        results = ws.results(config["dataset"])
+    else:
+        adata = features_anndata(dataset, features, ws)
+        name, results = f"{features}-pooled.h5ad", ws.results(dataset)
+    path = output or results.path / "exports" / name
+    if path.exists() and not overwrite:
+        raise FeatcacheError(f"{path} exists; pass --overwrite to replace it, or choose another --output.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
+    out.print(f"wrote {adata.n_obs} × {adata.n_vars} AnnData: {path}", soft_wrap=True)
 
 
 @app.callback()

@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
 CHILD = """
-import json, resource, sys
+import json, sys
 from featcache import prepare as P
 
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb():  # this process's own peak (VmHWM: ru_maxrss would keep the forking parent's peak across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 
 marks = {}
 original = P.render_patch
@@ -76,8 +78,8 @@ def main() -> None:
     ws = args.workdir / "ws"
     shutil.rmtree(ws, ignore_errors=True)
 
-    # A fresh interpreter runs prepare and reports its own peak RSS (RUSAGE_CHILDREN would count the parent's
-    # pages at fork time, and every earlier child).
+    # A fresh interpreter runs prepare and reports its own peak RSS, read from /proc (ru_maxrss survives exec and
+    # would report this parent's peak, e.g. while synthesizing the input).
     t = time.perf_counter()
     child = subprocess.run([sys.executable, "-c", CHILD, str(raw / "B1"), str(ws), str(args.workers)],
                            check=True, capture_output=True, text=True)  # fmt: skip

@@ -151,6 +151,42 @@ def demo(
 
 @app.command()
 @user_errors
+def predict(
+    run: Annotated[Path, typer.Option(help="A finished run folder (runs/<dataset>/<encoder>/<run>/fold-<patient>).")],
+    image: Annotated[Path, typer.Option(help="The H&E slide (TIFF/BigTIFF/OME-TIFF/SVS, JPEG, PNG).")],
+    mpp: Annotated[Optional[float], typer.Option(help="µm per pixel [default: from the image's metadata].")] = None,
+    positions: Annotated[Optional[Path], typer.Option(help="A Space Ranger square_008um/ folder (or its outs/): predict on "
+                                                           "that sample's own lattice and patches.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Output folder [default: predictions/<run>/<slide>/ in the workspace].")] = None,
+    genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes to draw as maps over the slide.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="The encoder checkpoint the run was trained on (checked by identity).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    min_tissue: Annotated[Optional[float], typer.Option(help="Keep a patch with at least this tissue fraction [default: the "
+                                                             "run's dataset with --positions, else 0.01].")] = None,
+    workers: Annotated[int, typer.Option(help="Rendering threads.")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing prediction folder.")] = False,
+    workspace: WorkspaceOpt = None,
+):  # fmt: skip
+    """Predict a trained run's gene panel on every 8 µm bin of a slide: Zarr, AnnData (.h5ad) and gene maps."""
+    from featcache.cli_common import split_list
+    from featcache.pipeline.predict import predict as run_predict
+
+    if min_tissue is not None and not 0 <= min_tissue <= 1:
+        raise FeatcacheError(f"--min-tissue {min_tissue}: must be a fraction between 0 and 1.")
+    res = run_predict(run, image, mpp=mpp, positions=positions, output=output, batch_size=batch_size, device=device,
+                      min_tissue=min_tissue, workspace=workspace, weights=weights, genes=tuple(split_list(genes or "")),
+                      overwrite=overwrite, workers=workers)  # fmt: skip
+    out.print(
+        f"predicted {res.bins} bins in {res.patches} patches at {res.tiles_per_s:.1f} tiles/s: {res.path}",
+        soft_wrap=True,
+    )
+    for f in res.figures:
+        out.print(f"  {f}", soft_wrap=True)
+
+
+@app.command()
+@user_errors
 def datasets(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False):
     """List the prepared datasets in the workspace."""
     from featcache.stores import Workspace

@@ -74,3 +74,21 @@ def bin_table(origins: np.ndarray, values: np.ndarray, mask: np.ndarray) -> tupl
     total = np.zeros((len(unique), *rows.shape[1:]))
     np.add.at(total, inverse.ravel(), rows)
     return unique, total / count.reshape(-1, *([1] * (rows.ndim - 1)))
+
+
+def covering_origins(in_tissue: np.ndarray, stride: int, min_tissue: float, bins: int = GEOMETRY.bins
+                     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Window origins on a ``stride`` lattice anchored at the tissue's bounding box, reaching past the grid's
+    edges where the tissue does (so no tissue is left out); returns (origins, the grid padded to hold them)."""
+    rows, cols = np.nonzero(in_tissue)
+    if len(rows) == 0:
+        return np.zeros((0, 2), np.int32), in_tissue
+    r_start, c_start = rows.min() % stride, cols.min() % stride  # on the lattice through the top-left tissue bin
+    r_start = rows.min() - ((rows.min() - r_start) % stride)
+    c_start = cols.min() - ((cols.min() - c_start) % stride)
+    height = max(in_tissue.shape[0], r_start + ((rows.max() - r_start) // stride) * stride + bins)
+    width = max(in_tissue.shape[1], c_start + ((cols.max() - c_start) // stride) * stride + bins)
+    padded = np.zeros((height, width), bool)
+    padded[: in_tissue.shape[0], : in_tissue.shape[1]] = in_tissue
+    shifted = patch_origins(padded[r_start:, c_start:], stride, min_tissue, bins)
+    return (shifted + np.array([r_start, c_start], np.int32)).astype(np.int32), padded

@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = (".btf", ".tif", ".tiff", ".svs", ".jpg", ".jpeg", ".png")
 GENE_EXPRESSION = "Gene Expression"
 MPP_TOLERANCE = 0.01  # µm/px against the fitted bin pitch, and against the spot diameter
 MAX_UPSAMPLING = 1.25  # the image needs ≥ 14 / 1.25 = 11.2 native px per 8 µm bin
-BLOCK_NNZ = 4_000_000  # non-zeros read per block of bins (~64 MB of temporaries)
+BLOCK_NNZ = 1_000_000  # non-zeros read per block of bins (~30 MB of temporaries)
 
 
 # --------------------------------------------------------------------------- count matrix
@@ -75,7 +75,7 @@ class MatrixH5:
                 f"{self.path}: /matrix lacks {', '.join(missing)}; the file is not a complete 10x matrix."
             )
         self.n_features, self.n_bins = (int(v) for v in g["shape"][()])
-        self.barcodes = _strings(g["barcodes"])
+        self.barcodes = as_bytes(g["barcodes"][()])  # fixed-width bytes, as stored
         feat = g["features"]
         self.feature_ids = _strings(feat["id"])
         self.feature_names = _strings(feat["name"])
@@ -149,58 +149,111 @@ class MatrixH5:
         return out
 
 
-def read_positions(spatial_dir: Path) -> pd.DataFrame:
+@dataclass
+class Positions:
+    """Every bin of a sample, column by column: barcodes as fixed-width bytes (a real sample's 550,000 bins take
+    12 MB, not the 300 MB of Python strings), the rest as numpy arrays."""
+
+    barcode: np.ndarray  # |S (bytes)
+    in_tissue: np.ndarray  # bool
+    array_row: np.ndarray  # int64
+    array_col: np.ndarray  # int64
+    pxl_row_in_fullres: np.ndarray  # float64
+    pxl_col_in_fullres: np.ndarray  # float64
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        return getattr(self, column)
+
+    def __len__(self) -> int:
+        return len(self.barcode)
+
+
+def read_positions(spatial_dir: Path) -> Positions:
     """Every bin of the sample: ``barcode, in_tissue, array_row, array_col, pxl_row/col_in_fullres``, checked."""
     parquet = spatial_dir / "tissue_positions.parquet"
     csv = spatial_dir / "tissue_positions.csv"
     if parquet.is_file():
-        path, df = parquet, _read_table(parquet, pd.read_parquet)
+        path, columns = parquet, _read_table(parquet, _parquet_columns)
     elif csv.is_file():
-        path, df = csv, _read_table(csv, pd.read_csv)
-        if (
-            list(df.columns) != POSITION_COLUMNS
-            and len(df.columns) == 6
-            and not set(POSITION_COLUMNS) & set(df.columns)
-        ):
-            df = _read_table(
-                csv, lambda p: pd.read_csv(p, header=None, names=POSITION_COLUMNS)
-            )  # headerless older file
+        path, columns = csv, _read_table(csv, _csv_columns)
     else:
         raise FeatcacheError(
             f"no tissue_positions.parquet (or .csv) in {spatial_dir}. Point --sample at a Space Ranger "
             "outs/ folder with binned_outputs/square_008um/spatial/."
         )
-    missing = [c for c in POSITION_COLUMNS if c not in df.columns]
+    missing = [c for c in POSITION_COLUMNS if c not in columns]
     if missing:
         raise FeatcacheError(
-            f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, df.columns))}); "
+            f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, columns))}); "
             f"a Space Ranger positions file has {', '.join(POSITION_COLUMNS)}."
         )
-    if len(df) == 0:
+    barcode = columns["barcode"]
+    if len(barcode) == 0:
         raise FeatcacheError(f"{path} lists no bins; the positions file is empty or truncated.")
-    df = df[POSITION_COLUMNS].copy()
-    df["barcode"] = df["barcode"].astype(str)
+    numbers = {}
     for col in POSITION_COLUMNS[1:]:
-        if not pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]) and col != "in_tissue":
+        v = np.asarray(columns[col])
+        if v.dtype.kind not in "biuf" or (v.dtype.kind == "b" and col != "in_tissue"):
             raise FeatcacheError(f"{path}: column {col} is not numeric; the positions file is malformed.")
-    bad = ~np.isfinite(df[POSITION_COLUMNS[1:]].to_numpy(dtype=np.float64)).all(axis=1)
+        numbers[col] = v
+    bad = ~np.all([np.isfinite(v.astype(np.float64)) for v in numbers.values()], axis=0)
     if bad.any():
         raise FeatcacheError(f"{path}: {int(bad.sum())} bin(s) have a missing or non-finite position (e.g. "
-                             f"{df['barcode'][bad].iloc[0]}); the positions file is damaged.")  # fmt: skip
-    if df["barcode"].duplicated().any():
-        dup = df["barcode"][df["barcode"].duplicated()].iloc[0]
-        raise FeatcacheError(f"{path}: barcode {dup} appears more than once; each bin must be listed once.")
-    if (df["array_row"] < 0).any() or (df["array_col"] < 0).any():
+                             f"{barcode[bad][0].decode(errors='replace')}); the positions file is damaged.")  # fmt: skip
+    pos = Positions(barcode, numbers["in_tissue"].astype(bool), numbers["array_row"].astype(np.int64),
+                    numbers["array_col"].astype(np.int64), numbers["pxl_row_in_fullres"].astype(np.float64),
+                    numbers["pxl_col_in_fullres"].astype(np.float64))  # fmt: skip
+    if (pos.array_row < 0).any() or (pos.array_col < 0).any():
         raise FeatcacheError(f"{path}: negative array_row/array_col; the positions file is malformed.")
-    df["in_tissue"] = df["in_tissue"].astype(bool)
-    df["array_row"] = df["array_row"].astype(np.int64)
-    df["array_col"] = df["array_col"].astype(np.int64)
-    if df[["array_row", "array_col"]].duplicated().any():
+    ordered = np.sort(barcode)
+    if (ordered[1:] == ordered[:-1]).any():
+        dup = ordered[1:][ordered[1:] == ordered[:-1]][0].decode(errors="replace")
+        raise FeatcacheError(f"{path}: barcode {dup} appears more than once; each bin must be listed once.")
+    cells = np.sort(pos.array_row * (pos.array_col.max() + 1) + pos.array_col)
+    if (cells[1:] == cells[:-1]).any():
         raise FeatcacheError(f"{path}: two bins share one (array_row, array_col); the positions file is malformed.")
-    return df
+    return pos
 
 
-def _read_table(path: Path, reader) -> pd.DataFrame:
+def as_bytes(values) -> np.ndarray:
+    """Strings or bytes as a fixed-width bytes array."""
+    arr = np.asarray(values)
+    return arr if arr.dtype.kind == "S" else np.char.encode(arr.astype(str), "utf-8")
+
+
+def _parquet_columns(path: Path) -> dict:
+    """A parquet table's columns as numpy arrays, strings as fixed-width bytes without a Python object per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    out = {}
+    for name in table.column_names:
+        col = table[name].combine_chunks()
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type):
+            lengths = pc.binary_length(col).to_numpy(zero_copy_only=False)
+            if col.null_count == 0 and len(col) and (lengths == lengths[0]).all():
+                col = col.cast(pa.binary())
+                data = np.frombuffer(col.buffers()[2], np.uint8)
+                start = col.offset * int(lengths[0]) + int(np.frombuffer(col.buffers()[1], np.int32)[col.offset])
+                fixed = data[start : start + len(col) * int(lengths[0])]
+                out[name] = fixed.view(f"S{int(lengths[0])}") if len(col) else np.zeros(0, "S1")
+            else:
+                out[name] = as_bytes(col.to_pylist())
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def _csv_columns(path: Path) -> dict:
+    df = pd.read_csv(path)
+    if list(df.columns) != POSITION_COLUMNS and len(df.columns) == 6 and not set(POSITION_COLUMNS) & set(df.columns):
+        df = pd.read_csv(path, header=None, names=POSITION_COLUMNS)  # headerless older file
+    return {c: (as_bytes(df[c].astype(str)) if c == "barcode" else df[c].to_numpy()) for c in df.columns}
+
+
+def _read_table(path: Path, reader) -> dict:
     try:
         return reader(path)
     except pd.errors.EmptyDataError:
@@ -208,6 +261,16 @@ def _read_table(path: Path, reader) -> pd.DataFrame:
     except Exception as exc:  # noqa: BLE001 - pyarrow and pandas raise many types for damaged files
         raise FeatcacheError(f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); the file is damaged "
                              "or not a positions table.") from None  # fmt: skip
+
+
+def match(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """For each key, its index in ``among`` (-1 when absent); sorted search, no hash table of Python objects."""
+    order = np.argsort(among, kind="stable")
+    ranked = among[order]
+    at = np.searchsorted(ranked, keys)
+    found = at < len(ranked)
+    found[found] = ranked[at[found]] == keys[found]
+    return np.where(found, order[np.minimum(at, len(ranked) - 1)], -1)
 
 
 # --------------------------------------------------------------------------- locating files
@@ -291,14 +354,14 @@ class VisiumHDSample:
     name: str
     bin_dir: Path
     image_path: Path
-    positions: pd.DataFrame
+    positions: Positions
     scalefactors: dict
     microns_per_pixel: float
     mpp_source: str
     registration: Registration
     image_shape: tuple[int, int]
     image_info: dict
-    matrix: MatrixH5 = field(repr=False)
+    matrix: MatrixH5 | None = field(repr=False)
 
     @property
     def matrix_path(self) -> Path:
@@ -306,21 +369,22 @@ class VisiumHDSample:
 
     @property
     def grid_shape(self) -> tuple[int, int]:
-        return int(self.positions["array_row"].max()) + 1, int(self.positions["array_col"].max()) + 1
+        return int(self.positions.array_row.max()) + 1, int(self.positions.array_col.max()) + 1
 
     @cached_property
     def column_of_bin(self) -> np.ndarray:
         """For each position row, the matrix column of its barcode (-1 when the matrix has none)."""
-        return pd.Index(self.matrix.barcodes).get_indexer(self.positions["barcode"])
+        return match(self.positions.barcode, self.matrix.barcodes)
 
     def grid_lookup(self) -> tuple[np.ndarray, np.ndarray]:
         """(in_tissue grid, matrix column index grid with -1 where the bin has no column)."""
         pos = self.positions
-        rr, cc = pos["array_row"].to_numpy(), pos["array_col"].to_numpy()
+        rr, cc = pos.array_row, pos.array_col
         in_tissue = np.zeros(self.grid_shape, dtype=bool)
-        in_tissue[rr, cc] = pos["in_tissue"].to_numpy()
+        in_tissue[rr, cc] = pos.in_tissue
         column = np.full(self.grid_shape, -1, dtype=np.int64)
-        column[rr, cc] = self.column_of_bin
+        if self.matrix is not None:
+            column[rr, cc] = self.column_of_bin
         return in_tissue, column
 
     def describe(self) -> dict:
@@ -333,29 +397,32 @@ class VisiumHDSample:
         }  # fmt: skip
 
 
-def open_sample(name: str, path: str | Path, image: str | Path | None = None) -> VisiumHDSample:
-    """Open and check one sample; the image is probed, the count matrix's header read (its counts are not)."""
+def open_sample(name: str, path: str | Path, image: str | Path | None = None, counts: bool = True) -> VisiumHDSample:
+    """Open and check one sample; the image is probed, the count matrix's header read (its counts are not).
+
+    ``counts=False`` (predicting on a sample's lattice): positions, scale factors and image only.
+    """
     bin_dir = find_bin_dir(Path(path))
     spatial = bin_dir / "spatial"
     sf = read_scalefactors(spatial)
     positions = read_positions(spatial)
-    matrix = MatrixH5(bin_dir / "filtered_feature_bc_matrix.h5")
+    matrix = MatrixH5(bin_dir / "filtered_feature_bc_matrix.h5") if counts else None
     image_path = Path(image) if image else find_image(bin_dir)
     if not image_path.is_file():
         raise FeatcacheError(f"image for sample {name} not found: {image_path}")
-    reg = register(name, *(positions[c].to_numpy() for c in POSITION_COLUMNS[2:]), positions["in_tissue"].to_numpy())
+    reg = register(name, *(positions[c] for c in POSITION_COLUMNS[2:]), positions.in_tissue)
     mpp, source = _check_scale(name, sf, spatial, reg)
     image_shape, info = _check_image(name, image_path, positions, reg, sf)
     sample = VisiumHDSample(name, bin_dir, image_path, positions, sf, mpp, source, reg, image_shape, info, matrix)
-    absent = sample.column_of_bin < 0
-    in_matrix = len(matrix.barcodes) - int((~absent).sum())
-    if in_matrix:
-        known = pd.Index(positions["barcode"])
-        missing = matrix.barcodes[~pd.Index(matrix.barcodes).isin(known)]
+    if matrix is None:
+        return sample
+    unknown = match(matrix.barcodes, positions.barcode) < 0
+    if unknown.any():
+        examples = ", ".join(b.decode(errors="replace") for b in matrix.barcodes[unknown][:3])
         raise FeatcacheError(
-            f"sample {name}: {in_matrix} barcode(s) in {matrix.path.name} are not in the positions file "
-            f"(e.g. {', '.join(map(str, missing[:3]))}). The matrix and positions come from different runs or bin "
-            "sizes; use the files of one Space Ranger output."
+            f"sample {name}: {int(unknown.sum())} barcode(s) in {matrix.path.name} are not in the positions file "
+            f"(e.g. {examples}). The matrix and positions come from different runs or bin sizes; use the files of "
+            "one Space Ranger output."
         )
     return sample
 
@@ -381,7 +448,7 @@ def _check_scale(name: str, sf: dict, spatial: Path, reg: Registration) -> tuple
     return mpp, source
 
 
-def _check_image(name: str, path: Path, positions: pd.DataFrame, reg: Registration, sf: dict) -> tuple[tuple, dict]:
+def _check_image(name: str, path: Path, positions: Positions, reg: Registration, sf: dict) -> tuple[tuple, dict]:
     """Open and probe the image; refuse one that does not cover the tissue or is too coarse to render."""
     from featcache.slide import Slide
 
@@ -390,12 +457,13 @@ def _check_image(name: str, path: Path, positions: pd.DataFrame, reg: Registrati
         height, width = slide.shape
         info = {"path": str(path), "compression": slide.compression, "levels": len(slide.levels), "notes": slide.notes}
     need = GEOMETRY.px_per_bin / MAX_UPSAMPLING
-    tissue = positions[positions["in_tissue"]]
-    if len(tissue) == 0:
+    t = positions.in_tissue
+    if not t.any():
         raise FeatcacheError(f"sample {name}: no bin is marked in_tissue in the positions file.")
     half = reg.px_per_bin / 2
-    r_lo, r_hi = tissue["pxl_row_in_fullres"].min() - half, tissue["pxl_row_in_fullres"].max() + half
-    c_lo, c_hi = tissue["pxl_col_in_fullres"].min() - half, tissue["pxl_col_in_fullres"].max() + half
+    rows, cols = positions.pxl_row_in_fullres[t], positions.pxl_col_in_fullres[t]
+    r_lo, r_hi = rows.min() - half, rows.max() + half
+    c_lo, c_hi = cols.min() - half, cols.max() + half
     wanted = f"the full-resolution microscope image (at least {need:.1f} px per 8 µm bin)"
     if r_hi > height or c_hi > width or r_lo < 0 or c_lo < 0:
         scale = min(height / max(r_hi, 1), width / max(c_hi, 1))

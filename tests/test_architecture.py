@@ -42,13 +42,13 @@ def test_stages_2_and_3_use_only_the_store_layer_and_shared_helpers(package):
     for path in modules(package):
         for mod in imports(path):
             if mod.startswith("featcache"):
-                ok = allowed_featcache(mod) or (mod == "featcache.pipeline" and path.name == "cli.py")
+                ok = allowed_featcache(mod) or (mod.startswith("featcache.pipeline") and path.name == "cli.py")
                 assert ok, f"{path.relative_to(ROOT)} imports {mod}"
 
 
 def test_stage_1_does_not_import_the_later_stages():
     for path in modules("featcache"):
-        if path.name == "pipeline.py":  # the one module that composes the stages
+        if "pipeline" in path.parts:  # the one package that composes the stages
             continue
         bad = {m for m in imports(path) if m.split(".")[0] in ("train", "analysis")}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
@@ -57,7 +57,7 @@ def test_stage_1_does_not_import_the_later_stages():
 def test_store_layer_imports_no_stage():
     for path in modules("featcache/stores"):
         for mod in imports(path):
-            assert not mod.startswith(("train", "analysis")) and mod not in STAGE1 | {"featcache.pipeline"}, (
+            assert not mod.startswith(("train", "analysis", "featcache.pipeline")) and mod not in STAGE1, (
                 f"{path.relative_to(ROOT)} imports {mod}"
             )
 

@@ -18,7 +18,7 @@ def test_matrix_matches_scanpy(synth_dir):
     path = synth_dir / "P1" / BIN8 / "filtered_feature_bc_matrix.h5"
     ours, dense = dense_counts(path)
     theirs = sc.read_10x_h5(path, gex_only=False)  # repeated gene names are fine here
-    assert list(theirs.obs_names) == list(ours.barcodes)
+    assert list(theirs.obs_names) == [b.decode() for b in ours.barcodes]
     assert list(theirs.var["gene_ids"]) == list(ours.feature_ids)
     assert np.array_equal(theirs.X.toarray().astype(np.int64), dense.astype(np.int64))
 

@@ -200,7 +200,11 @@ def _input_identity(cfg: TrainConfig, inputs: FoldInputs, encoder) -> dict:
         "train_samples": inputs.train_samples(cfg.fold),
         "test_samples": inputs.test_samples(cfg.fold),
         "features": {"store": inputs.store.name if inputs.store else None, "identity": inputs.identity},
+        "patching": {
+            k: inputs.meta["geometry"].get(k) for k in ("stride_bins", "min_tissue", "px_per_bin", "bins_per_patch")
+        },
         "genes": inputs.genes,
+        "gene_ids": inputs.dataset.gene_ids,
     }
     if encoder is not None:
         spec, _, source = encoder

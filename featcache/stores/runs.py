@@ -25,7 +25,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 import xarray as xr
 
 from featcache.errors import FeatcacheError
@@ -37,6 +36,8 @@ FOLD_PREFIX = "fold-"
 
 def save_torch(obj, path: Path) -> None:
     """torch.save through memory and a temp file: a kill leaves the old file or the new one, a full disk an OSError."""
+    import torch  # imported here: the store layer is used by commands that need no torch (prepare)
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getbuffer())
@@ -44,6 +45,8 @@ def save_torch(obj, path: Path) -> None:
 
 def load_torch(path: Path):
     """Tensors and plain data only; a file that needs code to load is refused, never executed."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -6,6 +6,7 @@ The root is ``--workspace``, else ``$FEATCACHE_WORKSPACE``, else ``./featcache-d
     features/<dataset>/<encoder>[-random].zarr  FeatureStore (featcache/stores/features.py)
     runs/<dataset>/<encoder>/<run>/fold-<fold>  RunDir      (featcache/stores/runs.py)
     results/<dataset>/                          Results     (featcache/stores/results.py)
+    predictions/<run>/<slide>/                  PredictionDir (featcache/stores/predictions.py)
     raw/, weights/                              the demo's synthetic input and stand-in weights
 
 Every name that becomes part of a path (dataset, sample, patient, encoder, run variant, fold) is
@@ -22,6 +23,7 @@ from pathlib import Path
 from featcache.errors import FeatcacheError
 from featcache.stores.dataset import Dataset
 from featcache.stores.features import FeatureStore, split_store_name, store_name
+from featcache.stores.predictions import PredictionDir
 from featcache.stores.results import Results
 from featcache.stores.runs import FOLD_PREFIX, RunDir
 
@@ -132,6 +134,9 @@ class Workspace:
 
     def results(self, dataset: str) -> Results:
         return Results(self.root / "results" / check_name(dataset, "dataset"))
+
+    def prediction_dir(self, run_label: str, slide: str) -> PredictionDir:
+        return PredictionDir(self.root / "predictions" / check_name(run_label, "run") / check_name(slide, "slide"))
 
     # ------------------------------------------------------------------ demo inputs
     def raw_dir(self, name: str) -> Path:

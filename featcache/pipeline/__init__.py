@@ -1,9 +1,10 @@
-"""Work that spans the stages: the demo (synth → prepare → extract → LOOCV → figures) and a LOOCV
-that extracts missing random-init features on the way.
+"""Work that spans the stages: the demo (synth → prepare → extract → LOOCV → figures), a LOOCV
+that extracts missing random-init features on the way, and ``predict`` (featcache/pipeline/predict.py:
+a trained run applied to new slides).
 
-This is the one module that composes the stages; the stages themselves only share the store
-layer, the encoder registry and the helpers in featcache (errors, geometry, device, streams).
-The command lines print what these functions return.
+This package is the one place that composes the stages; the stages themselves only share the
+store layer, the encoder registry and the helpers in featcache (errors, geometry, device,
+streams, the slide reader). The command lines print what these functions return.
 """
 
 from __future__ import annotations

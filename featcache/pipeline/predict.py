@@ -1,0 +1,347 @@
+"""``featcache predict``: a trained run applied to H&E slides that have no Visium data.
+
+The run folder holds everything needed: the encoder's identity and weights' identity
+(``config.json``), the decoder (``checkpoint.pt``, read as plain tensors), the gene panel and the
+target transform. A slide is cut into 448 px patches on an 8 µm lattice — its own Space Ranger
+lattice with ``--positions`` (the same patches ``prepare`` cuts, so predictions can be set
+against measured counts), else a virtual lattice aligned with the image axes over the tissue
+found on a thumbnail — read region by region, encoded, decoded, and written as a Zarr store, an
+AnnData file that scanpy and squidpy draw, and maps of chosen genes. The store's format belongs
+to featcache/stores/predictions.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.device import resolve_device
+from featcache.errors import FeatcacheError
+from featcache.geometry import BIN_UM, GEOMETRY, bin_table, covering_origins, patch_origins
+from featcache.progress import progress
+from featcache.provenance import library_versions
+from featcache.registration import BinMap
+from featcache.slide import Slide, render_patch
+from featcache.stores import RunDir, Workspace, check_name
+from featcache.streams import Prefetcher
+
+VIRTUAL_MIN_TISSUE = 0.01  # without positions, keep every window with some tissue: cover the whole section
+
+
+@dataclass
+class TrainedRun:
+    """A finished run, ready to predict: model (uint8 NHWC patches -> target space), panel, transform."""
+
+    run: RunDir
+    config: dict
+    model: torch.nn.Module
+    genes: list[str]
+    gene_ids: list[str]
+    transform: object  # train.data.TargetTransform
+    weights: str  # the encoder weights' identity
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return check_name(f"{c['dataset']}-{c['encoder']}-{c['run']}-fold-{c['fold']}", "run")
+
+
+class _Predictor(torch.nn.Module):
+    """Encoder then decoder, fed the grid the decoder was trained on (cached grids are stored as float16)."""
+
+    def __init__(self, encoder, decoder, cached: bool):
+        super().__init__()
+        self.encoder, self.decoder, self.cached = encoder, decoder, cached
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.encoder(images)
+        grid = tokens.permute(0, 3, 1, 2)
+        return self.decoder((grid.half() if self.cached else grid).float())
+
+
+def load_run(run_dir: str | Path, weights: str | None, dev: torch.device) -> TrainedRun:
+    """The run's model with its encoder weights, refusing weights of another identity than the run's record."""
+    from featcache.encoders import GridEncoder, build_model, get_spec
+    from featcache.weights import load_encoder, resolve_weights
+    from train.data import TargetTransform
+    from train.decoder import build_decoder
+    from train.finetune import EncoderDecoder
+
+    run = RunDir(Path(run_dir))
+    config = run.read_config()
+    if config is None or not run.is_finished():
+        raise FeatcacheError(f"{run.path} is not a finished run folder (config.json, checkpoint.pt and metrics.json); "
+                             "train it first with `train decoder` or `train loocv`.")  # fmt: skip
+    ck = run.load_checkpoint()
+    spec = get_spec(config["encoder"])
+    decoder = build_decoder(config["decoder"], int(ck["c_in"]), len(ck["genes"]))
+    if config["mode"] == "finetune":  # the run's own encoder, from its checkpoint
+        model = EncoderDecoder(GridEncoder(spec, build_model(spec)), decoder)
+        model.load_state_dict(ck["state_dict"])
+        identity = f"fine-tuned in {run.path.name} from {config.get('encoder_weights')}"
+        predictor = _Predictor(model.encoder, model.decoder, cached=False)
+    else:
+        recorded = config["features"]["identity"]["weights"]
+        source = resolve_weights(spec, recorded if recorded.startswith("random:") else weights)
+        if source.identity() != recorded:
+            raise FeatcacheError(
+                f"the weights found ({source.path or source.identity()}, {source.identity()[:20]}…) are not the ones the "
+                f"run was trained on ({recorded[:20]}…); pass that checkpoint with --weights."
+            )
+        decoder.load_state_dict(ck["state_dict"])
+        net, _ = load_encoder(spec, source)
+        identity, predictor = recorded, _Predictor(GridEncoder(spec, net), decoder, cached=True)
+    ids = config.get("gene_ids") or list(ck["genes"])
+    return TrainedRun(run, config, predictor.to(dev).eval(), list(ck["genes"]), list(ids),
+                      TargetTransform.from_json(ck["transform"]), identity)  # fmt: skip
+
+
+@dataclass
+class Lattice:
+    """The 8 µm bins a slide is predicted on: in-tissue grid, patch origins and each patch's bin map."""
+
+    name: str
+    in_tissue: np.ndarray  # (rows, cols)
+    origins: np.ndarray
+    map_for: object  # (r0, c0) -> BinMap
+    pitch_px: float
+    mpp: float
+    source: str
+
+    def describe(self) -> dict:
+        return {"name": self.name, "source": self.source, "grid": list(self.in_tissue.shape), "patches": len(self.origins),
+                "in_tissue_bins": int(self.in_tissue.sum()), "microns_per_pixel": self.mpp, "px_per_bin": self.pitch_px}  # fmt: skip
+
+
+def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_tissue: float) -> Lattice:
+    """A Space Ranger sample's own lattice, cut as ``prepare`` cuts it."""
+    from featcache.visium import open_sample
+
+    s = open_sample(name, positions, image, counts=False)
+    in_tissue, _ = s.grid_lookup()
+    origins = patch_origins(in_tissue, stride, min_tissue)
+    if len(origins) == 0:
+        raise FeatcacheError(
+            f"{positions}: no 32 × 32-bin window has {min_tissue:.0%} of its bins in tissue; lower --min-tissue."
+        )
+    s.registration.fit_patches(origins, s.grid_shape)
+    return Lattice(name, in_tissue, origins, s.registration.map_for, s.registration.px_per_bin, s.microns_per_pixel,
+                   f"Space Ranger positions ({s.bin_dir})")  # fmt: skip
+
+
+def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min_tissue: float) -> tuple[Lattice, dict]:
+    """Axis-aligned 8 µm bins over the tissue found on a thumbnail; (lattice, how µm/px was found)."""
+    from featcache.tissue import bins_in_tissue, thumbnail, tissue_mask
+
+    if mpp is None:
+        found = slide.metadata_mpp()
+        if found is None:
+            raise FeatcacheError(f"{slide.path} does not say how many µm a pixel is (no OME-XML, Aperio MPP or TIFF "
+                                 "resolution in cm/mm/µm); pass --mpp (e.g. --mpp 0.25 for a 40× scan).")  # fmt: skip
+        mpp, how = found
+    else:
+        how = "--mpp"
+    if not 0.05 <= mpp <= 2.0:
+        raise FeatcacheError(f"--mpp {mpp}: a microscope image has 0.05 to 2 µm per pixel.")
+    pitch = BIN_UM / mpp
+    need = GEOMETRY.px_per_bin / 1.25
+    if pitch < need:
+        raise FeatcacheError(f"{slide.path} has {pitch:.1f} px per 8 µm bin ({mpp} µm/px); rendering "
+                             f"{GEOMETRY.px_per_bin} px per bin needs at least {need:.1f} (≤ {BIN_UM / need:.2f} µm/px).")  # fmt: skip
+    thumb, scale = thumbnail(slide, pitch / 2)
+    rows, cols = int(slide.shape[0] // pitch), int(slide.shape[1] // pitch)
+    in_tissue = bins_in_tissue(tissue_mask(thumb), scale, pitch, rows, cols)
+    if not in_tissue.any():
+        raise FeatcacheError(f"no tissue found on {slide.path} (saturation is flat: an empty or blank slide?). Check the "
+                             "image, or predict on a Space Ranger lattice with --positions.")  # fmt: skip
+    origins, in_tissue = covering_origins(in_tissue, stride, min_tissue)
+    if len(origins) == 0:
+        raise FeatcacheError(f"{slide.path}: tissue found, but no 32 × 32-bin window has {min_tissue:.0%} of it; "
+                             "lower --min-tissue.")  # fmt: skip
+    m = np.array(
+        [[pitch, 0, pitch / 2 - 0.5], [0, pitch, pitch / 2 - 0.5], [0, 0, 1.0]]
+    )  # bin centres on the pixel grid
+    return Lattice(name, in_tissue, origins, lambda r0, c0: BinMap(m), pitch, mpp, "virtual, axis-aligned"), {
+        "microns_per_pixel_source": how
+    }
+
+
+@dataclass
+class PredictResult:
+    path: Path
+    patches: int
+    bins: int
+    seconds: float
+    tiles_per_s: float
+    figures: list[Path]
+
+
+def predict(run_dir, image, mpp: float | None = None, positions=None, output=None, batch_size: int = 16,
+            device: str = "auto", min_tissue: float | None = None, stride: int | None = None, workspace=None,
+            weights: str | None = None, genes: tuple[str, ...] = (), overwrite: bool = False, workers: int = 2,
+            show_progress: bool = True) -> PredictResult:  # fmt: skip
+    """Predict the run's gene panel on every 8 µm bin of the slide's tissue; write the prediction folder."""
+    t_start = time.perf_counter()
+    image = Path(image)
+    if not image.is_file():
+        raise FeatcacheError(f"slide not found: {image}")
+    if batch_size < 1 or workers < 1:
+        raise FeatcacheError("--batch-size and --workers must be at least 1.")
+    dev = resolve_device(device)
+    run = load_run(run_dir, weights, dev)
+    unknown = [g for g in genes if g not in run.genes]
+    if unknown:
+        raise FeatcacheError(f"--genes: {', '.join(unknown)} not in the run's panel (e.g. {', '.join(run.genes[:5])}).")
+    patching = run.config.get("patching") or {}
+    stride = stride or int(patching.get("stride_bins") or GEOMETRY.bins)
+    slide_name = check_name(image.name.split(".")[0].replace(" ", "_") or "slide", "slide")
+    ws = Workspace.resolve(workspace)
+    target = ws.prediction_dir(run.label, slide_name) if output is None else _output_dir(ws, output)
+    target.claim(overwrite)
+    with Slide(image) as slide:
+        slide.probe()
+        if positions is not None:
+            lattice = positions_lattice(slide_name, Path(positions), image, stride,
+                                        patching.get("min_tissue", 0.5) if min_tissue is None else min_tissue)  # fmt: skip
+            how = {"microns_per_pixel_source": "Space Ranger scale factors"}
+        else:
+            lattice, how = virtual_lattice(slide_name, slide, mpp, stride,
+                                           VIRTUAL_MIN_TISSUE if min_tissue is None else min_tissue)  # fmt: skip
+        result = _run(run, lattice, slide, target, dev, batch_size, workers, show_progress, genes, {
+            "run": str(run.run.path), "run_label": run.label, "encoder": run.config["encoder"], "mode": run.config["mode"],
+            "weights": run.weights, "slide": str(image), "lattice": {**lattice.describe(), **how}, "stride_bins": stride,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "libraries": library_versions(),
+            "target": run.transform.kind, "notes": slide.notes,
+        })  # fmt: skip
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _output_dir(ws: Workspace, output):
+    from featcache.stores.predictions import PredictionDir
+
+    path = Path(output).expanduser().absolute()
+    ws.check_output(str(path))
+    return PredictionDir(path)
+
+
+def _run(run: TrainedRun, lattice: Lattice, slide: Slide, target, dev, batch_size, workers, show_progress, genes,
+         meta) -> PredictResult:  # fmt: skip
+    from featcache.device import autocast
+
+    origins, b = lattice.origins, GEOMETRY.bins
+    render = lambda rc: render_patch(slide, lattice.map_for(*rc), int(rc[0]), int(rc[1]))  # noqa: E731
+    t0, done = time.perf_counter(), 0
+    with target.writer(len(origins), run.genes, run.gene_ids, origins,
+                       {"units": "z" if run.transform.zscored else run.transform.kind, "bins_per_patch": b,
+                        "expression": "log1p(CP10k)" if run.transform.zscored else "log1p(counts)"}) as w, \
+            progress(disable=not show_progress) as bar:  # fmt: skip
+        task = bar.add_task(f"predicting {lattice.name}", total=len(origins), rate="")
+        rendered = iter(Prefetcher(render, origins, workers=workers, depth=2 * batch_size, name="featcache-predict"))
+        try:
+            for start in range(0, len(origins), batch_size):
+                part = origins[start : start + batch_size]
+                x = torch.from_numpy(np.stack([next(rendered) for _ in part])).to(dev)
+                with torch.inference_mode(), autocast(dev):
+                    z = run.model(x).float().cpu().numpy()
+                w.write(start, **_blocks(run, lattice, part, z))
+                done += len(part)
+                bar.update(task, advance=len(part), rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} tiles/s")
+        finally:
+            rendered.close()
+        seconds = time.perf_counter() - t0
+        n_bins = _write_h5ad(w, run, lattice, slide)
+        figures = _gene_maps(w, lattice, slide, genes) if genes else []
+        w.commit({**meta, "patches": len(origins), "bins": n_bins, "seconds": round(seconds, 2),
+                  "tiles_per_s": round(len(origins) / max(seconds, 1e-9), 2)})  # fmt: skip
+    return PredictResult(target.path, len(origins), n_bins, seconds, len(origins) / max(seconds, 1e-9),
+                         [target.path / "figures" / f.name for f in figures])  # fmt: skip
+
+
+def _blocks(run: TrainedRun, lattice: Lattice, origins: np.ndarray, z: np.ndarray) -> dict:
+    b = GEOMETRY.bins
+    t = run.transform
+    expression = z * t.std[None, :, None, None] + t.mean[None, :, None, None] if t.zscored else z
+    rows, cols = [], []
+    for r0, c0 in origins:
+        m = lattice.map_for(r0, c0)
+        rr, cc = np.meshgrid(np.arange(r0, r0 + b), np.arange(c0, c0 + b), indexing="ij")
+        pr, pc = m.to_pixels(rr, cc)
+        rows.append(pr)
+        cols.append(pc)
+    tissue = np.stack([lattice.in_tissue[r : r + b, c : c + b] for r, c in origins])
+    return {"z": z.astype(np.float16), "expression": expression.astype(np.float16), "in_tissue": tissue,
+            "pxl_row": np.stack(rows).astype(np.float32), "pxl_col": np.stack(cols).astype(np.float32)}  # fmt: skip
+
+
+def _display(slide: Slide, longest: int = 2000) -> tuple[np.ndarray, float]:
+    from featcache.tissue import thumbnail
+
+    return thumbnail(slide, max(1.0, max(slide.shape) / longest))
+
+
+def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
+    """One observation per bin (overlapping patches averaged), in scanpy's spatial layout; returns the bin count."""
+    import anndata as ad
+    import pandas as pd
+    import zarr
+
+    root = zarr.open_group(zarr.storage.LocalStore(w.zarr_path, read_only=True), mode="r")
+    keep = np.ones((len(lattice.origins), GEOMETRY.bins, GEOMETRY.bins), bool)
+    coords, expr = bin_table(lattice.origins, root["expression"][:].astype(np.float32), keep)
+    _, z = bin_table(lattice.origins, root["z"][:].astype(np.float32), keep)
+    _, xy = bin_table(lattice.origins, np.stack([root["pxl_col"][:], root["pxl_row"][:]], axis=1), keep)
+    rows, cols = coords[:, 0], coords[:, 1]
+    tissue = lattice.in_tissue[rows, cols]
+    obs = pd.DataFrame({"array_row": rows, "array_col": cols, "in_tissue": tissue.astype(np.int8)},
+                       index=[f"{lattice.name}_{r:05d}_{c:05d}" for r, c in zip(rows, cols)])  # fmt: skip
+    thumb, scale = _display(slide)
+    adata = ad.AnnData(X=expr.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(run.genes, name="gene")),
+                       layers={"z": z.astype(np.float32)}, obsm={"spatial": xy})  # fmt: skip
+    adata.uns["spatial"] = {lattice.name: {"images": {"hires": thumb},
+                                           "scalefactors": {"tissue_hires_scalef": scale, "spot_diameter_fullres": lattice.pitch_px,
+                                                            "bin_size_um": BIN_UM},
+                                           "metadata": {"source": "featcache predict"}}}  # fmt: skip
+    adata.uns["featcache"] = {"run": str(run.run.path), "target": run.transform.kind, "lattice": lattice.source}
+    adata.write_h5ad(w.h5ad_path)
+    return len(adata)
+
+
+def _gene_maps(w, lattice: Lattice, slide: Slide, genes) -> list[Path]:
+    """A map per gene over the slide's thumbnail: each bin a square in its colour."""
+    import anndata as ad
+    from matplotlib.figure import Figure
+
+    adata = ad.read_h5ad(w.h5ad_path)
+    thumb, scale = _display(slide)
+    xy = adata.obsm["spatial"] * scale
+    size = max(0.5, lattice.pitch_px * scale) ** 2
+    w.figures_dir.mkdir(exist_ok=True)
+    written = []
+    for gene in genes:
+        values = adata[:, gene].X.ravel()
+        lo, hi = np.percentile(values, [1, 99])
+        fig = Figure(figsize=(7, 7 * thumb.shape[0] / thumb.shape[1] + 0.6), layout="constrained")
+        ax = fig.subplots()
+        ax.imshow(thumb)
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=size, marker="s", cmap="viridis", vmin=lo, vmax=hi, alpha=0.85,
+                          linewidths=0)  # fmt: skip
+        ax.set_axis_off()
+        ax.set_title(
+            f"{gene}: predicted {adata.uns['featcache']['target'].replace('-', ' ')} on {lattice.name}", fontsize=9
+        )
+        fig.colorbar(
+            dots,
+            ax=ax,
+            shrink=0.7,
+            label="log1p(CP10k)" if "cp10k" in adata.uns["featcache"]["target"] else "log1p(counts)",
+        )
+        path = w.figures_dir / f"{gene}.png"
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    return written

@@ -1,0 +1,127 @@
+"""Predictions for a slide: ``predictions/<run>/<slide>/`` (``featcache predict``). This file is its format.
+
+::
+
+    predictions.zarr   z (patch, gene, row, col) float16: the run's target space
+                       expression: the same in log1p(CP10k) (log1p(counts) for runs trained on counts)
+                       origin (patch, axis), in_tissue (patch, row, col), pxl_row/pxl_col (patch, row, col):
+                       each bin's centre in full-resolution pixels
+    predictions.h5ad   one observation per bin: X = expression, layers["z"], obs array_row/array_col/in_tissue,
+                       obsm["spatial"] = (x, y) pixel centres, uns["spatial"] in scanpy's layout
+    prediction.json    the run, the weights' identity, the slide, the lattice, the options
+    figures/           one map per requested gene over the slide's thumbnail
+
+A prediction is written in a hidden folder and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+from featcache.stores.files import read_json, replace_dir, write_json
+from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
+
+CHUNK = 16  # patches per stored chunk
+
+
+class PredictionDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "prediction.json"
+
+    @property
+    def zarr_path(self) -> Path:
+        return self.path / "predictions.zarr"
+
+    @property
+    def h5ad_path(self) -> Path:
+        return self.path / "predictions.h5ad"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / "figures"
+
+    def read_meta(self) -> dict | None:
+        return read_json(self.meta_path)
+
+    def claim(self, overwrite: bool) -> None:
+        """Refuse an existing folder unless ``overwrite`` and it holds a featcache prediction."""
+        if not self.path.exists() or not any(self.path.iterdir()):
+            return
+        if self.read_meta() is None:
+            raise FeatcacheError(f"{self.path} exists and is not a featcache prediction; it is left as it is. Choose "
+                                 "another --output.")  # fmt: skip
+        if not overwrite:
+            raise FeatcacheError(f"{self.path} already holds a prediction; pass --overwrite to replace it, or choose "
+                                 "another --output.")  # fmt: skip
+
+    def writer(self, n: int, genes, gene_ids, origins, attrs: dict) -> PredictionWriter:
+        return PredictionWriter(self, n, genes, gene_ids, origins, attrs)
+
+
+class PredictionWriter:
+    """Writes the prediction store batch by batch in a hidden folder; :meth:`commit` moves it into place."""
+
+    def __init__(self, target: PredictionDir, n: int, genes, gene_ids, origins, attrs: dict):
+        self.target = target
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = target.path.parent / f".{target.path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.partial.mkdir()
+        root = open_local(self.partial / "predictions.zarr", "w")
+        root.attrs.update(attrs)
+        g, b = len(genes), int(attrs.get("bins_per_patch", 32))
+        per_bin = dict(dims=("patch", "row", "col"), attributes={"coordinates": "origin"})
+        self.arrays = {
+            "z": create_array(root, "z", shape=(n, g, b, b), chunks=(CHUNK, g, b, b), dtype="float16",
+                              dims=("patch", "gene", "row", "col"), attributes={"coordinates": "origin gene_id"}),
+            "expression": create_array(root, "expression", shape=(n, g, b, b), chunks=(CHUNK, g, b, b),
+                                       dtype="float16", dims=("patch", "gene", "row", "col"),
+                                       attributes={"coordinates": "origin gene_id"}),
+            "in_tissue": create_array(root, "in_tissue", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="bool",
+                                      fill_value=False, **per_bin),
+            "pxl_row": create_array(root, "pxl_row", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="float32", **per_bin),
+            "pxl_col": create_array(root, "pxl_col", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="float32", **per_bin),
+        }  # fmt: skip
+        write_origins(root, origins)
+        write_strings(root, "gene", genes, "gene")
+        write_strings(root, "gene_id", gene_ids, "gene")
+
+    @property
+    def zarr_path(self) -> Path:
+        return self.partial / "predictions.zarr"
+
+    @property
+    def h5ad_path(self) -> Path:
+        return self.partial / "predictions.h5ad"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.partial / "figures"
+
+    def write(self, start: int, **blocks: np.ndarray) -> None:
+        for name, values in blocks.items():
+            self.arrays[name][start : start + len(values)] = values
+
+    def commit(self, meta: dict) -> None:
+        consolidate(self.partial / "predictions.zarr")
+        write_json(self.partial / "prediction.json", meta)
+        replace_dir(self.partial, self.target.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,76 @@
+"""Where the tissue is on a slide that has no Visium positions: a thumbnail, a tissue mask, bins in tissue.
+
+The thumbnail is read level by level and band by band (never the whole full-resolution image). A
+pixel is tissue when its saturation passes Otsu's threshold (computed on the slide itself) and
+it is neither glass, nor a black border or dust (too dark), nor pen ink (saturated blue or green:
+H&E stains are pink and purple); the mask is then cleaned morphologically and its holes (gland
+lumens, which Visium counts as tissue) filled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from featcache.errors import FeatcacheError
+from featcache.slide import Slide
+
+BAND_ROWS = 256  # full-resolution rows read at a time when a slide has no small pyramid level
+
+
+def thumbnail(slide: Slide, downsample: float) -> tuple[np.ndarray, float]:
+    """An RGB thumbnail about ``downsample``× smaller than the full image, and its exact scale (thumb / full)."""
+    usable = [i for i, d in enumerate(slide.downsample) if max(d) <= downsample * 1.001] or [0]
+    level = max(usable, key=lambda i: max(slide.downsample[i]))
+    d = max(slide.downsample[level])
+    k = max(1, int(downsample / d))  # further integer binning of that level
+    h, w = slide.levels[level].shape[:2]
+    h_out, w_out = h // k, w // k
+    if h_out == 0 or w_out == 0:
+        raise FeatcacheError(f"{slide.path} is too small to find tissue on ({h} × {w} px).")
+    out = np.empty((h_out, w_out, 3), np.uint8)
+    band = max(k, (BAND_ROWS // k) * k)
+    for r0 in range(0, h_out * k, band):
+        rows = min(band, h_out * k - r0)
+        block = slide.read(level, r0, r0 + rows, 0, w_out * k).astype(np.float32)
+        out[r0 // k : (r0 + rows) // k] = np.rint(block.reshape(rows // k, k, w_out, k, 3).mean(axis=(1, 3)))
+    return out, 1.0 / (d * k)
+
+
+def tissue_mask(rgb: np.ndarray) -> np.ndarray:
+    """Tissue pixels of an RGB thumbnail (glass, black borders, dust and pen marks excluded)."""
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    hsv = rgb2hsv(rgb)
+    hue, sat, val = hsv[..., 0] * 360, hsv[..., 1], hsv[..., 2]
+    dark = val < 0.2  # black borders, dust, folds of ink
+    pen = (sat > 0.25) & (hue > 90) & (hue < 250)  # blue and green ink; H&E is pink to purple
+    candidates = sat[~dark & ~pen]
+    if candidates.size == 0 or np.ptp(candidates) < 0.02:
+        return np.zeros(rgb.shape[:2], bool)
+    threshold = max(float(threshold_otsu(candidates)), 0.05)  # never call faint glass tissue
+    mask = (sat > threshold) & ~dark & ~pen
+    mask = ndimage.binary_opening(mask, iterations=1)
+    mask = ndimage.binary_closing(mask, iterations=2)
+    mask = ndimage.binary_fill_holes(mask)  # gland lumens and pale holes inside a section are tissue bins too
+    mask = ndimage.binary_dilation(mask, iterations=1)  # the pale rim of a section (its bins hold RNA too)
+    labels, n = ndimage.label(mask)
+    if n:
+        sizes = ndimage.sum(mask, labels, range(1, n + 1))
+        mask = np.isin(labels, 1 + np.flatnonzero(sizes >= max(16, 0.001 * mask.size)))
+    return mask
+
+
+def bins_in_tissue(mask: np.ndarray, scale: float, pitch_px: float, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) of axis-aligned bins of ``pitch_px`` full-resolution px: in tissue when ≥ half their area is."""
+    cell = pitch_px * scale  # thumbnail pixels per bin
+    r_edges = np.clip(np.rint(np.arange(rows + 1) * cell).astype(int), 0, mask.shape[0])
+    c_edges = np.clip(np.rint(np.arange(cols + 1) * cell).astype(int), 0, mask.shape[1])
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1))
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    r0, r1 = r_edges[:-1, None], r_edges[1:, None]
+    c0, c1 = c_edges[None, :-1], c_edges[None, 1:]
+    area = np.maximum((r1 - r0) * (c1 - c0), 1)
+    inside = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+    return inside / area >= 0.5
