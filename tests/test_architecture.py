@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"featcache", "featcache.errors", "featcache.geometry", "featcache.device", "featcache.streams",
           "featcache.progress", "featcache.provenance", "featcache.cli_common", "featcache.encoders",
-          "featcache.weights"}  # fmt: skip
+          "featcache.weights", "featcache.registration"}  # fmt: skip
 STAGE1 = {"featcache.prepare", "featcache.extract", "featcache.synth", "featcache.visium", "featcache.slide",
           "featcache.cli", "featcache.predict", "featcache.tissue"}  # fmt: skip
 

@@ -97,6 +97,37 @@ def test_test_patient_is_isolated_and_statistics_come_from_training(tiny_cnn_fea
     assert pred.pred.shape == (len(p2.origin), 50, 32, 32)
 
 
+def test_streamed_batches_hold_each_selected_patch_once_with_its_own_targets(tiny_cnn_features):
+    """Streaming (chunk reads, shuffle buffer) and in-memory batches: the same patches, each with its own
+    tokens and targets; a selection that cuts through chunks keeps only the selected patches."""
+    from train.data import Batches, read_tokens
+
+    ws, _ = tiny_cnn_features
+    inputs = FoldInputs(Workspace(ws).dataset("tiny"), Workspace(ws).feature_store("tiny", "tiny-cnn", random=True))
+    every = {s: np.arange(len(a.origin)) for s, a in inputs.arrays.items()}
+    transform = TargetTransform.fit(load_targets(inputs.arrays[s], every[s]) for s in inputs.samples)
+    some = {s: idx[(idx % 3 != 1)] for s, idx in every.items()}  # every third patch left out
+    for selection in (every, some):
+        expected = {(s, int(i)) for s, idx in selection.items() for i in idx}
+        runs = {}
+        for in_memory in (False, True):
+            batches = list(Batches(inputs, selection, transform, 5, in_memory=in_memory).epoch(shuffle=True, seed=3))
+            keys = [k for *_, ks in batches for k in ks]
+            assert len(keys) == len(expected) and set(keys) == expected  # each once
+            assert all(len(b[3]) == 5 for b in batches[:-1])
+            runs[in_memory] = batches
+            for tokens, y, mask, ks in batches[:3]:
+                for j, (s, i) in enumerate(ks):
+                    arr = inputs.arrays[s]
+                    assert np.array_equal(tokens[j], read_tokens(arr, s, np.array([i]))[0])
+                    counts, library, m = load_targets(arr, np.array([i]))
+                    assert np.allclose(y[j], transform(counts, library)[0]) and np.array_equal(mask[j], m[0])
+        # the same seed mixes the same way whether blocks come from disk or memory
+        assert [b[3] for b in runs[False]] == [b[3] for b in runs[True]]
+    ordered = [k for *_, ks in Batches(inputs, some, transform, 5, in_memory=False).epoch(shuffle=False) for k in ks]
+    assert ordered == sorted(ordered, key=lambda k: (inputs.samples.index(k[0]), k[1]))
+
+
 def test_same_seed_same_metrics_and_resume(tiny_cnn_features, tmp_path):
     ws, _ = tiny_cnn_features
     a = run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
