@@ -7,6 +7,9 @@ For each encoder (random weights: the speed of a network does not depend on its 
 
 * model only: uint8 patches already on the device, normalisation + forward + grid reshape, bf16
   autocast on a GPU (fp32 on a CPU), timed after warm-up;
+* with --stub, each encoder is replaced by a stand-in of the same output shape that costs almost
+  nothing (StubEncoder): end to end is then the host side's ceiling (reading, copying, checking,
+  compressing, writing), and a profile of it (py-spy) shows where the host's time goes;
 * end to end: `featcache.extract.extract` over a dataset of --patches patches (the source dataset's
   patches repeated, each chunk compressed separately so decoding is real work), reading, copying,
   computing, checking, compressing and writing the store;
@@ -72,6 +75,34 @@ def replicate_dataset(src_ws: Path, src_dataset: str, dst_ws: Path, n: int) -> s
     }
     (dst / "dataset.json").write_text(json.dumps(meta))
     return name
+
+
+class StubEncoder(torch.nn.Module):
+    """Stands in for an encoder to measure the host's share of extraction: the spec's output shape
+    (prefix tokens + grid × dim for a ViT, dim × grid × grid for a CNN) from an average pool and a
+    fixed projection, plus a fixed random pattern so that the float16 tokens compress as badly as a
+    real ViT's. Costs a few per cent of the real model's compute."""
+
+    def __init__(self, spec, prefix_tokens: int):
+        super().__init__()
+        self.kind, self.grid, self.num_prefix_tokens = spec.kind, spec.grid, prefix_tokens
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(3, spec.dim, generator=g))
+        self.register_buffer("pattern", torch.randn(spec.grid * spec.grid, spec.dim, generator=g))
+        if spec.pre_activation:  # GridEncoder drops this layer's activation
+            parent = self
+            for part in spec.pre_activation.split("."):
+                parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.act = torch.nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        small = torch.nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)  # (B, g², 3)
+        tokens = small @ self.proj + self.pattern
+        if self.kind == "cnn":
+            return tokens.transpose(1, 2).reshape(len(x), -1, self.grid, self.grid)
+        prefix = tokens[:, : self.num_prefix_tokens].mean(dim=1, keepdim=True).expand(-1, self.num_prefix_tokens, -1)
+        return torch.cat([prefix, tokens], dim=1)
 
 
 def sync(dev):
@@ -152,6 +183,35 @@ def read_only(ws: Path, dataset: str, n: int, threads: int, pin: bool) -> float:
     return n / (time.perf_counter() - t)
 
 
+def write_only(folder: Path, n: int, threads: int, skip_empty_check: bool, codec: str) -> float:
+    """The writer side alone: UNI2-h-sized float16 token chunks (3 × 1536 × 32 × 32, as bad to compress
+    as a ViT's) written chunk by chunk from ``threads`` threads into an array opened the way the
+    extractor opens it, with zarr's per-chunk "all fill value?" check on or off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from featcache.stores.zarrio import create_array
+
+    path = folder / "writeprobe.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
+    create_array(root, "tokens", shape=(n, 1536, 32, 32), chunks=(3, 1536, 32, 32), dtype="float16",
+                 dims=("patch", "channel", "row", "col"), fill_value=float("nan"), codec=codec)  # fmt: skip
+    arr = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")["tokens"]
+    if skip_empty_check:
+        arr = arr.with_config({"write_empty_chunks": True})
+    block = np.random.default_rng(0).normal(size=(3, 1536, 32, 32)).astype(np.float16)
+
+    def write(a):
+        arr[a : min(a + 3, n)] = block[: min(3, n - a)]
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, range(0, n, 3)))
+    rate = n / (time.perf_counter() - t)
+    shutil.rmtree(path, ignore_errors=True)
+    return rate
+
+
 def disk_write_mb_s(folder: Path, mb: int = 1024) -> float:
     folder.mkdir(parents=True, exist_ok=True)
     block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
@@ -177,6 +237,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--stub", action="store_true", help="replace each encoder by StubEncoder: the host's share")
+    ap.add_argument("--prefix-tokens", type=int, default=9, help="prefix tokens of the stub (UNI2-h: cls + 8)")
     ap.add_argument("--codec", default=None, help="token codec preset [default: featcache's]")
     ap.add_argument("--layout", default="channel-first", choices=["channel-first", "channel-last"])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "featcache-bench-extract")
@@ -196,6 +258,13 @@ def main() -> None:
         "disk_write_mb_s": round(disk_write_mb_s(store_dir), 1),
         "patch_read_tiles_s": round(read_only(ws, dataset, args.patches, 4, dev.type == "cuda"), 1),
         "patch_read_tiles_s_8_threads": round(read_only(ws, dataset, args.patches, 8, dev.type == "cuda"), 1),
+        **{
+            f"uni2h_write_tiles_s_{k}_threads_empty_check_{'off' if off else 'on'}": round(
+                write_only(store_dir, min(args.patches, 384), k, off, args.codec or DEFAULT_TOKEN_CODEC), 1
+            )
+            for k in (2, 8)
+            for off in (False, True)
+        },
         "store_dir": str(store_dir),
     }
     emit(io, args.out)
@@ -203,7 +272,7 @@ def main() -> None:
         spec = get_spec(name)
         torch.manual_seed(0)
         t = time.perf_counter()
-        model = build_model(spec, dev)
+        model = StubEncoder(spec, args.prefix_tokens).to(dev) if args.stub else build_model(spec, dev)
         build_s = time.perf_counter() - t
         enc = GridEncoder(spec, model).to(dev).eval()
         runner = torch.compile(enc) if args.compile else enc
@@ -239,6 +308,7 @@ def main() -> None:
             "device": card,
             "precision": precision,
             "compile": args.compile,
+            "stub_model": args.stub,
             "batch_size": args.batch_size,
             "patches": args.patches,
             "model_only_tiles_s": round(mo, 1),

@@ -1,11 +1,16 @@
 """Benchmark a fine-tune step (encoder + decoder, end to end) against a frozen decoder step, in one run.
 
     python benchmarks/finetune.py [--encoders densenet121,uni2h] [--batch-size 16] [--steps 5]
-        [--device auto] [--grad-checkpointing] [--out results.jsonl]
+        [--device auto] [--grad-checkpointing] [--workspace W --dataset D [--epochs 2]] [--out results.jsonl]
 
 Both steps use the same MiniUNet decoder and random inputs of the real shapes (uint8 448 px
 patches for fine-tuning, the encoder's cached grid for the frozen step), MSE loss, Adam, bf16
 autocast on a GPU. Reports tiles/s and peak memory (GPU: max allocated; CPU: peak RSS growth).
+
+With --workspace and --dataset, also `train finetune` itself (train.run.train_fold, random
+initial weights, the first patient's fold, --epochs epochs, batch = micro-batch = --batch-size):
+training patches per second of its last epoch (whose time also holds the validation pass), and
+that rate as a fraction of the plain step's (goal ≥ 0.9).
 """
 
 from __future__ import annotations
@@ -63,6 +68,41 @@ def measure(model, make_input, dev, batch, steps, genes=50) -> tuple[float, floa
     return rate, _peak(dev) if dev.type == "cuda" else _peak(dev) - before + 0.0
 
 
+def through_train_finetune(args, encoder: str, dev, plain_rate: float) -> dict:
+    """`train finetune` on a real dataset: training patches per second of the last epoch."""
+    import json
+    import tempfile
+
+    from featcache.stores import Workspace
+    from train.config import TrainConfig
+    from train.data import FoldInputs, blocked_split
+    from train.run import train_fold
+
+    ws = Workspace.resolve(args.workspace)
+    ds = ws.open_dataset(args.dataset)
+    fold = sorted(ds.patients)[0]
+    cfg = TrainConfig(dataset=args.dataset, encoder=encoder, fold=fold, mode="finetune", weights="random:0",
+                      epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.batch_size,
+                      grad_checkpointing=args.grad_checkpointing)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "datasets").symlink_to(ws.root / "datasets")
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        res = train_fold(cfg, tmp, device=str(dev), show_progress=False)
+        last = json.loads((res.run_dir / "log.jsonl").read_text().splitlines()[-1])
+    inputs = FoldInputs(ds, None)
+    split, _ = blocked_split({s: inputs.arrays[s].origin for s in inputs.train_samples(fold)}, cfg.val_fraction, 0)
+    rate = sum(len(v) for v in split.values()) / last["seconds"]
+    return {
+        "train_finetune_tiles_s": round(rate, 2),
+        "train_finetune_vs_plain_step": round(rate / plain_rate, 3),
+        "train_finetune_peak_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        if dev.type == "cuda"
+        else None,
+        "train_finetune_epochs": args.epochs,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--encoders", default="densenet121")
@@ -70,6 +110,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--workspace", type=Path, help="a workspace with a prepared dataset: time `train finetune` too")
+    ap.add_argument("--dataset", default="demo")
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     dev = resolve_device(args.device)
@@ -107,6 +150,7 @@ def main() -> None:
             "peak_gib_finetune": round(ft_mem, 2),
             "peak_gib_frozen": round(fr_mem, 2),
             "memory": "GPU max allocated" if dev.type == "cuda" else "CPU RSS growth",
+            **(through_train_finetune(args, name, dev, ft_rate) if args.workspace else {}),
             "torch": torch.__version__,
             "python": platform.python_version(),
         }

@@ -63,7 +63,8 @@ def create_array(
         filters=filters,
         compressors=comps,
         # Every chunk we write is real data: skip zarr's per-chunk "all fill value?" comparison,
-        # which costs more than compressing (measured in benchmarks/extract.py).
+        # which costs more than compressing (measured in benchmarks/extract.py). A runtime setting:
+        # it is not stored, so code that reopens an array to write sets it again (extract.py).
         config={"write_empty_chunks": True},
         fill_value=fill_value,
         attributes=attributes or {},
