@@ -2,7 +2,7 @@
 # Every GPU figure of benchmarks/RESULTS.md, measured in one go on a GPU machine.
 #
 #   bash benchmarks/gpu_wheels.sh            # once, on a machine with pip: wheels the GPU image lacks -> .whl/
-#   bash benchmarks/gpu.sh [all|extract|train] [OUT]
+#   bash benchmarks/gpu.sh [all|extract|train|predict] [OUT]
 #
 # With the device tool: carry [".whl"], command "bash benchmarks/gpu.sh extract" then
 # "bash benchmarks/gpu.sh train" (each phase fits in one 10-minute call; the dataset built by the
@@ -14,6 +14,8 @@
 #   train    frozen LOOCV of the UNI2-h-shaped decoder: 3 folds x 200 epochs, ~220 patches per
 #            patient, wall time and epoch rate vs steps on tensors already on the GPU; fine-tuning
 #            DenseNet-121 and UNI2-h at batch 16: plain step vs `train finetune`, peak memory.
+#   predict  (not in `all`: it synthesizes real-sized slides first) predict vs extract on the same
+#            patches, DenseNet-121 and UNI2-h, peak RSS at two slide sizes.
 #
 # Results: JSON lines in OUT (default $OUT of the device tool, else benchmarks/results/gpu-DATE/).
 set -uo pipefail
@@ -75,5 +77,12 @@ if [ "$phase" = all ] || [ "$phase" = train ]; then
     log "fine-tuning: plain step vs train finetune"
     python3 benchmarks/finetune.py --encoders densenet121,uni2h --batch-size 16 --steps 10 --workspace "$ws" \
         --dataset bench --epochs 2 --out "$out/finetune.jsonl" 2>>"$out/gpu.log"
+fi
+if [ "$phase" = predict ]; then
+    for enc in densenet121 uni2h; do
+        log "predict vs extract: $enc"
+        python3 benchmarks/predict.py --encoder "$enc" --device cuda --batch-size 64 --workers 12 --bins 371,742 \
+            --workdir /tmp/featcache-bench --out "$out/predict.jsonl" 2>>"$out/gpu.log"
+    done
 fi
 log "done: $(ls "$out")"

@@ -42,10 +42,15 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
-    hsv = rgb2hsv(rgb)
-    hue, sat, val = hsv[..., 0] * 360, hsv[..., 1], hsv[..., 2]
-    dark = val < 0.2  # black borders, dust, folds of ink
-    pen = (sat > 0.25) & (hue > 90) & (hue < 250)  # blue and green ink; H&E is pink to purple
+    # HSV's value and saturation straight from the channels' max and min, in float32, and hue only where
+    # it matters (saturated pixels): scikit-image's rgb2hsv of a whole thumbnail takes ~100 bytes a pixel
+    top, bottom = rgb.max(axis=-1), rgb.min(axis=-1)
+    dark = top < 0.2 * 255  # black borders, dust, folds of ink
+    sat = np.zeros(top.shape, np.float32)
+    np.divide(top - bottom.astype(np.float32), top, out=sat, where=top > 0)
+    pen = sat > 0.25
+    hue = rgb2hsv(rgb[pen][:, None, :])[:, 0, 0] * 360
+    pen[pen] = (hue > 90) & (hue < 250)  # blue and green ink; H&E is pink to purple
     candidates = sat[~dark & ~pen]
     if candidates.size == 0 or np.ptp(candidates) < 0.02:
         return np.zeros(rgb.shape[:2], bool)

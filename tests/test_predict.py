@@ -168,3 +168,26 @@ def test_analysis_export_of_a_run_and_of_a_feature_store(trained, synth_dir):
     assert np.allclose(f.X[: store.sizes["patch"]], store.pooled.values)
     r = CliRunner().invoke(analysis_app, ["export", "--run", str(run_dir), "--workspace", str(ws)])
     assert r.exit_code == 2 and "--overwrite" in r.output
+
+
+def test_h5ad_written_band_by_band_averages_overlapping_patches_per_bin(trained, synth_dir, monkeypatch):
+    """Half-overlapping patches (stride 16), bands of 8 lattice rows: each bin once, the mean of its patches."""
+    from featcache.geometry import bin_table
+    from featcache.pipeline import predict as P
+
+    ws, run_dir, weights = trained
+    monkeypatch.setattr(P, "H5AD_BAND", 8)
+    out = ws / "pred-overlap"
+    P.predict(run_dir, synth_dir / "P2" / "P2_tissue_image.btf", positions=synth_dir / "P2", output=out, stride=16,
+              weights=str(weights), workspace=ws, device="cpu", show_progress=False)  # fmt: skip
+    z = xr.open_zarr(out / "predictions.zarr")
+    origins = z.origin.values
+    assert len(origins) > 4 and np.diff(np.unique(origins[:, 0])).min() == 16  # patches overlap
+    keep = np.ones((len(origins), 32, 32), bool)
+    coords, expr = bin_table(origins, z.expression.values.astype(np.float32), keep)
+    _, xy = bin_table(origins, np.stack([z.pxl_col.values, z.pxl_row.values], axis=1), keep)
+    a = ad.read_h5ad(out / "predictions.h5ad")
+    assert a.n_obs == len(coords) and a.obs_names.is_unique
+    assert np.array_equal(a.obs[["array_row", "array_col"]].to_numpy(), coords)
+    assert np.allclose(a.X, expr, atol=1e-5) and np.allclose(a.obsm["spatial"], xy)
+    assert list(a.var_names) == list(z.gene.values) and "spatial" in a.uns

@@ -285,31 +285,66 @@ def _display(slide: Slide, longest: int = 2000) -> tuple[np.ndarray, float]:
     return thumbnail(slide, max(1.0, max(slide.shape) / longest))
 
 
+H5AD_BAND = 64  # lattice rows of bins gathered at a time when writing the .h5ad
+
+
 def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
-    """One observation per bin (overlapping patches averaged), in scanpy's spatial layout; returns the bin count."""
-    import anndata as ad
+    """One observation per bin (overlapping patches averaged), in scanpy's spatial layout; returns the bin count.
+
+    Written band by band of lattice rows into growing HDF5 datasets laid out as AnnData's on-disk format
+    (anndata's own ``write_elem`` makes each element), so memory does not grow with the slide.
+    """
+    import h5py
     import pandas as pd
     import zarr
+    from anndata.io import write_elem
 
     root = zarr.open_group(zarr.storage.LocalStore(w.zarr_path, read_only=True), mode="r")
-    keep = np.ones((len(lattice.origins), GEOMETRY.bins, GEOMETRY.bins), bool)
-    coords, expr = bin_table(lattice.origins, root["expression"][:].astype(np.float32), keep)
-    _, z = bin_table(lattice.origins, root["z"][:].astype(np.float32), keep)
-    _, xy = bin_table(lattice.origins, np.stack([root["pxl_col"][:], root["pxl_row"][:]], axis=1), keep)
-    rows, cols = coords[:, 0], coords[:, 1]
-    tissue = lattice.in_tissue[rows, cols]
-    obs = pd.DataFrame({"array_row": rows, "array_col": cols, "in_tissue": tissue.astype(np.int8)},
-                       index=[f"{lattice.name}_{r:05d}_{c:05d}" for r, c in zip(rows, cols)])  # fmt: skip
-    thumb, scale = _display(slide)
-    adata = ad.AnnData(X=expr.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(run.genes, name="gene")),
-                       layers={"z": z.astype(np.float32)}, obsm={"spatial": xy})  # fmt: skip
-    adata.uns["spatial"] = {lattice.name: {"images": {"hires": thumb},
-                                           "scalefactors": {"tissue_hires_scalef": scale, "spot_diameter_fullres": lattice.pitch_px,
-                                                            "bin_size_um": BIN_UM},
-                                           "metadata": {"source": "featcache predict"}}}  # fmt: skip
-    adata.uns["featcache"] = {"run": str(run.run.path), "target": run.transform.kind, "lattice": lattice.source}
-    adata.write_h5ad(w.h5ad_path)
-    return len(adata)
+    origins, b, n_genes = np.asarray(lattice.origins), GEOMETRY.bins, len(run.genes)
+    grow = {"maxshape": (None,), "chunks": True}
+    with h5py.File(w.h5ad_path, "w") as f:
+        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
+        empty_obs = pd.DataFrame({"array_row": np.zeros(0, np.int64), "array_col": np.zeros(0, np.int64),
+                                  "in_tissue": np.zeros(0, np.int8)}, index=pd.Index(np.array([], dtype=object), name="bin"))  # fmt: skip
+        write_elem(f, "obs", empty_obs, dataset_kwargs=grow)
+        write_elem(f, "var", pd.DataFrame(index=pd.Index(run.genes, name="gene")))
+        for key, width in (("X", n_genes), ("layers/z", n_genes), ("obsm/spatial", 2)):
+            write_elem(f, key, np.zeros((0, width), np.float32 if key != "obsm/spatial" else np.float64),
+                       dataset_kwargs={"maxshape": (None, width), "chunks": (max(1, min(4096, 2**20 // width)), width)})  # fmt: skip
+        n = 0
+        for top in range(int(origins[:, 0].min()), int(origins[:, 0].max()) + b, H5AD_BAND):
+            sel = np.nonzero((origins[:, 0] > top - b) & (origins[:, 0] < top + H5AD_BAND))[0]
+            if not len(sel):
+                continue
+            rows_in_band = origins[sel, 0, None] + np.arange(b)[None, :]  # (patch, row)
+            keep = np.broadcast_to(
+                ((rows_in_band >= top) & (rows_in_band < top + H5AD_BAND))[:, :, None], (len(sel), b, b)
+            )
+            part = {k: root[k].get_orthogonal_selection((sel,)).astype(np.float32)
+                    for k in ("expression", "z", "pxl_col", "pxl_row")}  # fmt: skip
+            coords, expr = bin_table(origins[sel], part["expression"], keep)
+            _, z = bin_table(origins[sel], part["z"], keep)
+            _, xy = bin_table(origins[sel], np.stack([part["pxl_col"], part["pxl_row"]], axis=1), keep)
+            m = len(coords)
+            rows, cols = coords[:, 0], coords[:, 1]
+            names = np.array([f"{lattice.name}_{r:05d}_{c:05d}" for r, c in zip(rows, cols)], dtype=object)
+            columns = {"X": expr, "layers/z": z, "obsm/spatial": xy, "obs/array_row": rows, "obs/array_col": cols,
+                       "obs/in_tissue": lattice.in_tissue[rows, cols].astype(np.int8), "obs/bin": names}  # fmt: skip
+            for key, values in columns.items():
+                f[key].resize(n + m, axis=0)
+                f[key][n : n + m] = values
+            n += m
+        thumb, scale = _display(slide)
+        write_elem(f, "uns", {
+            "spatial": {lattice.name: {"images": {"hires": thumb},
+                                       "scalefactors": {"tissue_hires_scalef": scale, "spot_diameter_fullres": lattice.pitch_px,
+                                                        "bin_size_um": BIN_UM},
+                                       "metadata": {"source": "featcache predict"}}},
+            "featcache": {"run": str(run.run.path), "target": run.transform.kind, "lattice": lattice.source},
+        })  # fmt: skip
+        for key in ("varm", "obsp", "varp"):
+            write_elem(f, key, {})
+    return n
 
 
 def _gene_maps(w, lattice: Lattice, slide: Slide, genes) -> list[Path]:
@@ -317,31 +352,27 @@ def _gene_maps(w, lattice: Lattice, slide: Slide, genes) -> list[Path]:
     import anndata as ad
     from matplotlib.figure import Figure
 
-    adata = ad.read_h5ad(w.h5ad_path)
+    adata = ad.read_h5ad(w.h5ad_path, backed="r")  # one gene's column read at a time
     thumb, scale = _display(slide)
-    xy = adata.obsm["spatial"] * scale
+    tissue = adata.obs["in_tissue"].to_numpy() == 1  # glass stays visible around the section
+    xy = adata.obsm["spatial"][tissue] * scale
     size = max(0.5, lattice.pitch_px * scale) ** 2
     w.figures_dir.mkdir(exist_ok=True)
     written = []
     for gene in genes:
-        values = adata[:, gene].X.ravel()
+        values = np.asarray(adata[:, gene].X).ravel()[tissue]
         lo, hi = np.percentile(values, [1, 99])
         fig = Figure(figsize=(7, 7 * thumb.shape[0] / thumb.shape[1] + 0.6), layout="constrained")
         ax = fig.subplots()
         ax.imshow(thumb)
         dots = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=size, marker="s", cmap="viridis", vmin=lo, vmax=hi, alpha=0.85,
                           linewidths=0)  # fmt: skip
+        units = "log1p(CP10k)" if "cp10k" in adata.uns["featcache"]["target"] else "log1p(counts)"
         ax.set_axis_off()
-        ax.set_title(
-            f"{gene}: predicted {adata.uns['featcache']['target'].replace('-', ' ')} on {lattice.name}", fontsize=9
-        )
-        fig.colorbar(
-            dots,
-            ax=ax,
-            shrink=0.7,
-            label="log1p(CP10k)" if "cp10k" in adata.uns["featcache"]["target"] else "log1p(counts)",
-        )
+        ax.set_title(f"{gene}: predicted {units}, in-tissue bins of {lattice.name}", fontsize=9)
+        fig.colorbar(dots, ax=ax, shrink=0.7, label=units)
         path = w.figures_dir / f"{gene}.png"
         fig.savefig(path, dpi=120)
         written.append(path)
+    adata.file.close()
     return written

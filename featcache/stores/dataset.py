@@ -53,7 +53,17 @@ def open_lazy(path: Path, group: str | None) -> xr.Dataset:
 
 
 class Dataset:
-    """A prepared dataset of the workspace (made by ``featcache prepare``)."""
+    """A prepared dataset of the workspace (made by ``featcache prepare``).
+
+    ``patches.zarr`` (uint8 image patches), ``targets.zarr`` (counts, library sizes, in-tissue
+    masks) and ``dataset.json`` (samples, their patients, the gene panel, geometry, fingerprint).
+
+    Examples
+    --------
+    >>> ds = Workspace.resolve().open_dataset("demo")
+    >>> ds.patients                        # {"P1": ["P1"], ...}
+    >>> ds.targets("P1").counts.sel(gene="EPCAM")
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -94,6 +104,7 @@ class Dataset:
 
     @property
     def samples(self) -> list[str]:
+        """The dataset's samples (sections), in the order they were prepared."""
         return list(self.meta["samples"])
 
     @property
@@ -116,6 +127,7 @@ class Dataset:
         return self.meta["samples"][sample].get("patient", sample)
 
     def n_patches(self, sample: str) -> int:
+        """How many patches the sample has."""
         return int(self.meta["samples"][sample]["n_patches"])
 
     def _check_sample(self, sample: str) -> None:
@@ -125,12 +137,35 @@ class Dataset:
             )
 
     def patches(self, sample: str) -> xr.Dataset:
-        """Image patches (patch, y, x, rgb) and origins of one sample, lazily."""
+        """One sample's image patches, lazily (Dask-backed).
+
+        Parameters
+        ----------
+        sample : str
+
+        Returns
+        -------
+        xarray.Dataset
+            ``image`` uint8 (patch, y, x, rgb), 448 × 448 × 3 each, with ``origin`` (patch, axis): the
+            array (row, col) of each patch's bin (0, 0).
+        """
         self._check_sample(sample)
         return open_lazy(self.patches_path, sample)
 
     def targets(self, sample: str) -> xr.Dataset:
-        """counts (patch, gene, row, col), library_size, mask of one sample, lazily."""
+        """One sample's per-bin targets, lazily (Dask-backed).
+
+        Parameters
+        ----------
+        sample : str
+
+        Returns
+        -------
+        xarray.Dataset
+            ``counts`` int32 (patch, gene, row, col) raw UMIs of the panel genes (``gene`` and
+            ``gene_id`` coordinates), ``library_size`` int32 (patch, row, col) UMIs of all genes,
+            ``mask`` bool (patch, row, col) in-tissue bins, and ``origin``.
+        """
         self._check_sample(sample)
         return open_lazy(self.targets_path, sample)
 

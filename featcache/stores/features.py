@@ -163,7 +163,18 @@ class VerifyReport:
 
 
 class FeatureStore:
-    """One encoder's cached token grids for one dataset, at a local path or an fsspec URL."""
+    """One encoder's cached token grids for one dataset, at a local path or an fsspec URL.
+
+    Per sample: ``tokens`` float16 (patch, channel, row, col), ``pooled`` float32 (patch, channel),
+    ``origin``, and a done-marker per fully written chunk; the root holds the store's identity
+    (encoder, weights, geometry, dataset fingerprint, layout, codec) and provenance.
+
+    Examples
+    --------
+    >>> store = Workspace.resolve().feature_store("demo", "uni2h")
+    >>> store.status().complete
+    >>> store.tokens("P1").sel(channel=0)          # (patch, row, col), lazily
+    """
 
     def __init__(
         self,
@@ -207,6 +218,9 @@ class FeatureStore:
 
     @property
     def identity(self) -> dict:
+        """What the store holds: encoder and kwargs, weights (sha256 or ``random:<seed>``), input size,
+        normalisation, dtype, precision, prefix tokens dropped, geometry, dataset fingerprint, samples
+        (patches each), chunking, layout, codec. Raises FeatcacheError when this is not a featcache store."""
         meta = self._root_meta()
         if meta is None:
             raise FeatcacheError(
@@ -325,6 +339,14 @@ class FeatureStore:
             self.loc.fs.rm(key)
 
     def status(self) -> StoreStatus:
+        """Completeness per sample (done chunks of all), identity, provenance and size on disk.
+
+        Returns
+        -------
+        StoreStatus
+            ``complete`` (every chunk of every sample done), ``patches`` done, ``samples``
+            {sample: (done chunks, chunks)}, ``size_bytes``.
+        """
         ident = self.identity
         samples = {s: (len(self.done_chunks(s)), self.n_chunks(s)) for s in ident["samples"]}
         return StoreStatus(str(self.loc), ident, self.provenance, samples, self.loc.size_bytes())
@@ -334,8 +356,20 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ reading
     def open_sample(self, sample: str) -> xr.Dataset:
-        """tokens, pooled and origins of one sample as a lazily loaded xarray Dataset.
+        """One sample's arrays, lazily (Dask-backed).
 
+        Parameters
+        ----------
+        sample : str
+
+        Returns
+        -------
+        xarray.Dataset
+            ``tokens`` float16 in the stored order (see ``identity["layout"]``), ``pooled`` float32
+            (patch, channel), ``origin`` (patch, axis).
+
+        Notes
+        -----
         Opened without CF masking: the arrays' fill value is NaN, so masking would change nothing, but it runs
         an elementwise pass over every float16 chunk that made reads 3.5× slower (benchmarks/RESULTS.md).
         """
@@ -345,7 +379,20 @@ class FeatureStore:
         return xr.open_zarr(store, group=sample, consolidated=False, mask_and_scale=False)
 
     def tokens(self, sample: str, order=CHANNEL_FIRST) -> xr.DataArray:
-        """A sample's token grids in the given dimension order, lazily."""
+        """One sample's token grids, lazily (Dask-backed).
+
+        Parameters
+        ----------
+        sample : str
+        order : tuple of str
+            Dimension order wanted, e.g. ``("patch", "row", "col", "channel")``; the stored order is
+            read whichever this is (xarray transposes lazily).
+
+        Returns
+        -------
+        xarray.DataArray
+            float16 token grids with the patch origins as a coordinate.
+        """
         return self.open_sample(sample).tokens.transpose(*order)
 
     def read_error(self, sample: str, name: str, idx, exc: Exception) -> FeatcacheError:
@@ -356,7 +403,20 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ verify
     def verify(self, repair: bool = False) -> VerifyReport:
-        """Read back every done chunk (checksum, shape, finiteness); with ``repair``, drop the markers of bad ones."""
+        """Read back every done chunk and report what is wrong.
+
+        Parameters
+        ----------
+        repair : bool
+            Drop the done-markers of bad chunks, so that rerunning ``featcache extract`` recomputes
+            exactly those.
+
+        Returns
+        -------
+        VerifyReport
+            ``ok``, ``problems`` (corrupted, missing or non-finite chunks, by name), ``not_extracted``
+            and ``checked`` (chunks read).
+        """
         ident = self.identity
         chunk = ident["chunk_patches"]
         report = VerifyReport(str(self.loc))

@@ -62,7 +62,18 @@ def load_torch(path: Path):
 
 
 class RunDir:
-    """One training run of one fold."""
+    """One training run of one fold: ``runs/<dataset>/<encoder>/<run>/fold-<patient>/``.
+
+    ``config.json`` (every setting, the seed, the inputs' identity), ``log.jsonl`` (one line per
+    epoch), the training state while it runs, ``checkpoint.pt`` (selected decoder, target
+    transform: plain tensors), ``predictions.zarr`` and ``metrics.json`` once finished.
+
+    Examples
+    --------
+    >>> run = Workspace.resolve().run("demo", "uni2h", "frozen", "P5")
+    >>> run.read_metrics()["pcc_gene"]
+    >>> run.open_predictions().pred.sel(gene="EPCAM")
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -79,6 +90,8 @@ class RunDir:
 
     # ------------------------------------------------------------------ config
     def read_config(self) -> dict | None:
+        """``config.json`` (None when the folder has none yet): the TrainConfig fields, the seed, the
+        feature store's or encoder's identity, the dataset fingerprint, patching and panel gene ids."""
         return read_json(self.file("config.json"))
 
     def claim(self, config: dict, overwrite: bool, variant_hint: str = "") -> str:
@@ -113,6 +126,7 @@ class RunDir:
 
     # ------------------------------------------------------------------ log and state
     def read_log(self) -> list[dict]:
+        """One dict per finished epoch: train_loss, val_loss, val_pcc_gene, seconds."""
         path = self.file("log.jsonl")
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -163,6 +177,9 @@ class RunDir:
         return self.file("metrics.json").is_file()
 
     def read_metrics(self) -> dict:
+        """``metrics.json``: pcc_gene, pcc_global, spearman_gene, spearman_global, mse, ssim_st, per-gene
+        values, the per-gene-mean baseline and (synthetic data) the noise ceiling. Raises FeatcacheError
+        when the run has not finished."""
         m = read_json(self.file("metrics.json"))
         if m is None:
             raise FeatcacheError(f"{self.path} has no metrics.json: the run is not finished.")
@@ -181,6 +198,14 @@ class RunDir:
                                mask, samples=samples)  # fmt: skip
 
     def open_predictions(self) -> xr.Dataset:
+        """The test patient's predictions, lazily.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``pred`` and ``truth`` float32 (patch, gene, row, col) in the run's target space, ``mask``
+            bool (patch, row, col) of the scored bins, ``origin`` and each patch's ``sample``.
+        """
         if not self.predictions_path.exists():
             raise FeatcacheError(f"predictions of run not found: {self.predictions_path}")
         return xr.open_zarr(self.predictions_path, consolidated=False)

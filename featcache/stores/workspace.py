@@ -44,10 +44,32 @@ def check_name(name, what: str) -> str:
 
 @dataclass(frozen=True)
 class Workspace:
+    """The folder that holds datasets, feature stores, runs, results and predictions.
+
+    Every path inside it is built here (and by the artefact classes it returns), never by hand.
+
+    Examples
+    --------
+    >>> ws = Workspace.resolve("featcache-data")
+    >>> ds = ws.open_dataset("demo")
+    >>> store = ws.feature_store("demo", "uni2h")
+    """
+
     root: Path
 
     @classmethod
     def resolve(cls, workspace: str | os.PathLike | None = None) -> Workspace:
+        """The workspace to use.
+
+        Parameters
+        ----------
+        workspace : str, path, Workspace or None
+            A folder (need not exist yet); None means ``$FEATCACHE_WORKSPACE``, else ``./featcache-data``.
+
+        Returns
+        -------
+        Workspace
+        """
         if isinstance(workspace, Workspace):
             return workspace
         root = Path(workspace or os.environ.get(ENV_VAR) or DEFAULT).expanduser().absolute()
@@ -60,7 +82,22 @@ class Workspace:
         return Dataset(self.root / "datasets" / check_name(name, "dataset"))
 
     def open_dataset(self, name: str) -> Dataset:
-        """A prepared dataset, or one error naming the datasets that exist and how to make one."""
+        """A prepared dataset.
+
+        Parameters
+        ----------
+        name : str
+            The dataset's name (``featcache prepare --dataset NAME``).
+
+        Returns
+        -------
+        Dataset
+
+        Raises
+        ------
+        FeatcacheError
+            When it does not exist (naming the datasets that do) or its dataset.json is damaged.
+        """
         ds = self.dataset(name)
         if not ds.exists():
             known = [d.name for d in self.datasets()]
@@ -73,12 +110,26 @@ class Workspace:
         return ds
 
     def datasets(self) -> list[Dataset]:
+        """Every prepared dataset of the workspace."""
         base = self.root / "datasets"
         found = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
         return [Dataset(p) for p in found if (p / "dataset.json").is_file()]
 
     # ------------------------------------------------------------------ feature stores
     def feature_store(self, dataset: str, encoder: str, random: bool = False) -> FeatureStore:
+        """The feature store of an encoder over a dataset (it may not exist yet: see ``exists``).
+
+        Parameters
+        ----------
+        dataset, encoder : str
+            Names as in ``featcache extract --dataset D --encoder E``.
+        random : bool
+            The random-init store ``<encoder>-random`` instead of the pretrained one.
+
+        Returns
+        -------
+        FeatureStore
+        """
         check_name(dataset, "dataset")
         name = check_name(store_name(check_name(encoder, "encoder"), random), "feature store")
         return FeatureStore(
@@ -89,6 +140,7 @@ class Workspace:
         return self.root / "features" / check_name(dataset, "dataset") if dataset else self.root / "features"
 
     def feature_stores(self, dataset: str | None = None) -> list[FeatureStore]:
+        """Every feature store with an identity (complete or not), of one dataset or of all."""
         base = self.features_dir()
         if not base.is_dir():
             return []
@@ -121,6 +173,20 @@ class Workspace:
 
     # ------------------------------------------------------------------ runs and results
     def run(self, dataset: str, encoder: str, run: str, fold: str) -> RunDir:
+        """One run folder, ``runs/<dataset>/<encoder>/<run>/fold-<fold>/`` (it may not exist yet).
+
+        Parameters
+        ----------
+        dataset, encoder : str
+        run : str
+            The run's name: the mode, then its variant suffixes (e.g. ``frozen``, ``random-counts-allbins``).
+        fold : str
+            The test patient.
+
+        Returns
+        -------
+        RunDir
+        """
         parts = [check_name(dataset, "dataset"), check_name(encoder, "encoder"), check_name(run, "run name")]
         return RunDir(self.root / "runs" / Path(*parts) / f"{FOLD_PREFIX}{check_name(fold, 'fold')}")
 
@@ -133,6 +199,7 @@ class Workspace:
         return [RunDir(p.parent) for p in sorted(base.glob(f"*/*/{FOLD_PREFIX}*/config.json"))] if base.is_dir() else []
 
     def results(self, dataset: str) -> Results:
+        """The dataset's results folder (comparison file, paired statistics, figures)."""
         return Results(self.root / "results" / check_name(dataset, "dataset"))
 
     def prediction_dir(self, run_label: str, slide: str) -> PredictionDir:
