@@ -89,6 +89,7 @@ def test_a_virtual_lattice_covers_the_tissue_with_an_8_um_pitch(trained, synth_d
     assert meta["lattice"]["microns_per_pixel_source"] == "TIFF resolution tags"
 
 
+@pytest.mark.filterwarnings("error::anndata.OldFormatWarning")  # every group carries AnnData's encoding attributes
 def test_h5ad_opens_in_anndata_and_draws_with_scanpy(trained, synth_dir):
     import matplotlib
 

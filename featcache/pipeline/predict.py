@@ -308,8 +308,11 @@ def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
                                   "in_tissue": np.zeros(0, np.int8)}, index=pd.Index(np.array([], dtype=object), name="bin"))  # fmt: skip
         write_elem(f, "obs", empty_obs, dataset_kwargs=grow)
         write_elem(f, "var", pd.DataFrame(index=pd.Index(run.genes, name="gene")))
-        for key, width in (("X", n_genes), ("layers/z", n_genes), ("obsm/spatial", 2)):
-            write_elem(f, key, np.zeros((0, width), np.float32 if key != "obsm/spatial" else np.float64),
+        for key in ("layers", "obsm"):  # the groups first, so they carry AnnData's encoding attributes
+            write_elem(f, key, {})
+        for group, name, width, dtype in ((f, "X", n_genes, np.float32), (f["layers"], "z", n_genes, np.float32),
+                                          (f["obsm"], "spatial", 2, np.float64)):  # fmt: skip
+            write_elem(group, name, np.zeros((0, width), dtype),
                        dataset_kwargs={"maxshape": (None, width), "chunks": (max(1, min(4096, 2**20 // width)), width)})  # fmt: skip
         n = 0
         for top in range(int(origins[:, 0].min()), int(origins[:, 0].max()) + b, H5AD_BAND):
