@@ -2,7 +2,7 @@
 patches in the same run, and peak memory at two slide sizes.
 
     python benchmarks/predict.py [--bins 371,742] [--genes 1000] [--encoder tiny-cnn] [--batch-size 16]
-        [--device auto] [--workers 2] [--workdir /tmp/featcache-bench] [--out benchmarks/results/predict-cpu.jsonl]
+        [--device auto] [--workers N] [--workdir /tmp/featcache-bench] [--out benchmarks/results/predict-cpu.jsonl]
 
 Once (cached in --workdir): a run to apply (--encoder with random weights, the decoder trained for
 one epoch on three small synthetic sections: speed does not depend on what was learned), and one
@@ -109,13 +109,18 @@ def main() -> None:
     ap.add_argument("--encoder", default="tiny-cnn")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=2, help="rendering threads of predict")
+    ap.add_argument("--workers", type=int, help="rendering threads of predict [default: predict's own default]")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/featcache-bench"))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     from featcache.device import resolve_device
 
     device = str(resolve_device(args.device))
+    import torch
+
+    from featcache.pipeline.predict import render_workers
+
+    args.workers = args.workers or render_workers(torch.device(device))
     run = trained_run(args.workdir, args.encoder, device)
     ws = str(args.workdir / "predict-ws")
     common = {"ws": ws, "device": device, "batch_size": args.batch_size, "encoder": args.encoder}

@@ -164,7 +164,8 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     min_tissue: Annotated[Optional[float], typer.Option(help="Keep a patch with at least this tissue fraction [default: the "
                                                              "run's dataset with --positions, else 0.01].")] = None,
-    workers: Annotated[int, typer.Option(help="Rendering threads.")] = 2,
+    workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: all cores but two on a GPU "
+                                                        "(up to 12), two on a CPU].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing prediction folder.")] = False,
     workspace: WorkspaceOpt = None,
 ):  # fmt: skip

@@ -31,10 +31,12 @@ def test_full_disk_and_read_only_workspace(synth_dir, tmp_path):
                            str(mount)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = json.loads(proc.stdout.strip().splitlines()[-1])
-    for step in ("prepare_full", "extract_full", "train_full"):
+    for step in ("prepare_full", "extract_full", "train_full", "predict_full"):
         assert steps[step]["code"] == 2 and not steps[step]["traceback"], steps[step]
         assert steps[step]["last"].startswith("error: the disk is full"), steps[step]
     assert steps["prepare_full"]["left"] == [] and steps["prepare_full"]["hidden"] == []  # nothing half-written
-    for step in ("prepare_again", "extract_again", "train_again"):
+    assert steps["predict_full"]["left"] == [], steps["predict_full"]  # the hidden prediction folder is removed
+    for step in ("prepare_again", "extract_again", "train_again", "predict_again"):
         assert steps[step]["code"] == 0 and not steps[step]["traceback"], steps[step]
+    assert len(steps["predict_again"]["left"]) == 1, steps["predict_again"]
     assert steps["read_only"]["code"] == 2 and "read-only" in steps["read_only"]["last"]

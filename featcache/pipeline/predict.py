@@ -12,6 +12,7 @@ to featcache/stores/predictions.py.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,7 +29,7 @@ from featcache.provenance import library_versions
 from featcache.registration import BinMap
 from featcache.slide import Slide, render_patch
 from featcache.stores import RunDir, Workspace, check_name
-from featcache.streams import Prefetcher
+from featcache.streams import ChunkWriter, Prefetcher
 
 VIRTUAL_MIN_TISSUE = 0.01  # without positions, keep every window with some tissue: cover the whole section
 
@@ -181,18 +182,26 @@ class PredictResult:
     figures: list[Path]
 
 
+def render_workers(dev: torch.device) -> int:
+    """Rendering threads by default: on a GPU rendering is the host's whole job (~26 ms a patch per core, so a
+    ViT's 150-250 tiles/s needs 4-7 of them); on a CPU the model needs the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(12, cores - 2)) if dev.type == "cuda" else min(2, cores)
+
+
 def predict(run_dir, image, mpp: float | None = None, positions=None, output=None, batch_size: int = 16,
             device: str = "auto", min_tissue: float | None = None, stride: int | None = None, workspace=None,
-            weights: str | None = None, genes: tuple[str, ...] = (), overwrite: bool = False, workers: int = 2,
+            weights: str | None = None, genes: tuple[str, ...] = (), overwrite: bool = False, workers: int | None = None,
             show_progress: bool = True) -> PredictResult:  # fmt: skip
     """Predict the run's gene panel on every 8 µm bin of the slide's tissue; write the prediction folder."""
     t_start = time.perf_counter()
     image = Path(image)
     if not image.is_file():
         raise FeatcacheError(f"slide not found: {image}")
-    if batch_size < 1 or workers < 1:
+    if batch_size < 1 or (workers is not None and workers < 1):
         raise FeatcacheError("--batch-size and --workers must be at least 1.")
     dev = resolve_device(device)
+    workers = workers or render_workers(dev)
     run = load_run(run_dir, weights, dev)
     unknown = [g for g in genes if g not in run.genes]
     if unknown:
@@ -243,15 +252,20 @@ def _run(run: TrainedRun, lattice: Lattice, slide: Slide, target, dev, batch_siz
             progress(disable=not show_progress) as bar:  # fmt: skip
         task = bar.add_task(f"predicting {lattice.name}", total=len(origins), rate="")
         rendered = iter(Prefetcher(render, origins, workers=workers, depth=2 * batch_size, name="featcache-predict"))
+        store = lambda item: w.write(item[0], **_blocks(run, lattice, *item[1:]))  # noqa: E731
         try:
-            for start in range(0, len(origins), batch_size):
-                part = origins[start : start + batch_size]
-                x = torch.from_numpy(np.stack([next(rendered) for _ in part])).to(dev)
-                with torch.inference_mode(), autocast(dev):
-                    z = run.model(x).float().cpu().numpy()
-                w.write(start, **_blocks(run, lattice, part, z))
-                done += len(part)
-                bar.update(task, advance=len(part), rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} tiles/s")
+            # the model runs while the previous batch is converted and compressed in the writer thread
+            with ChunkWriter(store, threads=1, depth=2, name="featcache-predict-writer") as writer:
+                for start in range(0, len(origins), batch_size):
+                    part = origins[start : start + batch_size]
+                    x = torch.from_numpy(np.stack([next(rendered) for _ in part])).to(dev)
+                    with torch.inference_mode(), autocast(dev):
+                        z = run.model(x).float().cpu().numpy()
+                    writer.put((start, part, z))
+                    done += len(part)
+                    bar.update(
+                        task, advance=len(part), rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} tiles/s"
+                    )
         finally:
             rendered.close()
         seconds = time.perf_counter() - t0

@@ -76,6 +76,13 @@ class PredictionWriter:
         target.path.parent.mkdir(parents=True, exist_ok=True)
         self.partial = target.path.parent / f".{target.path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.partial.mkdir()
+        try:
+            self._create(n, genes, gene_ids, origins, attrs)
+        except BaseException:
+            self.abort()  # a full disk while the skeleton is written leaves nothing behind
+            raise
+
+    def _create(self, n: int, genes, gene_ids, origins, attrs: dict) -> None:
         root = open_local(self.partial / "predictions.zarr", "w")
         root.attrs.update(attrs)
         g, b = len(genes), int(attrs.get("bins_per_patch", 32))

@@ -90,6 +90,16 @@ out["train_full"] = run(*train)
 filler.unlink()
 out["train_again"] = run(*train)
 
+run_dir = next((ws / "runs").rglob("metrics.json")).parent
+slide = next(p for p in p2.iterdir() if p.name.endswith(".btf"))
+predict = ("featcache", "predict", "--run", str(run_dir), "--image", str(slide), "--positions", str(p2))
+filler = fill(20_000)
+out["predict_full"] = run(*predict)
+out["predict_full"]["left"] = [f for f in files() if f.startswith("predictions")]
+filler.unlink()
+out["predict_again"] = run(*predict)
+out["predict_again"]["left"] = [f for f in files() if f.startswith("predictions") and f.endswith("prediction.json")]
+
 remount("ro")
 out["read_only"] = run("featcache", "prepare", "--dataset", "other", "--sample", f"P1={p1}")
 subprocess.run(["umount", str(mount)], check=False)
