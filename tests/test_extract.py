@@ -231,6 +231,27 @@ def test_two_concurrent_shards_make_one_valid_store(prepared, tmp_path):
     assert p.returncode == 0 and "shard 1/2" in out and "incomplete" in out
 
 
+def test_a_shard_joins_a_store_whose_root_another_shard_is_still_writing(prepared, tmp_path):
+    """The moment between a shard's first file (its zarr.json, written to a hidden temporary name) and
+    the root appearing: the other shard must not take the folder for a user's and refuse it."""
+    ws, _ = prepared
+    racing = tmp_path / "racing.zarr"
+    racing.mkdir()
+    (racing / ".zarr.json.tmp-0123abcd").write_bytes(b'{"zarr_format": 3, "node_ty')  # half of a root, mid-write
+    args = ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset", "tiny", "--device", "cpu"]
+    r = CliRunner().invoke(app, [*args, "--workspace", str(ws), "--output", str(racing)])
+    assert r.exit_code == 0, r.output
+    assert verify_store(racing).ok
+    # a user's own file beside it still marks the folder as foreign
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".zarr.json.tmp-0123abcd").write_bytes(b"{}")
+    (mine / "notes.txt").write_text("precious")
+    r = CliRunner().invoke(app, [*args, "--workspace", str(ws), "--output", str(mine)])
+    assert r.exit_code != 0 and "featcache did not make" in r.output
+    assert (mine / "notes.txt").read_text() == "precious"
+
+
 def test_non_finite_features_are_an_error(prepared, tmp_path):
     ws, _ = prepared
     spec = get_spec("tiny-vit")

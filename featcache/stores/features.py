@@ -28,7 +28,7 @@ import xarray as xr
 import zarr
 
 from featcache.errors import FeatcacheError
-from featcache.stores.files import create_exclusive, write_bytes
+from featcache.stores.files import create_exclusive, is_temporary, write_bytes
 from featcache.stores.location import Location, is_url, local_path, zarr_store
 from featcache.stores.zarrio import TOKEN_CODECS, create_array, read_error, write_origins
 
@@ -271,7 +271,10 @@ class FeatureStore:
         fs, root = self.loc.fs, self.loc.root
         if fs.exists(root) and not fs.isdir(root):
             raise FeatcacheError(f"{self.loc} is a file, not a folder; choose another --output.")
-        if fs.exists(root) and fs.ls(root, detail=False):
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} if fs.exists(root) else set()
+        # a racing shard may be writing its zarr.json (a hidden temporary file) or have written it since we
+        # looked: neither is a foreign folder, and _open_root then checks the identity it wrote
+        if names and "zarr.json" not in names and not all(is_temporary(n) for n in names):
             raise FeatcacheError(
                 f"{self.loc} is a folder that featcache did not make (it has files and no feature-store "
                 "identity); it is left as it is. Choose a new or empty folder for --output."

@@ -15,6 +15,11 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
+def is_temporary(name: str) -> bool:
+    """A file another process is writing right now through :func:`write_bytes` or :func:`create_exclusive`."""
+    return name.startswith(".") and ".tmp-" in name
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` so that ``path`` holds the old or the new content, never half of it."""
     path = Path(path)
