@@ -24,10 +24,7 @@ from featcache.stores.features import split_store_name
 
 def _bin_map(ws: Workspace, dataset: str, sample: str) -> BinMap | None:
     ds = ws.dataset(dataset)
-    if not ds.exists():
-        return None
-    reg = ds.meta["samples"].get(sample, {}).get("registration", {})
-    return BinMap(np.array(reg["global_homography"])) if "global_homography" in reg else None
+    return ds.bin_map(sample) if ds.exists() and sample in ds.samples else None
 
 
 def run_anndata(run_dir, workspace=None):

@@ -22,7 +22,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY, gather_windows, patch_origins
+from featcache.geometry import GEOMETRY, gather_windows
 from featcache.progress import progress
 from featcache.provenance import library_versions
 from featcache.slide import Slide, render_patch
@@ -285,7 +285,7 @@ def prepare_dataset(
             raise FeatcacheError(f"dataset {dataset!r} already exists at {target.path} with {what}. Pass --overwrite "
                                  "to replace it, or choose another --dataset name.")  # fmt: skip
 
-    cut = {s.name: _plan_patches(s, stride, min_tissue) for s in opened}  # refuses samples without patches
+    cut = {s.name: s.plan_patches(stride, min_tissue) for s in opened}  # refuses samples without patches
     totals, libraries = {}, {}
     for s in opened:
         totals[s.name], libraries[s.name] = s.matrix.scan()
@@ -353,17 +353,6 @@ def _refuse_duplicates(opened: list[VisiumHDSample], files: dict) -> None:
                 raise FeatcacheError(f"samples {seen[key]} and {s.name} are the same Space Ranger output "
                                      f"({s.bin_dir}); give each sample once.")  # fmt: skip
             seen[key] = s.name
-
-
-def _plan_patches(s: VisiumHDSample, stride: int, min_tissue: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(in-tissue grid, matrix-column grid, patch origins) of a sample, with each patch's bin map fitted."""
-    in_tissue, column = s.grid_lookup()
-    origins = patch_origins(in_tissue, stride, min_tissue)
-    if len(origins) == 0:
-        raise FeatcacheError(f"sample {s.name}: no 32 × 32-bin window has {min_tissue:.0%} of its bins in tissue "
-                             f"({int(in_tissue.sum())} in-tissue bins); lower --min-tissue.")  # fmt: skip
-    s.registration.fit_patches(origins, s.grid_shape)
-    return in_tissue, column, origins
 
 
 def _write_sample(s: VisiumHDSample, cut, panel: Panel, library, builder: DatasetBuilder, bar, workers) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from featcache.errors import FeatcacheError
-from featcache.geometry import BIN_UM, GEOMETRY
+from featcache.geometry import BIN_UM, GEOMETRY, patch_origins
 from featcache.registration import Registration, register
 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
@@ -386,6 +386,17 @@ class VisiumHDSample:
         if self.matrix is not None:
             column[rr, cc] = self.column_of_bin
         return in_tissue, column
+
+    def plan_patches(self, stride: int, min_tissue: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(in-tissue grid, matrix-column grid, patch origins), each patch's bin map fitted: the patches
+        ``prepare`` cuts, and ``predict --positions`` cuts again from the same sample."""
+        in_tissue, column = self.grid_lookup()
+        origins = patch_origins(in_tissue, stride, min_tissue)
+        if len(origins) == 0:
+            raise FeatcacheError(f"sample {self.name}: no 32 × 32-bin window has {min_tissue:.0%} of its bins in "
+                                 f"tissue ({int(in_tissue.sum())} in-tissue bins); lower --min-tissue.")  # fmt: skip
+        self.registration.fit_patches(origins, self.grid_shape)
+        return in_tissue, column, origins
 
     def describe(self) -> dict:
         """What dataset.json records about the sample's sources and geometry."""

@@ -23,6 +23,7 @@ import hashlib
 import os
 import pickle
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -49,7 +50,13 @@ class WeightsSource:
         return self.kind == "random"
 
     def identity(self) -> str:
-        return f"random:{self.seed}" if self.is_random else "sha256:" + sha256_file(self.path)
+        return f"random:{self.seed}" if self.is_random else "sha256:" + self._digest
+
+    @cached_property
+    def _digest(self) -> str:
+        """Hashed once per source: a foundation model's checkpoint is several GB, and loading, the store
+        identity and the run record all name it."""
+        return sha256_file(self.path)
 
 
 def sha256_file(path: Path) -> str:

@@ -25,21 +25,20 @@ def loocv(
     modes: list[str],
     options: dict | None = None,
     *,
-    jobs: int = 1,
     workspace=None,
     device: str = "auto",
-    in_memory: str = "auto",
-    overwrite: bool = False,
     show_progress: bool = True,
+    **runtime,
 ) -> dict:
-    """`train loocv`: random-init features are extracted (seeded with the run seed) when missing, then every fold."""
+    """`train loocv`: random-init features are extracted (seeded with the run seed) when missing, then every fold
+    by :func:`train.loocv.run_loocv` (``runtime``: its ``jobs``, ``in_memory``, ``overwrite``)."""
     from featcache.extract import extract
     from train.config import TrainConfig
     from train.loocv import run_loocv
 
     ws = Workspace.resolve(workspace)
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    seed = options.get("seed", TrainConfig.__dataclass_fields__["seed"].default)
+    seed = options.get("seed", TrainConfig.seed)
     if "random" in modes:
         ws.open_dataset(dataset)
         for e in encoders:
@@ -48,16 +47,7 @@ def loocv(
                     dataset, e, weights=f"random:{seed}", workspace=ws.root, device=device, show_progress=show_progress
                 )
     return run_loocv(
-        dataset,
-        encoders,
-        modes,
-        options,
-        jobs=jobs,
-        workspace=ws.root,
-        device=device,
-        in_memory=in_memory,
-        overwrite=overwrite,
-        show_progress=show_progress,
+        dataset, encoders, modes, options, workspace=ws.root, device=device, show_progress=show_progress, **runtime
     )
 
 

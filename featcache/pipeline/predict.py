@@ -23,7 +23,7 @@ import torch
 
 from featcache.device import resolve_device
 from featcache.errors import FeatcacheError
-from featcache.geometry import BIN_UM, GEOMETRY, bin_table, covering_origins, patch_origins
+from featcache.geometry import BIN_UM, GEOMETRY, bin_table, covering_origins
 from featcache.progress import progress
 from featcache.provenance import library_versions
 from featcache.registration import BinMap
@@ -89,9 +89,10 @@ def load_run(run_dir: str | Path, weights: str | None, dev: torch.device) -> Tra
     else:
         recorded = config["features"]["identity"]["weights"]
         source = resolve_weights(spec, recorded if recorded.startswith("random:") else weights)
-        if source.identity() != recorded:
+        found = source.identity()
+        if found != recorded:
             raise FeatcacheError(
-                f"the weights found ({source.path or source.identity()}, {source.identity()[:20]}…) are not the ones the "
+                f"the weights found ({source.path or found}, {found[:20]}…) are not the ones the "
                 f"run was trained on ({recorded[:20]}…); pass that checkpoint with --weights."
             )
         decoder.load_state_dict(ck["state_dict"])
@@ -124,13 +125,7 @@ def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_
     from featcache.visium import open_sample
 
     s = open_sample(name, positions, image, counts=False)
-    in_tissue, _ = s.grid_lookup()
-    origins = patch_origins(in_tissue, stride, min_tissue)
-    if len(origins) == 0:
-        raise FeatcacheError(
-            f"{positions}: no 32 × 32-bin window has {min_tissue:.0%} of its bins in tissue; lower --min-tissue."
-        )
-    s.registration.fit_patches(origins, s.grid_shape)
+    in_tissue, _, origins = s.plan_patches(stride, min_tissue)
     return Lattice(name, in_tissue, origins, s.registration.map_for, s.registration.px_per_bin, s.microns_per_pixel,
                    f"Space Ranger positions ({s.bin_dir})")  # fmt: skip
 

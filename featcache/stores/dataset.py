@@ -219,6 +219,15 @@ class Dataset:
         self._check_sample(sample)
         return np.asarray(open_local(self.patches_path)[sample]["origin"][:])
 
+    def bin_map(self, sample: str):
+        """The sample's whole-section bin -> full-resolution pixel map (a BinMap), or None when the
+        dataset.json predates registration records."""
+        from featcache.registration import BinMap
+
+        self._check_sample(sample)
+        reg = self.meta["samples"][sample].get("registration", {})
+        return BinMap(np.array(reg["global_homography"])) if "global_homography" in reg else None
+
     def summary(self) -> dict:
         return {
             "dataset": self.name,

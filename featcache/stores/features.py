@@ -122,6 +122,10 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
                 if p.is_file() and p.relative_to(base) != Path("zarr.json")}  # fmt: skip
 
 
+def _n_chunks(identity: dict, sample: str) -> int:
+    return -(-identity["samples"][sample] // identity["chunk_patches"])
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [
@@ -215,6 +219,10 @@ class FeatureStore:
 
     def exists(self) -> bool:
         return self._root_meta() is not None
+
+    def has_identity(self) -> bool:
+        """A featcache feature store (complete or not), not merely some folder or Zarr store."""
+        return bool((self._root_meta() or {}).get("attributes", {}).get("identity"))
 
     @property
     def identity(self) -> dict:
@@ -327,8 +335,7 @@ class FeatureStore:
         return self.loc.open_group(mode)
 
     def n_chunks(self, sample: str) -> int:
-        ident = self.identity
-        return -(-ident["samples"][sample] // ident["chunk_patches"])
+        return _n_chunks(self.identity, sample)
 
     def done_chunks(self, sample: str) -> set[int]:
         return {int(x) for x in self.loc.listdir(sample, DONE) if x.isdigit()}
@@ -351,7 +358,7 @@ class FeatureStore:
             {sample: (done chunks, chunks)}, ``size_bytes``.
         """
         ident = self.identity
-        samples = {s: (len(self.done_chunks(s)), self.n_chunks(s)) for s in ident["samples"]}
+        samples = {s: (len(self.done_chunks(s)), _n_chunks(ident, s)) for s in ident["samples"]}
         return StoreStatus(str(self.loc), ident, self.provenance, samples, self.loc.size_bytes())
 
     def is_complete(self) -> bool:

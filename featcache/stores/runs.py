@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import shutil
 import uuid
@@ -28,7 +27,7 @@ import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.stores.files import append_line, read_json, write_bytes, write_json, write_text
+from featcache.stores.files import append_line, read_json, replace_dir, write_bytes, write_json, write_text
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
 
 FOLD_PREFIX = "fold-"
@@ -235,9 +234,7 @@ def write_prediction_store(path: Path, attrs: dict, origins, genes, gene_ids, ma
         write_strings(root, "gene", genes, "gene")
         write_strings(root, "gene_id", gene_ids, "gene")
         consolidate(partial)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(partial, path)
+        replace_dir(partial, path)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -154,7 +154,7 @@ class Workspace:
             for p in sorted(f.glob("*.zarr"))
             if NAME.fullmatch(p.stem)
         ]
-        return [s for s in stores if (s.exists() and (s._root_meta() or {}).get("attributes", {}).get("identity"))]
+        return [s for s in stores if s.has_identity()]
 
     def check_output(self, location: str) -> None:
         """Refuse a store location inside the workspace's datasets, runs or results, or above them."""
