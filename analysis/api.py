@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY
+from featcache.geometry import GEOMETRY, bin_table
 from featcache.stores import RunDir, Workspace
 from featcache.stores.features import split_store_name
 
@@ -149,6 +149,24 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred", sample: str | None = N
         name=f"{gene}:{var}",
         attrs={"gene": gene, "variable": var, "units": run.attrs.get("units", "z-scored log1p(CP10k)")},
     )
+
+
+def section_bins(run: xr.Dataset, scored_only: bool = True, unnamed: str = ""):
+    """A run's test predictions one row per bin, each section on its own, overlapping patches averaged.
+
+    Yields (sample, (bins, 2) array (row, col), pred (bins, genes), truth (bins, genes), in-tissue
+    fraction (bins,)); ``scored_only`` keeps the bins the metrics scored, else every bin of every
+    patch. A run without a ``sample`` coordinate has one section, named ``unnamed``.
+    """
+    samples = run["sample"].values if "sample" in run.coords else np.full(run.sizes["patch"], unnamed)
+    for s in np.unique(samples):
+        k = np.flatnonzero(samples == s)
+        origins, mask = run["origin"].values[k], run["mask"].values[k]
+        keep = mask if scored_only else np.ones(mask.shape, bool)
+        coords, pred = bin_table(origins, run["pred"].values[k], keep)
+        _, truth = bin_table(origins, run["truth"].values[k], keep)
+        _, tissue = bin_table(origins, mask.astype(np.float32), keep)
+        yield str(s), coords, pred, truth, tissue
 
 
 def stitch_image(dataset: str, sample: str, px_per_bin: int = 2, workspace=None) -> np.ndarray:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import wilcoxon
 
+from analysis.api import section_bins
 from featcache.errors import FeatcacheError
-from featcache.geometry import bin_table
 from featcache.stores import RunDir, Workspace
 
 BLOCK_BINS = 64
@@ -51,14 +51,9 @@ def _pearson(s: np.ndarray) -> np.ndarray:
 def _fold_table(ws: Workspace, run_dir: str):
     """(sample, row, col) keys, predictions and truth (bins × genes) of one run's test bins, overlaps averaged."""
     ds = RunDir(ws.root / run_dir).open_predictions()
-    samples = ds["sample"].values if "sample" in ds.coords else np.full(ds.sizes["patch"], "")
     keys, preds, truths = [], [], []
-    for s in np.unique(samples):
-        k = np.flatnonzero(samples == s)
-        mask, origins = ds["mask"].values[k], ds["origin"].values[k]
-        coords, p = bin_table(origins, ds["pred"].values[k], mask)
-        _, t = bin_table(origins, ds["truth"].values[k], mask)
-        keys.append(np.column_stack([np.full(len(coords), str(s), dtype=object), coords]))
+    for s, coords, p, t, _ in section_bins(ds):
+        keys.append(np.column_stack([np.full(len(coords), s, dtype=object), coords]))
         preds.append(p)
         truths.append(t)
     return np.concatenate(keys), np.concatenate(preds), np.concatenate(truths), [str(g) for g in ds["gene"].values]

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.api import section_bins
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY, bin_table
+from featcache.geometry import GEOMETRY
 from featcache.registration import BinMap
 from featcache.stores import RunDir, Workspace
 from featcache.stores.features import split_store_name
@@ -50,18 +51,11 @@ def run_anndata(run_dir, workspace=None):
     if config is None or not run.is_finished():
         raise FeatcacheError(f"{run.path} is not a finished run folder.")
     ds = run.open_predictions()
-    samples = ds["sample"].values if "sample" in ds.coords else np.full(ds.sizes["patch"], config["fold"])
     parts = []
-    for s in np.unique(samples):
-        k = np.flatnonzero(samples == s)
-        origins = ds["origin"].values[k]
-        everywhere = np.ones((len(k), GEOMETRY.bins, GEOMETRY.bins), bool)
-        coords, pred = bin_table(origins, ds["pred"].values[k], everywhere)
-        _, truth = bin_table(origins, ds["truth"].values[k], everywhere)
-        _, tissue = bin_table(origins, ds["mask"].values[k].astype(np.float32), everywhere)
-        m = _bin_map(ws, config["dataset"], str(s))
+    for s, coords, pred, truth, tissue in section_bins(ds, scored_only=False, unnamed=config["fold"]):
+        m = _bin_map(ws, config["dataset"], s)
         xy = np.column_stack(m.to_pixels(coords[:, 0], coords[:, 1])[::-1]) if m else np.full((len(coords), 2), np.nan)
-        parts.append((str(s), coords, pred, truth, tissue > 0.5, xy))
+        parts.append((s, coords, pred, truth, tissue > 0.5, xy))
     obs = pd.DataFrame({
         "sample": np.concatenate([[s] * len(c) for s, c, *_ in parts]),
         "array_row": np.concatenate([c[:, 0] for _, c, *_ in parts]),

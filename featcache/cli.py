@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from featcache.cli_common import WorkspaceOpt, err, make_app, out, user_errors
+from featcache.cli_common import WorkspaceOpt, err, make_app, out, split_list, user_errors
 from featcache.errors import FeatcacheError
 
 app = make_app("featcache: cut bin-aligned H&E patches from Visium HD outputs and cache encoder token grids.")
@@ -39,7 +39,7 @@ def synth(
 
     if sections < 1:
         raise FeatcacheError(f"--sections {sections}: must be at least 1.")
-    patients = [s.strip() for s in samples.split(",") if s.strip()]
+    patients = split_list(samples)
     names = [f"{p}-s{k}" for p in patients for k in range(1, sections + 1)] if sections > 1 else patients
     cfg = SynthConfig(rows=rows, cols=cols, n_genes=genes, seed=seed, perspective=perspective, image=image,
                       compression=compression, antibody_features=antibody_features, write_mpp=mpp, spaceranger=spaceranger)  # fmt: skip
@@ -170,7 +170,6 @@ def predict(
     workspace: WorkspaceOpt = None,
 ):  # fmt: skip
     """Predict a trained run's gene panel on every 8 µm bin of a slide: Zarr, AnnData (.h5ad) and gene maps."""
-    from featcache.cli_common import split_list
     from featcache.pipeline.predict import predict as run_predict
 
     if min_tissue is not None and not 0 <= min_tissue <= 1:
