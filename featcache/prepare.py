@@ -361,7 +361,7 @@ def _write_sample(s: VisiumHDSample, cut, panel: Panel, library, builder: Datase
         "sample": s.name, "microns_per_pixel": s.microns_per_pixel, "registration": s.registration.to_json(),
         "grid_shape": list(s.grid_shape), "image": str(s.image_path), "image_shape": list(s.image_shape),
     })  # fmt: skip
-    ge = {fid: i for i, fid in enumerate(s.matrix.feature_ids)}
+    ge = _gene_expression_ids(s)
     counts = s.matrix.gather(np.array([ge[fid] for fid in panel.ids]))  # bins × genes, one pass over the matrix
     _write_targets(origins, in_tissue, column, counts, library.astype(np.int32), arrays)
     del counts
