@@ -34,11 +34,13 @@ def figures(
 @user_errors
 def compare(
     dataset: Annotated[str, typer.Option(help="Dataset whose runs to compare.")] = "demo",
-    runs: Annotated[Optional[str], typer.Option(help="Comma-separated runs of the comparison file [default: all].")] = None,
+    runs: Annotated[
+        Optional[str], typer.Option(help="Comma-separated runs of the comparison file [default: all].")
+    ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of spatial blocks.")] = 2000,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     workspace: WorkspaceOpt = None,
-):  # fmt: skip
+):
     """Paired statistics for every pair of runs: per-gene differences, Wilcoxon, block-bootstrap interval."""
     from analysis.compare import comparison_figure, paired_comparison
     from featcache.errors import FeatcacheError
@@ -49,9 +51,13 @@ def compare(
     res = paired_comparison(dataset, split_list(runs) if runs else None, workspace, n_boot=bootstrap, seed=seed)
     for p in res["pairs"]:
         w = p["wilcoxon"]
-        out.print(f"{p['b']} − {p['a']}: Δ pcc_gene {p['mean_pcc_gene_difference']:+.4f} "
-                  f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; {p['genes_favouring_b']}/{p['n_genes']} genes favour "
-                  f"{p['b']}" + (f"; Wilcoxon p = {w['p_value']:.3g}" if w else ""), soft_wrap=True, highlight=False)  # fmt: skip
+        out.print(
+            f"{p['b']} − {p['a']}: Δ pcc_gene {p['mean_pcc_gene_difference']:+.4f} "
+            f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; {p['genes_favouring_b']}/{p['n_genes']} genes favour "
+            f"{p['b']}" + (f"; Wilcoxon p = {w['p_value']:.3g}" if w else ""),
+            soft_wrap=True,
+            highlight=False,
+        )
     figures = comparison_figure(res, Workspace.resolve(workspace).results(dataset).figures_dir)
     out.print(f"written: {res['_path']} and {figures[0]}", soft_wrap=True)
 
@@ -60,13 +66,17 @@ def compare(
 @user_errors
 def export(
     run: Annotated[Optional[Path], typer.Option(help="A finished run folder: its test predictions and truth.")] = None,
-    features: Annotated[Optional[str], typer.Option(help="A feature store of --dataset (e.g. uni2h, uni2h-random): its "
-                                                         "pooled embeddings per patch.")] = None,
+    features: Annotated[
+        Optional[str],
+        typer.Option(help="A feature store of --dataset (e.g. uni2h, uni2h-random): its pooled embeddings per patch."),
+    ] = None,
     dataset: Annotated[str, typer.Option(help="The dataset of --features.")] = "demo",
-    output: Annotated[Optional[Path], typer.Option(help="The .h5ad to write [default: results/<dataset>/exports/...].")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="The .h5ad to write [default: results/<dataset>/exports/...].")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
     workspace: WorkspaceOpt = None,
-):  # fmt: skip
+):
     """AnnData (.h5ad) for scanpy: a run's test predictions and truth, or a feature store's pooled features."""
     from analysis.export import features_anndata, run_anndata
     from featcache.errors import FeatcacheError

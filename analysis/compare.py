@@ -59,8 +59,9 @@ def _fold_table(ws: Workspace, run_dir: str):
     return np.concatenate(keys), np.concatenate(preds), np.concatenate(truths), [str(g) for g in ds["gene"].values]
 
 
-def paired_comparison(dataset: str, runs: list[str] | None = None, workspace=None, n_boot: int = 2000,
-                      seed: int = 0) -> dict:  # fmt: skip
+def paired_comparison(
+    dataset: str, runs: list[str] | None = None, workspace=None, n_boot: int = 2000, seed: int = 0
+) -> dict:
     """Compare every pair of the given runs (default: every run of the comparison file); write and return it."""
     ws = Workspace.resolve(workspace)
     results = ws.results(dataset)
@@ -68,17 +69,25 @@ def paired_comparison(dataset: str, runs: list[str] | None = None, workspace=Non
     runs = runs or sorted(comparison)
     unknown = [r for r in runs if r not in comparison]
     if unknown or len(runs) < 2:
-        raise FeatcacheError(f"--runs: {'unknown run(s) ' + ', '.join(unknown) if unknown else 'name at least two runs'}"
-                             f"; the comparison file has {', '.join(sorted(comparison))}.")  # fmt: skip
+        raise FeatcacheError(
+            f"--runs: {'unknown run(s) ' + ', '.join(unknown) if unknown else 'name at least two runs'}"
+            f"; the comparison file has {', '.join(sorted(comparison))}."
+        )
     tables = {r: {f: _fold_table(ws, v["run_dir"]) for f, v in comparison[r]["fold_results"].items()} for r in runs}
     rng = np.random.default_rng(seed)
     pairs = [_pair(a, b, tables[a], tables[b], n_boot, rng) for a, b in combinations(runs, 2)]
-    out = {"dataset": dataset, "method": {
-        "difference": "B − A of pcc_gene (Pearson per gene over the test patient's scored bins, mean over genes), per "
-        "fold, then the mean over folds", "test": "Wilcoxon signed-rank over genes of the fold-mean per-gene differences",
-        "interval": f"95 % bootstrap ({n_boot} resamples, seed {seed}) resampling {BLOCK_BINS}×{BLOCK_BINS}-bin blocks "
-        "of each test patient", "bins": "each scored bin once (overlapping patches averaged)"},
-        "pairs": pairs}  # fmt: skip
+    out = {
+        "dataset": dataset,
+        "method": {
+            "difference": "B − A of pcc_gene (Pearson per gene over the test patient's scored bins, mean over genes), per "
+            "fold, then the mean over folds",
+            "test": "Wilcoxon signed-rank over genes of the fold-mean per-gene differences",
+            "interval": f"95 % bootstrap ({n_boot} resamples, seed {seed}) resampling {BLOCK_BINS}×{BLOCK_BINS}-bin blocks "
+            "of each test patient",
+            "bins": "each scored bin once (overlapping patches averaged)",
+        },
+        "pairs": pairs,
+    }
     out["_path"] = str(results.write_paired(out))
     return out
 
@@ -92,11 +101,15 @@ def _pair(a: str, b: str, ta: dict, tb: dict, n_boot: int, rng) -> dict:
         keys, pa, truth, genes = ta[f]
         keys_b, pb, truth_b, genes_b = tb[f]
         if genes != genes_b or len(keys) != len(keys_b) or not np.array_equal(keys, keys_b):
-            raise FeatcacheError(f"runs {a} and {b} scored different bins or genes in fold {f}; compare runs of the "
-                                 "same dataset and scoring (--score).")  # fmt: skip
+            raise FeatcacheError(
+                f"runs {a} and {b} scored different bins or genes in fold {f}; compare runs of the "
+                "same dataset and scoring (--score)."
+            )
         if not np.allclose(truth, truth_b, atol=1e-5):
-            raise FeatcacheError(f"runs {a} and {b} have different targets in fold {f} (another --target?); their "
-                                 "correlations are not comparable.")  # fmt: skip
+            raise FeatcacheError(
+                f"runs {a} and {b} have different targets in fold {f} (another --target?); their "
+                "correlations are not comparable."
+            )
         block_key = [f"{s}:{int(r) // BLOCK_BINS}:{int(c) // BLOCK_BINS}" for s, r, c in keys]
         blocks = np.unique(block_key, return_inverse=True)[1].ravel()
         sa, sb = _stats(pa, truth, blocks), _stats(pb, truth, blocks)
@@ -111,13 +124,17 @@ def _pair(a: str, b: str, ta: dict, tb: dict, n_boot: int, rng) -> dict:
     test = wilcoxon(gene_diff[ok]) if ok.sum() > 1 and np.any(gene_diff[ok] != 0) else None
     mean_boot = np.mean(np.stack(boots), axis=0)
     return {
-        "a": a, "b": b, "mean_pcc_gene_difference": float(np.mean(list(observed.values()))),
+        "a": a,
+        "b": b,
+        "mean_pcc_gene_difference": float(np.mean(list(observed.values()))),
         "ci95": [float(np.percentile(mean_boot, 2.5)), float(np.percentile(mean_boot, 97.5))],
-        "per_fold": observed, "folds": folds, "n_genes": int(ok.sum()),
+        "per_fold": observed,
+        "folds": folds,
+        "n_genes": int(ok.sum()),
         "genes_favouring_b": int((gene_diff[ok] > 0).sum()),
         "wilcoxon": {"statistic": float(test.statistic), "p_value": float(test.pvalue)} if test else None,
         "per_gene_difference": {g: (float(v) if np.isfinite(v) else None) for g, v in zip(genes, gene_diff)},
-    }  # fmt: skip
+    }
 
 
 def comparison_figure(res: dict, out: Path) -> list[Path]:
@@ -132,8 +149,16 @@ def comparison_figure(res: dict, out: Path) -> list[Path]:
         lo, hi = np.array([p["ci95"][0] for p in pairs]), np.array([p["ci95"][1] for p in pairs])
         for k in range(len(pairs)):
             colour = "#0072B2" if (lo[k] > 0 or hi[k] < 0) else "#999999"
-            ax.errorbar(mean[k], y[k], xerr=[[mean[k] - lo[k]], [hi[k] - mean[k]]], fmt="o", color=colour, capsize=3,
-                        lw=1.5, ms=5)  # fmt: skip
+            ax.errorbar(
+                mean[k],
+                y[k],
+                xerr=[[mean[k] - lo[k]], [hi[k] - mean[k]]],
+                fmt="o",
+                color=colour,
+                capsize=3,
+                lw=1.5,
+                ms=5,
+            )
         ax.axvline(0, color="black", lw=0.8)
         labels = []
         for p in pairs:

@@ -56,16 +56,22 @@ def run_anndata(run_dir, workspace=None):
         m = _bin_map(ws, config["dataset"], s)
         xy = np.column_stack(m.to_pixels(coords[:, 0], coords[:, 1])[::-1]) if m else np.full((len(coords), 2), np.nan)
         parts.append((s, coords, pred, truth, tissue > 0.5, xy))
-    obs = pd.DataFrame({
-        "sample": np.concatenate([[s] * len(c) for s, c, *_ in parts]),
-        "array_row": np.concatenate([c[:, 0] for _, c, *_ in parts]),
-        "array_col": np.concatenate([c[:, 1] for _, c, *_ in parts]),
-        "in_tissue": np.concatenate([t for *_, t, _ in parts]).astype(np.int8),
-    })  # fmt: skip
+    obs = pd.DataFrame(
+        {
+            "sample": np.concatenate([[s] * len(c) for s, c, *_ in parts]),
+            "array_row": np.concatenate([c[:, 0] for _, c, *_ in parts]),
+            "array_col": np.concatenate([c[:, 1] for _, c, *_ in parts]),
+            "in_tissue": np.concatenate([t for *_, t, _ in parts]).astype(np.int8),
+        }
+    )
     obs.index = [f"{s}_{r:05d}_{c:05d}" for s, r, c in zip(obs["sample"], obs["array_row"], obs["array_col"])]
     pred = np.concatenate([p for _, _, p, *_ in parts]).astype(np.float32)
-    adata = ad.AnnData(X=pred, obs=obs, layers={"pred": pred, "truth": np.concatenate([p[3] for p in parts]).astype(np.float32)},
-                       obsm={"spatial": np.concatenate([p[5] for p in parts])})  # fmt: skip
+    adata = ad.AnnData(
+        X=pred,
+        obs=obs,
+        layers={"pred": pred, "truth": np.concatenate([p[3] for p in parts]).astype(np.float32)},
+        obsm={"spatial": np.concatenate([p[5] for p in parts])},
+    )
     adata.var_names = [str(g) for g in ds["gene"].values]
     adata.var["gene_id"] = [str(g) for g in ds["gene_id"].values]
     adata.uns["featcache"] = {"run": str(run.path), "space": ds.attrs.get("space", ""), "fold": config["fold"]}
@@ -109,7 +115,8 @@ def features_anndata(dataset: str, encoder: str, workspace=None):
         rows += [(s, int(r), int(c)) for r, c in origins]
     obs = pd.DataFrame(rows, columns=["sample", "origin_row", "origin_col"])
     obs.index = [f"{s}_{r:05d}_{c:05d}" for s, r, c in rows]
-    adata = ad.AnnData(X=np.concatenate(pooled), obs=obs, obsm={"spatial": np.concatenate(xy),
-                                                                "grid_mean": np.concatenate(grid_mean)})  # fmt: skip
+    adata = ad.AnnData(
+        X=np.concatenate(pooled), obs=obs, obsm={"spatial": np.concatenate(xy), "grid_mean": np.concatenate(grid_mean)}
+    )
     adata.uns["featcache"] = {"store": str(store), "identity": store.identity}
     return adata

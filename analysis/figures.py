@@ -55,8 +55,14 @@ def category(gene: str) -> str:
     return next((c for c, genes in CATEGORIES.items() if gene in genes), "other")
 
 
-STYLE = {"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False, "axes.titlesize": 11,
-         "axes.labelsize": 10, "font.size": 9}  # fmt: skip
+STYLE = {
+    "figure.dpi": 110,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "font.size": 9,
+}
 MODE_LABELS = {"random": "random-init (floor)", "frozen": "frozen", "finetune": "fine-tuned"}
 LABELS = {"pcc_gene": "PCC per gene (mean over genes)", "pearson_r": "Pearson r (all values, the reference's)"}
 
@@ -120,10 +126,22 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
         runs = res["results"]
         main = {(r["encoder_name"], r["mode"]): r for r in runs.values() if r["default_protocol"]}
         encoders = sorted({e for e, _ in main})
-        written = _modes_figure(main, encoders, key, out, "encoder_comparison",
-                                "Every mode of every encoder (leave-one-patient-out, mean ± std over folds)")  # fmt: skip
-        written += _modes_figure(main, encoders, "pearson_r", out, "encoder_comparison_grouped",
-                                 "The same runs in the reference study's metric (pearson_r)")  # fmt: skip
+        written = _modes_figure(
+            main,
+            encoders,
+            key,
+            out,
+            "encoder_comparison",
+            "Every mode of every encoder (leave-one-patient-out, mean ± std over folds)",
+        )
+        written += _modes_figure(
+            main,
+            encoders,
+            "pearson_r",
+            out,
+            "encoder_comparison_grouped",
+            "The same runs in the reference study's metric (pearson_r)",
+        )
         written += _all_runs(runs, key, out)
         written += _params(main, encoders, key, out, params)
         written += _per_fold(runs, key, out)
@@ -138,13 +156,28 @@ def _modes_figure(main: dict, encoders: list[str], key: str, out: Path, name: st
     w = 0.8 / len(bars)
     for i, mode in enumerate(bars):
         vals = [_metric(main.get((e, mode)), key) for e in encoders]
-        ax.bar(x + (i - (len(bars) - 1) / 2) * w, [v for v, _ in vals], w, yerr=[s for _, s in vals], capsize=3,
-               color=MODE_COLOURS[mode], label=MODE_LABELS[mode])  # fmt: skip
+        ax.bar(
+            x + (i - (len(bars) - 1) / 2) * w,
+            [v for v, _ in vals],
+            w,
+            yerr=[s for _, s in vals],
+            capsize=3,
+            color=MODE_COLOURS[mode],
+            label=MODE_LABELS[mode],
+        )
     floor = [_metric(main.get((e, "random")), key)[0] for e in encoders]
     for xi, v in zip(x, floor):
         if np.isfinite(v):
-            ax.hlines(v, xi - 0.45, xi + 0.45, colors="black", linestyles="--", lw=1.4, zorder=4,
-                      label=MODE_LABELS["random"] if xi == x[np.isfinite(floor)][0] else None)  # fmt: skip
+            ax.hlines(
+                v,
+                xi - 0.45,
+                xi + 0.45,
+                colors="black",
+                linestyles="--",
+                lw=1.4,
+                zorder=4,
+                label=MODE_LABELS["random"] if xi == x[np.isfinite(floor)][0] else None,
+            )
     ax.set_xticks(x, encoders, rotation=20, ha="right")
     ax.set_ylabel(LABELS.get(key, key))
     ax.set_title(title)
@@ -157,8 +190,13 @@ def _all_runs(runs: dict, key: str, out: Path) -> list[Path]:
     order = sorted(runs, key=lambda k: -np.nan_to_num(_metric(runs[k], key)[0], nan=-9))
     fig, ax = _figure(6.0, 0.38 * len(order) + 1.3)
     vals = [_metric(runs[k], key) for k in order]
-    ax.barh(range(len(order)), [v for v, _ in vals], xerr=[s for _, s in vals], capsize=3,
-            color=[MODE_COLOURS.get(runs[k]["mode"], OKABE_ITO[0]) for k in order])  # fmt: skip
+    ax.barh(
+        range(len(order)),
+        [v for v, _ in vals],
+        xerr=[s for _, s in vals],
+        capsize=3,
+        color=[MODE_COLOURS.get(runs[k]["mode"], OKABE_ITO[0]) for k in order],
+    )
     ceiling = [_metric(runs[k], "noise_ceiling_pcc_gene")[0] for k in order]
     if key == "pcc_gene" and np.isfinite(ceiling).any():
         ax.axvline(np.nanmean(ceiling), color="#D55E00", ls=":", lw=1.2, label="noise ceiling (synthetic data)")
@@ -179,8 +217,14 @@ def _params(main: dict, encoders: list[str], key: str, out: Path, params: dict |
         pts = [(params.get(e), _metric(main.get((e, mode)), key)[0], e) for e in encoders if (e, mode) in main]
         pts = [p for p in pts if p[0]]
         if pts:
-            ax.scatter([p for p, _, _ in pts], [v for _, v, _ in pts], color=MODE_COLOURS[mode], label=MODE_LABELS[mode],
-                       s=40, zorder=3)  # fmt: skip
+            ax.scatter(
+                [p for p, _, _ in pts],
+                [v for _, v, _ in pts],
+                color=MODE_COLOURS[mode],
+                label=MODE_LABELS[mode],
+                s=40,
+                zorder=3,
+            )
             for p, v, e in pts:
                 ax.annotate(e, (p, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
@@ -197,8 +241,14 @@ def _per_fold(runs: dict, key: str, out: Path) -> list[Path]:
     fold_key = "pcc_gene" if key == "pcc_gene" else "pearson_r"
     for i, (name, r) in enumerate(sorted(runs.items())):
         ys = [r.get("fold_results", {}).get(f, {}).get(fold_key) for f in folds]
-        ax.plot(range(len(folds)), [np.nan if v is None else v for v in ys], marker="o", label=name,
-                color=OKABE_ITO[i % len(OKABE_ITO)], ls="--" if r["mode"] == "random" else "-")  # fmt: skip
+        ax.plot(
+            range(len(folds)),
+            [np.nan if v is None else v for v in ys],
+            marker="o",
+            label=name,
+            color=OKABE_ITO[i % len(OKABE_ITO)],
+            ls="--" if r["mode"] == "random" else "-",
+        )
     ax.set_xticks(range(len(folds)), [f.replace("test_", "test patient ") for f in folds])
     ax.set_ylabel(LABELS.get(fold_key, fold_key))
     ax.set_title("Per-fold consistency")
@@ -243,15 +293,22 @@ def _spatial_figures(dataset, sample, run_dirs, genes, out: Path, workspace) -> 
         axes[1].set_title(f"measured {gene}")
         for ax, (name, ds) in zip(axes[2:], runs.items()):
             pg = ds.attrs.get("metrics", {}).get("per_gene", {}).get(gene, {})
-            ax.imshow(_masked(stitch(ds, gene, "pred", sample=sample), mask), cmap="viridis", vmin=lo, vmax=hi,
-                      interpolation="nearest")  # fmt: skip
+            ax.imshow(
+                _masked(stitch(ds, gene, "pred", sample=sample), mask),
+                cmap="viridis",
+                vmin=lo,
+                vmax=hi,
+                interpolation="nearest",
+            )
             ax.set_title(f"{name}\n{gene}: PCC {_fmt(pg.get('pcc'))}, SSIM {_fmt(pg.get('ssim'))}", fontsize=8)
         for ax in axes:
             ax.set_xticks([])
             ax.set_yticks([])
         fig.colorbar(im, ax=axes[1:], shrink=0.8, label=space)
-        fig.suptitle(f"{gene} ({category(gene)}), test patient {fold}: per-gene PCC and SSIM over this fold's test bins",
-                     fontsize=9)  # fmt: skip
+        fig.suptitle(
+            f"{gene} ({category(gene)}), test patient {fold}: per-gene PCC and SSIM over this fold's test bins",
+            fontsize=9,
+        )
         written += _save(fig, out / "spatial", f"{category(gene)}_{gene}_{sample}")
     path = out / f"metrics_summary_{sample}.json"
     write_json(path, {"dataset": dataset, "sample": sample, "fold": fold, "runs": summary})

@@ -149,8 +149,9 @@ def main() -> None:
             for log in sorted((Path(tmp) / "runs").rglob("log.jsonl")):
                 cfg = json.loads((log.parent / "config.json").read_text())
                 seconds = np.median([json.loads(line)["seconds"] for line in log.read_text().splitlines()[1:]])
-                split, _ = blocked_split({s: inputs.arrays[s].origin for s in cfg["train_samples"]},
-                                         cfg["val_fraction"], cfg["seed"])  # fmt: skip
+                split, _ = blocked_split(
+                    {s: inputs.arrays[s].origin for s in cfg["train_samples"]}, cfg["val_fraction"], cfg["seed"]
+                )
                 rates.append(sum(len(v) for v in split.values()) / seconds)
             row["loocv_epoch_tiles_s"] = round(float(np.median(rates)), 1)
             row["loocv_epoch_vs_on_device_steps"] = round(float(np.median(rates)) / cached, 3)

@@ -194,8 +194,16 @@ def write_only(folder: Path, n: int, threads: int, skip_empty_check: bool, codec
     path = folder / "writeprobe.zarr"
     shutil.rmtree(path, ignore_errors=True)
     root = zarr.open_group(zarr.storage.LocalStore(path), mode="w")
-    create_array(root, "tokens", shape=(n, 1536, 32, 32), chunks=(3, 1536, 32, 32), dtype="float16",
-                 dims=("patch", "channel", "row", "col"), fill_value=float("nan"), codec=codec)  # fmt: skip
+    create_array(
+        root,
+        "tokens",
+        shape=(n, 1536, 32, 32),
+        chunks=(3, 1536, 32, 32),
+        dtype="float16",
+        dims=("patch", "channel", "row", "col"),
+        fill_value=float("nan"),
+        codec=codec,
+    )
     arr = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")["tokens"]
     if skip_empty_check:
         arr = arr.with_config({"write_empty_chunks": True})

@@ -81,9 +81,17 @@ def through_train_finetune(args, encoder: str, dev, plain_rate: float) -> dict:
     ws = Workspace.resolve(args.workspace)
     ds = ws.open_dataset(args.dataset)
     fold = sorted(ds.patients)[0]
-    cfg = TrainConfig(dataset=args.dataset, encoder=encoder, fold=fold, mode="finetune", weights="random:0",
-                      epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.batch_size,
-                      grad_checkpointing=args.grad_checkpointing)  # fmt: skip
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        encoder=encoder,
+        fold=fold,
+        mode="finetune",
+        weights="random:0",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        micro_batch=args.batch_size,
+        grad_checkpointing=args.grad_checkpointing,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "datasets").symlink_to(ws.root / "datasets")
         if dev.type == "cuda":

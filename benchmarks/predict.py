@@ -65,8 +65,13 @@ else:
 
 
 def child(**task) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(task)], check=True, capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(task)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -129,20 +134,47 @@ def main() -> None:
         image = next(p for p in sample.iterdir() if p.name.endswith(".btf"))
         t = time.perf_counter()
         ext = child(task="extract", dataset=f"large{bins}", sample=str(sample), **common)
-        pos = child(task="predict", run=str(run), image=str(image), positions=str(sample / "outs"),
-                    output=str(args.workdir / f"pred-pos-{bins}"), workers=args.workers, **common)  # fmt: skip
-        virt = child(task="predict", run=str(run), image=str(image), output=str(args.workdir / f"pred-virtual-{bins}"),
-                     workers=args.workers, **common)  # fmt: skip
-        emit({"benchmark": "predict", "encoder": args.encoder, "device": device, "slide_bins": bins**2,
-              "extract_patches": ext["patches"], "extract_tiles_s": round(ext["tiles_s"], 2),
-              "predict_positions_patches": pos["patches"], "predict_positions_tiles_s": round(pos["tiles_s"], 2),
-              "predict_vs_extract": round(pos["tiles_s"] / ext["tiles_s"], 3),
-              "predict_virtual_patches": virt["patches"], "predict_virtual_bins": virt["bins"],
-              "predict_virtual_tiles_s": round(virt["tiles_s"], 2), "peak_rss_mb_predict_positions": pos["peak_rss_mb"],
-              "peak_rss_mb_predict_virtual": virt["peak_rss_mb"], "peak_rss_mb_prepare_extract": ext["peak_rss_mb"],
-              "batch_size": args.batch_size, "predict_workers": args.workers, "wall_s": round(time.perf_counter() - t, 1),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"},
-             args.out)  # fmt: skip
+        pos = child(
+            task="predict",
+            run=str(run),
+            image=str(image),
+            positions=str(sample / "outs"),
+            output=str(args.workdir / f"pred-pos-{bins}"),
+            workers=args.workers,
+            **common,
+        )
+        virt = child(
+            task="predict",
+            run=str(run),
+            image=str(image),
+            output=str(args.workdir / f"pred-virtual-{bins}"),
+            workers=args.workers,
+            **common,
+        )
+        emit(
+            {
+                "benchmark": "predict",
+                "encoder": args.encoder,
+                "device": device,
+                "slide_bins": bins**2,
+                "extract_patches": ext["patches"],
+                "extract_tiles_s": round(ext["tiles_s"], 2),
+                "predict_positions_patches": pos["patches"],
+                "predict_positions_tiles_s": round(pos["tiles_s"], 2),
+                "predict_vs_extract": round(pos["tiles_s"] / ext["tiles_s"], 3),
+                "predict_virtual_patches": virt["patches"],
+                "predict_virtual_bins": virt["bins"],
+                "predict_virtual_tiles_s": round(virt["tiles_s"], 2),
+                "peak_rss_mb_predict_positions": pos["peak_rss_mb"],
+                "peak_rss_mb_predict_virtual": virt["peak_rss_mb"],
+                "peak_rss_mb_prepare_extract": ext["peak_rss_mb"],
+                "batch_size": args.batch_size,
+                "predict_workers": args.workers,
+                "wall_s": round(time.perf_counter() - t, 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            },
+            args.out,
+        )
 
 
 if __name__ == "__main__":

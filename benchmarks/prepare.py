@@ -65,8 +65,11 @@ def main() -> None:
         t = time.perf_counter()
         from featcache.synth import SynthConfig, synthesize
 
-        synthesize(raw, ["B1"], SynthConfig(rows=args.bins, cols=args.bins, n_genes=args.genes, seed=0,
-                                            compression=args.compression))  # fmt: skip
+        synthesize(
+            raw,
+            ["B1"],
+            SynthConfig(rows=args.bins, cols=args.bins, n_genes=args.genes, seed=0, compression=args.compression),
+        )
         print(f"synthesized in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     image = raw / "B1" / "B1_tissue_image.btf"
     with tifffile.TiffFile(image) as tf:
@@ -81,22 +84,37 @@ def main() -> None:
     # A fresh interpreter runs prepare and reports its own peak RSS, read from /proc (ru_maxrss survives exec and
     # would report this parent's peak, e.g. while synthesizing the input).
     t = time.perf_counter()
-    child = subprocess.run([sys.executable, "-c", CHILD, str(raw / "B1"), str(ws), str(args.workers)],
-                           check=True, capture_output=True, text=True)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(raw / "B1"), str(ws), str(args.workers)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t
     measured = json.loads(child.stdout.strip().splitlines()[-1])
     meta = json.loads((ws / "datasets" / "bench" / "dataset.json").read_text())
     n = meta["samples"]["B1"]["n_patches"]
-    emit({
-        "benchmark": "prepare", "image_px": list(shape[:2]), "image_raw_mb": round(shape[0] * shape[1] * 3 / 2**20),
-        "image_compression": compression, "bins": args.bins**2, "in_tissue_bins": n_bins_in_tissue,
-        "features": n_features, "nonzeros": nnz, "patches": n, "wall_s": round(wall, 1),
-        "patches_per_s": round(n / wall, 2), "peak_rss_mb": measured["peak_rss_mb"],
-        "rss_before_rendering_mb": measured["rss_before_rendering_mb"],
-        "rss_growth_while_rendering_mb": measured["peak_rss_mb"] - measured["rss_before_rendering_mb"],
-        "workers": args.workers,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-    }, args.out)  # fmt: skip
+    emit(
+        {
+            "benchmark": "prepare",
+            "image_px": list(shape[:2]),
+            "image_raw_mb": round(shape[0] * shape[1] * 3 / 2**20),
+            "image_compression": compression,
+            "bins": args.bins**2,
+            "in_tissue_bins": n_bins_in_tissue,
+            "features": n_features,
+            "nonzeros": nnz,
+            "patches": n,
+            "wall_s": round(wall, 1),
+            "patches_per_s": round(n / wall, 2),
+            "peak_rss_mb": measured["peak_rss_mb"],
+            "rss_before_rendering_mb": measured["rss_before_rendering_mb"],
+            "rss_growth_while_rendering_mb": measured["peak_rss_mb"] - measured["rss_before_rendering_mb"],
+            "workers": args.workers,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

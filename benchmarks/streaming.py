@@ -56,8 +56,16 @@ def build(workdir: Path, samples: int, bins: int, encoder: str) -> Workspace:
     if not store.is_complete():
         spec, ds = get_spec(encoder), ws.open_dataset("stream")
         chunk = chunk_patches_for(spec.grid, spec.dim)
-        identity = make_identity(spec=spec.describe(), weights="random:benchmark", prefix_tokens=0, dataset=ds.meta,
-                                 chunk=chunk, compute={"precision": "synthetic"}, codec="zstd1", layout="channel-first")  # fmt: skip
+        identity = make_identity(
+            spec=spec.describe(),
+            weights="random:benchmark",
+            prefix_tokens=0,
+            dataset=ds.meta,
+            chunk=chunk,
+            compute={"precision": "synthetic"},
+            codec="zstd1",
+            layout="channel-first",
+        )
         root = store.open_or_create(
             identity, {"benchmark": True}, {s: ds.origins(s) for s in ds.samples}, overwrite=True
         )
@@ -106,16 +114,28 @@ def main() -> None:
     for epoch in range(args.epochs):  # interleaved, so that both see the same page cache
         raw.append(raw_reads(ws, store, inputs.samples))
         t = time.perf_counter()
-        n = sum(len(b[0]) for b in Batches(inputs, every, transform, args.batch_size, in_memory=False)
-                .epoch(shuffle=True, seed=epoch))  # fmt: skip
+        n = sum(
+            len(b[0])
+            for b in Batches(inputs, every, transform, args.batch_size, in_memory=False).epoch(shuffle=True, seed=epoch)
+        )
         stream.append(n / (time.perf_counter() - t))
     per_patch = int(np.prod(inputs.arrays[inputs.samples[0]].tokens.shape[1:])) * 2
-    emit({"benchmark": "streaming", "encoder_shape": args.encoder, "patches": int(sum(len(v) for v in every.values())),
-          "token_mb_per_patch": round(per_patch / 2**20, 2), "token_chunk_patches": inputs.arrays[inputs.samples[0]].chunk,
-          "batch_size": args.batch_size, "raw_tiles_s": round(float(np.median(raw)), 1),
-          "stream_tiles_s": round(float(np.median(stream)), 1), "epochs": args.epochs,
-          "stream_vs_raw": round(float(np.median(np.array(stream) / np.array(raw))), 3),
-          "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}, args.out)  # fmt: skip
+    emit(
+        {
+            "benchmark": "streaming",
+            "encoder_shape": args.encoder,
+            "patches": int(sum(len(v) for v in every.values())),
+            "token_mb_per_patch": round(per_patch / 2**20, 2),
+            "token_chunk_patches": inputs.arrays[inputs.samples[0]].chunk,
+            "batch_size": args.batch_size,
+            "raw_tiles_s": round(float(np.median(raw)), 1),
+            "stream_tiles_s": round(float(np.median(stream)), 1),
+            "epochs": args.epochs,
+            "stream_vs_raw": round(float(np.median(np.array(stream) / np.array(raw))), 3),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

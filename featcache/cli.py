@@ -19,20 +19,32 @@ app = make_app("featcache: cut bin-aligned H&E patches from Visium HD outputs an
 @user_errors
 def synth(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the samples into.")],
-    samples: Annotated[str, typer.Option(help="Comma-separated patients (one sample each unless --sections).")] = "P1,P2,P5",
+    samples: Annotated[
+        str, typer.Option(help="Comma-separated patients (one sample each unless --sections).")
+    ] = "P1,P2,P5",
     seed: Annotated[int, typer.Option(help="Random seed; the dataset is identical for the same seed.")] = 0,
     rows: Annotated[int, typer.Option(help="8 µm bins along array_row per sample.")] = 128,
     cols: Annotated[int, typer.Option(help="8 µm bins along array_col per sample.")] = 160,
     genes: Annotated[int, typer.Option(help="Genes in the panel (≥ 64; above 2000 counts are drawn sparsely).")] = 250,
-    sections: Annotated[int, typer.Option(help="Sections per patient (samples <patient>-s1, -s2, ...; writes manifest.csv).")] = 1,
-    perspective: Annotated[float, typer.Option(help="Projective registration: the bin pitch changes by ± this fraction across the grid.")] = 0.0,
-    image: Annotated[str, typer.Option(help="Microscope image container: btf, ome.tif, tif (striped), jpg, png.")] = "btf",
+    sections: Annotated[
+        int, typer.Option(help="Sections per patient (samples <patient>-s1, -s2, ...; writes manifest.csv).")
+    ] = 1,
+    perspective: Annotated[
+        float, typer.Option(help="Projective registration: the bin pitch changes by ± this fraction across the grid.")
+    ] = 0.0,
+    image: Annotated[
+        str, typer.Option(help="Microscope image container: btf, ome.tif, tif (striped), jpg, png.")
+    ] = "btf",
     compression: Annotated[str, typer.Option(help="TIFF compression: zlib, jpeg, lzw, jpeg2000, none.")] = "zlib",
     antibody_features: Annotated[int, typer.Option(help="Antibody Capture features added to each matrix.")] = 0,
-    missing_genes: Annotated[Optional[list[str]], typer.Option(help="SAMPLE=N: that sample's matrix lacks the last N genes.")] = None,
+    missing_genes: Annotated[
+        Optional[list[str]], typer.Option(help="SAMPLE=N: that sample's matrix lacks the last N genes.")
+    ] = None,
     mpp: Annotated[bool, typer.Option("--mpp/--no-mpp", help="Write microns_per_pixel into the scale factors.")] = True,
-    spaceranger: Annotated[str, typer.Option(help="Space Ranger version to imitate (4.x adds segmented_outputs/).")] = "3.1.2",
-):  # fmt: skip
+    spaceranger: Annotated[
+        str, typer.Option(help="Space Ranger version to imitate (4.x adds segmented_outputs/).")
+    ] = "3.1.2",
+):
     """Write a synthetic Visium HD dataset in Space Ranger's on-disk layout, with the quirks real deposits have."""
     from featcache.prepare import parse_pairs
     from featcache.synth import SynthConfig, synthesize
@@ -41,8 +53,18 @@ def synth(
         raise FeatcacheError(f"--sections {sections}: must be at least 1.")
     patients = split_list(samples)
     names = [f"{p}-s{k}" for p in patients for k in range(1, sections + 1)] if sections > 1 else patients
-    cfg = SynthConfig(rows=rows, cols=cols, n_genes=genes, seed=seed, perspective=perspective, image=image,
-                      compression=compression, antibody_features=antibody_features, write_mpp=mpp, spaceranger=spaceranger)  # fmt: skip
+    cfg = SynthConfig(
+        rows=rows,
+        cols=cols,
+        n_genes=genes,
+        seed=seed,
+        perspective=perspective,
+        image=image,
+        compression=compression,
+        antibody_features=antibody_features,
+        write_mpp=mpp,
+        spaceranger=spaceranger,
+    )
     missing = parse_pairs(missing_genes, "--missing-genes", "sample")
     try:
         per_sample = {s: {"missing_genes": int(n)} for s, n in missing.items()}
@@ -52,14 +74,26 @@ def synth(
     if stray:
         raise FeatcacheError(f"--missing-genes names {', '.join(stray)}, which is not a sample ({', '.join(names)}).")
     with err.status("synthesizing ...") as status:
-        reports = synthesize(out_dir, names, cfg, on_sample=lambda r: status.update(f"wrote {r['sample']}"),
-                             per_sample=per_sample, patients={n: n.rsplit("-s", 1)[0] for n in names} if sections > 1 else None)  # fmt: skip
+        reports = synthesize(
+            out_dir,
+            names,
+            cfg,
+            on_sample=lambda r: status.update(f"wrote {r['sample']}"),
+            per_sample=per_sample,
+            patients={n: n.rsplit("-s", 1)[0] for n in names} if sections > 1 else None,
+        )
     table = Table(title=f"synthetic Visium HD dataset in {out_dir}")
     for col in ("sample", "patient", "in-tissue bins", "median UMIs/bin", "image (px)", "grid rotation"):
         table.add_column(col)
     for r in reports:
-        table.add_row(r["sample"], r["patient"], str(r["in_tissue_bins"]), f"{r['median_umis']:.0f}",
-                      "×".join(map(str, r["image_shape"])), f"{r['rotation_deg']:+.2f}°" + (" flipped" if r["flip_rows"] else ""))  # fmt: skip
+        table.add_row(
+            r["sample"],
+            r["patient"],
+            str(r["in_tissue_bins"]),
+            f"{r['median_umis']:.0f}",
+            "×".join(map(str, r["image_shape"])),
+            f"{r['rotation_deg']:+.2f}°" + (" flipped" if r["flip_rows"] else ""),
+        )
     out.print(table)
     if sections > 1:
         out.print(
@@ -71,28 +105,62 @@ def synth(
 @user_errors
 def prepare(
     dataset: Annotated[str, typer.Option(help="Name of the dataset to create in the workspace.")],
-    sample: Annotated[Optional[list[str]], typer.Option(help="NAME=DIR: a Space Ranger output (folder with outs/, outs/ "
-                                                              "or square_008um/). Repeat per sample.")] = None,
-    image: Annotated[Optional[list[str]], typer.Option(help="NAME=FILE: the microscope image when not found next to "
-                                                             "outs/ (TIFF/BigTIFF/OME-TIFF/SVS, JPEG, PNG).")] = None,
-    patient: Annotated[Optional[list[str]], typer.Option(help="SAMPLE=PATIENT: the patient of a sample [default: the "
-                                                               "sample itself]. A fold is a patient.")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help="CSV with columns sample,patient,path[,image], instead of "
-                                                           "(or beside) --sample/--patient/--image.")] = None,
-    genes: Annotated[str, typer.Option(help="Gene panel: top-mean:N, or a file with one gene name or id per line.")] = "top-mean:50",
+    sample: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="NAME=DIR: a Space Ranger output (folder with outs/, outs/ or square_008um/). Repeat per sample."
+        ),
+    ] = None,
+    image: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="NAME=FILE: the microscope image when not found next to outs/ (TIFF/BigTIFF/OME-TIFF/SVS, JPEG, PNG)."
+        ),
+    ] = None,
+    patient: Annotated[
+        Optional[list[str]],
+        typer.Option(help="SAMPLE=PATIENT: the patient of a sample [default: the sample itself]. A fold is a patient."),
+    ] = None,
+    manifest: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="CSV with columns sample,patient,path[,image], instead of (or beside) --sample/--patient/--image."
+        ),
+    ] = None,
+    genes: Annotated[
+        str, typer.Option(help="Gene panel: top-mean:N, or a file with one gene name or id per line.")
+    ] = "top-mean:50",
     stride: Annotated[int, typer.Option(help="Step between patch origins, in 8 µm bins.")] = 32,
-    min_tissue: Annotated[float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")] = 0.5,
+    min_tissue: Annotated[
+        float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")
+    ] = 0.5,
     workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: up to 4].")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset of this name made from other inputs.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing dataset of this name made from other inputs.")
+    ] = False,
     workspace: WorkspaceOpt = None,
-):  # fmt: skip
+):
     """Cut bin-aligned 448 px patches and per-bin targets into Zarr stores."""
     from featcache.prepare import merge_inputs, parse_pairs, prepare_dataset
 
-    inputs = merge_inputs(parse_pairs(sample, "--sample"), parse_pairs(image, "--image"),
-                          parse_pairs(patient, "--patient", "sample"), str(manifest) if manifest else None)  # fmt: skip
-    res = prepare_dataset(dataset, inputs.samples, inputs.images, genes=genes, stride=stride, min_tissue=min_tissue,
-                          workspace=workspace, overwrite=overwrite, workers=workers, patients=inputs.patients)  # fmt: skip
+    inputs = merge_inputs(
+        parse_pairs(sample, "--sample"),
+        parse_pairs(image, "--image"),
+        parse_pairs(patient, "--patient", "sample"),
+        str(manifest) if manifest else None,
+    )
+    res = prepare_dataset(
+        dataset,
+        inputs.samples,
+        inputs.images,
+        genes=genes,
+        stride=stride,
+        min_tissue=min_tissue,
+        workspace=workspace,
+        overwrite=overwrite,
+        workers=workers,
+        patients=inputs.patients,
+    )
     if res.up_to_date:
         out.print(f"dataset {dataset!r} is up to date at {res.path}; nothing to do.")
         return
@@ -155,28 +223,55 @@ def predict(
     run: Annotated[Path, typer.Option(help="A finished run folder (runs/<dataset>/<encoder>/<run>/fold-<patient>).")],
     image: Annotated[Path, typer.Option(help="The H&E slide (TIFF/BigTIFF/OME-TIFF/SVS, JPEG, PNG).")],
     mpp: Annotated[Optional[float], typer.Option(help="µm per pixel [default: from the image's metadata].")] = None,
-    positions: Annotated[Optional[Path], typer.Option(help="A Space Ranger square_008um/ folder (or its outs/): predict on "
-                                                           "that sample's own lattice and patches.")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Output folder [default: predictions/<run>/<slide>/ in the workspace].")] = None,
+    positions: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A Space Ranger square_008um/ folder (or its outs/): predict on that sample's own lattice and patches."
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="Output folder [default: predictions/<run>/<slide>/ in the workspace].")
+    ] = None,
     genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes to draw as maps over the slide.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="The encoder checkpoint the run was trained on (checked by identity).")] = None,
+    weights: Annotated[
+        Optional[str], typer.Option(help="The encoder checkpoint the run was trained on (checked by identity).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-    min_tissue: Annotated[Optional[float], typer.Option(help="Keep a patch with at least this tissue fraction [default: the "
-                                                             "run's dataset with --positions, else 0.01].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: all cores but two on a GPU "
-                                                        "(up to 12), two on a CPU].")] = None,
+    min_tissue: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Keep a patch with at least this tissue fraction [default: the "
+            "run's dataset with --positions, else 0.01]."
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="Rendering threads [default: all cores but two on a GPU (up to 12), two on a CPU]."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing prediction folder.")] = False,
     workspace: WorkspaceOpt = None,
-):  # fmt: skip
+):
     """Predict a trained run's gene panel on every 8 µm bin of a slide: Zarr, AnnData (.h5ad) and gene maps."""
     from featcache.pipeline.predict import predict as run_predict
 
     if min_tissue is not None and not 0 <= min_tissue <= 1:
         raise FeatcacheError(f"--min-tissue {min_tissue}: must be a fraction between 0 and 1.")
-    res = run_predict(run, image, mpp=mpp, positions=positions, output=output, batch_size=batch_size, device=device,
-                      min_tissue=min_tissue, workspace=workspace, weights=weights, genes=tuple(split_list(genes or "")),
-                      overwrite=overwrite, workers=workers)  # fmt: skip
+    res = run_predict(
+        run,
+        image,
+        mpp=mpp,
+        positions=positions,
+        output=output,
+        batch_size=batch_size,
+        device=device,
+        min_tissue=min_tissue,
+        workspace=workspace,
+        weights=weights,
+        genes=tuple(split_list(genes or "")),
+        overwrite=overwrite,
+        workers=workers,
+    )
     out.print(
         f"predicted {res.bins} bins in {res.patches} patches at {res.tiles_per_s:.1f} tiles/s: {res.path}",
         soft_wrap=True,
@@ -372,11 +467,17 @@ def info(store: Annotated[str, typer.Argument(help="Feature store path or URL.")
 @user_errors
 def verify(
     store: Annotated[Optional[str], typer.Argument(help="A feature store (path or URL) or a dataset folder.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Verify this dataset of the workspace and all its feature stores.")] = None,
-    repair: Annotated[bool, typer.Option(help="Drop the done-markers of bad feature chunks, so that rerunning "
-                                              "extract recomputes exactly those.")] = False,
+    dataset: Annotated[
+        Optional[str], typer.Option(help="Verify this dataset of the workspace and all its feature stores.")
+    ] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="Drop the done-markers of bad feature chunks, so that rerunning extract recomputes exactly those."
+        ),
+    ] = False,
     workspace: WorkspaceOpt = None,
-):  # fmt: skip
+):
     """Read back every chunk (checksums, shapes, finiteness); name missing or corrupted chunks (exit 1 if any)."""
     from featcache.stores import Dataset, FeatureStore, Workspace
 
@@ -399,8 +500,11 @@ def _verify_dataset(ds) -> bool:
     for p in problems:
         out.print(f"[red]BAD[/] {p}", highlight=False)
     if problems:
-        out.print(f"{ds.path}: {len(problems)} problem(s); the dataset cannot be repaired in place: prepare it again "
-                  "with the same inputs and --overwrite.", highlight=False)  # fmt: skip
+        out.print(
+            f"{ds.path}: {len(problems)} problem(s); the dataset cannot be repaired in place: prepare it again "
+            "with the same inputs and --overwrite.",
+            highlight=False,
+        )
         return False
     out.print(f"[green]OK[/] {ds.path}: every chunk read back", highlight=False)
     return True
@@ -416,12 +520,18 @@ def _verify_store(st, repair: bool) -> bool:
         out.print(f"[green]OK[/] {rep.location}: {rep.checked} chunks verified", highlight=False)
         return True
     if rep.repaired:
-        out.print(f"{rep.location}: dropped the markers of {rep.repaired} bad chunk(s); rerun `{st.make_hint}` with "
-                  "the same options to recompute exactly those.", highlight=False)  # fmt: skip
+        out.print(
+            f"{rep.location}: dropped the markers of {rep.repaired} bad chunk(s); rerun `{st.make_hint}` with "
+            "the same options to recompute exactly those.",
+            highlight=False,
+        )
     else:
-        out.print(f"{rep.location}: {len(rep.problems)} corrupted or missing, {len(rep.not_extracted)} not extracted; "
-                  + (f"run `featcache verify --repair {rep.location}`, then " if rep.problems else "")
-                  + f"rerun `{st.make_hint}` with the same options to redo them.", highlight=False)  # fmt: skip
+        out.print(
+            f"{rep.location}: {len(rep.problems)} corrupted or missing, {len(rep.not_extracted)} not extracted; "
+            + (f"run `featcache verify --repair {rep.location}`, then " if rep.problems else "")
+            + f"rerun `{st.make_hint}` with the same options to redo them.",
+            highlight=False,
+        )
     return False
 
 

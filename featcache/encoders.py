@@ -61,9 +61,18 @@ class EncoderSpec:
     def describe(self) -> dict:
         kw = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in self.kwargs.items()}
         kw.update({k: _qualname(f()) for k, f in self.callable_kwargs.items()})
-        out = {"encoder": self.name, "arch": self.arch, "kind": self.kind, "timm_kwargs": kw, "dim": self.dim,
-               "grid": [self.grid, self.grid], "pooled": self.pooled, "mean": list(self.mean), "std": list(self.std),
-               "input_px": INPUT_PX}  # fmt: skip
+        out = {
+            "encoder": self.name,
+            "arch": self.arch,
+            "kind": self.kind,
+            "timm_kwargs": kw,
+            "dim": self.dim,
+            "grid": [self.grid, self.grid],
+            "pooled": self.pooled,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_px": INPUT_PX,
+        }
         if self.pre_activation:
             out["grid_before_activation_of"] = self.pre_activation
         return out

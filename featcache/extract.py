@@ -142,13 +142,23 @@ def extract(
     else:  # a prebuilt network (benchmarks); its weights are whatever it holds
         prov = {"weights": source.identity(), "found_via": "caller"}
     identity = make_identity(
-        spec=spec.describe(), weights=source.identity(), dataset=ds.meta, codec=codec, layout=layout,
+        spec=spec.describe(),
+        weights=source.identity(),
+        dataset=ds.meta,
+        codec=codec,
+        layout=layout,
         prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)) if spec.kind == "vit" else 0,
         chunk=chunk_patches or chunk_patches_for(spec.grid, spec.dim),
         compute={"precision": precision, "autocast": precision == "bf16"},
-    )  # fmt: skip
-    provenance = {**prov, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(dev),
-                  "batch_size": batch_size, "compile": compile, "libraries": library_versions()}  # fmt: skip
+    )
+    provenance = {
+        **prov,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(dev),
+        "batch_size": batch_size,
+        "compile": compile,
+        "libraries": library_versions(),
+    }
     root = store.open_or_create(identity, provenance, {s: ds.origins(s) for s in ds.samples}, overwrite)
 
     groups = plan_groups(identity["samples"], identity["chunk_patches"], batch_size)[shard_k::shard_n]
@@ -158,24 +168,41 @@ def extract(
     seconds = 0.0
     if todo:
         runner = GridEncoder(spec, model).to(dev).eval()
-        job = _Extraction(torch.compile(runner) if compile else runner, dev, precision, batch_size, ds, store, root,
-                          readers, writers or min(8, os.cpu_count() or 1))  # fmt: skip
+        job = _Extraction(
+            torch.compile(runner) if compile else runner,
+            dev,
+            precision,
+            batch_size,
+            ds,
+            store,
+            root,
+            readers,
+            writers or min(8, os.cpu_count() or 1),
+        )
         with progress(disable=not show_progress) as bar:
             task = bar.add_task(store.name, total=n_todo, rate="")
             seconds = job.run(todo, lambda k, rate: bar.update(task, advance=k, rate=f"{rate:.1f} tiles/s"))
     return ExtractResult(
-        encoder=store.name, store=str(store), patches_done=n_todo, patches_total=sum(identity["samples"].values()),
-        seconds=time.perf_counter() - t_start, complete=store.status().complete, shard=(shard_k, shard_n),
-        skipped=sum(g.p1 - g.p0 for g in groups) - n_todo, tiles_per_s=n_todo / seconds if seconds else 0.0,
-    )  # fmt: skip
+        encoder=store.name,
+        store=str(store),
+        patches_done=n_todo,
+        patches_total=sum(identity["samples"].values()),
+        seconds=time.perf_counter() - t_start,
+        complete=store.status().complete,
+        shard=(shard_k, shard_n),
+        skipped=sum(g.p1 - g.p0 for g in groups) - n_todo,
+        tiles_per_s=n_todo / seconds if seconds else 0.0,
+    )
 
 
 def _dataset_with_patches(ws: Workspace, dataset: str):
     ds = ws.open_dataset(dataset)
     empty = [s for s in ds.samples if ds.n_patches(s) == 0]
     if empty:
-        raise FeatcacheError(f"dataset {dataset!r} has no patches for sample(s) {', '.join(empty)}; prepare it again "
-                             "with a lower --min-tissue.")  # fmt: skip
+        raise FeatcacheError(
+            f"dataset {dataset!r} has no patches for sample(s) {', '.join(empty)}; prepare it again "
+            "with a lower --min-tissue."
+        )
     for s in ds.samples:
         ds.check_chunks(s, ("image",))
     return ds
@@ -243,8 +270,10 @@ class _Extraction:
         self.images = {g.sample: self.dataset.image_array(g.sample) for g in todo}
         # every chunk written is real data: no per-chunk "all fill value?" pass (a runtime setting that the
         # opened array does not inherit from create_array; on float16 it cost a third of a core)
-        self.outputs = {s: tuple(self.root[s][name].with_config({"write_empty_chunks": True})
-                                 for name in ("tokens", "pooled")) for s in self.images}  # fmt: skip
+        self.outputs = {
+            s: tuple(self.root[s][name].with_config({"write_empty_chunks": True}) for name in ("tokens", "pooled"))
+            for s in self.images
+        }
         most = max(g.p1 - g.p0 for g in todo)
         self.in_pool = BufferPool(
             self.readers + 2, (most, *self.images[todo[0].sample].shape[1:]), torch.uint8, self.cuda, self.stop

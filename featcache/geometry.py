@@ -76,8 +76,9 @@ def bin_table(origins: np.ndarray, values: np.ndarray, mask: np.ndarray) -> tupl
     return unique, total / count.reshape(-1, *([1] * (rows.ndim - 1)))
 
 
-def covering_origins(in_tissue: np.ndarray, stride: int, min_tissue: float, bins: int = GEOMETRY.bins
-                     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def covering_origins(
+    in_tissue: np.ndarray, stride: int, min_tissue: float, bins: int = GEOMETRY.bins
+) -> tuple[np.ndarray, np.ndarray]:
     """Window origins on a ``stride`` lattice anchored at the tissue's bounding box, reaching past the grid's
     edges where the tissue does (so no tissue is left out); returns (origins, the grid padded to hold them)."""
     rows, cols = np.nonzero(in_tissue)

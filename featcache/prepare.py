@@ -66,8 +66,10 @@ def read_manifest(path: str | Path) -> Inputs:
     except (OSError, UnicodeDecodeError) as exc:
         raise FeatcacheError(f"cannot read manifest {path} ({exc}).") from None
     if not rows or not {"sample", "patient", "path"} <= set(rows[0]):
-        raise FeatcacheError(f"manifest {path} needs a header with the columns sample,patient,path (image optional), "
-                             "and one row per sample.")  # fmt: skip
+        raise FeatcacheError(
+            f"manifest {path} needs a header with the columns sample,patient,path (image optional), "
+            "and one row per sample."
+        )
     out = Inputs({}, {}, {})
     for line, row in enumerate(rows, start=2):
         sample, patient, folder = (str(row.get(k) or "").strip() for k in ("sample", "patient", "path"))
@@ -90,8 +92,10 @@ def merge_inputs(samples: dict, images: dict, patients: dict, manifest: str | No
         mine = getattr(inputs, kind)
         for k, v in given.items():
             if k in mine and mine[k] != v:
-                raise FeatcacheError(f"sample {k!r} has two {kind[:-1]}s ({mine[k]!r} in the manifest, {v!r} on the "
-                                     "command line); give one.")  # fmt: skip
+                raise FeatcacheError(
+                    f"sample {k!r} has two {kind[:-1]}s ({mine[k]!r} in the manifest, {v!r} on the "
+                    "command line); give one."
+                )
             mine[k] = v
     return inputs
 
@@ -136,11 +140,19 @@ class Panel:
     shared_totals: np.ndarray  # ... and each sample's total count of it (samples × features)
 
     def describe(self) -> dict:
-        rule = (f"the {len(self.ids)} Gene Expression features with the highest mean raw count over every bin of "
-                "every sample (the test patients included), among those every sample has"
-                if self.spec.startswith("top-mean:") else f"the gene list {self.spec}")  # fmt: skip
-        return {"spec": self.spec, "rule": rule, "ids": list(map(str, self.ids)), "names": list(map(str, self.names)),
-                "not_in_every_sample": self.not_in_every_sample}  # fmt: skip
+        rule = (
+            f"the {len(self.ids)} Gene Expression features with the highest mean raw count over every bin of "
+            "every sample (the test patients included), among those every sample has"
+            if self.spec.startswith("top-mean:")
+            else f"the gene list {self.spec}"
+        )
+        return {
+            "spec": self.spec,
+            "rule": rule,
+            "ids": list(map(str, self.ids)),
+            "names": list(map(str, self.names)),
+            "not_in_every_sample": self.not_in_every_sample,
+        }
 
 
 def _gene_expression_ids(s: VisiumHDSample) -> dict[str, int]:
@@ -197,10 +209,20 @@ def _genes_from_file(path: Path, ids, names, samples, lacking) -> np.ndarray:
     by_name: dict[str, list[int]] = {}
     for i, nm in enumerate(names):
         by_name.setdefault(nm, []).append(i)
-    other = {fid: t for s in samples for fid, nm, t in zip(s.matrix.feature_ids, s.matrix.feature_names,
-                                                            s.matrix.feature_types) if t != GENE_EXPRESSION}  # fmt: skip
-    other.update({nm: t for s in samples for nm, t in zip(s.matrix.feature_names, s.matrix.feature_types)
-                  if t != GENE_EXPRESSION})  # fmt: skip
+    other = {
+        fid: t
+        for s in samples
+        for fid, nm, t in zip(s.matrix.feature_ids, s.matrix.feature_names, s.matrix.feature_types)
+        if t != GENE_EXPRESSION
+    }
+    other.update(
+        {
+            nm: t
+            for s in samples
+            for nm, t in zip(s.matrix.feature_names, s.matrix.feature_types)
+            if t != GENE_EXPRESSION
+        }
+    )
     picked, problems = [], []
     for w in wanted:
         if w in by_id:
@@ -216,8 +238,12 @@ def _genes_from_file(path: Path, ids, names, samples, lacking) -> np.ndarray:
         else:
             problems.append(f"{w} is not in the matrix")
     if problems:
-        raise FeatcacheError(f"gene list {path}: " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
-                             + ". Fix the list (names or feature ids, one per line).")  # fmt: skip
+        raise FeatcacheError(
+            f"gene list {path}: "
+            + "; ".join(problems[:8])
+            + (" ..." if len(problems) > 8 else "")
+            + ". Fix the list (names or feature ids, one per line)."
+        )
     if len(set(picked)) != len(picked):
         raise FeatcacheError(f"gene list {path} names the same gene twice.")
     return np.array(picked)
@@ -270,8 +296,13 @@ def prepare_dataset(
     opened = [open_sample(n, p, images.get(n)) for n, p in samples.items()]
     files = {s.name: {k: file_fingerprint(p) for k, p in _sample_files(s).items()} for s in opened}
     _refuse_duplicates(opened, files)
-    params = {"genes": genes, "stride": stride, "min_tissue": min_tissue, "geometry": GEOMETRY.to_json(),
-              "patients": patients}  # fmt: skip
+    params = {
+        "genes": genes,
+        "stride": stride,
+        "min_tissue": min_tissue,
+        "geometry": GEOMETRY.to_json(),
+        "patients": patients,
+    }
     key = (
         "sha256:" + hashlib.sha256(json.dumps({"params": params, "files": files}, sort_keys=True).encode()).hexdigest()
     )
@@ -282,8 +313,10 @@ def prepare_dataset(
             return PrepareResult(dataset, target.path, True, n, len(old["genes"]["ids"]), time.perf_counter() - t_start)
         if not overwrite:
             what = "different inputs" if old is not None else "no dataset.json (an unknown or damaged folder)"
-            raise FeatcacheError(f"dataset {dataset!r} already exists at {target.path} with {what}. Pass --overwrite "
-                                 "to replace it, or choose another --dataset name.")  # fmt: skip
+            raise FeatcacheError(
+                f"dataset {dataset!r} already exists at {target.path} with {what}. Pass --overwrite "
+                "to replace it, or choose another --dataset name."
+            )
 
     cut = {s.name: s.plan_patches(stride, min_tissue) for s in opened}  # refuses samples without patches
     totals, libraries = {}, {}
@@ -295,27 +328,57 @@ def prepare_dataset(
     )
     notes = [n for s in opened for n in s.image_info["notes"]]
     if panel.not_in_every_sample:
-        notes.append(f"{len(panel.not_in_every_sample)} Gene Expression feature(s) are missing from some samples and "
-                     "were left out of the panel (listed in dataset.json, genes.not_in_every_sample)")  # fmt: skip
-    store_attrs = {"dataset": dataset, "fingerprint": fingerprint, "geometry": GEOMETRY.to_json(),
-                   "featcache_version": __version__}  # fmt: skip
+        notes.append(
+            f"{len(panel.not_in_every_sample)} Gene Expression feature(s) are missing from some samples and "
+            "were left out of the panel (listed in dataset.json, genes.not_in_every_sample)"
+        )
+    store_attrs = {
+        "dataset": dataset,
+        "fingerprint": fingerprint,
+        "geometry": GEOMETRY.to_json(),
+        "featcache_version": __version__,
+    }
     with target.builder(store_attrs) as builder, progress(disable=not show_progress) as bar:
         report = {
             s.name: _write_sample(s, cut[s.name], panel, libraries[s.name], builder, bar, workers) for s in opened
         }
-        builder.write_gene_totals(panel.shared_ids, [s.name for s in opened], panel.shared_totals,
-                                  [s.matrix.n_bins for s in opened])  # fmt: skip
-        builder.commit({
-            "format": DATASET_FORMAT, "dataset": dataset, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "featcache_version": __version__, "fingerprint": fingerprint, "inputs_sha256": key,
-            "geometry": {**GEOMETRY.to_json(), "stride_bins": stride, "min_tissue": min_tissue},
-            "genes": panel.describe(), "patients": _by_patient(patients),
-            "samples": {s.name: {**report[s.name], "patient": patients[s.name], "source": str(s.bin_dir),
-                                 "image": str(s.image_path), "files": files[s.name]} for s in opened},
-            "notes": notes, "library_versions": library_versions(),
-        })  # fmt: skip
-    return PrepareResult(dataset, target.path, False, {k: v["n_patches"] for k, v in report.items()}, len(panel.ids),
-                         time.perf_counter() - t_start, notes)  # fmt: skip
+        builder.write_gene_totals(
+            panel.shared_ids, [s.name for s in opened], panel.shared_totals, [s.matrix.n_bins for s in opened]
+        )
+        builder.commit(
+            {
+                "format": DATASET_FORMAT,
+                "dataset": dataset,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "featcache_version": __version__,
+                "fingerprint": fingerprint,
+                "inputs_sha256": key,
+                "geometry": {**GEOMETRY.to_json(), "stride_bins": stride, "min_tissue": min_tissue},
+                "genes": panel.describe(),
+                "patients": _by_patient(patients),
+                "samples": {
+                    s.name: {
+                        **report[s.name],
+                        "patient": patients[s.name],
+                        "source": str(s.bin_dir),
+                        "image": str(s.image_path),
+                        "files": files[s.name],
+                    }
+                    for s in opened
+                },
+                "notes": notes,
+                "library_versions": library_versions(),
+            }
+        )
+    return PrepareResult(
+        dataset,
+        target.path,
+        False,
+        {k: v["n_patches"] for k, v in report.items()},
+        len(panel.ids),
+        time.perf_counter() - t_start,
+        notes,
+    )
 
 
 def _by_patient(patients: dict[str, str]) -> dict[str, list[str]]:
@@ -350,24 +413,40 @@ def _refuse_duplicates(opened: list[VisiumHDSample], files: dict) -> None:
     for s in opened:
         for key in ((s.bin_dir.resolve(),), ("matrix", files[s.name]["matrix"])):
             if key in seen:
-                raise FeatcacheError(f"samples {seen[key]} and {s.name} are the same Space Ranger output "
-                                     f"({s.bin_dir}); give each sample once.")  # fmt: skip
+                raise FeatcacheError(
+                    f"samples {seen[key]} and {s.name} are the same Space Ranger output "
+                    f"({s.bin_dir}); give each sample once."
+                )
             seen[key] = s.name
 
 
 def _write_sample(s: VisiumHDSample, cut, panel: Panel, library, builder: DatasetBuilder, bar, workers) -> dict:
     in_tissue, column, origins = cut
-    arrays = builder.add_sample(s.name, origins, panel.ids, _unique_labels(panel.names, panel.ids), {
-        "sample": s.name, "microns_per_pixel": s.microns_per_pixel, "registration": s.registration.to_json(),
-        "grid_shape": list(s.grid_shape), "image": str(s.image_path), "image_shape": list(s.image_shape),
-    })  # fmt: skip
+    arrays = builder.add_sample(
+        s.name,
+        origins,
+        panel.ids,
+        _unique_labels(panel.names, panel.ids),
+        {
+            "sample": s.name,
+            "microns_per_pixel": s.microns_per_pixel,
+            "registration": s.registration.to_json(),
+            "grid_shape": list(s.grid_shape),
+            "image": str(s.image_path),
+            "image_shape": list(s.image_shape),
+        },
+    )
     ge = _gene_expression_ids(s)
     counts = s.matrix.gather(np.array([ge[fid] for fid in panel.ids]))  # bins × genes, one pass over the matrix
     _write_targets(origins, in_tissue, column, counts, library.astype(np.int32), arrays)
     del counts
     _render_images(s, origins, arrays.image, bar, workers)
-    return {"n_patches": int(len(origins)), "in_tissue_bins": int(in_tissue.sum()),
-            "bins_in_matrix": int(s.matrix.n_bins), **s.describe()}  # fmt: skip
+    return {
+        "n_patches": int(len(origins)),
+        "in_tissue_bins": int(in_tissue.sum()),
+        "bins_in_matrix": int(s.matrix.n_bins),
+        **s.describe(),
+    }
 
 
 def _write_targets(origins, in_tissue, column, panel_counts, library, arrays) -> None:
@@ -391,8 +470,15 @@ def _render_images(s: VisiumHDSample, origins, image, bar, workers) -> None:
     with Slide(s.image_path) as slide:
         reg = s.registration
         render = lambda rc: render_patch(slide, reg.map_for(*rc), int(rc[0]), int(rc[1]))  # noqa: E731
-        rendered = iter(Prefetcher(render, origins, workers=workers or min(4, os.cpu_count() or 1),
-                                   depth=2 * IMAGE_CHUNK, name="featcache-render"))  # fmt: skip
+        rendered = iter(
+            Prefetcher(
+                render,
+                origins,
+                workers=workers or min(4, os.cpu_count() or 1),
+                depth=2 * IMAGE_CHUNK,
+                name="featcache-render",
+            )
+        )
         try:
             for k in range(0, n, IMAGE_CHUNK):
                 block = np.stack([next(rendered) for _ in range(min(IMAGE_CHUNK, n - k))])

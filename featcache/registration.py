@@ -39,8 +39,12 @@ class BinMap:
         m = self.matrix
         w = m[2, 0] * row + m[2, 1] * col + m[2, 2]
         pr, pc = self.to_pixels(row, col)
-        return np.array([[m[0, 0] - pr * m[2, 0], m[0, 1] - pr * m[2, 1]],
-                         [m[1, 0] - pc * m[2, 0], m[1, 1] - pc * m[2, 1]]]) / w  # fmt: skip
+        return (
+            np.array(
+                [[m[0, 0] - pr * m[2, 0], m[0, 1] - pr * m[2, 1]], [m[1, 0] - pc * m[2, 0], m[1, 1] - pc * m[2, 1]]]
+            )
+            / w
+        )
 
     def px_per_bin(self, row: float, col: float) -> float:
         """Local lattice spacing in full-resolution pixels (geometric mean of the two axes)."""
@@ -50,8 +54,12 @@ class BinMap:
         """Spacing, rotation and flip at one point; the perspective terms of the matrix."""
         j = self.jacobian(row, col)
         flipped = bool(np.linalg.det(j) < 0)
-        return {"px_per_bin": self.px_per_bin(row, col), "rotation_deg": float(np.degrees(np.arctan2(j[1, 0], j[0, 0]))),
-                "flipped": flipped, "perspective": [float(self.matrix[2, 0]), float(self.matrix[2, 1])]}  # fmt: skip
+        return {
+            "px_per_bin": self.px_per_bin(row, col),
+            "rotation_deg": float(np.degrees(np.arctan2(j[1, 0], j[0, 0]))),
+            "flipped": flipped,
+            "perspective": [float(self.matrix[2, 0]), float(self.matrix[2, 1])],
+        }
 
 
 def _normalise(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -160,10 +168,15 @@ def register(sample: str, ar, ac, pr, pc, in_tissue) -> Registration:
     aff = fit_affine(ar[fit], ac[fit], pr[fit], pc[fit])
     pitch = hom.px_per_bin(*centre)
     if not np.isfinite(pitch) or pitch <= 0:
-        raise FeatcacheError(f"sample {sample}: the bin positions do not form a lattice (all on one line?); the "
-                             "positions file is damaged.")  # fmt: skip
+        raise FeatcacheError(
+            f"sample {sample}: the bin positions do not form a lattice (all on one line?); the "
+            "positions file is damaged."
+        )
     return Registration(
-        sample=sample, global_map=hom, centre=centre, positions=(ar, ac, pr, pc),
+        sample=sample,
+        global_map=hom,
+        centre=centre,
+        positions=(ar, ac, pr, pc),
         affine_residual_bins=float(residual_px(aff, ar, ac, pr, pc).max() / pitch),
         global_residual_bins=float(residual_px(hom, ar, ac, pr, pc).max() / pitch),
-    )  # fmt: skip
+    )

@@ -75,8 +75,10 @@ class Slide:
             if axes == "YX" or (axes == "YXS" and level.shape[-1] not in (3, 4)):
                 raise FeatcacheError(f"{self.path} is a single-channel image; an RGB H&E image is needed.")
             if axes not in ("YXS",):
-                raise FeatcacheError(f"{self.path}: level {i} has axes {level.axes} and shape {level.shape}; an RGB "
-                                     "H&E image (height × width × 3) is needed.")  # fmt: skip
+                raise FeatcacheError(
+                    f"{self.path}: level {i} has axes {level.axes} and shape {level.shape}; an RGB "
+                    "H&E image (height × width × 3) is needed."
+                )
             levels.append(zarr.open(series.aszarr(level=i), mode="r"))
         return levels
 
@@ -90,8 +92,10 @@ class Slide:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 self.compression = (im.format or "image").lower()
                 if im.width * im.height > 89_478_485:
-                    self.notes.append(f"{self.path.name}: {im.width} × {im.height} px read whole (Pillow's pixel limit "
-                                      f"raised to {PIL_PIXEL_LIMIT:,} for this whole-slide image)")  # fmt: skip
+                    self.notes.append(
+                        f"{self.path.name}: {im.width} × {im.height} px read whole (Pillow's pixel limit "
+                        f"raised to {PIL_PIXEL_LIMIT:,} for this whole-slide image)"
+                    )
                 arr = np.asarray(im.convert("RGB") if im.mode not in ("RGB", "I;16", "F") else im)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise FeatcacheError(f"cannot read {self.path} as an image ({str(exc)[:120]}).") from None
@@ -112,17 +116,20 @@ class Slide:
         top = float(np.nanmax(thumb[..., :3])) if thumb.size else 0.0
         if dtype == np.uint16:
             full = 4095.0 if top <= 4095 else 65535.0
-            self.notes.append(f"{self.path.name}: 16-bit pixels ({'12' if full == 4095 else '16'}-bit range) scaled "
-                              "to 8 bits")  # fmt: skip
+            self.notes.append(
+                f"{self.path.name}: 16-bit pixels ({'12' if full == 4095 else '16'}-bit range) scaled to 8 bits"
+            )
             return 255.0 / full
         if dtype.kind == "f" and np.isfinite(thumb).all() and thumb.min() >= 0 and top <= 255:
             self.notes.append(
                 f"{self.path.name}: floating-point pixels in 0-{'1' if top <= 1 else '255'} converted to 8 bits"
             )
             return 255.0 if top <= 1 else 1.0
-        raise FeatcacheError(f"{self.path} has {dtype} pixels (largest {top:g}) that featcache cannot map to 8-bit RGB "
-                             "unambiguously; convert the image to 8-bit RGB (e.g. with vips or tifffile) and pass it "
-                             "with --image.")  # fmt: skip
+        raise FeatcacheError(
+            f"{self.path} has {dtype} pixels (largest {top:g}) that featcache cannot map to 8-bit RGB "
+            "unambiguously; convert the image to 8-bit RGB (e.g. with vips or tifffile) and pass it "
+            "with --image."
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -154,9 +161,11 @@ class Slide:
         try:
             return self.levels[level][r0:r1, c0:c1, :3]
         except Exception as exc:  # noqa: BLE001 - codecs, zlib, tifffile and OS errors alike
-            raise FeatcacheError(f"cannot decode {self.path} (level {level}, rows {r0}-{r1}, compression "
-                                 f"{self.compression}): {_decode_hint(exc)}. ({type(exc).__name__}: "
-                                 f"{str(exc)[:100]})") from None  # fmt: skip
+            raise FeatcacheError(
+                f"cannot decode {self.path} (level {level}, rows {r0}-{r1}, compression "
+                f"{self.compression}): {_decode_hint(exc)}. ({type(exc).__name__}: "
+                f"{str(exc)[:100]})"
+            ) from None
 
     def read(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """Pixels [r0:r1, c0:c1] of a level as uint8 RGB; outside the image is white."""

@@ -534,8 +534,9 @@ def write_image(path: Path, renderer, shape, cfg: SynthConfig, sample: str) -> l
     resolution = dict(resolutionunit="CENTIMETER", resolution=(1e4 / MICRONS_PER_PIXEL, 1e4 / MICRONS_PER_PIXEL))
     if cfg.image in ("jpg", "png", "tif"):  # one level, assembled whole (small samples)
         full = np.full((*shape, 3), 255, np.uint8)
-        for (y0, x0), block in zip(((y, x) for y in range(0, shape[0], cfg.tile) for x in range(0, shape[1], cfg.tile)),
-                                   tiles):  # fmt: skip
+        for (y0, x0), block in zip(
+            ((y, x) for y in range(0, shape[0], cfg.tile) for x in range(0, shape[1], cfg.tile)), tiles
+        ):
             h, w = min(cfg.tile, shape[0] - y0), min(cfg.tile, shape[1] - x0)
             full[y0 : y0 + h, x0 : x0 + w] = block[:h, :w]
         if cfg.image == "tif":
@@ -560,8 +561,11 @@ def _write_pyramid(path, tiles, shape, level1, cfg: SynthConfig, compression, re
     if cfg.compression == "jpeg":
         opts["compressionargs"] = {"level": 90}
     ome = cfg.image == "ome.tif"
-    meta = {"metadata": {"PhysicalSizeX": MICRONS_PER_PIXEL, "PhysicalSizeY": MICRONS_PER_PIXEL, "axes": "YXS"}} if ome \
-        else {}  # fmt: skip
+    meta = (
+        {"metadata": {"PhysicalSizeX": MICRONS_PER_PIXEL, "PhysicalSizeY": MICRONS_PER_PIXEL, "axes": "YXS"}}
+        if ome
+        else {}
+    )
     levels = [level1]
     with tifffile.TiffWriter(path, bigtiff=True, ome=ome) as tw:
         tw.write(tiles, shape=(*shape, 3), dtype=np.uint8, subifds=n_reduced, **opts, **resolution, **meta)
@@ -612,14 +616,19 @@ def _antibodies(cfg: SynthConfig, sample: str, fractions: np.ndarray, n_bins: in
     rng = _sample_rng(cfg.seed, sample, "antibodies")
     immune = fractions.reshape(-1, fractions.shape[-1])[:, IMMUNE]
     means = 40 + 400 * immune[None, :] * rng.uniform(0.2, 1.0, (cfg.antibody_features, 1))
-    table = pd.DataFrame({"id": [f"ADT{k:04d}" for k in range(cfg.antibody_features)],
-                          "name": [f"CD{3 + k}-TotalSeqB" for k in range(cfg.antibody_features)],
-                          "type": "Antibody Capture"})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "id": [f"ADT{k:04d}" for k in range(cfg.antibody_features)],
+            "name": [f"CD{3 + k}-TotalSeqB" for k in range(cfg.antibody_features)],
+            "type": "Antibody Capture",
+        }
+    )
     return table, sp.csc_matrix(rng.poisson(means).astype(np.int32))
 
 
-def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFrame, profiles: np.ndarray,
-                      patient: str | None = None) -> dict:  # fmt: skip
+def synthesize_sample(
+    out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFrame, profiles: np.ndarray, patient: str | None = None
+) -> dict:
     import scipy.sparse as sp
 
     who = _patient(cfg, patient or sample)
@@ -631,8 +640,11 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
     labels, modulation = tissue_layout(cfg, sample, who)
     fractions = bin_fractions(labels)
     dense = cfg.n_genes <= SPARSE_GENES
-    rates, counts = expression(cfg, sample, who, fractions, modulation, profiles) if dense else \
-        (None, sparse_expression(cfg, sample, who, fractions, profiles))  # fmt: skip
+    rates, counts = (
+        expression(cfg, sample, who, fractions, modulation, profiles)
+        if dense
+        else (None, sparse_expression(cfg, sample, who, fractions, profiles))
+    )
 
     root = out / sample
     outs = root / "outs"
@@ -645,10 +657,16 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
     shape = (int(np.ceil(pr.max() + 40 / MICRONS_PER_PIXEL)), int(np.ceil(pc.max() + 40 / MICRONS_PER_PIXEL)))
     in_tissue = (1 - fractions[..., BG]) >= 0.5
     barcodes = _barcodes(rr, cc)
-    pd.DataFrame({
-        "barcode": barcodes, "in_tissue": in_tissue.ravel().astype(np.int32), "array_row": rr.ravel().astype(np.int32),
-        "array_col": cc.ravel().astype(np.int32), "pxl_row_in_fullres": pr.ravel(), "pxl_col_in_fullres": pc.ravel(),
-    }).to_parquet(spatial / "tissue_positions.parquet", index=False)  # fmt: skip
+    pd.DataFrame(
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue.ravel().astype(np.int32),
+            "array_row": rr.ravel().astype(np.int32),
+            "array_col": cc.ravel().astype(np.int32),
+            "pxl_row_in_fullres": pr.ravel(),
+            "pxl_col_in_fullres": pc.ravel(),
+        }
+    ).to_parquet(spatial / "tissue_positions.parquet", index=False)
 
     keep_genes = len(genes) - cfg.missing_genes
     features = genes.iloc[:keep_genes].assign(type="Gene Expression")
@@ -657,28 +675,50 @@ def synthesize_sample(out: Path, sample: str, cfg: SynthConfig, genes: pd.DataFr
         table, adt = _antibodies(cfg, sample, fractions, matrix.shape[1])
         features, matrix = pd.concat([features, table], ignore_index=True), sp.vstack([matrix, adt]).tocsc()
     keep = in_tissue.ravel()
-    write_matrix_h5(bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], features, matrix[:, keep], sample,
-                    cfg.spaceranger)  # fmt: skip
+    write_matrix_h5(
+        bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], features, matrix[:, keep], sample, cfg.spaceranger
+    )
     if dense:
         write_matrix_h5(bin_dir / "raw_feature_bc_matrix.h5", barcodes, features, matrix, sample, cfg.spaceranger)
 
     image_path = root / f"{sample}_tissue_image.{cfg.image}"
     levels = write_image(image_path, HERenderer(cfg, sample, who, labels, m), shape, cfg, sample)
     hires_scale, lowres_scale = _write_png_images(spatial, levels, shape)
-    scalefactors = {"spot_diameter_fullres": BIN_UM / MICRONS_PER_PIXEL, "bin_size_um": BIN_UM,
-                    "microns_per_pixel": MICRONS_PER_PIXEL, "regist_target_img_scalef": hires_scale,
-                    "tissue_lowres_scalef": lowres_scale, "fiducial_diameter_fullres": 1000 * BIN_UM / MICRONS_PER_PIXEL / 8,
-                    "tissue_hires_scalef": hires_scale}  # fmt: skip
+    scalefactors = {
+        "spot_diameter_fullres": BIN_UM / MICRONS_PER_PIXEL,
+        "bin_size_um": BIN_UM,
+        "microns_per_pixel": MICRONS_PER_PIXEL,
+        "regist_target_img_scalef": hires_scale,
+        "tissue_lowres_scalef": lowres_scale,
+        "fiducial_diameter_fullres": 1000 * BIN_UM / MICRONS_PER_PIXEL / 8,
+        "tissue_hires_scalef": hires_scale,
+    }
     if not cfg.write_mpp:
         del scalefactors["microns_per_pixel"]
     (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
     _write_outs_extras(outs, sample, cfg, m, matrix[:keep_genes, keep])
-    _write_truth(root / "synthetic_truth.h5", cfg, barcodes[keep], genes, rates[keep] if dense else None,
-                 fractions.reshape(-1, len(COMPARTMENTS))[keep], m)  # fmt: skip
+    _write_truth(
+        root / "synthetic_truth.h5",
+        cfg,
+        barcodes[keep],
+        genes,
+        rates[keep] if dense else None,
+        fractions.reshape(-1, len(COMPARTMENTS))[keep],
+        m,
+    )
     umis = np.asarray(matrix[:keep_genes][:, keep].sum(axis=0)).ravel()
-    return {"sample": sample, "patient": patient or sample, "bins": int(cfg.rows * cfg.cols),
-            "in_tissue_bins": int(keep.sum()), "median_umis": float(np.median(umis)), "image_shape": list(shape),
-            "image": str(image_path), "path": str(root), "rotation_deg": who.rotation_deg, "flip_rows": who.flip_rows}  # fmt: skip
+    return {
+        "sample": sample,
+        "patient": patient or sample,
+        "bins": int(cfg.rows * cfg.cols),
+        "in_tissue_bins": int(keep.sum()),
+        "median_umis": float(np.median(umis)),
+        "image_shape": list(shape),
+        "image": str(image_path),
+        "path": str(root),
+        "rotation_deg": who.rotation_deg,
+        "flip_rows": who.flip_rows,
+    }
 
 
 def _write_png_images(spatial: Path, levels: list[np.ndarray], shape) -> tuple[float, float]:
@@ -699,23 +739,44 @@ def _write_outs_extras(outs: Path, sample: str, cfg: SynthConfig, m: np.ndarray,
     to_micro = swap @ m @ swap
     to_micro /= to_micro[2, 2]
     flat = lambda a: [float(v) for v in np.asarray(a).ravel()]  # noqa: E731
-    matrices = {"spot_colrow_to_microscope_colrow": flat(to_micro),
-                "microscope_colrow_to_spot_colrow": flat(np.linalg.inv(to_micro)),
-                "cytassist_colrow_to_spot_colrow": flat(np.eye(3)), "spot_colrow_to_cytassist_colrow": flat(np.eye(3))}  # fmt: skip
-    layout = {"schema_version": "1.0", "file_format": "1.0", "num_rows": cfg.rows * 4, "num_cols": cfg.cols * 4,
-              "spot_pitch": BIN_UM / 4, "transform": flat(np.eye(3))}  # fmt: skip
+    matrices = {
+        "spot_colrow_to_microscope_colrow": flat(to_micro),
+        "microscope_colrow_to_spot_colrow": flat(np.linalg.inv(to_micro)),
+        "cytassist_colrow_to_spot_colrow": flat(np.eye(3)),
+        "spot_colrow_to_cytassist_colrow": flat(np.eye(3)),
+    }
+    layout = {
+        "schema_version": "1.0",
+        "file_format": "1.0",
+        "num_rows": cfg.rows * 4,
+        "num_cols": cfg.cols * 4,
+        "spot_pitch": BIN_UM / 4,
+        "transform": flat(np.eye(3)),
+    }
     with h5py.File(outs / "feature_slice.h5", "w") as f:
-        f.attrs["metadata_json"] = json.dumps({
-            "sample_id": sample, "nrows": cfg.rows * 4, "ncols": cfg.cols * 4, "bin_scale": 1,
-            "spaceranger_version": f"spaceranger-{cfg.spaceranger} (featcache synth)",
-            "transform_matrices": matrices, "hd_layout_json": json.dumps(layout),
-        })  # fmt: skip
+        f.attrs["metadata_json"] = json.dumps(
+            {
+                "sample_id": sample,
+                "nrows": cfg.rows * 4,
+                "ncols": cfg.cols * 4,
+                "bin_scale": 1,
+                "spaceranger_version": f"spaceranger-{cfg.spaceranger} (featcache synth)",
+                "transform_matrices": matrices,
+                "hd_layout_json": json.dumps(layout),
+            }
+        )
         f.create_group("feature_slices")
     umis = np.asarray(counts.sum(axis=0)).ravel()
     with open(outs / "metrics_summary.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["Sample ID", "Number of bins under tissue (8 µm)", "Median UMIs per bin (8 µm)",
-                    "Mean UMIs per bin (8 µm)"])  # fmt: skip
+        w.writerow(
+            [
+                "Sample ID",
+                "Number of bins under tissue (8 µm)",
+                "Median UMIs per bin (8 µm)",
+                "Mean UMIs per bin (8 µm)",
+            ]
+        )
         w.writerow([sample, len(umis), float(np.median(umis)), float(umis.mean())])
     if cfg.spaceranger.startswith("4"):
         seg = outs / "segmented_outputs"
@@ -745,8 +806,14 @@ def _write_truth(path: Path, cfg: SynthConfig, barcodes, genes: pd.DataFrame, ra
         f.create_dataset("affine", data=m[:2] / m[2, 2])
 
 
-def synthesize(out: str | Path, samples: list[str], cfg: SynthConfig = SynthConfig(), on_sample=None,
-               per_sample: dict[str, dict] | None = None, patients: dict[str, str] | None = None) -> list[dict]:  # fmt: skip
+def synthesize(
+    out: str | Path,
+    samples: list[str],
+    cfg: SynthConfig = SynthConfig(),
+    on_sample=None,
+    per_sample: dict[str, dict] | None = None,
+    patients: dict[str, str] | None = None,
+) -> list[dict]:
     """Write the synthetic dataset; refuses to write into an existing sample folder.
 
     ``per_sample`` overrides SynthConfig fields for some samples (another image container, a missing gene, ...);
@@ -761,8 +828,10 @@ def synthesize(out: str | Path, samples: list[str], cfg: SynthConfig = SynthConf
         if c.rows < 32 or c.cols < 32:
             raise FeatcacheError("--rows and --cols must be at least 32 bins (one patch).")
         if c.image not in IMAGE_FORMATS or c.compression not in COMPRESSIONS:
-            raise FeatcacheError(f"--image {c.image!r} / --compression {c.compression!r}: use one of "
-                                 f"{', '.join(IMAGE_FORMATS)} / {', '.join(COMPRESSIONS)}.")  # fmt: skip
+            raise FeatcacheError(
+                f"--image {c.image!r} / --compression {c.compression!r}: use one of "
+                f"{', '.join(IMAGE_FORMATS)} / {', '.join(COMPRESSIONS)}."
+            )
         if not 0 <= c.perspective < 0.5 or c.missing_genes < 0 or c.antibody_features < 0:
             raise FeatcacheError("--perspective must be in [0, 0.5); --missing-genes and --antibody-features ≥ 0.")
         if (out / s).exists():

@@ -66,8 +66,10 @@ class MatrixH5:
 
     def _read_header(self, f) -> None:
         if "matrix" not in f:
-            raise FeatcacheError(f"{self.path} has no /matrix group: it is not a 10x feature-barcode matrix "
-                                 "(expected Space Ranger's filtered_feature_bc_matrix.h5).")  # fmt: skip
+            raise FeatcacheError(
+                f"{self.path} has no /matrix group: it is not a 10x feature-barcode matrix "
+                "(expected Space Ranger's filtered_feature_bc_matrix.h5)."
+            )
         g = f["matrix"]
         missing = [k for k in ("barcodes", "data", "indices", "indptr", "shape", "features") if k not in g]
         if missing:
@@ -198,11 +200,18 @@ def read_positions(spatial_dir: Path) -> Positions:
         numbers[col] = v
     bad = ~np.all([np.isfinite(v.astype(np.float64)) for v in numbers.values()], axis=0)
     if bad.any():
-        raise FeatcacheError(f"{path}: {int(bad.sum())} bin(s) have a missing or non-finite position (e.g. "
-                             f"{barcode[bad][0].decode(errors='replace')}); the positions file is damaged.")  # fmt: skip
-    pos = Positions(barcode, numbers["in_tissue"].astype(bool), numbers["array_row"].astype(np.int64),
-                    numbers["array_col"].astype(np.int64), numbers["pxl_row_in_fullres"].astype(np.float64),
-                    numbers["pxl_col_in_fullres"].astype(np.float64))  # fmt: skip
+        raise FeatcacheError(
+            f"{path}: {int(bad.sum())} bin(s) have a missing or non-finite position (e.g. "
+            f"{barcode[bad][0].decode(errors='replace')}); the positions file is damaged."
+        )
+    pos = Positions(
+        barcode,
+        numbers["in_tissue"].astype(bool),
+        numbers["array_row"].astype(np.int64),
+        numbers["array_col"].astype(np.int64),
+        numbers["pxl_row_in_fullres"].astype(np.float64),
+        numbers["pxl_col_in_fullres"].astype(np.float64),
+    )
     if (pos.array_row < 0).any() or (pos.array_col < 0).any():
         raise FeatcacheError(f"{path}: negative array_row/array_col; the positions file is malformed.")
     ordered = np.sort(barcode)
@@ -259,8 +268,10 @@ def _read_table(path: Path, reader) -> dict:
     except pd.errors.EmptyDataError:
         raise FeatcacheError(f"{path} is empty; the Space Ranger spatial/ folder is incomplete.") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow and pandas raise many types for damaged files
-        raise FeatcacheError(f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); the file is damaged "
-                             "or not a positions table.") from None  # fmt: skip
+        raise FeatcacheError(
+            f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); the file is damaged "
+            "or not a positions table."
+        ) from None
 
 
 def match(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
@@ -308,11 +319,15 @@ def find_image(bin_dir: Path) -> Path:
             if p.is_file() and stem.endswith("tissue_image") and stem not in NOT_MICROSCOPE:
                 found.append(p)
     if not found:
-        raise FeatcacheError(f"no full-resolution microscope image (*tissue_image.btf/.tif/.jpg ...) near {bin_dir}. "
-                             "Pass it with --image NAME=FILE.")  # fmt: skip
+        raise FeatcacheError(
+            f"no full-resolution microscope image (*tissue_image.btf/.tif/.jpg ...) near {bin_dir}. "
+            "Pass it with --image NAME=FILE."
+        )
     if len(found) > 1:
-        raise FeatcacheError(f"several candidate microscope images near {bin_dir}: {', '.join(p.name for p in found)}. "
-                             "Choose one with --image NAME=FILE.")  # fmt: skip
+        raise FeatcacheError(
+            f"several candidate microscope images near {bin_dir}: {', '.join(p.name for p in found)}. "
+            "Choose one with --image NAME=FILE."
+        )
     return found[0]
 
 
@@ -342,8 +357,10 @@ def microns_per_pixel(sf: dict, path: Path) -> tuple[float, str]:
         return float(sf.get("bin_size_um", BIN_UM)) / float(sf["spot_diameter_fullres"]), (
             "derived: bin_size_um / spot_diameter_fullres"
         )
-    raise FeatcacheError(f"{path} has neither microns_per_pixel nor spot_diameter_fullres, so the image scale is "
-                         "unknown; use the scale factors of the Space Ranger run that made the positions.")  # fmt: skip
+    raise FeatcacheError(
+        f"{path} has neither microns_per_pixel nor spot_diameter_fullres, so the image scale is "
+        "unknown; use the scale factors of the Space Ranger run that made the positions."
+    )
 
 
 # --------------------------------------------------------------------------- one sample
@@ -393,19 +410,25 @@ class VisiumHDSample:
         in_tissue, column = self.grid_lookup()
         origins = patch_origins(in_tissue, stride, min_tissue)
         if len(origins) == 0:
-            raise FeatcacheError(f"sample {self.name}: no 32 × 32-bin window has {min_tissue:.0%} of its bins in "
-                                 f"tissue ({int(in_tissue.sum())} in-tissue bins); lower --min-tissue.")  # fmt: skip
+            raise FeatcacheError(
+                f"sample {self.name}: no 32 × 32-bin window has {min_tissue:.0%} of its bins in "
+                f"tissue ({int(in_tissue.sum())} in-tissue bins); lower --min-tissue."
+            )
         self.registration.fit_patches(origins, self.grid_shape)
         return in_tissue, column, origins
 
     def describe(self) -> dict:
         """What dataset.json records about the sample's sources and geometry."""
         return {
-            "microns_per_pixel": self.microns_per_pixel, "microns_per_pixel_source": self.mpp_source,
-            "registration": self.registration.to_json(), "grid": list(self.grid_shape),
-            "image_shape": list(self.image_shape), "image_info": self.image_info,
-            "feature_types": self.matrix.feature_type_counts(), "space_ranger": self.matrix.software_version or None,
-        }  # fmt: skip
+            "microns_per_pixel": self.microns_per_pixel,
+            "microns_per_pixel_source": self.mpp_source,
+            "registration": self.registration.to_json(),
+            "grid": list(self.grid_shape),
+            "image_shape": list(self.image_shape),
+            "image_info": self.image_info,
+            "feature_types": self.matrix.feature_type_counts(),
+            "space_ranger": self.matrix.software_version or None,
+        }
 
 
 def open_sample(name: str, path: str | Path, image: str | Path | None = None, counts: bool = True) -> VisiumHDSample:
@@ -446,16 +469,20 @@ def _check_scale(name: str, sf: dict, spatial: Path, reg: Registration) -> tuple
     problems = []
     lattice_um = reg.px_per_bin * mpp
     if abs(lattice_um - BIN_UM) > MPP_TOLERANCE * BIN_UM:
-        problems.append(f"bin centres are {reg.px_per_bin:.2f} px apart, which at {mpp:.5g} µm/px ({source}) is "
-                        f"{lattice_um:.2f} µm, not {BIN_UM:g} µm")  # fmt: skip
+        problems.append(
+            f"bin centres are {reg.px_per_bin:.2f} px apart, which at {mpp:.5g} µm/px ({source}) is "
+            f"{lattice_um:.2f} µm, not {BIN_UM:g} µm"
+        )
     if "spot_diameter_fullres" in sf and "microns_per_pixel" in sf:
         spot_um = float(sf["spot_diameter_fullres"]) * mpp
         if abs(spot_um - bin_um) > MPP_TOLERANCE * bin_um:
             problems.append(f"spot_diameter_fullres × microns_per_pixel = {spot_um:.2f} µm, not {bin_um:g} µm")
     if problems:
-        raise FeatcacheError(f"sample {name}: inconsistent µm/px in {spatial / 'scalefactors_json.json'}: "
-                             + "; ".join(problems)
-                             + ". The positions and scale factors must describe the same full-resolution image.")  # fmt: skip
+        raise FeatcacheError(
+            f"sample {name}: inconsistent µm/px in {spatial / 'scalefactors_json.json'}: "
+            + "; ".join(problems)
+            + ". The positions and scale factors must describe the same full-resolution image."
+        )
     return mpp, source
 
 
@@ -478,8 +505,11 @@ def _check_image(name: str, path: Path, positions: Positions, reg: Registration,
     wanted = f"the full-resolution microscope image (at least {need:.1f} px per 8 µm bin)"
     if r_hi > height or c_hi > width or r_lo < 0 or c_lo < 0:
         scale = min(height / max(r_hi, 1), width / max(c_hi, 1))
-        hint = (f"; it looks downscaled about {1 / scale:.1f}× (a tissue_hires/lowres PNG or a CytAssist image?)"
-                if scale < 0.9 else "")  # fmt: skip
+        hint = (
+            f"; it looks downscaled about {1 / scale:.1f}× (a tissue_hires/lowres PNG or a CytAssist image?)"
+            if scale < 0.9
+            else ""
+        )
         raise FeatcacheError(
             f"sample {name}: image {path.name} is {height} × {width} px but the in-tissue bins reach rows "
             f"{r_lo:.0f}..{r_hi:.0f}, cols {c_lo:.0f}..{c_hi:.0f}{hint}. Pass {wanted} with --image {name}=FILE."

@@ -122,17 +122,23 @@ def _download(repo: str) -> Path:
         try:
             return Path(hf_hub_download(repo, name, endpoint=endpoint))
         except errors.GatedRepoError:
-            raise FeatcacheError(f"{repo} is a gated model and this account has no access: accept its licence on "
-                                 f"{page}, then log in (`hf auth login`, or set HF_TOKEN) and run again.") from None  # fmt: skip
+            raise FeatcacheError(
+                f"{repo} is a gated model and this account has no access: accept its licence on "
+                f"{page}, then log in (`hf auth login`, or set HF_TOKEN) and run again."
+            ) from None
         except errors.RepositoryNotFoundError:
-            raise FeatcacheError(f"{repo} was not found on the hub at {page} (or it is private and you are not logged "
-                                 "in: `hf auth login`, or set HF_TOKEN).") from None  # fmt: skip
+            raise FeatcacheError(
+                f"{repo} was not found on the hub at {page} (or it is private and you are not logged "
+                "in: `hf auth login`, or set HF_TOKEN)."
+            ) from None
         except missing:
             continue
         except Exception as exc:  # noqa: BLE001 - network failures take many forms
-            raise FeatcacheError(f"could not download {repo} from {page} ({type(exc).__name__}: {str(exc)[:120]}). "
-                                 "Check the connection, or supply the weights offline with --weights FILE or "
-                                 f"$FEATCACHE_WEIGHTS (set HF_HUB_OFFLINE=1 to never try).") from None  # fmt: skip
+            raise FeatcacheError(
+                f"could not download {repo} from {page} ({type(exc).__name__}: {str(exc)[:120]}). "
+                "Check the connection, or supply the weights offline with --weights FILE or "
+                f"$FEATCACHE_WEIGHTS (set HF_HUB_OFFLINE=1 to never try)."
+            ) from None
     raise FeatcacheError(
         f"{repo} on the hub has none of {', '.join(PREFERRED)}; pass the checkpoint with --weights FILE."
     )

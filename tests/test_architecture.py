@@ -12,11 +12,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = {"featcache", "featcache.errors", "featcache.geometry", "featcache.device", "featcache.streams",
-          "featcache.progress", "featcache.provenance", "featcache.cli_common", "featcache.encoders",
-          "featcache.weights", "featcache.registration"}  # fmt: skip
-STAGE1 = {"featcache.prepare", "featcache.extract", "featcache.synth", "featcache.visium", "featcache.slide",
-          "featcache.cli", "featcache.predict", "featcache.tissue"}  # fmt: skip
+SHARED = {
+    "featcache",
+    "featcache.errors",
+    "featcache.geometry",
+    "featcache.device",
+    "featcache.streams",
+    "featcache.progress",
+    "featcache.provenance",
+    "featcache.cli_common",
+    "featcache.encoders",
+    "featcache.weights",
+    "featcache.registration",
+}
+STAGE1 = {
+    "featcache.prepare",
+    "featcache.extract",
+    "featcache.synth",
+    "featcache.visium",
+    "featcache.slide",
+    "featcache.cli",
+    "featcache.predict",
+    "featcache.tissue",
+}
 
 
 def imports(path: Path) -> set[str]:
@@ -69,8 +87,20 @@ def test_no_import_circle_between_the_command_lines():
 
 def test_workspace_paths_and_markers_belong_to_the_store_layer():
     """No string literal naming a workspace folder or a marker outside featcache/stores/."""
-    needles = {"datasets", "features", "runs", "results", "_done", "patches.zarr", "targets.zarr",
-               "dataset.json", "config.json", "metrics.json", "train_state.pt", "checkpoint.pt"}  # fmt: skip
+    needles = {
+        "datasets",
+        "features",
+        "runs",
+        "results",
+        "_done",
+        "patches.zarr",
+        "targets.zarr",
+        "dataset.json",
+        "config.json",
+        "metrics.json",
+        "train_state.pt",
+        "checkpoint.pt",
+    }
     for package in ("featcache", "train", "analysis"):
         for path in modules(package):
             if "stores" in path.parts:

@@ -33,8 +33,11 @@ def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under root (a missing root is an empty workspace)."""
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def refused(result, *needles, code: int = 2) -> str:
@@ -121,9 +124,15 @@ def test_missing_scalefactors(p1, ws):
     check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "scalefactors_json.json")
 
 
-@pytest.mark.parametrize("content, needle", [(b"\x89\xff\x00binary", "not valid JSON"), (b"null", "holds NoneType"),
-                                             (b'{"microns_per_pixel": "0.27"}', "not a positive number"),
-                                             (b'{"microns_per_pixel": 0.27, "bin_size_um": true}', "not a positive number")])  # fmt: skip
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"\x89\xff\x00binary", "not valid JSON"),
+        (b"null", "holds NoneType"),
+        (b'{"microns_per_pixel": "0.27"}', "not a positive number"),
+        (b'{"microns_per_pixel": 0.27, "bin_size_um": true}', "not a positive number"),
+    ],
+)
 def test_damaged_scalefactors(p1, ws, content, needle):
     (spatial(p1) / "scalefactors_json.json").write_bytes(content)
     check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), needle)
@@ -135,8 +144,9 @@ def test_positions_with_wrong_columns(p1, ws):
     check(featcache_app, ws, prepare_args("--sample", f"P1={p1}"), "array_col")
 
 
-@pytest.mark.parametrize("kind", ["corrupt parquet", "empty parquet", "zero-row parquet", "corrupt csv", "empty csv",
-                                  "zero-row csv"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind", ["corrupt parquet", "empty parquet", "zero-row parquet", "corrupt csv", "empty csv", "zero-row csv"]
+)
 def test_damaged_positions_table(p1, ws, kind):
     path = spatial(p1) / "tissue_positions.parquet"
     pos = pd.read_parquet(path)
@@ -213,8 +223,13 @@ def test_missing_image(p1, ws):
 
 def test_downscaled_image(p1, ws):
     hires = spatial(p1) / "tissue_hires_image.png"
-    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={hires}"), "downscaled",
-          "full-resolution microscope image")  # fmt: skip
+    check(
+        featcache_app,
+        ws,
+        prepare_args("--sample", f"P1={p1}", "--image", f"P1={hires}"),
+        "downscaled",
+        "full-resolution microscope image",
+    )
 
 
 def test_image_too_coarse_for_14_px_per_bin(p1, ws, tmp_path):
@@ -232,8 +247,9 @@ def test_image_too_coarse_for_14_px_per_bin(p1, ws, tmp_path):
     small = np.asarray(Image.fromarray(img).resize((int(img.shape[1] * k), int(img.shape[0] * k))))
     path = tmp_path / "coarse.tif"
     tifffile.imwrite(path, small, photometric="rgb")
-    check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={path}"), "upsample",
-          "px per 8 µm bin")  # fmt: skip
+    check(
+        featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--image", f"P1={path}"), "upsample", "px per 8 µm bin"
+    )
 
 
 def test_truncated_tiff(p1, ws, tmp_path):
@@ -278,10 +294,16 @@ def test_gene_list_that_is_not_utf8(p1, ws, tmp_path):
     check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", "--genes", str(genes)), "not UTF-8")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--workers", "-1"], "--workers"), (["--stride", "0"], "--stride"), (["--min-tissue", "1.5"], "--min-tissue"),
-    (["--patient", "P9=A"], "not a --sample name"), (["--patient", "P1=A", "--patient", "P1=B"], "twice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--workers", "-1"], "--workers"),
+        (["--stride", "0"], "--stride"),
+        (["--min-tissue", "1.5"], "--min-tissue"),
+        (["--patient", "P9=A"], "not a --sample name"),
+        (["--patient", "P1=A", "--patient", "P1=B"], "twice"),
+    ],
+)
 def test_bad_prepare_options(p1, ws, args, needle):
     check(featcache_app, ws, prepare_args("--sample", f"P1={p1}", *args), needle)
 
@@ -302,22 +324,37 @@ def test_manifest_naming_a_missing_folder_or_a_sample_twice(p1, ws, tmp_path):
     check(featcache_app, ws, prepare_args("--manifest", str(manifest)), "sample,patient,path")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--dataset", "../../x"], "not a valid name"), (["--chunk-patches", "-1"], "--chunk-patches"),
-    (["--batch-size", "0"], "--batch-size"), (["--weights", "random:-1"], "random:SEED"),
-    (["--output", "gs://bucket/x.zarr"], "gcsfs"), (["--device", "tpu"], "--device"),
-    (["--precision", "fp8"], "--precision"), (["--shard", "2/2"], "0 <= K < N"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--dataset", "../../x"], "not a valid name"),
+        (["--chunk-patches", "-1"], "--chunk-patches"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--weights", "random:-1"], "random:SEED"),
+        (["--output", "gs://bucket/x.zarr"], "gcsfs"),
+        (["--device", "tpu"], "--device"),
+        (["--precision", "fp8"], "--precision"),
+        (["--shard", "2/2"], "0 <= K < N"),
+    ],
+)
 def test_bad_extract_options(full_ws, args, needle):
     base = ["extract", "--encoder", "tiny-cnn", "--weights", "random:5", "--dataset", "tiny"]
     check(featcache_app, full_ws, [*base, *args], needle)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--encoder", "../../x"], "not a valid name"), (["--seed", "-1"], "--seed"), (["--lr", "nan"], "--lr"),
-    (["--epochs", "0"], "--epochs"), (["--val-fraction", "1"], "--val-fraction"), (["--in-memory", "maybe"], "--in-memory"),
-    (["--fold", "P9"], "not a patient"), (["--dataset", "nope"], "no prepared dataset"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--encoder", "../../x"], "not a valid name"),
+        (["--seed", "-1"], "--seed"),
+        (["--lr", "nan"], "--lr"),
+        (["--epochs", "0"], "--epochs"),
+        (["--val-fraction", "1"], "--val-fraction"),
+        (["--in-memory", "maybe"], "--in-memory"),
+        (["--fold", "P9"], "not a patient"),
+        (["--dataset", "nope"], "no prepared dataset"),
+    ],
+)
 def test_bad_training_options(full_ws, args, needle):
     base = {
         "--fold": "P1",
@@ -334,8 +371,20 @@ def test_bad_training_options(full_ws, args, needle):
 
 def test_weights_file_named_like_the_random_mode(full_ws, tmp_path):
     """`--weights random.safetensors` is a file, not the random mode."""
-    r = CliRunner().invoke(featcache_app, ["extract", "--encoder", "tiny-cnn", "--dataset", "tiny", "--weights",
-                                           str(tmp_path / "random.safetensors"), "--workspace", str(full_ws)])  # fmt: skip
+    r = CliRunner().invoke(
+        featcache_app,
+        [
+            "extract",
+            "--encoder",
+            "tiny-cnn",
+            "--dataset",
+            "tiny",
+            "--weights",
+            str(tmp_path / "random.safetensors"),
+            "--workspace",
+            str(full_ws),
+        ],
+    )
     refused(r, "no such file")
 
 
@@ -359,10 +408,18 @@ def test_workspace_under_a_file(p1, tmp_path):
 def test_damaged_dataset_json(full_ws):
     path = full_ws / "datasets" / "tiny" / "dataset.json"
     path.write_text(path.read_text()[:50])
-    check(featcache_app, full_ws, ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset", "tiny"],
-          "damaged")  # fmt: skip
-    check(train_app, full_ws, ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny"],
-          "damaged")  # fmt: skip
+    check(
+        featcache_app,
+        full_ws,
+        ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset", "tiny"],
+        "damaged",
+    )
+    check(
+        train_app,
+        full_ws,
+        ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny"],
+        "damaged",
+    )
 
 
 def test_info_and_verify_on_a_non_store(tmp_path):
@@ -421,25 +478,69 @@ def corrupt(path: Path) -> None:
 def test_deleted_image_or_target_chunk_is_noticed(full_ws):
     targets = full_ws / "datasets" / "tiny" / "targets.zarr" / "P1"
     (targets / "mask" / "c" / "0" / "0" / "0").unlink()
-    check(train_app, full_ws, ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--val-fraction", "0",
-                               "--epochs", "1"], "lacks chunk file", "mask")  # fmt: skip
+    check(
+        train_app,
+        full_ws,
+        [
+            "decoder",
+            "--fold",
+            "P2",
+            "--encoder",
+            "tiny-cnn",
+            "--mode",
+            "random",
+            "--dataset",
+            "tiny",
+            "--val-fraction",
+            "0",
+            "--epochs",
+            "1",
+        ],
+        "lacks chunk file",
+        "mask",
+    )
     (full_ws / "datasets" / "tiny" / "patches.zarr" / "P2" / "image" / "c" / "0" / "0" / "0" / "0").unlink()
-    check(featcache_app, full_ws, ["extract", "--encoder", "tiny-cnn", "--weights", "random:9", "--dataset", "tiny"],
-          "lacks chunk file", "image")  # fmt: skip
+    check(
+        featcache_app,
+        full_ws,
+        ["extract", "--encoder", "tiny-cnn", "--weights", "random:9", "--dataset", "tiny"],
+        "lacks chunk file",
+        "image",
+    )
     r = CliRunner().invoke(featcache_app, ["verify", str(full_ws / "datasets" / "tiny")])
     assert r.exit_code == 1 and "P1/mask: chunk file" in r.output and "P2/image: chunk file" in r.output
 
 
 def test_corrupt_image_chunk_stops_extract_with_its_name(full_ws):
     corrupt(full_ws / "datasets" / "tiny" / "patches.zarr" / "P2" / "image" / "c" / "0" / "0" / "0" / "0")
-    check(featcache_app, full_ws, ["extract", "--encoder", "tiny-cnn", "--weights", "random:4", "--dataset", "tiny",
-                                   "--output", str(full_ws.parent / "new.zarr")], "patches.zarr/P2/image", "chunk 0")  # fmt: skip
+    check(
+        featcache_app,
+        full_ws,
+        [
+            "extract",
+            "--encoder",
+            "tiny-cnn",
+            "--weights",
+            "random:4",
+            "--dataset",
+            "tiny",
+            "--output",
+            str(full_ws.parent / "new.zarr"),
+        ],
+        "patches.zarr/P2/image",
+        "chunk 0",
+    )
 
 
 def test_corrupt_target_chunk_names_store_array_and_chunk(full_ws):
     corrupt(full_ws / "datasets" / "tiny" / "targets.zarr" / "P2" / "counts" / "c" / "0" / "0" / "0" / "0")
-    message = check(train_app, full_ws, ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random",
-                                         "--dataset", "tiny", "--epochs", "1"], "targets.zarr/P2/counts", "chunk 0")  # fmt: skip
+    message = check(
+        train_app,
+        full_ws,
+        ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--epochs", "1"],
+        "targets.zarr/P2/counts",
+        "chunk 0",
+    )
     assert "featcache verify" in message
 
 
@@ -449,15 +550,21 @@ def test_corrupt_feature_chunk_then_repair_recomputes_exactly_that_chunk(full_ws
     good = chunk.read_bytes()
     others = {p: p.read_bytes() for p in store.rglob("c/*/*/*/*") if p != chunk and p.is_file()}
     corrupt(chunk)
-    message = check(train_app, full_ws, ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random",
-                                         "--dataset", "tiny", "--epochs", "1"], "tiny-cnn-random.zarr/P1/tokens")  # fmt: skip
+    message = check(
+        train_app,
+        full_ws,
+        ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--epochs", "1"],
+        "tiny-cnn-random.zarr/P1/tokens",
+    )
     assert "--repair" in message
     r = CliRunner().invoke(featcache_app, ["verify", str(store)])
     assert r.exit_code == 1 and "--repair" in r.output
     r = CliRunner().invoke(featcache_app, ["verify", "--repair", str(store)])
     assert r.exit_code == 1 and "dropped the markers of 1" in r.output
-    r = CliRunner().invoke(featcache_app, ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset",
-                                           "tiny", "--workspace", str(full_ws)])  # fmt: skip
+    r = CliRunner().invoke(
+        featcache_app,
+        ["extract", "--encoder", "tiny-cnn", "--weights", "random:0", "--dataset", "tiny", "--workspace", str(full_ws)],
+    )
     assert r.exit_code == 0 and "extracted 5 patches" in r.output and "5 already done" in r.output, r.output
     assert chunk.read_bytes() == good
     assert all(p.read_bytes() == b for p, b in others.items())
@@ -477,8 +584,27 @@ class Payload:
 
 def test_planted_pickle_in_a_run_folder_never_runs(full_ws, tmp_path):
     flag = tmp_path / "payload-ran"
-    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--val-fraction", "0",
-            "--decoder", "linear", "--epochs", "3", "--batch-size", "2", "--val-fraction", "0"]  # fmt: skip
+    args = [
+        "decoder",
+        "--fold",
+        "P1",
+        "--encoder",
+        "tiny-cnn",
+        "--mode",
+        "random",
+        "--dataset",
+        "tiny",
+        "--val-fraction",
+        "0",
+        "--decoder",
+        "linear",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0",
+    ]
     run_dir = full_ws / "runs" / "tiny" / "tiny-cnn" / "random-linear" / "fold-P1"
     # 1. planted in a folder with no config.json
     run_dir.mkdir(parents=True)
@@ -507,8 +633,27 @@ def test_planted_pickle_in_a_run_folder_never_runs(full_ws, tmp_path):
 
 
 def test_refused_training_run_leaves_nothing_that_blocks_the_corrected_rerun(full_ws):
-    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny", "--val-fraction", "0",
-            "--decoder", "linear", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0"]  # fmt: skip
+    args = [
+        "decoder",
+        "--fold",
+        "P1",
+        "--encoder",
+        "tiny-cnn",
+        "--mode",
+        "random",
+        "--dataset",
+        "tiny",
+        "--val-fraction",
+        "0",
+        "--decoder",
+        "linear",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--val-fraction",
+        "0",
+    ]
     check(train_app, full_ws, [*args, "--lr", "-1"], "--lr")
     r = CliRunner().invoke(train_app, [*args, "--workspace", str(full_ws)])
     assert r.exit_code == 0, r.output
@@ -524,7 +669,21 @@ def test_stale_partial_folders_of_killed_prepares_are_cleaned(p1, ws):
 
 
 def test_console_script_exit_code(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "featcache", "prepare", "--dataset", "x", "--sample",
-                           f"P1={tmp_path / 'missing'}", "--workspace", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "featcache",
+            "prepare",
+            "--dataset",
+            "x",
+            "--sample",
+            f"P1={tmp_path / 'missing'}",
+            "--workspace",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr

@@ -54,8 +54,10 @@ def test_image_only_oracle_never_beats_the_ceiling(prepared):
     old_r = per_gene_pearson(transform(rate_panel, rate_total), truth, m)
 
     ok = np.isfinite(ceiling_r) & np.isfinite(oracle_r)
-    print(f"pcc_gene: ceiling {np.mean(ceiling_r[ok]):.3f}, oracle {np.mean(oracle_r[ok]):.3f}, "
-          f"transformed rates {np.nanmean(old_r):.3f}")  # fmt: skip
+    print(
+        f"pcc_gene: ceiling {np.mean(ceiling_r[ok]):.3f}, oracle {np.mean(oracle_r[ok]):.3f}, "
+        f"transformed rates {np.nanmean(old_r):.3f}"
+    )
     assert np.mean(oracle_r[ok]) < np.mean(ceiling_r[ok])
     assert np.all(oracle_r[ok] <= ceiling_r[ok] + 0.02)  # per gene, within Monte Carlo error
     assert np.nanmean(old_r) < np.mean(ceiling_r[ok])  # the old value understated the bound

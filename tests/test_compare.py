@@ -52,8 +52,9 @@ def test_known_difference_recovered_with_covering_interval(prepared, tmp_path):
     write_runs(ws)
     summarize("tiny", ws)
     runs = "synthetic_worse,synthetic_better,synthetic_also-better"
-    r = CliRunner().invoke(app, ["compare", "--dataset", "tiny", "--runs", runs, "--bootstrap", "1000",
-                                 "--workspace", str(ws)])  # fmt: skip
+    r = CliRunner().invoke(
+        app, ["compare", "--dataset", "tiny", "--runs", runs, "--bootstrap", "1000", "--workspace", str(ws)]
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((ws / "results" / "tiny" / "paired_comparison.json").read_text())
     pairs = {(p["a"], p["b"]): p for p in res["pairs"]}

@@ -335,8 +335,9 @@ def test_overlapping_patches_score_each_bin_once(synth_dir, tmp_path):
     from featcache.prepare import prepare_dataset
 
     ws = tmp_path / "ws"
-    prepare_dataset("ovl", {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}, stride=16, workspace=ws,
-                    show_progress=False)  # fmt: skip
+    prepare_dataset(
+        "ovl", {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}, stride=16, workspace=ws, show_progress=False
+    )
     extract("ovl", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)
     res = run_fold("ovl", "tiny-cnn", "P2", mode="random", decoder="linear", epochs=1, batch_size=4, workspace=ws)
     t = Workspace(ws).open_dataset("ovl").targets("P2")

@@ -51,8 +51,18 @@ def base(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- images
-@pytest.mark.parametrize("container", ["jpeg-tiled BigTIFF", "lzw-striped TIFF", "jpeg2000-tiled TIFF", "OME-TIFF",
-                                       "plain JPEG", "plain PNG", "16-bit TIFF"])  # fmt: skip
+@pytest.mark.parametrize(
+    "container",
+    [
+        "jpeg-tiled BigTIFF",
+        "lzw-striped TIFF",
+        "jpeg2000-tiled TIFF",
+        "OME-TIFF",
+        "plain JPEG",
+        "plain PNG",
+        "16-bit TIFF",
+    ],
+)
 def test_every_container_and_codec_gives_the_same_patches(base, tmp_path, container):
     sample, reference = base
     img = tifffile.imread(sample / "B_tissue_image.btf")
@@ -60,16 +70,31 @@ def test_every_container_and_codec_gives_the_same_patches(base, tmp_path, contai
         container, "img.tif"
     )
     if container == "jpeg-tiled BigTIFF":
-        tifffile.imwrite(path, img, bigtiff=True, tile=(256, 256), photometric="rgb", compression="jpeg",
-                         compressionargs={"level": 95})  # fmt: skip
+        tifffile.imwrite(
+            path,
+            img,
+            bigtiff=True,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": 95},
+        )
     elif container == "lzw-striped TIFF":
         tifffile.imwrite(path, img, photometric="rgb", rowsperstrip=32, compression="lzw")
     elif container == "jpeg2000-tiled TIFF":
-        tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg2000",
-                         compressionargs={"level": 0})  # fmt: skip  # level 0: lossless
+        tifffile.imwrite(
+            path, img, tile=(256, 256), photometric="rgb", compression="jpeg2000", compressionargs={"level": 0}
+        )  # level 0: lossless
     elif container == "OME-TIFF":
-        tifffile.imwrite(path, img, ome=True, tile=(256, 256), photometric="rgb", compression="zlib",
-                         metadata={"PhysicalSizeX": 0.2738, "PhysicalSizeY": 0.2738, "axes": "YXS"})  # fmt: skip
+        tifffile.imwrite(
+            path,
+            img,
+            ome=True,
+            tile=(256, 256),
+            photometric="rgb",
+            compression="zlib",
+            metadata={"PhysicalSizeX": 0.2738, "PhysicalSizeY": 0.2738, "axes": "YXS"},
+        )
     elif container == "16-bit TIFF":
         tifffile.imwrite(path, img.astype(np.uint16) * 257, photometric="rgb", tile=(256, 256))
     else:
@@ -181,9 +206,24 @@ def test_only_gene_expression_features_are_targets(tmp_path):
 def test_panel_is_chosen_among_genes_every_sample_has(tmp_path):
     synthesize(tmp_path, ["F", "G"], TINY, per_sample={"G": {"missing_genes": 5}})
     ws = tmp_path / "ws"
-    r = CliRunner().invoke(app, ["prepare", "--dataset", "d", "--sample", f"F={tmp_path / 'F'}", "--sample",
-                                 f"G={tmp_path / 'G'}", "--min-tissue", "0.3", "--genes", "top-mean:80",
-                                 "--workspace", str(ws)])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "--dataset",
+            "d",
+            "--sample",
+            f"F={tmp_path / 'F'}",
+            "--sample",
+            f"G={tmp_path / 'G'}",
+            "--min-tissue",
+            "0.3",
+            "--genes",
+            "top-mean:80",
+            "--workspace",
+            str(ws),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "5 Gene Expression feature(s) are missing from some samples" in r.output
     m = meta(ws)
@@ -207,12 +247,41 @@ def test_microns_per_pixel_derived_when_missing_and_space_ranger_4(tmp_path):
 def test_a_fold_keeps_a_patients_sections_together(tmp_path):
     from featcache.extract import extract
 
-    r = CliRunner().invoke(app, ["synth", str(tmp_path / "raw"), "--samples", "A,B", "--sections", "2", "--rows", "48",
-                                 "--cols", "64", "--genes", "70", "--seed", "4"])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            str(tmp_path / "raw"),
+            "--samples",
+            "A,B",
+            "--sections",
+            "2",
+            "--rows",
+            "48",
+            "--cols",
+            "64",
+            "--genes",
+            "70",
+            "--seed",
+            "4",
+        ],
+    )
     assert r.exit_code == 0, r.output
     ws = tmp_path / "ws"
-    r = CliRunner().invoke(app, ["prepare", "--dataset", "d", "--manifest", str(tmp_path / "raw" / "manifest.csv"),
-                                 "--min-tissue", "0.3", "--workspace", str(ws)])  # fmt: skip
+    r = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "--dataset",
+            "d",
+            "--manifest",
+            str(tmp_path / "raw" / "manifest.csv"),
+            "--min-tissue",
+            "0.3",
+            "--workspace",
+            str(ws),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert meta(ws)["patients"] == {"A": ["A-s1", "A-s2"], "B": ["B-s1", "B-s2"]}
     extract("d", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)

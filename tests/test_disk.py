@@ -18,8 +18,9 @@ SCRIPT = Path(__file__).parent / "scripts" / "disk_scenario.py"
 def namespace_available() -> bool:
     if not shutil.which("unshare"):
         return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /tmp && echo ok"], capture_output=True,
-                           text=True)  # fmt: skip
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /tmp && echo ok"], capture_output=True, text=True
+    )
     return probe.stdout.strip() == "ok"
 
 
@@ -27,8 +28,12 @@ def namespace_available() -> bool:
 def test_full_disk_and_read_only_workspace(synth_dir, tmp_path):
     mount = tmp_path / "mnt"
     mount.mkdir()
-    proc = subprocess.run(["unshare", "-rm", sys.executable, str(SCRIPT), str(synth_dir / "P1"), str(synth_dir / "P2"),
-                           str(mount)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        ["unshare", "-rm", sys.executable, str(SCRIPT), str(synth_dir / "P1"), str(synth_dir / "P2"), str(mount)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = json.loads(proc.stdout.strip().splitlines()[-1])
     for step in ("prepare_full", "extract_full", "train_full", "predict_full"):

@@ -76,8 +76,9 @@ def hub(tmp_path):
 
 
 def featcache(env, *args):
-    return subprocess.run([sys.executable, "-m", "featcache", *args], capture_output=True, text=True, env=env,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "featcache", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_weights_are_downloaded_into_the_cache_and_gated_models_explained(hub, prepared, tmp_path):
@@ -87,8 +88,20 @@ def test_weights_are_downloaded_into_the_cache_and_gated_models_explained(hub, p
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("HF_TOKEN", None)
     out = tmp_path / "dn.zarr"
-    p = featcache(env, "extract", "--encoder", "densenet121", "--dataset", "tiny", "--workspace", str(ws),
-                  "--output", str(out), "--device", "cpu")  # fmt: skip
+    p = featcache(
+        env,
+        "extract",
+        "--encoder",
+        "densenet121",
+        "--dataset",
+        "tiny",
+        "--workspace",
+        str(ws),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     cached = list((tmp_path / "hf" / "hub" / "models--timm--densenet121.tv_in1k" / "snapshots" / COMMIT).iterdir())
     assert [c.name for c in cached] == ["model.safetensors"] and cached[0].read_bytes() == weights.read_bytes()
@@ -98,12 +111,34 @@ def test_weights_are_downloaded_into_the_cache_and_gated_models_explained(hub, p
     assert ident["weights"] == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
     # a second run finds the cache and asks the hub nothing
     asked = len(Hub.requests)
-    p = featcache({**env, "HF_HUB_OFFLINE": "1"}, "extract", "--encoder", "densenet121", "--dataset", "tiny",
-                  "--workspace", str(ws), "--output", str(out), "--device", "cpu")  # fmt: skip
+    p = featcache(
+        {**env, "HF_HUB_OFFLINE": "1"},
+        "extract",
+        "--encoder",
+        "densenet121",
+        "--dataset",
+        "tiny",
+        "--workspace",
+        str(ws),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert p.returncode == 0 and len(Hub.requests) == asked
     # a gated model without access: one message saying what to do
-    p = featcache(env, "extract", "--encoder", "uni2h", "--dataset", "tiny", "--workspace", str(ws), "--output",
-                  str(tmp_path / "u.zarr"))  # fmt: skip
+    p = featcache(
+        env,
+        "extract",
+        "--encoder",
+        "uni2h",
+        "--dataset",
+        "tiny",
+        "--workspace",
+        str(ws),
+        "--output",
+        str(tmp_path / "u.zarr"),
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "gated" in p.stderr and "accept its licence" in p.stderr and "hf auth login" in p.stderr
     assert not (tmp_path / "u.zarr").exists()

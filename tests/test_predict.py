@@ -35,8 +35,9 @@ def trained(prepared, tmp_path_factory):
     torch.manual_seed(7)
     save_file({k: v.contiguous() for k, v in build_model(get_spec("tiny-cnn")).state_dict().items()}, str(weights))
     extract("tiny", "tiny-cnn", weights=str(weights), workspace=ws, show_progress=False)
-    res = run_fold("tiny", "tiny-cnn", "P2", mode="frozen", decoder="unet", epochs=2, batch_size=2, lr=1e-3,
-                   workspace=ws)  # fmt: skip
+    res = run_fold(
+        "tiny", "tiny-cnn", "P2", mode="frozen", decoder="unet", epochs=2, batch_size=2, lr=1e-3, workspace=ws
+    )
     return ws, res.run_dir, weights
 
 
@@ -47,8 +48,21 @@ def predict(ws, *args):
 def test_predicting_on_the_test_sections_lattice_reproduces_the_runs_predictions(trained, synth_dir):
     ws, run_dir, weights = trained
     out = ws / "pred-p2"
-    r = predict(ws, "--run", str(run_dir), "--image", str(synth_dir / "P2" / "P2_tissue_image.btf"), "--positions",
-                str(synth_dir / "P2"), "--weights", str(weights), "--output", str(out), "--genes", "EPCAM,DES")  # fmt: skip
+    r = predict(
+        ws,
+        "--run",
+        str(run_dir),
+        "--image",
+        str(synth_dir / "P2" / "P2_tissue_image.btf"),
+        "--positions",
+        str(synth_dir / "P2"),
+        "--weights",
+        str(weights),
+        "--output",
+        str(out),
+        "--genes",
+        "EPCAM,DES",
+    )
     assert r.exit_code == 0, r.output
     mine = xr.open_zarr(out / "predictions.zarr")
     theirs = xr.open_zarr(run_dir / "predictions.zarr")
@@ -71,8 +85,17 @@ def test_predicting_on_the_test_sections_lattice_reproduces_the_runs_predictions
 def test_a_virtual_lattice_covers_the_tissue_with_an_8_um_pitch(trained, synth_dir):
     ws, run_dir, weights = trained
     out = ws / "pred-virtual"
-    r = predict(ws, "--run", str(run_dir), "--image", str(synth_dir / "P1" / "P1_tissue_image.btf"), "--weights",
-                str(weights), "--output", str(out))  # µm/px from the TIFF's resolution tags  # fmt: skip
+    r = predict(
+        ws,
+        "--run",
+        str(run_dir),
+        "--image",
+        str(synth_dir / "P1" / "P1_tissue_image.btf"),
+        "--weights",
+        str(weights),
+        "--output",
+        str(out),
+    )  # µm/px from the TIFF's resolution tags
     assert r.exit_code == 0, r.output
     a = ad.read_h5ad(out / "predictions.h5ad")
     virtual = a.obsm["spatial"][a.obs["in_tissue"].to_numpy() == 1]  # (x, y)
@@ -98,12 +121,26 @@ def test_h5ad_opens_in_anndata_and_draws_with_scanpy(trained, synth_dir):
 
     ws, run_dir, weights = trained
     out = ws / "pred-scanpy"
-    r = predict(ws, "--run", str(run_dir), "--image", str(synth_dir / "P1" / "P1_tissue_image.btf"), "--positions",
-                str(synth_dir / "P1"), "--weights", str(weights), "--output", str(out))  # fmt: skip
+    r = predict(
+        ws,
+        "--run",
+        str(run_dir),
+        "--image",
+        str(synth_dir / "P1" / "P1_tissue_image.btf"),
+        "--positions",
+        str(synth_dir / "P1"),
+        "--weights",
+        str(weights),
+        "--output",
+        str(out),
+    )
     assert r.exit_code == 0, r.output
     a = ad.read_h5ad(out / "predictions.h5ad")
-    assert a.X.dtype == np.float32 and "z" in a.layers and list(a.var_names) == json.loads(
-        (run_dir / "config.json").read_text())["genes"]  # fmt: skip
+    assert (
+        a.X.dtype == np.float32
+        and "z" in a.layers
+        and list(a.var_names) == json.loads((run_dir / "config.json").read_text())["genes"]
+    )
     assert {"array_row", "array_col", "in_tissue"} <= set(a.obs) and a.obsm["spatial"].shape == (a.n_obs, 2)
     lib = next(iter(a.uns["spatial"]))
     assert {"images", "scalefactors"} <= set(a.uns["spatial"][lib])
@@ -132,8 +169,13 @@ def test_predict_refuses(trained, synth_dir, tmp_path):
     Image.fromarray(tifffile.imread(image, level=1)).save(png)
     refused("--image", str(png), "--weights", str(weights), "--output", str(tmp_path / "o2"), needle="--mpp")
     blank = tmp_path / "blank.tif"
-    tifffile.imwrite(blank, np.full((2000, 2400, 3), 242, np.uint8), photometric="rgb", resolutionunit="CENTIMETER",
-                     resolution=(1e4 / 0.2738, 1e4 / 0.2738))  # fmt: skip
+    tifffile.imwrite(
+        blank,
+        np.full((2000, 2400, 3), 242, np.uint8),
+        photometric="rgb",
+        resolutionunit="CENTIMETER",
+        resolution=(1e4 / 0.2738, 1e4 / 0.2738),
+    )
     refused("--image", str(blank), "--weights", str(weights), "--output", str(tmp_path / "o3"), needle="no tissue")
     refused(
         "--image", str(image), "--weights", str(weights), "--output", str(ws / "pred-virtual"), needle="--overwrite"
@@ -164,8 +206,9 @@ def test_analysis_export_of_a_run_and_of_a_feature_store(trained, synth_dir):
     assert r.exit_code == 0, r.output
     f = ad.read_h5ad(ws / "results" / "tiny" / "exports" / "tiny-cnn-pooled.h5ad")
     store = xr.open_zarr(ws / "features" / "tiny" / "tiny-cnn.zarr", group="P1")
-    assert f.n_vars == 96 and f.n_obs == sum(xr.open_zarr(ws / "features" / "tiny" / "tiny-cnn.zarr", group=s).sizes["patch"]
-                                             for s in ("P1", "P2"))  # fmt: skip
+    assert f.n_vars == 96 and f.n_obs == sum(
+        xr.open_zarr(ws / "features" / "tiny" / "tiny-cnn.zarr", group=s).sizes["patch"] for s in ("P1", "P2")
+    )
     assert np.allclose(f.X[: store.sizes["patch"]], store.pooled.values)
     r = CliRunner().invoke(analysis_app, ["export", "--run", str(run_dir), "--workspace", str(ws)])
     assert r.exit_code == 2 and "--overwrite" in r.output
@@ -179,8 +222,17 @@ def test_h5ad_written_band_by_band_averages_overlapping_patches_per_bin(trained,
     ws, run_dir, weights = trained
     monkeypatch.setattr(P, "H5AD_BAND", 8)
     out = ws / "pred-overlap"
-    P.predict(run_dir, synth_dir / "P2" / "P2_tissue_image.btf", positions=synth_dir / "P2", output=out, stride=16,
-              weights=str(weights), workspace=ws, device="cpu", show_progress=False)  # fmt: skip
+    P.predict(
+        run_dir,
+        synth_dir / "P2" / "P2_tissue_image.btf",
+        positions=synth_dir / "P2",
+        output=out,
+        stride=16,
+        weights=str(weights),
+        workspace=ws,
+        device="cpu",
+        show_progress=False,
+    )
     z = xr.open_zarr(out / "predictions.zarr")
     origins = z.origin.values
     assert len(origins) > 4 and np.diff(np.unique(origins[:, 0])).min() == 16  # patches overlap

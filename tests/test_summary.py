@@ -18,10 +18,13 @@ from train.metrics import evaluate
 from train.summary import summarize
 
 REFERENCE_RUNS = {  # the reference study's keys -> (our encoder, our mode)
-    "densenet_frozen": ("densenet121", "frozen"), "densenet_finetuned": ("densenet121", "finetune"),
-    "densenet_random_init": ("densenet121", "random"), "uni2h_frozen": ("uni2h", "frozen"),
-    "virchow2_frozen": ("virchow2", "frozen"), "h_optimus_frozen": ("hoptimus0", "frozen"),
-}  # fmt: skip
+    "densenet_frozen": ("densenet121", "frozen"),
+    "densenet_finetuned": ("densenet121", "finetune"),
+    "densenet_random_init": ("densenet121", "random"),
+    "uni2h_frozen": ("uni2h", "frozen"),
+    "virchow2_frozen": ("virchow2", "frozen"),
+    "h_optimus_frozen": ("hoptimus0", "frozen"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,12 @@ def trio(synth_dir, tmp_path_factory):
     extra = tmp_path_factory.mktemp("p5")
     synthesize(extra, ["P5"], SMALL)
     ws = tmp_path_factory.mktemp("trio-ws")
-    prepare_dataset("trio", {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2"), "P5": str(extra / "P5")},
-                    workspace=ws, show_progress=False)  # fmt: skip
+    prepare_dataset(
+        "trio",
+        {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2"), "P5": str(extra / "P5")},
+        workspace=ws,
+        show_progress=False,
+    )
     return ws
 
 
@@ -43,12 +50,34 @@ def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
     truth = rng.normal(size=(4, 5, 32, 32))
     pred = (0.2 + 0.1 * rng.random()) * truth + rng.normal(size=truth.shape)
     m = evaluate(pred, truth, np.ones((4, 32, 32), bool), np.zeros(5), list("ABCDE"))
-    m.update({"fold": fold, "selected_epoch": 7, "baselines": {"per_gene_mean": {"mse": 1.0, "pcc_gene": 0.0}},
-              "noise_ceiling": None, "test_samples": [fold], "features_weights": "sha256:abc"})  # fmt: skip
+    m.update(
+        {
+            "fold": fold,
+            "selected_epoch": 7,
+            "baselines": {"per_gene_mean": {"mse": 1.0, "pcc_gene": 0.0}},
+            "noise_ceiling": None,
+            "test_samples": [fold],
+            "features_weights": "sha256:abc",
+        }
+    )
     run = Workspace(ws).run("trio", encoder, mode, fold)
-    run.write_config({"dataset": "trio", "encoder": encoder, "mode": mode, "run": mode, "fold": fold, "epochs": 200,
-                      "batch_size": 64, "lr": 1e-4, "seed": 0, "target": "log1p-cp10k", "score": "in-tissue",
-                      "train_samples": [p for p in ("P1", "P2", "P5") if p != fold], "config_sha256": str(seed)})  # fmt: skip
+    run.write_config(
+        {
+            "dataset": "trio",
+            "encoder": encoder,
+            "mode": mode,
+            "run": mode,
+            "fold": fold,
+            "epochs": 200,
+            "batch_size": 64,
+            "lr": 1e-4,
+            "seed": 0,
+            "target": "log1p-cp10k",
+            "score": "in-tissue",
+            "train_samples": [p for p in ("P1", "P2", "P5") if p != fold],
+            "config_sha256": str(seed),
+        }
+    )
     run.write_metrics(m)
     return m
 
@@ -63,17 +92,28 @@ def reference_reads(res: dict) -> None:
 
 
 def test_reference_keys_and_shapes(trio):
-    made = {key: [finished_run(trio, enc, mode, f, 10 * i + j) for j, f in enumerate(("P1", "P2", "P5"))]
-            for i, (key, (enc, mode)) in enumerate(REFERENCE_RUNS.items())}  # fmt: skip
+    made = {
+        key: [finished_run(trio, enc, mode, f, 10 * i + j) for j, f in enumerate(("P1", "P2", "P5"))]
+        for i, (key, (enc, mode)) in enumerate(REFERENCE_RUNS.items())
+    }
     res = summarize("trio", trio)
     assert set(res["results"]) == set(REFERENCE_RUNS)
     for key, folds in made.items():
         run = res["results"][key]
-        assert run["encoder"] == {"densenet": "DenseNet121", "uni2h": "UNI2-h", "virchow2": "Virchow2",
-                                  "h_optimus": "H-optimus-0"}[key.rsplit("_", 1)[0].removesuffix("_random")]  # fmt: skip
+        assert (
+            run["encoder"]
+            == {"densenet": "DenseNet121", "uni2h": "UNI2-h", "virchow2": "Virchow2", "h_optimus": "H-optimus-0"}[
+                key.rsplit("_", 1)[0].removesuffix("_random")
+            ]
+        )
         assert run["frozen"] is (REFERENCE_RUNS[key][1] != "finetune")
-        for ours, theirs in (("pearson_r", "pcc_global"), ("spearman_rho", "spearman_global"), ("mse", "mse"),
-                             ("ssim_st", "ssim_st"), ("pcc_gene", "pcc_gene")):  # fmt: skip
+        for ours, theirs in (
+            ("pearson_r", "pcc_global"),
+            ("spearman_rho", "spearman_global"),
+            ("mse", "mse"),
+            ("ssim_st", "ssim_st"),
+            ("pcc_gene", "pcc_gene"),
+        ):
             values = [m[theirs] for m in folds]
             assert run[ours]["mean"] == pytest.approx(np.mean(values)) and run[ours]["std"] == pytest.approx(
                 np.std(values)
@@ -95,8 +135,17 @@ def test_reference_keys_and_shapes(trio):
 def test_copied_in_run_folders_are_summarized(tiny_cnn_features, tmp_path):
     ws, _ = tiny_cnn_features
     for fold in ("P1", "P2"):
-        run_fold("tiny", "tiny-cnn", fold, mode="random", decoder="linear", epochs=1, batch_size=4, workspace=ws,
-                 overwrite=True)  # fmt: skip
+        run_fold(
+            "tiny",
+            "tiny-cnn",
+            fold,
+            mode="random",
+            decoder="linear",
+            epochs=1,
+            batch_size=4,
+            workspace=ws,
+            overwrite=True,
+        )
     other = tmp_path / "colleague"
     shutil.copytree(ws / "datasets", other / "datasets")
     shutil.copytree(ws / "runs" / "tiny" / "tiny-cnn", other / "runs" / "tiny" / "tiny-cnn")
@@ -113,11 +162,26 @@ def test_one_set_of_defaults_and_run_variants(tiny_cnn_features, tmp_path):
     ws = tmp_path / "ws"
     for sub in ("datasets", "features"):
         shutil.copytree(src / sub, ws / sub)
-    base = ["--dataset", "tiny", "--decoder", "linear", "--epochs", "1", "--batch-size", "4", "--val-fraction", "0",
-            "--device", "cpu", "--workspace", str(ws)]  # fmt: skip
+    base = [
+        "--dataset",
+        "tiny",
+        "--decoder",
+        "linear",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--val-fraction",
+        "0",
+        "--device",
+        "cpu",
+        "--workspace",
+        str(ws),
+    ]
     # a fold fine-tuned alone is the same run as that fold of a LOOCV of the same settings
-    r = CliRunner().invoke(app, ["finetune", "--encoder", "tiny-cnn", "--weights", "random:0", "--fold", "P1", *base,
-                                 "--overwrite"])  # fmt: skip
+    r = CliRunner().invoke(
+        app, ["finetune", "--encoder", "tiny-cnn", "--weights", "random:0", "--fold", "P1", *base, "--overwrite"]
+    )
     assert r.exit_code == 0, r.output
     fold = ws / "runs" / "tiny" / "tiny-cnn" / "finetune-linear" / "fold-P1"
     before = (fold / "config.json").read_bytes(), (fold / "metrics.json").read_bytes()
@@ -141,8 +205,19 @@ def test_one_set_of_defaults_and_run_variants(tiny_cnn_features, tmp_path):
 
 def test_reproduction_mode_trains_and_scores_as_the_reference(tiny_cnn_features):
     ws, _ = tiny_cnn_features
-    res = run_fold("tiny", "tiny-cnn", "P2", mode="random", decoder="linear", epochs=1, batch_size=4,
-                   target="log1p-counts", score="all-bins", workspace=ws, overwrite=True)  # fmt: skip
+    res = run_fold(
+        "tiny",
+        "tiny-cnn",
+        "P2",
+        mode="random",
+        decoder="linear",
+        epochs=1,
+        batch_size=4,
+        target="log1p-counts",
+        score="all-bins",
+        workspace=ws,
+        overwrite=True,
+    )
     assert res.run_dir.parent.name == "random-linear-counts-allbins"
     m = res.metrics
     pred = Workspace(ws).open_dataset("tiny").targets("P2")

@@ -29,8 +29,13 @@ Batch = Annotated[int, typer.Option(help="Effective batch: patches per optimizer
 Lr = Annotated[float, typer.Option(help="Decoder learning rate (Adam, no weight decay).")]
 Seed = Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling (recorded).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
-ValFrac = Annotated[float, typer.Option(help="Share of each training section held out as a validation region for epoch "
-                                             "selection (0: none, the last epoch is kept).")]  # fmt: skip
+ValFrac = Annotated[
+    float,
+    typer.Option(
+        help="Share of each training section held out as a validation region for epoch "
+        "selection (0: none, the last epoch is kept)."
+    ),
+]
 InMemory = Annotated[str, typer.Option(help="auto (load the training set when it fits 40 % of RAM), yes, no.")]
 DecoderOpt = Annotated[
     str, typer.Option("--decoder", help="unet (Img2ST-Net MiniUNet) or linear (per-token 1×1 baseline).")
@@ -46,8 +51,10 @@ Overwrite = Annotated[bool, typer.Option(help="Replace run folders made with oth
 Name = Annotated[
     Optional[str], typer.Option(help="A variant beside the default run: runs/<dataset>/<encoder>/<run>-NAME/.")
 ]
-Target = Annotated[str, typer.Option(help="log1p-cp10k (ours: CP10k, log1p, z-score per gene) or log1p-counts "
-                                          "(the reference pipeline).")]  # fmt: skip
+Target = Annotated[
+    str,
+    typer.Option(help="log1p-cp10k (ours: CP10k, log1p, z-score per gene) or log1p-counts (the reference pipeline)."),
+]
 Score = Annotated[
     str, typer.Option(help="Bins in loss and metrics: in-tissue (ours) or all-bins (the reference pipeline).")
 ]
@@ -57,25 +64,52 @@ Score = Annotated[
 @user_errors
 def decoder(
     fold: Fold,
-    encoder: Annotated[Optional[str], typer.Option(help="Encoder [default: every complete feature store of the dataset].")] = None,
+    encoder: Annotated[
+        Optional[str], typer.Option(help="Encoder [default: every complete feature store of the dataset].")
+    ] = None,
     dataset: Dataset = "demo",
-    mode: Annotated[str, typer.Option(help="frozen (pretrained features) or random (random-init features).")] = "frozen",
+    mode: Annotated[
+        str, typer.Option(help="frozen (pretrained features) or random (random-init features).")
+    ] = "frozen",
     decoder_kind: DecoderOpt = _default("decoder"),
-    control: Annotated[Optional[str], typer.Option(help="'shuffled': train on targets shuffled across patches (a control).")] = None,
-    epochs: Epochs = _default("epochs"), batch_size: Batch = _default("batch_size"), lr: Lr = _default("lr"),
-    seed: Seed = _default("seed"), val_fraction: ValFrac = _default("val_fraction"), target: Target = _default("target"),
-    score: Score = _default("score"), name: Name = None, device: Device = "auto", in_memory: InMemory = "auto",
-    overwrite: Overwrite = False, workspace: WorkspaceOpt = None,
-):  # fmt: skip
+    control: Annotated[
+        Optional[str], typer.Option(help="'shuffled': train on targets shuffled across patches (a control).")
+    ] = None,
+    epochs: Epochs = _default("epochs"),
+    batch_size: Batch = _default("batch_size"),
+    lr: Lr = _default("lr"),
+    seed: Seed = _default("seed"),
+    val_fraction: ValFrac = _default("val_fraction"),
+    target: Target = _default("target"),
+    score: Score = _default("score"),
+    name: Name = None,
+    device: Device = "auto",
+    in_memory: InMemory = "auto",
+    overwrite: Overwrite = False,
+    workspace: WorkspaceOpt = None,
+):
     """Train the decoder for one fold; write the run folder (config, log, checkpoint, predictions, metrics)."""
     from featcache.stores import Workspace
     from train.run import train_fold
 
     ws = Workspace.resolve(workspace)
     for enc in [encoder] if encoder else _complete_stores(ws, dataset, mode):
-        cfg = TrainConfig(dataset=dataset, encoder=enc, fold=fold, mode=mode, decoder=decoder_kind, control=control,
-                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
-                          target=target, score=score, name=name)  # fmt: skip
+        cfg = TrainConfig(
+            dataset=dataset,
+            encoder=enc,
+            fold=fold,
+            mode=mode,
+            decoder=decoder_kind,
+            control=control,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            val_fraction=val_fraction,
+            target=target,
+            score=score,
+            name=name,
+        )
         _report(enc, fold, train_fold(cfg, ws, device=device, in_memory=in_memory, overwrite=overwrite))
 
 
@@ -84,10 +118,14 @@ def _report(encoder: str, fold: str, res) -> None:
     if not m:  # a non-main torchrun rank: the main rank reports
         return
     ceil = (m.get("noise_ceiling") or {}).get("pcc_gene")
-    out.print(f"{encoder} {m['run']} fold {fold}{' (already done)' if res.reused else ''}: pcc_gene {m['pcc_gene']:.3f}, "
-              f"pcc_global {m['pcc_global']:.3f}, ssim {m['ssim_st']:.3f}, mse {m['mse']:.3f} "
-              f"(epoch {m['selected_epoch']}; per-gene-mean mse {m['baselines']['per_gene_mean']['mse']:.3f}"
-              + (f"; noise ceiling pcc_gene {ceil:.3f}" if ceil is not None else "") + ")", soft_wrap=True)  # fmt: skip
+    out.print(
+        f"{encoder} {m['run']} fold {fold}{' (already done)' if res.reused else ''}: pcc_gene {m['pcc_gene']:.3f}, "
+        f"pcc_global {m['pcc_global']:.3f}, ssim {m['ssim_st']:.3f}, mse {m['mse']:.3f} "
+        f"(epoch {m['selected_epoch']}; per-gene-mean mse {m['baselines']['per_gene_mean']['mse']:.3f}"
+        + (f"; noise ceiling pcc_gene {ceil:.3f}" if ceil is not None else "")
+        + ")",
+        soft_wrap=True,
+    )
     out.print(f"  {res.run_dir}", soft_wrap=True)
 
 
@@ -99,22 +137,49 @@ def finetune(
     dataset: Dataset = "demo",
     weights: Weights = None,
     decoder_kind: DecoderOpt = _default("decoder"),
-    epochs: Epochs = _default("epochs"), batch_size: Batch = _default("batch_size"),
-    micro_batch: MicroBatch = _default("micro_batch"), lr: Lr = _default("lr"), encoder_lr: EncoderLr = _default("encoder_lr"),
-    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute encoder activations in backward (less memory).")] = False,
+    epochs: Epochs = _default("epochs"),
+    batch_size: Batch = _default("batch_size"),
+    micro_batch: MicroBatch = _default("micro_batch"),
+    lr: Lr = _default("lr"),
+    encoder_lr: EncoderLr = _default("encoder_lr"),
+    grad_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute encoder activations in backward (less memory).")
+    ] = False,
     augment: Annotated[bool, typer.Option(help="Random 90° rotations and flips of image and targets together.")] = True,
     colour_jitter: Annotated[float, typer.Option(help="Brightness / channel-gain jitter strength (0 = off).")] = 0.0,
-    seed: Seed = _default("seed"), val_fraction: ValFrac = _default("val_fraction"), target: Target = _default("target"),
-    score: Score = _default("score"), name: Name = None, device: Device = "auto", overwrite: Overwrite = False,
+    seed: Seed = _default("seed"),
+    val_fraction: ValFrac = _default("val_fraction"),
+    target: Target = _default("target"),
+    score: Score = _default("score"),
+    name: Name = None,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
     workspace: WorkspaceOpt = None,
-):  # fmt: skip
+):
     """Fine-tune encoder + decoder end to end from image patches (no feature cache) for one fold."""
     from train.run import train_fold
 
-    cfg = TrainConfig(dataset=dataset, encoder=encoder, fold=fold, mode="finetune", decoder=decoder_kind, epochs=epochs,
-                      batch_size=batch_size, micro_batch=micro_batch, lr=lr, encoder_lr=encoder_lr, weights=weights,
-                      grad_checkpointing=grad_checkpointing, augment=augment, colour_jitter=colour_jitter, seed=seed,
-                      val_fraction=val_fraction, target=target, score=score, name=name)  # fmt: skip
+    cfg = TrainConfig(
+        dataset=dataset,
+        encoder=encoder,
+        fold=fold,
+        mode="finetune",
+        decoder=decoder_kind,
+        epochs=epochs,
+        batch_size=batch_size,
+        micro_batch=micro_batch,
+        lr=lr,
+        encoder_lr=encoder_lr,
+        weights=weights,
+        grad_checkpointing=grad_checkpointing,
+        augment=augment,
+        colour_jitter=colour_jitter,
+        seed=seed,
+        val_fraction=val_fraction,
+        target=target,
+        score=score,
+        name=name,
+    )
     _report(encoder, fold, train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite))
 
 
@@ -123,25 +188,58 @@ def finetune(
 def loocv(
     encoders: Annotated[str, typer.Option(help="Comma-separated encoders.")],
     modes: Annotated[str, typer.Option(help="Comma-separated modes: frozen, random, finetune.")] = "frozen",
-    weights: Weights = None, encoder_lr: EncoderLr = _default("encoder_lr"), micro_batch: MicroBatch = _default("micro_batch"),
+    weights: Weights = None,
+    encoder_lr: EncoderLr = _default("encoder_lr"),
+    micro_batch: MicroBatch = _default("micro_batch"),
     dataset: Dataset = "demo",
     decoder_kind: DecoderOpt = _default("decoder"),
     jobs: Annotated[int, typer.Option(help="Folds trained at once (processes).")] = 1,
-    epochs: Epochs = _default("epochs"), batch_size: Batch = _default("batch_size"), lr: Lr = _default("lr"),
-    seed: Seed = _default("seed"), val_fraction: ValFrac = _default("val_fraction"), target: Target = _default("target"),
-    score: Score = _default("score"), name: Name = None, device: Device = "auto", in_memory: InMemory = "auto",
-    overwrite: Overwrite = False, workspace: WorkspaceOpt = None,
-):  # fmt: skip
+    epochs: Epochs = _default("epochs"),
+    batch_size: Batch = _default("batch_size"),
+    lr: Lr = _default("lr"),
+    seed: Seed = _default("seed"),
+    val_fraction: ValFrac = _default("val_fraction"),
+    target: Target = _default("target"),
+    score: Score = _default("score"),
+    name: Name = None,
+    device: Device = "auto",
+    in_memory: InMemory = "auto",
+    overwrite: Overwrite = False,
+    workspace: WorkspaceOpt = None,
+):
     """Every fold (each patient as the test patient) of every encoder and mode; then the comparison file.
 
     Random-init features are extracted (seeded with --seed) when missing.
     """
     from featcache.pipeline import loocv as run
 
-    options = dict(decoder=decoder_kind, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction,
-                   weights=weights, encoder_lr=encoder_lr, micro_batch=micro_batch, target=target, score=score, name=name)  # fmt: skip
-    print_comparison(run(dataset, split_list(encoders), split_list(modes), options, jobs=jobs, workspace=workspace,
-                         device=device, in_memory=in_memory, overwrite=overwrite))  # fmt: skip
+    options = dict(
+        decoder=decoder_kind,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        val_fraction=val_fraction,
+        weights=weights,
+        encoder_lr=encoder_lr,
+        micro_batch=micro_batch,
+        target=target,
+        score=score,
+        name=name,
+    )
+    print_comparison(
+        run(
+            dataset,
+            split_list(encoders),
+            split_list(modes),
+            options,
+            jobs=jobs,
+            workspace=workspace,
+            device=device,
+            in_memory=in_memory,
+            overwrite=overwrite,
+        )
+    )
 
 
 @app.command()
@@ -163,8 +261,10 @@ def print_comparison(res: dict) -> None:
 def _complete_stores(ws, dataset: str, mode: str) -> list[str]:
     names = [st.encoder for st in ws.feature_stores(dataset) if st.random == (mode == "random") and st.is_complete()]
     if not names:
-        raise FeatcacheError(f"no complete feature store for dataset {dataset!r} in {ws.root}; make one with "
-                             f"`{ws.feature_store(dataset, 'NAME', mode == 'random').make_hint}`.")  # fmt: skip
+        raise FeatcacheError(
+            f"no complete feature store for dataset {dataset!r} in {ws.root}; make one with "
+            f"`{ws.feature_store(dataset, 'NAME', mode == 'random').make_hint}`."
+        )
     return names
 
 

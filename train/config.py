@@ -80,9 +80,14 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """The run folder's name: the mode, then what differs from the default protocol, then the variant name."""
-        parts = [self.mode, self.decoder if self.decoder != "unet" else None, self.control,
-                 "counts" if self.target == "log1p-counts" else None, "allbins" if self.score == "all-bins" else None,
-                 self.name]  # fmt: skip
+        parts = [
+            self.mode,
+            self.decoder if self.decoder != "unet" else None,
+            self.control,
+            "counts" if self.target == "log1p-counts" else None,
+            "allbins" if self.score == "all-bins" else None,
+            self.name,
+        ]
         return "-".join(p for p in parts if p)
 
     @property

@@ -89,8 +89,9 @@ class FoldInputs:
                     )
                 x, chunk = f.tokens.transpose(*CHANNEL_FIRST), self.identity["chunk_patches"]
             target_chunk = int(t.counts.encoding.get("chunks", (1,))[0])
-            self.arrays[s] = SampleArrays(x, t.counts, t.library_size, t.mask, t.origin.values, int(chunk), target_chunk,
-                                          s, self)  # fmt: skip
+            self.arrays[s] = SampleArrays(
+                x, t.counts, t.library_size, t.mask, t.origin.values, int(chunk), target_chunk, s, self
+            )
         self.genes = [str(g) for g in dataset.targets(self.samples[0]).gene.values]
 
     def _check_store(self, store: FeatureStore) -> dict:
@@ -120,8 +121,9 @@ class FoldInputs:
     def check_fold(self, fold: str) -> None:
         patients = self.dataset.patients
         if fold not in patients:
-            raise FeatcacheError(f"--fold {fold!r} is not a patient of dataset {self.dataset.name!r} "
-                                 f"(patients: {', '.join(patients)}).")  # fmt: skip
+            raise FeatcacheError(
+                f"--fold {fold!r} is not a patient of dataset {self.dataset.name!r} (patients: {', '.join(patients)})."
+            )
         if len(patients) < 2:
             raise FeatcacheError(
                 f"dataset {self.dataset.name!r} has one patient; leave-one-patient-out needs at least two."
@@ -136,8 +138,13 @@ class FoldInputs:
         return [s for s in self.samples if self.dataset.patient_of(s) != fold]
 
 
-def blocked_split(origins: dict[str, np.ndarray], fraction: float, seed: int, block_bins: int = BLOCK_BINS,
-                  buffer_bins: int = GEOMETRY.bins) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+def blocked_split(
+    origins: dict[str, np.ndarray],
+    fraction: float,
+    seed: int,
+    block_bins: int = BLOCK_BINS,
+    buffer_bins: int = GEOMETRY.bins,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Validation = one compact region of whole block_bins × block_bins blocks in each training sample.
 
     Each sample gives about ``fraction`` of its patches: blocks are taken in order of their distance

@@ -173,8 +173,16 @@ class Checkpointer:
         t = time.perf_counter()
         if best.state is not None and best.epoch != self.saved_best:
             self.run.save_best(best.epoch, best.to_state())
-        self.run.save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                             "best_epoch": best.epoch, "log": json.dumps(log), "torch_rng": torch.get_rng_state()})  # fmt: skip
+        self.run.save_state(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "best_epoch": best.epoch,
+                "log": json.dumps(log),
+                "torch_rng": torch.get_rng_state(),
+            }
+        )
         self.run.drop_bests(keep=best.epoch)
         self.saved_best, self.cost, self.since = best.epoch, time.perf_counter() - t, 0.0
 
@@ -194,8 +202,19 @@ def resume(model, opt, run: RunDir, ddp: Distributed) -> tuple[int, Best, list[d
     return int(saved["epoch"]) + 1, Best.from_state(run.load_best(best_epoch) if best_epoch >= 0 else None), log
 
 
-def fit(model, opt, step: Stepper, cfg: TrainConfig, run: RunDir, ddp: Distributed, train_b: Batches, val_b: Batches,
-        dev, targets_for=None, show_progress: bool = True) -> Best:  # fmt: skip
+def fit(
+    model,
+    opt,
+    step: Stepper,
+    cfg: TrainConfig,
+    run: RunDir,
+    ddp: Distributed,
+    train_b: Batches,
+    val_b: Batches,
+    dev,
+    targets_for=None,
+    show_progress: bool = True,
+) -> Best:
     """Train for cfg.epochs, resuming from the run folder's state; returns the best validation epoch."""
     start, best, log = resume(model, opt, run, ddp)
     saver = Checkpointer(run, ddp.main)
@@ -214,8 +233,13 @@ def fit(model, opt, step: Stepper, cfg: TrainConfig, run: RunDir, ddp: Distribut
                     y, m = targets_for(keys)
                 losses.append(step(tok, y, m, epoch, i))
             val_loss, val_pcc = validate(model, val_b, dev)
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
-                   "val_pcc_gene": val_pcc, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            row = {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)) if losses else None,
+                "val_loss": val_loss,
+                "val_pcc_gene": val_pcc,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
             log.append(row)
             best.offer(epoch, val_pcc, model, always=val_b.n == 0)
             saver.after_epoch(epoch, time.perf_counter() - t0, model, opt, log, best, last=epoch == cfg.epochs - 1)

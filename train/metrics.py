@@ -66,8 +66,9 @@ def mse(pred, truth, mask) -> float:
     return float(np.mean((p - t) ** 2))
 
 
-def ssim_maps(x: np.ndarray, y: np.ndarray, data_range: np.ndarray, win: int = 7, k1: float = 0.01,
-              k2: float = 0.03) -> np.ndarray:  # fmt: skip
+def ssim_maps(
+    x: np.ndarray, y: np.ndarray, data_range: np.ndarray, win: int = 7, k1: float = 0.01, k2: float = 0.03
+) -> np.ndarray:
     """Mean SSIM of each 2-D map pair; x, y (..., H, W), data_range broadcastable to (...)."""
     x = x.astype(np.float64)
     y = y.astype(np.float64)
@@ -126,7 +127,7 @@ def evaluate(pred, truth, mask, train_mean, gene_names, ssim_mask=None) -> dict:
         "genes_constant_prediction": constant_pred,
         "per_gene": {
             g: {"pcc": _num(a), "spearman": _num(b), "ssim": _num(c)} for g, a, b, c in zip(gene_names, r, rho, ssim_g)
-        },  # fmt: skip
+        },
     }
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from rich.table import Table
 
-COLUMNS = (("pcc_gene", "pcc_gene"), ("pearson_r", "pearson_r (global)"), ("spearman_rho", "spearman (global)"),
-           ("ssim_st", "ssim_st"), ("mse", "mse"), ("noise_ceiling_pcc_gene", "noise ceiling"))  # fmt: skip
+COLUMNS = (
+    ("pcc_gene", "pcc_gene"),
+    ("pearson_r", "pearson_r (global)"),
+    ("spearman_rho", "spearman (global)"),
+    ("ssim_st", "ssim_st"),
+    ("mse", "mse"),
+    ("noise_ceiling_pcc_gene", "noise ceiling"),
+)
 
 
 def comparison_table(res: dict) -> Table:

@@ -168,15 +168,29 @@ def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, 
     test = TestSet.predict(model, inputs, cfg.fold, data.transform, dev)
     metrics = _score(cfg, record, inputs, data, best, test)
     units = "z-scored log1p(CP10k)" if cfg.target == "log1p-cp10k" else "log1p(counts)"
-    attrs = {"fold": cfg.fold, "samples": inputs.test_samples(cfg.fold), "space": TRANSFORM_TEXT[cfg.target], "units": units,
-             "scored_bins": SCORE_TEXT[cfg.score], "mask": "in-tissue bins"}  # fmt: skip
-    run.write_predictions(test.pred, test.truth, test.mask, test.origins, test.samples, inputs.genes,
-                          inputs.dataset.gene_ids, attrs)  # fmt: skip
-    run.save_checkpoint({
-        "decoder": cfg.decoder, "mode": cfg.mode, "state_dict": best.state, "c_in": _c_in(inputs, encoder),
-        "genes": inputs.genes, "transform": data.transform.to_json(), "epoch": best.epoch,
-        "config_sha256": record["config_sha256"],
-    })  # fmt: skip
+    attrs = {
+        "fold": cfg.fold,
+        "samples": inputs.test_samples(cfg.fold),
+        "space": TRANSFORM_TEXT[cfg.target],
+        "units": units,
+        "scored_bins": SCORE_TEXT[cfg.score],
+        "mask": "in-tissue bins",
+    }
+    run.write_predictions(
+        test.pred, test.truth, test.mask, test.origins, test.samples, inputs.genes, inputs.dataset.gene_ids, attrs
+    )
+    run.save_checkpoint(
+        {
+            "decoder": cfg.decoder,
+            "mode": cfg.mode,
+            "state_dict": best.state,
+            "c_in": _c_in(inputs, encoder),
+            "genes": inputs.genes,
+            "transform": data.transform.to_json(),
+            "epoch": best.epoch,
+            "config_sha256": record["config_sha256"],
+        }
+    )
     run.write_metrics(_clean(metrics))
     run.clear_state()
     return metrics
@@ -265,15 +279,23 @@ def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, data: FoldData, b
     mean = data.transform.target_mean
     metrics = evaluate(pred, truth, points, mean, inputs.genes, ssim_mask=maps)
     ceiling = noise_ceiling(inputs, test, data.transform, points, maps)
-    metrics.update({
-        "dataset": cfg.dataset, "encoder": cfg.encoder, "mode": cfg.mode, "run": cfg.run_name, "fold": cfg.fold,
-        "test_samples": inputs.test_samples(cfg.fold), "selected_epoch": best.epoch,
-        "val_pcc_gene": best.score if np.isfinite(best.score) else None,
-        "training_patches_buffered_out": data.buffered,
-        "baselines": {"per_gene_mean": {"mse": _mse_of_mean(truth, points, mean), "pcc_gene": 0.0}},
-        "noise_ceiling": ceiling, "features_weights": record.get("encoder_weights") or inputs.identity.get("weights"),
-        "config_sha256": record["config_sha256"],
-    })  # fmt: skip
+    metrics.update(
+        {
+            "dataset": cfg.dataset,
+            "encoder": cfg.encoder,
+            "mode": cfg.mode,
+            "run": cfg.run_name,
+            "fold": cfg.fold,
+            "test_samples": inputs.test_samples(cfg.fold),
+            "selected_epoch": best.epoch,
+            "val_pcc_gene": best.score if np.isfinite(best.score) else None,
+            "training_patches_buffered_out": data.buffered,
+            "baselines": {"per_gene_mean": {"mse": _mse_of_mean(truth, points, mean), "pcc_gene": 0.0}},
+            "noise_ceiling": ceiling,
+            "features_weights": record.get("encoder_weights") or inputs.identity.get("weights"),
+            "config_sha256": record["config_sha256"],
+        }
+    )
     return metrics
 
 

@@ -30,14 +30,30 @@ from featcache.errors import FeatcacheError
 from featcache.stores import Workspace
 
 # our encoder -> (the reference's key prefix, its display name, its summary family)
-REFERENCE = {"densenet121": ("densenet", "DenseNet121", "DenseNet"), "uni2h": ("uni2h", "UNI2-h", "UNI2-h"),
-             "virchow2": ("virchow2", "Virchow2", "Virchow2"), "hoptimus0": ("h_optimus", "H-optimus-0", "H-optimus-0")}  # fmt: skip
+REFERENCE = {
+    "densenet121": ("densenet", "DenseNet121", "DenseNet"),
+    "uni2h": ("uni2h", "UNI2-h", "UNI2-h"),
+    "virchow2": ("virchow2", "Virchow2", "Virchow2"),
+    "hoptimus0": ("h_optimus", "H-optimus-0", "H-optimus-0"),
+}
 MODE_WORDS = {"frozen": "frozen", "finetune": "finetuned", "random": "random_init"}
-REFERENCE_KEYS = {("densenet121", "frozen"), ("densenet121", "finetune"), ("densenet121", "random"),
-                  ("uni2h", "frozen"), ("virchow2", "frozen"), ("hoptimus0", "frozen")}  # fmt: skip
+REFERENCE_KEYS = {
+    ("densenet121", "frozen"),
+    ("densenet121", "finetune"),
+    ("densenet121", "random"),
+    ("uni2h", "frozen"),
+    ("virchow2", "frozen"),
+    ("hoptimus0", "frozen"),
+}
 # comparison key <- metrics.json key; pearson_r and spearman_rho are global, as the reference's were
-FOLD_KEYS = {"pearson_r": "pcc_global", "spearman_rho": "spearman_global", "ssim_st": "ssim_st", "mse": "mse",
-             "pcc_gene": "pcc_gene", "spearman_gene": "spearman_gene"}  # fmt: skip
+FOLD_KEYS = {
+    "pearson_r": "pcc_global",
+    "spearman_rho": "spearman_global",
+    "ssim_st": "ssim_st",
+    "mse": "mse",
+    "pcc_gene": "pcc_gene",
+    "spearman_gene": "spearman_gene",
+}
 # settings that differ between the folds of one run by design
 PER_FOLD = {"fold", "train_samples", "test_samples", "config_sha256", "provenance"}
 
@@ -74,8 +90,10 @@ def summarize(dataset: str, workspace=None) -> dict:
         for g, v in m["per_gene"].items():
             entry["_per_gene"].setdefault(g, []).append(v["pcc"])
     if not runs:
-        raise FeatcacheError(f"no finished run folders under {ws.runs_dir(dataset)}; train with `train loocv` (or copy "
-                             "run folders there) first.")  # fmt: skip
+        raise FeatcacheError(
+            f"no finished run folders under {ws.runs_dir(dataset)}; train with `train loocv` (or copy "
+            "run folders there) first."
+        )
     for entry in runs.values():
         _finish(entry)
     out = {
@@ -90,7 +108,7 @@ def summarize(dataset: str, workspace=None) -> dict:
             "patients": list(ds.patients),
             "best_by_pcc_gene": max(runs, key=lambda k: runs[k]["pcc_gene"]["mean"] or -9),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },  # fmt: skip
+        },
     }
     out["_path"] = str(ws.results(dataset).write_comparison({k: v for k, v in out.items() if k != "_path"}))
     return out
@@ -98,19 +116,34 @@ def summarize(dataset: str, workspace=None) -> dict:
 
 def _new_entry(cfg: dict) -> dict:
     enc, mode = cfg["encoder"], cfg["mode"]
-    return {"encoder": REFERENCE.get(enc, (enc, enc))[1], "encoder_name": enc, "mode": mode, "run": cfg["run"],
-            "frozen": mode != "finetune", "default_protocol": cfg["run"] == mode, "fold_results": {},
-            "_settings": [], "_per_gene": {}}  # fmt: skip
+    return {
+        "encoder": REFERENCE.get(enc, (enc, enc))[1],
+        "encoder_name": enc,
+        "mode": mode,
+        "run": cfg["run"],
+        "frozen": mode != "finetune",
+        "default_protocol": cfg["run"] == mode,
+        "fold_results": {},
+        "_settings": [],
+        "_per_gene": {},
+    }
 
 
 def _fold_result(m: dict, run_dir) -> dict:
     out = {k: m.get(src) for k, src in FOLD_KEYS.items()}
     ceiling = m.get("noise_ceiling") or {}
-    out.update({"selected_epoch": m.get("selected_epoch"), "run_dir": str(run_dir), "test_samples": m.get("test_samples"),
-                "noise_ceiling_pcc_gene": ceiling.get("pcc_gene"), "baseline_mean_mse": m["baselines"]["per_gene_mean"]["mse"],
-                "genes_constant_in_truth": len(m.get("genes_constant_in_truth", [])),
-                "genes_constant_prediction": len(m.get("genes_constant_prediction", [])),
-                "features_weights": m.get("features_weights")})  # fmt: skip
+    out.update(
+        {
+            "selected_epoch": m.get("selected_epoch"),
+            "run_dir": str(run_dir),
+            "test_samples": m.get("test_samples"),
+            "noise_ceiling_pcc_gene": ceiling.get("pcc_gene"),
+            "baseline_mean_mse": m["baselines"]["per_gene_mean"]["mse"],
+            "genes_constant_in_truth": len(m.get("genes_constant_in_truth", [])),
+            "genes_constant_prediction": len(m.get("genes_constant_prediction", [])),
+            "features_weights": m.get("features_weights"),
+        }
+    )
     return out
 
 
@@ -157,18 +190,18 @@ def methodology(ds, runs: dict) -> dict:
             "log1p-cp10k": "log1p(counts per 10k Gene Expression UMIs of the bin), z-scored per gene "
             "with training-patient statistics",
             "log1p-counts": "log1p(raw counts), the reference pipeline's targets (runs named *-counts)",
-        },  # fmt: skip
+        },
         "scored_bins": {
             "in-tissue": "in-tissue bins only (loss, selection, metrics)",
             "all-bins": "every bin of each patch, as the reference pipeline scored (runs named *-allbins)",
-        },  # fmt: skip
+        },
         "settings_in_use": sorted(s for s in settings if s),
         "gene_panel": {
             "rule": genes.get("rule", genes.get("spec")),
             "n_genes": len(genes["ids"]),
             "test_patient_in_panel_choice": genes.get("spec", "").startswith("top-mean:"),
             "training_only_panel_overlap": ds.panel_overlap_per_fold(),
-        },  # fmt: skip
+        },
         "metrics": {
             "pearson_r": "one Pearson over all flattened scored values (the reference's pearson_r)",
             "spearman_rho": "one Spearman over all flattened scored values (the reference's spearman_rho)",

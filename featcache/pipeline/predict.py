@@ -76,8 +76,10 @@ def load_run(run_dir: str | Path, weights: str | None, dev: torch.device) -> Tra
     run = RunDir(Path(run_dir))
     config = run.read_config()
     if config is None or not run.is_finished():
-        raise FeatcacheError(f"{run.path} is not a finished run folder (config.json, checkpoint.pt and metrics.json); "
-                             "train it first with `train decoder` or `train loocv`.")  # fmt: skip
+        raise FeatcacheError(
+            f"{run.path} is not a finished run folder (config.json, checkpoint.pt and metrics.json); "
+            "train it first with `train decoder` or `train loocv`."
+        )
     ck = run.load_checkpoint()
     spec = get_spec(config["encoder"])
     decoder = build_decoder(config["decoder"], int(ck["c_in"]), len(ck["genes"]))
@@ -99,8 +101,15 @@ def load_run(run_dir: str | Path, weights: str | None, dev: torch.device) -> Tra
         net, _ = load_encoder(spec, source)
         identity, predictor = recorded, _Predictor(GridEncoder(spec, net), decoder, cached=True)
     ids = config.get("gene_ids") or list(ck["genes"])
-    return TrainedRun(run, config, predictor.to(dev).eval(), list(ck["genes"]), list(ids),
-                      TargetTransform.from_json(ck["transform"]), identity)  # fmt: skip
+    return TrainedRun(
+        run,
+        config,
+        predictor.to(dev).eval(),
+        list(ck["genes"]),
+        list(ids),
+        TargetTransform.from_json(ck["transform"]),
+        identity,
+    )
 
 
 @dataclass
@@ -116,8 +125,15 @@ class Lattice:
     source: str
 
     def describe(self) -> dict:
-        return {"name": self.name, "source": self.source, "grid": list(self.in_tissue.shape), "patches": len(self.origins),
-                "in_tissue_bins": int(self.in_tissue.sum()), "microns_per_pixel": self.mpp, "px_per_bin": self.pitch_px}  # fmt: skip
+        return {
+            "name": self.name,
+            "source": self.source,
+            "grid": list(self.in_tissue.shape),
+            "patches": len(self.origins),
+            "in_tissue_bins": int(self.in_tissue.sum()),
+            "microns_per_pixel": self.mpp,
+            "px_per_bin": self.pitch_px,
+        }
 
 
 def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_tissue: float) -> Lattice:
@@ -126,8 +142,15 @@ def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_
 
     s = open_sample(name, positions, image, counts=False)
     in_tissue, _, origins = s.plan_patches(stride, min_tissue)
-    return Lattice(name, in_tissue, origins, s.registration.map_for, s.registration.px_per_bin, s.microns_per_pixel,
-                   f"Space Ranger positions ({s.bin_dir})")  # fmt: skip
+    return Lattice(
+        name,
+        in_tissue,
+        origins,
+        s.registration.map_for,
+        s.registration.px_per_bin,
+        s.microns_per_pixel,
+        f"Space Ranger positions ({s.bin_dir})",
+    )
 
 
 def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min_tissue: float) -> tuple[Lattice, dict]:
@@ -137,8 +160,10 @@ def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min
     if mpp is None:
         found = slide.metadata_mpp()
         if found is None:
-            raise FeatcacheError(f"{slide.path} does not say how many µm a pixel is (no OME-XML, Aperio MPP or TIFF "
-                                 "resolution in cm/mm/µm); pass --mpp (e.g. --mpp 0.25 for a 40× scan).")  # fmt: skip
+            raise FeatcacheError(
+                f"{slide.path} does not say how many µm a pixel is (no OME-XML, Aperio MPP or TIFF "
+                "resolution in cm/mm/µm); pass --mpp (e.g. --mpp 0.25 for a 40× scan)."
+            )
         mpp, how = found
     else:
         how = "--mpp"
@@ -147,18 +172,23 @@ def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min
     pitch = BIN_UM / mpp
     need = GEOMETRY.px_per_bin / 1.25
     if pitch < need:
-        raise FeatcacheError(f"{slide.path} has {pitch:.1f} px per 8 µm bin ({mpp} µm/px); rendering "
-                             f"{GEOMETRY.px_per_bin} px per bin needs at least {need:.1f} (≤ {BIN_UM / need:.2f} µm/px).")  # fmt: skip
+        raise FeatcacheError(
+            f"{slide.path} has {pitch:.1f} px per 8 µm bin ({mpp} µm/px); rendering "
+            f"{GEOMETRY.px_per_bin} px per bin needs at least {need:.1f} (≤ {BIN_UM / need:.2f} µm/px)."
+        )
     thumb, scale = thumbnail(slide, pitch / 2)
     rows, cols = int(slide.shape[0] // pitch), int(slide.shape[1] // pitch)
     in_tissue = bins_in_tissue(tissue_mask(thumb), scale, pitch, rows, cols)
     if not in_tissue.any():
-        raise FeatcacheError(f"no tissue found on {slide.path} (saturation is flat: an empty or blank slide?). Check the "
-                             "image, or predict on a Space Ranger lattice with --positions.")  # fmt: skip
+        raise FeatcacheError(
+            f"no tissue found on {slide.path} (saturation is flat: an empty or blank slide?). Check the "
+            "image, or predict on a Space Ranger lattice with --positions."
+        )
     origins, in_tissue = covering_origins(in_tissue, stride, min_tissue)
     if len(origins) == 0:
-        raise FeatcacheError(f"{slide.path}: tissue found, but no 32 × 32-bin window has {min_tissue:.0%} of it; "
-                             "lower --min-tissue.")  # fmt: skip
+        raise FeatcacheError(
+            f"{slide.path}: tissue found, but no 32 × 32-bin window has {min_tissue:.0%} of it; lower --min-tissue."
+        )
     m = np.array(
         [[pitch, 0, pitch / 2 - 0.5], [0, pitch, pitch / 2 - 0.5], [0, 0, 1.0]]
     )  # bin centres on the pixel grid
@@ -184,10 +214,23 @@ def render_workers(dev: torch.device) -> int:
     return max(1, min(12, cores - 2)) if dev.type == "cuda" else min(2, cores)
 
 
-def predict(run_dir, image, mpp: float | None = None, positions=None, output=None, batch_size: int = 16,
-            device: str = "auto", min_tissue: float | None = None, stride: int | None = None, workspace=None,
-            weights: str | None = None, genes: tuple[str, ...] = (), overwrite: bool = False, workers: int | None = None,
-            show_progress: bool = True) -> PredictResult:  # fmt: skip
+def predict(
+    run_dir,
+    image,
+    mpp: float | None = None,
+    positions=None,
+    output=None,
+    batch_size: int = 16,
+    device: str = "auto",
+    min_tissue: float | None = None,
+    stride: int | None = None,
+    workspace=None,
+    weights: str | None = None,
+    genes: tuple[str, ...] = (),
+    overwrite: bool = False,
+    workers: int | None = None,
+    show_progress: bool = True,
+) -> PredictResult:
     """Predict the run's gene panel on every 8 µm bin of the slide's tissue; write the prediction folder."""
     t_start = time.perf_counter()
     image = Path(image)
@@ -210,18 +253,43 @@ def predict(run_dir, image, mpp: float | None = None, positions=None, output=Non
     with Slide(image) as slide:
         slide.probe()
         if positions is not None:
-            lattice = positions_lattice(slide_name, Path(positions), image, stride,
-                                        patching.get("min_tissue", 0.5) if min_tissue is None else min_tissue)  # fmt: skip
+            lattice = positions_lattice(
+                slide_name,
+                Path(positions),
+                image,
+                stride,
+                patching.get("min_tissue", 0.5) if min_tissue is None else min_tissue,
+            )
             how = {"microns_per_pixel_source": "Space Ranger scale factors"}
         else:
-            lattice, how = virtual_lattice(slide_name, slide, mpp, stride,
-                                           VIRTUAL_MIN_TISSUE if min_tissue is None else min_tissue)  # fmt: skip
-        result = _run(run, lattice, slide, target, dev, batch_size, workers, show_progress, genes, {
-            "run": str(run.run.path), "run_label": run.label, "encoder": run.config["encoder"], "mode": run.config["mode"],
-            "weights": run.weights, "slide": str(image), "lattice": {**lattice.describe(), **how}, "stride_bins": stride,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "libraries": library_versions(),
-            "target": run.transform.kind, "notes": slide.notes,
-        })  # fmt: skip
+            lattice, how = virtual_lattice(
+                slide_name, slide, mpp, stride, VIRTUAL_MIN_TISSUE if min_tissue is None else min_tissue
+            )
+        result = _run(
+            run,
+            lattice,
+            slide,
+            target,
+            dev,
+            batch_size,
+            workers,
+            show_progress,
+            genes,
+            {
+                "run": str(run.run.path),
+                "run_label": run.label,
+                "encoder": run.config["encoder"],
+                "mode": run.config["mode"],
+                "weights": run.weights,
+                "slide": str(image),
+                "lattice": {**lattice.describe(), **how},
+                "stride_bins": stride,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "libraries": library_versions(),
+                "target": run.transform.kind,
+                "notes": slide.notes,
+            },
+        )
     result.seconds = time.perf_counter() - t_start
     return result
 
@@ -234,17 +302,28 @@ def _output_dir(ws: Workspace, output):
     return PredictionDir(path)
 
 
-def _run(run: TrainedRun, lattice: Lattice, slide: Slide, target, dev, batch_size, workers, show_progress, genes,
-         meta) -> PredictResult:  # fmt: skip
+def _run(
+    run: TrainedRun, lattice: Lattice, slide: Slide, target, dev, batch_size, workers, show_progress, genes, meta
+) -> PredictResult:
     from featcache.device import autocast
 
     origins, b = lattice.origins, GEOMETRY.bins
     render = lambda rc: render_patch(slide, lattice.map_for(*rc), int(rc[0]), int(rc[1]))  # noqa: E731
     t0, done = time.perf_counter(), 0
-    with target.writer(len(origins), run.genes, run.gene_ids, origins,
-                       {"units": "z" if run.transform.zscored else run.transform.kind, "bins_per_patch": b,
-                        "expression": "log1p(CP10k)" if run.transform.zscored else "log1p(counts)"}) as w, \
-            progress(disable=not show_progress) as bar:  # fmt: skip
+    with (
+        target.writer(
+            len(origins),
+            run.genes,
+            run.gene_ids,
+            origins,
+            {
+                "units": "z" if run.transform.zscored else run.transform.kind,
+                "bins_per_patch": b,
+                "expression": "log1p(CP10k)" if run.transform.zscored else "log1p(counts)",
+            },
+        ) as w,
+        progress(disable=not show_progress) as bar,
+    ):
         task = bar.add_task(f"predicting {lattice.name}", total=len(origins), rate="")
         rendered = iter(Prefetcher(render, origins, workers=workers, depth=2 * batch_size, name="featcache-predict"))
         store = lambda item: w.write(item[0], **_blocks(run, lattice, *item[1:]))  # noqa: E731
@@ -266,10 +345,23 @@ def _run(run: TrainedRun, lattice: Lattice, slide: Slide, target, dev, batch_siz
         seconds = time.perf_counter() - t0
         n_bins = _write_h5ad(w, run, lattice, slide)
         figures = _gene_maps(w, lattice, slide, genes) if genes else []
-        w.commit({**meta, "patches": len(origins), "bins": n_bins, "seconds": round(seconds, 2),
-                  "tiles_per_s": round(len(origins) / max(seconds, 1e-9), 2)})  # fmt: skip
-    return PredictResult(target.path, len(origins), n_bins, seconds, len(origins) / max(seconds, 1e-9),
-                         [target.path / "figures" / f.name for f in figures])  # fmt: skip
+        w.commit(
+            {
+                **meta,
+                "patches": len(origins),
+                "bins": n_bins,
+                "seconds": round(seconds, 2),
+                "tiles_per_s": round(len(origins) / max(seconds, 1e-9), 2),
+            }
+        )
+    return PredictResult(
+        target.path,
+        len(origins),
+        n_bins,
+        seconds,
+        len(origins) / max(seconds, 1e-9),
+        [target.path / "figures" / f.name for f in figures],
+    )
 
 
 def _blocks(run: TrainedRun, lattice: Lattice, origins: np.ndarray, z: np.ndarray) -> dict:
@@ -284,8 +376,13 @@ def _blocks(run: TrainedRun, lattice: Lattice, origins: np.ndarray, z: np.ndarra
         rows.append(pr)
         cols.append(pc)
     tissue = np.stack([lattice.in_tissue[r : r + b, c : c + b] for r, c in origins])
-    return {"z": z.astype(np.float16), "expression": expression.astype(np.float16), "in_tissue": tissue,
-            "pxl_row": np.stack(rows).astype(np.float32), "pxl_col": np.stack(cols).astype(np.float32)}  # fmt: skip
+    return {
+        "z": z.astype(np.float16),
+        "expression": expression.astype(np.float16),
+        "in_tissue": tissue,
+        "pxl_row": np.stack(rows).astype(np.float32),
+        "pxl_col": np.stack(cols).astype(np.float32),
+    }
 
 
 def _display(slide: Slide, longest: int = 2000) -> tuple[np.ndarray, float]:
@@ -313,16 +410,25 @@ def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
     grow = {"maxshape": (None,), "chunks": True}
     with h5py.File(w.h5ad_path, "w") as f:
         f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-        empty_obs = pd.DataFrame({"array_row": np.zeros(0, np.int64), "array_col": np.zeros(0, np.int64),
-                                  "in_tissue": np.zeros(0, np.int8)}, index=pd.Index(np.array([], dtype=object), name="bin"))  # fmt: skip
+        empty_obs = pd.DataFrame(
+            {"array_row": np.zeros(0, np.int64), "array_col": np.zeros(0, np.int64), "in_tissue": np.zeros(0, np.int8)},
+            index=pd.Index(np.array([], dtype=object), name="bin"),
+        )
         write_elem(f, "obs", empty_obs, dataset_kwargs=grow)
         write_elem(f, "var", pd.DataFrame(index=pd.Index(run.genes, name="gene")))
         for key in ("layers", "obsm"):  # the groups first, so they carry AnnData's encoding attributes
             write_elem(f, key, {})
-        for group, name, width, dtype in ((f, "X", n_genes, np.float32), (f["layers"], "z", n_genes, np.float32),
-                                          (f["obsm"], "spatial", 2, np.float64)):  # fmt: skip
-            write_elem(group, name, np.zeros((0, width), dtype),
-                       dataset_kwargs={"maxshape": (None, width), "chunks": (max(1, min(4096, 2**20 // width)), width)})  # fmt: skip
+        for group, name, width, dtype in (
+            (f, "X", n_genes, np.float32),
+            (f["layers"], "z", n_genes, np.float32),
+            (f["obsm"], "spatial", 2, np.float64),
+        ):
+            write_elem(
+                group,
+                name,
+                np.zeros((0, width), dtype),
+                dataset_kwargs={"maxshape": (None, width), "chunks": (max(1, min(4096, 2**20 // width)), width)},
+            )
         n = 0
         for top in range(int(origins[:, 0].min()), int(origins[:, 0].max()) + b, H5AD_BAND):
             sel = np.nonzero((origins[:, 0] > top - b) & (origins[:, 0] < top + H5AD_BAND))[0]
@@ -332,28 +438,48 @@ def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
             keep = np.broadcast_to(
                 ((rows_in_band >= top) & (rows_in_band < top + H5AD_BAND))[:, :, None], (len(sel), b, b)
             )
-            part = {k: root[k].get_orthogonal_selection((sel,)).astype(np.float32)
-                    for k in ("expression", "z", "pxl_col", "pxl_row")}  # fmt: skip
+            part = {
+                k: root[k].get_orthogonal_selection((sel,)).astype(np.float32)
+                for k in ("expression", "z", "pxl_col", "pxl_row")
+            }
             coords, expr = bin_table(origins[sel], part["expression"], keep)
             _, z = bin_table(origins[sel], part["z"], keep)
             _, xy = bin_table(origins[sel], np.stack([part["pxl_col"], part["pxl_row"]], axis=1), keep)
             m = len(coords)
             rows, cols = coords[:, 0], coords[:, 1]
             names = np.array([f"{lattice.name}_{r:05d}_{c:05d}" for r, c in zip(rows, cols)], dtype=object)
-            columns = {"X": expr, "layers/z": z, "obsm/spatial": xy, "obs/array_row": rows, "obs/array_col": cols,
-                       "obs/in_tissue": lattice.in_tissue[rows, cols].astype(np.int8), "obs/bin": names}  # fmt: skip
+            columns = {
+                "X": expr,
+                "layers/z": z,
+                "obsm/spatial": xy,
+                "obs/array_row": rows,
+                "obs/array_col": cols,
+                "obs/in_tissue": lattice.in_tissue[rows, cols].astype(np.int8),
+                "obs/bin": names,
+            }
             for key, values in columns.items():
                 f[key].resize(n + m, axis=0)
                 f[key][n : n + m] = values
             n += m
         thumb, scale = _display(slide)
-        write_elem(f, "uns", {
-            "spatial": {lattice.name: {"images": {"hires": thumb},
-                                       "scalefactors": {"tissue_hires_scalef": scale, "spot_diameter_fullres": lattice.pitch_px,
-                                                        "bin_size_um": BIN_UM},
-                                       "metadata": {"source": "featcache predict"}}},
-            "featcache": {"run": str(run.run.path), "target": run.transform.kind, "lattice": lattice.source},
-        })  # fmt: skip
+        write_elem(
+            f,
+            "uns",
+            {
+                "spatial": {
+                    lattice.name: {
+                        "images": {"hires": thumb},
+                        "scalefactors": {
+                            "tissue_hires_scalef": scale,
+                            "spot_diameter_fullres": lattice.pitch_px,
+                            "bin_size_um": BIN_UM,
+                        },
+                        "metadata": {"source": "featcache predict"},
+                    }
+                },
+                "featcache": {"run": str(run.run.path), "target": run.transform.kind, "lattice": lattice.source},
+            },
+        )
         for key in ("varm", "obsp", "varp"):
             write_elem(f, key, {})
     return n
@@ -377,8 +503,9 @@ def _gene_maps(w, lattice: Lattice, slide: Slide, genes) -> list[Path]:
         fig = Figure(figsize=(7, 7 * thumb.shape[0] / thumb.shape[1] + 0.6), layout="constrained")
         ax = fig.subplots()
         ax.imshow(thumb)
-        dots = ax.scatter(xy[:, 0], xy[:, 1], c=values, s=size, marker="s", cmap="viridis", vmin=lo, vmax=hi, alpha=0.85,
-                          linewidths=0)  # fmt: skip
+        dots = ax.scatter(
+            xy[:, 0], xy[:, 1], c=values, s=size, marker="s", cmap="viridis", vmin=lo, vmax=hi, alpha=0.85, linewidths=0
+        )
         units = "log1p(CP10k)" if "cp10k" in adata.uns["featcache"]["target"] else "log1p(counts)"
         ax.set_axis_off()
         ax.set_title(f"{gene}: predicted {units}, in-tissue bins of {lattice.name}", fontsize=9)

@@ -211,9 +211,14 @@ class Dataset:
         """The error for a damaged chunk of this dataset, naming the store, array and chunk."""
         store = "patches.zarr" if name == "image" else "targets.zarr"
         arr = open_local(self.path / store)[sample][name]
-        return read_error(arr, f"{self.path / store}/{sample}/{name}", idx, exc,
-                          f"the dataset is damaged: check it with `featcache verify {self.path}` and prepare it "
-                          "again with --overwrite.")  # fmt: skip
+        return read_error(
+            arr,
+            f"{self.path / store}/{sample}/{name}",
+            idx,
+            exc,
+            f"the dataset is damaged: check it with `featcache verify {self.path}` and prepare it "
+            "again with --overwrite.",
+        )
 
     def origins(self, sample: str) -> np.ndarray:
         self._check_sample(sample)
@@ -276,8 +281,10 @@ def _read_back(arr, label: str) -> list[str]:
         try:
             arr[c * k : (c + 1) * k]
         except Exception as exc:  # noqa: BLE001 - checksum or decompression failure
-            out.append(f"{label}: chunk {c} (patches {c * k}-{min((c + 1) * k, arr.shape[0]) - 1}) is corrupted "
-                       f"({type(exc).__name__}: {str(exc)[:60]})")  # fmt: skip
+            out.append(
+                f"{label}: chunk {c} (patches {c * k}-{min((c + 1) * k, arr.shape[0]) - 1}) is corrupted "
+                f"({type(exc).__name__}: {str(exc)[:60]})"
+            )
     return out
 
 
@@ -355,9 +362,13 @@ class DatasetBuilder:
 
     def write_gene_totals(self, ids, samples: list[str], totals: np.ndarray, n_bins) -> None:
         """Each sample's total count per shared Gene Expression feature (to judge the panel rule per fold)."""
-        np.savez_compressed(self.partial / "gene_totals.npz", ids=np.asarray(ids, dtype=str),
-                            samples=np.asarray(samples, dtype=str), totals=np.asarray(totals, np.float64),
-                            n_bins=np.asarray(n_bins, np.int64))  # fmt: skip
+        np.savez_compressed(
+            self.partial / "gene_totals.npz",
+            ids=np.asarray(ids, dtype=str),
+            samples=np.asarray(samples, dtype=str),
+            totals=np.asarray(totals, np.float64),
+            n_bins=np.asarray(n_bins, np.int64),
+        )
 
     def commit(self, meta: dict) -> None:
         for store in ("patches.zarr", "targets.zarr"):

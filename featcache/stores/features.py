@@ -111,15 +111,35 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for sample, n in identity["samples"].items():
             g = root.create_group(sample)
-            create_array(g, "tokens", shape=(n, *shape), chunks=(chunk, *shape), dtype="float16", dims=dims,
-                         fill_value=float("nan"), attributes={"coordinates": "origin"}, codec=identity["codec"])  # fmt: skip
-            create_array(g, "pooled", shape=(n, pooled_dim), chunks=(chunk, pooled_dim), dtype="float32",
-                         dims=("patch", "channel"), fill_value=float("nan"), attributes={"coordinates": "origin"})  # fmt: skip
+            create_array(
+                g,
+                "tokens",
+                shape=(n, *shape),
+                chunks=(chunk, *shape),
+                dtype="float16",
+                dims=dims,
+                fill_value=float("nan"),
+                attributes={"coordinates": "origin"},
+                codec=identity["codec"],
+            )
+            create_array(
+                g,
+                "pooled",
+                shape=(n, pooled_dim),
+                chunks=(chunk, pooled_dim),
+                dtype="float32",
+                dims=("patch", "channel"),
+                fill_value=float("nan"),
+                attributes={"coordinates": "origin"},
+            )
             write_origins(g, origins[sample])
             g.create_group(DONE).attrs["description"] = "one empty marker file per fully written chunk"
         base = Path(tmp)
-        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*"))
-                if p.is_file() and p.relative_to(base) != Path("zarr.json")}  # fmt: skip
+        return {
+            str(p.relative_to(base)): p.read_bytes()
+            for p in sorted(base.rglob("*"))
+            if p.is_file() and p.relative_to(base) != Path("zarr.json")
+        }
 
 
 def _n_chunks(identity: dict, sample: str) -> int:
@@ -408,8 +428,13 @@ class FeatureStore:
     def read_error(self, sample: str, name: str, idx, exc: Exception) -> FeatcacheError:
         """The error for a damaged chunk of this store, naming the store, array and chunk, and the repair."""
         arr = self.group("r")[sample][name]
-        return read_error(arr, f"{self.loc}/{sample}/{name}", idx, exc,
-                          f"repair it with `featcache verify --repair {self.loc}`, then rerun `{self.make_hint}`.")  # fmt: skip
+        return read_error(
+            arr,
+            f"{self.loc}/{sample}/{name}",
+            idx,
+            exc,
+            f"repair it with `featcache verify --repair {self.loc}`, then rerun `{self.make_hint}`.",
+        )
 
     # ------------------------------------------------------------------ verify
     def verify(self, repair: bool = False) -> VerifyReport:

@@ -58,11 +58,13 @@ class PredictionDir:
         if not self.path.exists() or not any(self.path.iterdir()):
             return
         if self.read_meta() is None:
-            raise FeatcacheError(f"{self.path} exists and is not a featcache prediction; it is left as it is. Choose "
-                                 "another --output.")  # fmt: skip
+            raise FeatcacheError(
+                f"{self.path} exists and is not a featcache prediction; it is left as it is. Choose another --output."
+            )
         if not overwrite:
-            raise FeatcacheError(f"{self.path} already holds a prediction; pass --overwrite to replace it, or choose "
-                                 "another --output.")  # fmt: skip
+            raise FeatcacheError(
+                f"{self.path} already holds a prediction; pass --overwrite to replace it, or choose another --output."
+            )
 
     def writer(self, n: int, genes, gene_ids, origins, attrs: dict) -> PredictionWriter:
         return PredictionWriter(self, n, genes, gene_ids, origins, attrs)
@@ -88,16 +90,30 @@ class PredictionWriter:
         g, b = len(genes), int(attrs.get("bins_per_patch", 32))
         per_bin = dict(dims=("patch", "row", "col"), attributes={"coordinates": "origin"})
         self.arrays = {
-            "z": create_array(root, "z", shape=(n, g, b, b), chunks=(CHUNK, g, b, b), dtype="float16",
-                              dims=("patch", "gene", "row", "col"), attributes={"coordinates": "origin gene_id"}),
-            "expression": create_array(root, "expression", shape=(n, g, b, b), chunks=(CHUNK, g, b, b),
-                                       dtype="float16", dims=("patch", "gene", "row", "col"),
-                                       attributes={"coordinates": "origin gene_id"}),
-            "in_tissue": create_array(root, "in_tissue", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="bool",
-                                      fill_value=False, **per_bin),
+            "z": create_array(
+                root,
+                "z",
+                shape=(n, g, b, b),
+                chunks=(CHUNK, g, b, b),
+                dtype="float16",
+                dims=("patch", "gene", "row", "col"),
+                attributes={"coordinates": "origin gene_id"},
+            ),
+            "expression": create_array(
+                root,
+                "expression",
+                shape=(n, g, b, b),
+                chunks=(CHUNK, g, b, b),
+                dtype="float16",
+                dims=("patch", "gene", "row", "col"),
+                attributes={"coordinates": "origin gene_id"},
+            ),
+            "in_tissue": create_array(
+                root, "in_tissue", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="bool", fill_value=False, **per_bin
+            ),
             "pxl_row": create_array(root, "pxl_row", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="float32", **per_bin),
             "pxl_col": create_array(root, "pxl_col", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="float32", **per_bin),
-        }  # fmt: skip
+        }
         write_origins(root, origins)
         write_strings(root, "gene", genes, "gene")
         write_strings(root, "gene_id", gene_ids, "gene")

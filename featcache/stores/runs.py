@@ -148,8 +148,9 @@ class RunDir:
     def load_best(self, epoch: int) -> dict:
         path = self.file(f"best-{epoch}.pt")
         if not path.is_file():
-            raise FeatcacheError(f"{path} is missing, though train_state.pt names it; the run folder is damaged. "
-                                 "Rerun with --overwrite.")  # fmt: skip
+            raise FeatcacheError(
+                f"{path} is missing, though train_state.pt names it; the run folder is damaged. Rerun with --overwrite."
+            )
         return load_torch(path)
 
     def drop_bests(self, keep: int | None = None) -> None:
@@ -193,8 +194,16 @@ class RunDir:
 
     def write_predictions(self, pred, truth, mask, origins, samples, genes, gene_ids, attrs: dict) -> None:
         """The test patient's predictions; ``samples`` names each patch's section (a coordinate over patch)."""
-        write_prediction_store(self.predictions_path, attrs, origins, genes, gene_ids, {"pred": pred, "truth": truth},
-                               mask, samples=samples)  # fmt: skip
+        write_prediction_store(
+            self.predictions_path,
+            attrs,
+            origins,
+            genes,
+            gene_ids,
+            {"pred": pred, "truth": truth},
+            mask,
+            samples=samples,
+        )
 
     def open_predictions(self) -> xr.Dataset:
         """The test patient's predictions, lazily.
@@ -210,8 +219,17 @@ class RunDir:
         return xr.open_zarr(self.predictions_path, consolidated=False)
 
 
-def write_prediction_store(path: Path, attrs: dict, origins, genes, gene_ids, maps: dict[str, np.ndarray],
-                           mask: np.ndarray | None, dtype: str = "float32", samples=None) -> None:  # fmt: skip
+def write_prediction_store(
+    path: Path,
+    attrs: dict,
+    origins,
+    genes,
+    gene_ids,
+    maps: dict[str, np.ndarray],
+    mask: np.ndarray | None,
+    dtype: str = "float32",
+    samples=None,
+) -> None:
     """A (patch, gene, row, col) prediction store with origins, samples and genes as coordinates, replaced whole."""
     partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
     coords = "origin sample" if samples is not None else "origin"
@@ -220,14 +238,27 @@ def write_prediction_store(path: Path, attrs: dict, origins, genes, gene_ids, ma
         root.attrs.update(attrs)
         for name, data in maps.items():
             n, g, r, c = data.shape
-            create_array(root, name, shape=data.shape, chunks=(max(1, min(n, 32)), g, r, c), dtype=dtype,
-                         dims=("patch", "gene", "row", "col"), attributes={"coordinates": f"{coords} gene_id"},
-                         )[:] = data.astype(dtype)  # fmt: skip
+            create_array(
+                root,
+                name,
+                shape=data.shape,
+                chunks=(max(1, min(n, 32)), g, r, c),
+                dtype=dtype,
+                dims=("patch", "gene", "row", "col"),
+                attributes={"coordinates": f"{coords} gene_id"},
+            )[:] = data.astype(dtype)
         if mask is not None:
             n, r, c = mask.shape
-            create_array(root, "mask", shape=mask.shape, chunks=(max(1, min(n, 32)), r, c), dtype="bool",
-                         dims=("patch", "row", "col"), fill_value=False, attributes={"coordinates": coords},
-                         )[:] = mask  # fmt: skip
+            create_array(
+                root,
+                "mask",
+                shape=mask.shape,
+                chunks=(max(1, min(n, 32)), r, c),
+                dtype="bool",
+                dims=("patch", "row", "col"),
+                fill_value=False,
+                attributes={"coordinates": coords},
+            )[:] = mask
         write_origins(root, origins)
         if samples is not None:
             write_strings(root, "sample", [str(v) for v in samples], "patch")
