@@ -55,7 +55,7 @@ if args["task"] == "extract":
     print(json.dumps({"tiles_s": res.tiles_per_s, "patches": res.patches_done, "peak_rss_mb": rss_mb(),
                       "rss_before_mb": before}))
 else:
-    from featcache.pipeline.predict import predict
+    from pipeline.predict import predict
     res = predict(args["run"], args["image"], positions=args.get("positions"), output=args["output"],
                   batch_size=args["batch_size"], device=args["device"], workspace=args["ws"], workers=args["workers"],
                   overwrite=True, show_progress=False)
@@ -123,7 +123,7 @@ def main() -> None:
     device = str(resolve_device(args.device))
     import torch
 
-    from featcache.pipeline.predict import render_workers
+    from pipeline.predict import render_workers
 
     args.workers = args.workers or render_workers(torch.device(device))
     run = trained_run(args.workdir, args.encoder, device)

@@ -24,8 +24,7 @@ from conftest import BIN8, clone_sample
 from PIL import Image
 from typer.testing import CliRunner
 
-from featcache.cli import app as featcache_app
-from train.cli import app as train_app
+from pipeline.cli import featcache_app, train_app
 
 
 # --------------------------------------------------------------------------- helpers

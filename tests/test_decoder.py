@@ -18,7 +18,7 @@ from conftest import run_fold
 from typer.testing import CliRunner
 
 from featcache.stores import Workspace
-from train.cli import app
+from pipeline.cli import train_app as app
 from train.data import FoldInputs, TargetTransform, blocked_split, load_targets
 from train.decoder import LinearDecoder, MiniUNet
 

@@ -17,10 +17,10 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from featcache.cli import app
 from featcache.prepare import prepare_dataset
 from featcache.stores import Workspace
 from featcache.synth import SynthConfig, synthesize
+from pipeline.cli import featcache_app as app
 
 TINY = SynthConfig(rows=48, cols=64, n_genes=90, seed=11)
 

@@ -18,12 +18,12 @@ import zarr
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from featcache.cli import app
 from featcache.encoders import GridEncoder, get_spec
 from featcache.errors import FeatcacheError
 from featcache.extract import extract
 from featcache.stores import FeatureStore, Workspace
 from featcache.weights import load_encoder, resolve_weights
+from pipeline.cli import featcache_app as app
 
 
 def store_status(location):

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from featcache.encoders import get_spec
 from featcache.weights import load_encoder, resolve_weights
-from train.cli import app
+from pipeline.cli import train_app as app
 from train.finetune import colour_jitter, dihedral
 
 FT = dict(

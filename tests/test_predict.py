@@ -16,8 +16,8 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
-from featcache.cli import app
 from featcache.extract import extract
+from pipeline.cli import featcache_app as app
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_analysis_export_of_a_run_and_of_a_feature_store(trained, synth_dir):
 def test_h5ad_written_band_by_band_averages_overlapping_patches_per_bin(trained, synth_dir, monkeypatch):
     """Half-overlapping patches (stride 16), bands of 8 lattice rows: each bin once, the mean of its patches."""
     from featcache.geometry import bin_table
-    from featcache.pipeline import predict as P
+    from pipeline import predict as P
 
     ws, run_dir, weights = trained
     monkeypatch.setattr(P, "H5AD_BAND", 8)

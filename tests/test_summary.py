@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from featcache.stores import Workspace
 from featcache.synth import synthesize
-from train.cli import app
+from pipeline.cli import train_app as app
 from train.metrics import evaluate
 from train.summary import summarize
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from featcache.cli_common import WorkspaceOpt, make_app, out, split_list, user_errors
+from featcache.cli_common import WorkspaceOpt, make_app, out, user_errors
 from featcache.errors import FeatcacheError
 from train.config import TrainConfig
 
@@ -181,65 +181,6 @@ def finetune(
         name=name,
     )
     _report(encoder, fold, train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite))
-
-
-@app.command()
-@user_errors
-def loocv(
-    encoders: Annotated[str, typer.Option(help="Comma-separated encoders.")],
-    modes: Annotated[str, typer.Option(help="Comma-separated modes: frozen, random, finetune.")] = "frozen",
-    weights: Weights = None,
-    encoder_lr: EncoderLr = _default("encoder_lr"),
-    micro_batch: MicroBatch = _default("micro_batch"),
-    dataset: Dataset = "demo",
-    decoder_kind: DecoderOpt = _default("decoder"),
-    jobs: Annotated[int, typer.Option(help="Folds trained at once (processes).")] = 1,
-    epochs: Epochs = _default("epochs"),
-    batch_size: Batch = _default("batch_size"),
-    lr: Lr = _default("lr"),
-    seed: Seed = _default("seed"),
-    val_fraction: ValFrac = _default("val_fraction"),
-    target: Target = _default("target"),
-    score: Score = _default("score"),
-    name: Name = None,
-    device: Device = "auto",
-    in_memory: InMemory = "auto",
-    overwrite: Overwrite = False,
-    workspace: WorkspaceOpt = None,
-):
-    """Every fold (each patient as the test patient) of every encoder and mode; then the comparison file.
-
-    Random-init features are extracted (seeded with --seed) when missing.
-    """
-    from featcache.pipeline import loocv as run
-
-    options = dict(
-        decoder=decoder_kind,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        val_fraction=val_fraction,
-        weights=weights,
-        encoder_lr=encoder_lr,
-        micro_batch=micro_batch,
-        target=target,
-        score=score,
-        name=name,
-    )
-    print_comparison(
-        run(
-            dataset,
-            split_list(encoders),
-            split_list(modes),
-            options,
-            jobs=jobs,
-            workspace=workspace,
-            device=device,
-            in_memory=in_memory,
-            overwrite=overwrite,
-        )
-    )
 
 
 @app.command()
