@@ -1,4 +1,4 @@
-"""The figures (DESIGN §7), drawn with matplotlib's object API (no pyplot, no backend chosen) as PNG and PDF.
+"""The figures (docs/design.md §7), drawn with matplotlib's object API (no pyplot, no backend chosen) as PNG and PDF.
 
 The comparison figures read ``results/<dataset>/encoder_loocv_comparison.json`` alone (a file in
 the reference study's schema can be drawn too); the spatial rows draw the runs that file lists,

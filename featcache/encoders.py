@@ -1,4 +1,4 @@
-"""The encoder registry (DESIGN §4): one entry per encoder; adding an encoder is one entry.
+"""The encoder registry (docs/design.md §4): one entry per encoder; adding an encoder is one entry.
 
 Each entry says how to build the network with timm (architecture and keyword arguments), how to
 normalise its input, how its output becomes a token grid and a pooled embedding, and where its

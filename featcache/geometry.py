@@ -1,4 +1,4 @@
-"""Patch geometry (DESIGN §2): the one place that knows 32 bins × 14 px = 448 px and 8 µm bins.
+"""Patch geometry (docs/design.md §2): the one place that knows 32 bins × 14 px = 448 px and 8 µm bins.
 
 A patch is 32 × 32 bins of 8 µm rendered at 448 × 448 px, 14 px per bin, so a patch-14 ViT's
 32 × 32 token grid sits exactly on the bins: token (i, j) is bin (r0 + i, c0 + j).

@@ -1,4 +1,4 @@
-"""``featcache prepare``: Visium HD samples -> bin-aligned patches and per-bin targets (DESIGN §2, §3, §6).
+"""``featcache prepare``: Visium HD samples -> bin-aligned patches and per-bin targets (docs/design.md §2, §3, §6).
 
 Reads each sample (featcache/visium.py), chooses the gene panel among the Gene Expression
 features every sample has, finds the patch origins on the 8 µm grid, gathers each patch's

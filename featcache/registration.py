@@ -1,4 +1,4 @@
-"""The map from the 8 µm bin lattice to full-resolution image pixels (DESIGN §2).
+"""The map from the 8 µm bin lattice to full-resolution image pixels (docs/design.md §2).
 
 Space Ranger registers the slide to the microscope image through a homography, so bin centres
 (``pxl_row_in_fullres``, ``pxl_col_in_fullres``) are a projective function of (``array_row``,

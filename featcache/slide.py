@@ -1,4 +1,4 @@
-"""Lazy access to the full-resolution H&E and rendering of bin-aligned patches (DESIGN §2).
+"""Lazy access to the full-resolution H&E and rendering of bin-aligned patches (docs/design.md §2).
 
 The image can be 70k × 60k px, so a TIFF is never loaded whole: regions are read through
 tifffile's Zarr interface, which decodes only the tiles (or strips) a region touches, for every

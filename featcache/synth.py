@@ -1,4 +1,4 @@
-"""A synthetic Visium HD dataset in Space Ranger's on-disk layout (DESIGN §3).
+"""A synthetic Visium HD dataset in Space Ranger's on-disk layout (docs/design.md §3).
 
 No real Visium HD data can be downloaded here, so tests and the demo use this. Per sample it
 writes::

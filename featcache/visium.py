@@ -1,4 +1,4 @@
-"""Reader for Space Ranger (3.x/4.x) Visium HD outputs at 8 µm (DESIGN §3).
+"""Reader for Space Ranger (3.x/4.x) Visium HD outputs at 8 µm (docs/design.md §3).
 
 What it reads, from ``outs/binned_outputs/square_008um/`` (``segmented_outputs/`` beside it, in
 Space Ranger 4, is ignored):

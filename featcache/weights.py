@@ -1,4 +1,4 @@
-"""Encoder weights (DESIGN §4).
+"""Encoder weights (docs/design.md §4).
 
 Four ways to supply pretrained weights, tried in this order:
 

@@ -79,7 +79,7 @@ def test_open_results_over_encoder_mode_fold_gene(finished_run):
 
 
 def test_hand_made_reference_file_can_be_drawn(tmp_path):
-    """The reference study's per-fold PCCs (DESIGN §6), written by hand in its schema."""
+    """The reference study's per-fold PCCs (docs/design.md §6), written by hand in its schema."""
     folds = {
         "densenet121": ([0.294, 0.301, 0.322], [0.332, 0.325, 0.369]),
         "uni2h": ([0.333, 0.344, 0.370], None),

@@ -1,4 +1,4 @@
-"""The shared decoder (DESIGN §5): Img2ST-Net's MiniUNet, and a per-token linear baseline.
+"""The shared decoder (docs/design.md §5): Img2ST-Net's MiniUNet, and a per-token linear baseline.
 
 Both take a token grid (batch, channels, h, w) and return (batch, genes, 32, 32). Only the input
 channel count depends on the encoder, so every encoder is judged with the same decoder.

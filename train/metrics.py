@@ -1,4 +1,4 @@
-"""Metrics on the test patient, in target space (DESIGN §6).
+"""Metrics on the test patient, in target space (docs/design.md §6).
 
 All functions take ``pred`` and ``truth`` of shape (patch, gene, row, col) and a boolean ``mask``
 (patch, row, col) of the bins that are scored (in-tissue bins by default; every bin in the

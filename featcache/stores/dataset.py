@@ -1,4 +1,4 @@
-"""The prepared dataset: ``datasets/<dataset>/`` (DESIGN §7). This file is its format.
+"""The prepared dataset: ``datasets/<dataset>/`` (docs/design.md §7). This file is its format.
 
 ::
 

@@ -1,4 +1,4 @@
-"""The feature store: ``features/<dataset>/<encoder>[-random].zarr`` (DESIGN §7). This file is its format.
+"""The feature store: ``features/<dataset>/<encoder>[-random].zarr`` (docs/design.md §7). This file is its format.
 
 ::
 

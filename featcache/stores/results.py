@@ -1,4 +1,4 @@
-"""Results of a dataset: ``results/<dataset>/`` (DESIGN §7). This file is its format.
+"""Results of a dataset: ``results/<dataset>/`` (docs/design.md §7). This file is its format.
 
 ::
 

@@ -1,4 +1,4 @@
-"""The run folder: ``runs/<dataset>/<encoder>/<run>/fold-<fold>/`` (DESIGN §7). This file is its format.
+"""The run folder: ``runs/<dataset>/<encoder>/<run>/fold-<fold>/`` (docs/design.md §7). This file is its format.
 
 ::
 

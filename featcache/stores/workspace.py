@@ -1,4 +1,4 @@
-"""The workspace: where every artefact lives (DESIGN §7), and the names that may appear in its paths.
+"""The workspace: where every artefact lives (docs/design.md §7), and the names that may appear in its paths.
 
 The root is ``--workspace``, else ``$FEATCACHE_WORKSPACE``, else ``./featcache-data``::
 
