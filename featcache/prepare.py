@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
+from featcache import spaceranger as sr
 from featcache.errors import FeatcacheError
 from featcache.geometry import GEOMETRY, gather_windows
 from featcache.progress import progress
@@ -117,11 +118,11 @@ def file_fingerprint(path: Path, full_limit: int = 256 << 20) -> str:
 
 
 def _sample_files(s: VisiumHDSample) -> dict[str, Path]:
-    spatial = s.bin_dir / "spatial"
-    pos = spatial / "tissue_positions.parquet"
+    spatial = s.bin_dir / sr.SPATIAL
+    pos = spatial / sr.POSITIONS_PARQUET
     return {
-        "positions": pos if pos.is_file() else spatial / "tissue_positions.csv",
-        "scalefactors": spatial / "scalefactors_json.json",
+        "positions": pos if pos.is_file() else spatial / sr.POSITIONS_CSV,
+        "scalefactors": spatial / sr.SCALEFACTORS,
         "matrix": s.matrix_path,
         "image": s.image_path,
     }

@@ -34,6 +34,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from featcache import spaceranger as sr
 from featcache.errors import FeatcacheError
 from featcache.geometry import BIN_UM
 
@@ -584,28 +585,28 @@ def write_matrix_h5(path: Path, barcodes, features: pd.DataFrame, counts, sample
     csc = sp.csc_matrix(counts, dtype=np.int32)
     csc.sort_indices()
     with h5py.File(path, "w") as f:
-        f.attrs["filetype"] = "matrix"
-        f.attrs["library_ids"] = np.array([sample.encode()])
-        f.attrs["original_gem_groups"] = np.array([1])
-        f.attrs["version"] = 2
-        f.attrs["chemistry_description"] = "Visium HD v1 (synthetic)"
-        f.attrs["software_version"] = f"spaceranger-{version} (featcache synth)"
-        g = f.create_group("matrix")
-        g.create_dataset("barcodes", data=np.array(barcodes, dtype="S"), compression="gzip")
-        g.create_dataset("data", data=csc.data.astype(np.int32), compression="gzip")
-        g.create_dataset("indices", data=csc.indices.astype(np.int64), compression="gzip")
-        g.create_dataset("indptr", data=csc.indptr.astype(np.int64), compression="gzip")
-        g.create_dataset("shape", data=np.array(csc.shape, dtype=np.int32))
-        feat = g.create_group("features")
-        feat.create_dataset("id", data=np.array(features["id"], dtype="S"))
-        feat.create_dataset("name", data=np.array(features["name"], dtype="S"))
-        feat.create_dataset("feature_type", data=np.array(features["type"], dtype="S"))
-        feat.create_dataset("genome", data=np.array(["GRCh38"] * len(features), dtype="S"))
-        feat.create_dataset("_all_tag_keys", data=np.array([b"genome"]))
+        f.attrs[sr.ATTR_FILETYPE] = sr.MATRIX
+        f.attrs[sr.ATTR_LIBRARY_IDS] = np.array([sample.encode()])
+        f.attrs[sr.ATTR_ORIGINAL_GEM_GROUPS] = np.array([1])
+        f.attrs[sr.ATTR_VERSION] = 2
+        f.attrs[sr.ATTR_CHEMISTRY] = "Visium HD v1 (synthetic)"
+        f.attrs[sr.ATTR_SOFTWARE_VERSION] = f"spaceranger-{version} (featcache synth)"
+        g = f.create_group(sr.MATRIX)
+        g.create_dataset(sr.BARCODES, data=np.array(barcodes, dtype="S"), compression="gzip")
+        g.create_dataset(sr.DATA, data=csc.data.astype(np.int32), compression="gzip")
+        g.create_dataset(sr.INDICES, data=csc.indices.astype(np.int64), compression="gzip")
+        g.create_dataset(sr.INDPTR, data=csc.indptr.astype(np.int64), compression="gzip")
+        g.create_dataset(sr.SHAPE, data=np.array(csc.shape, dtype=np.int32))
+        feat = g.create_group(sr.FEATURES)
+        feat.create_dataset(sr.FEATURE_ID, data=np.array(features["id"], dtype="S"))
+        feat.create_dataset(sr.FEATURE_NAME, data=np.array(features["name"], dtype="S"))
+        feat.create_dataset(sr.FEATURE_TYPE, data=np.array(features["type"], dtype="S"))
+        feat.create_dataset(sr.GENOME, data=np.array(["GRCh38"] * len(features), dtype="S"))
+        feat.create_dataset(sr.ALL_TAG_KEYS, data=np.array([sr.GENOME.encode()]))
 
 
 def _barcodes(rows, cols) -> np.ndarray:
-    return np.array([f"s_008um_{r:05d}_{c:05d}-1" for r, c in zip(rows.ravel(), cols.ravel())], dtype=object)
+    return np.array([sr.bin_barcode(r, c) for r, c in zip(rows.ravel(), cols.ravel())], dtype=object)
 
 
 def _antibodies(cfg: SynthConfig, sample: str, fractions: np.ndarray, n_bins: int):
@@ -620,7 +621,7 @@ def _antibodies(cfg: SynthConfig, sample: str, fractions: np.ndarray, n_bins: in
         {
             "id": [f"ADT{k:04d}" for k in range(cfg.antibody_features)],
             "name": [f"CD{3 + k}-TotalSeqB" for k in range(cfg.antibody_features)],
-            "type": "Antibody Capture",
+            "type": sr.ANTIBODY_CAPTURE,
         }
     )
     return table, sp.csc_matrix(rng.poisson(means).astype(np.int32))
@@ -647,9 +648,9 @@ def synthesize_sample(
     )
 
     root = out / sample
-    outs = root / "outs"
-    bin_dir = outs / "binned_outputs" / "square_008um"
-    spatial = bin_dir / "spatial"
+    outs = root / sr.OUTS
+    bin_dir = outs / sr.BIN_DIR
+    spatial = bin_dir / sr.SPATIAL
     spatial.mkdir(parents=True, exist_ok=True)
     m = bin_map(cfg, who, 40 * BIN_UM / MICRONS_PER_PIXEL / 8)  # 40 µm of glass around the grid
     rr, cc = np.mgrid[0 : cfg.rows, 0 : cfg.cols]
@@ -659,43 +660,41 @@ def synthesize_sample(
     barcodes = _barcodes(rr, cc)
     pd.DataFrame(
         {
-            "barcode": barcodes,
-            "in_tissue": in_tissue.ravel().astype(np.int32),
-            "array_row": rr.ravel().astype(np.int32),
-            "array_col": cc.ravel().astype(np.int32),
-            "pxl_row_in_fullres": pr.ravel(),
-            "pxl_col_in_fullres": pc.ravel(),
+            sr.BARCODE: barcodes,
+            sr.IN_TISSUE: in_tissue.ravel().astype(np.int32),
+            sr.ARRAY_ROW: rr.ravel().astype(np.int32),
+            sr.ARRAY_COL: cc.ravel().astype(np.int32),
+            sr.PXL_ROW: pr.ravel(),
+            sr.PXL_COL: pc.ravel(),
         }
-    ).to_parquet(spatial / "tissue_positions.parquet", index=False)
+    ).to_parquet(spatial / sr.POSITIONS_PARQUET, index=False)
 
     keep_genes = len(genes) - cfg.missing_genes
-    features = genes.iloc[:keep_genes].assign(type="Gene Expression")
+    features = genes.iloc[:keep_genes].assign(type=sr.GENE_EXPRESSION)
     matrix = counts[:keep_genes]
     if cfg.antibody_features:
         table, adt = _antibodies(cfg, sample, fractions, matrix.shape[1])
         features, matrix = pd.concat([features, table], ignore_index=True), sp.vstack([matrix, adt]).tocsc()
     keep = in_tissue.ravel()
-    write_matrix_h5(
-        bin_dir / "filtered_feature_bc_matrix.h5", barcodes[keep], features, matrix[:, keep], sample, cfg.spaceranger
-    )
+    write_matrix_h5(bin_dir / sr.FILTERED_MATRIX, barcodes[keep], features, matrix[:, keep], sample, cfg.spaceranger)
     if dense:
-        write_matrix_h5(bin_dir / "raw_feature_bc_matrix.h5", barcodes, features, matrix, sample, cfg.spaceranger)
+        write_matrix_h5(bin_dir / sr.RAW_MATRIX, barcodes, features, matrix, sample, cfg.spaceranger)
 
-    image_path = root / f"{sample}_tissue_image.{cfg.image}"
+    image_path = root / f"{sample}_{sr.MICROSCOPE_IMAGE_STEM}.{cfg.image}"
     levels = write_image(image_path, HERenderer(cfg, sample, who, labels, m), shape, cfg, sample)
     hires_scale, lowres_scale = _write_png_images(spatial, levels, shape)
     scalefactors = {
-        "spot_diameter_fullres": BIN_UM / MICRONS_PER_PIXEL,
-        "bin_size_um": BIN_UM,
-        "microns_per_pixel": MICRONS_PER_PIXEL,
-        "regist_target_img_scalef": hires_scale,
-        "tissue_lowres_scalef": lowres_scale,
-        "fiducial_diameter_fullres": 1000 * BIN_UM / MICRONS_PER_PIXEL / 8,
-        "tissue_hires_scalef": hires_scale,
+        sr.SPOT_DIAMETER_FULLRES: BIN_UM / MICRONS_PER_PIXEL,
+        sr.BIN_SIZE_UM: BIN_UM,
+        sr.MICRONS_PER_PIXEL: MICRONS_PER_PIXEL,
+        sr.REGIST_TARGET_IMG_SCALEF: hires_scale,
+        sr.TISSUE_LOWRES_SCALEF: lowres_scale,
+        sr.FIDUCIAL_DIAMETER_FULLRES: 1000 * BIN_UM / MICRONS_PER_PIXEL / 8,
+        sr.TISSUE_HIRES_SCALEF: hires_scale,
     }
     if not cfg.write_mpp:
-        del scalefactors["microns_per_pixel"]
-    (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors, indent=2))
+        del scalefactors[sr.MICRONS_PER_PIXEL]
+    (spatial / sr.SCALEFACTORS).write_text(json.dumps(scalefactors, indent=2))
     _write_outs_extras(outs, sample, cfg, m, matrix[:keep_genes, keep])
     _write_truth(
         root / "synthetic_truth.h5",
@@ -725,7 +724,7 @@ def _write_png_images(spatial: Path, levels: list[np.ndarray], shape) -> tuple[f
     """tissue_hires_image.png (longest side ≤ 6000 px) and tissue_lowres_image.png (600 px), as Space Ranger."""
     longest = max(shape)
     hires_scale, lowres_scale = min(0.5, 6000 / longest), 600 / longest
-    for name, scalef in (("tissue_hires_image.png", hires_scale), ("tissue_lowres_image.png", lowres_scale)):
+    for name, scalef in ((sr.HIRES_IMAGE, hires_scale), (sr.LOWRES_IMAGE, lowres_scale)):
         size = (max(1, round(shape[1] * scalef)), max(1, round(shape[0] * scalef)))
         src = ([lvl for lvl in levels if lvl.shape[1] >= size[0]] or levels[:1])[-1]
         Image.fromarray(src).resize(size, Image.Resampling.LANCZOS).save(spatial / name)
@@ -753,8 +752,8 @@ def _write_outs_extras(outs: Path, sample: str, cfg: SynthConfig, m: np.ndarray,
         "spot_pitch": BIN_UM / 4,
         "transform": flat(np.eye(3)),
     }
-    with h5py.File(outs / "feature_slice.h5", "w") as f:
-        f.attrs["metadata_json"] = json.dumps(
+    with h5py.File(outs / sr.FEATURE_SLICE, "w") as f:
+        f.attrs[sr.FEATURE_SLICE_METADATA] = json.dumps(
             {
                 "sample_id": sample,
                 "nrows": cfg.rows * 4,
@@ -765,9 +764,9 @@ def _write_outs_extras(outs: Path, sample: str, cfg: SynthConfig, m: np.ndarray,
                 "hd_layout_json": json.dumps(layout),
             }
         )
-        f.create_group("feature_slices")
+        f.create_group(sr.FEATURE_SLICES)
     umis = np.asarray(counts.sum(axis=0)).ravel()
-    with open(outs / "metrics_summary.csv", "w", newline="") as fh:
+    with open(outs / sr.METRICS_SUMMARY, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
             [
@@ -779,9 +778,9 @@ def _write_outs_extras(outs: Path, sample: str, cfg: SynthConfig, m: np.ndarray,
         )
         w.writerow([sample, len(umis), float(np.median(umis)), float(umis.mean())])
     if cfg.spaceranger.startswith("4"):
-        seg = outs / "segmented_outputs"
+        seg = outs / sr.SEGMENTED_OUTPUTS
         seg.mkdir(exist_ok=True)
-        (seg / "cell_segmentations.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+        (seg / sr.CELL_SEGMENTATIONS).write_text(json.dumps({"type": "FeatureCollection", "features": []}))
 
 
 def _write_truth(path: Path, cfg: SynthConfig, barcodes, genes: pd.DataFrame, rates, fractions, m: np.ndarray) -> None:

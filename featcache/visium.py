@@ -28,14 +28,13 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from featcache import spaceranger as sr
 from featcache.errors import FeatcacheError
 from featcache.geometry import BIN_UM, GEOMETRY, patch_origins
 from featcache.registration import Registration, register
+from featcache.spaceranger import BIN_DIR, GENE_EXPRESSION, NOT_MICROSCOPE, POSITION_COLUMNS
 
-POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
-BIN_DIR = Path("binned_outputs") / "square_008um"
 IMAGE_SUFFIXES = (".btf", ".tif", ".tiff", ".svs", ".jpg", ".jpeg", ".png")
-GENE_EXPRESSION = "Gene Expression"
 MPP_TOLERANCE = 0.01  # µm/px against the fitted bin pitch, and against the spot diameter
 MAX_UPSAMPLING = 1.25  # the image needs ≥ 14 / 1.25 = 11.2 native px per 8 µm bin
 BLOCK_NNZ = 1_000_000  # non-zeros read per block of bins (~30 MB of temporaries)
@@ -54,7 +53,7 @@ class MatrixH5:
         if not self.path.is_file():
             raise FeatcacheError(
                 f"count matrix not found: {self.path}. Point --sample at a Space Ranger outs/ folder that "
-                "holds binned_outputs/square_008um/filtered_feature_bc_matrix.h5."
+                f"holds {BIN_DIR.as_posix()}/{sr.FILTERED_MATRIX}."
             )
         try:
             with h5py.File(self.path, "r") as f:
@@ -65,29 +64,29 @@ class MatrixH5:
             ) from None
 
     def _read_header(self, f) -> None:
-        if "matrix" not in f:
+        if sr.MATRIX not in f:
             raise FeatcacheError(
-                f"{self.path} has no /matrix group: it is not a 10x feature-barcode matrix "
-                "(expected Space Ranger's filtered_feature_bc_matrix.h5)."
+                f"{self.path} has no /{sr.MATRIX} group: it is not a 10x feature-barcode matrix "
+                f"(expected Space Ranger's {sr.FILTERED_MATRIX})."
             )
-        g = f["matrix"]
-        missing = [k for k in ("barcodes", "data", "indices", "indptr", "shape", "features") if k not in g]
+        g = f[sr.MATRIX]
+        missing = [k for k in sr.MATRIX_DATASETS if k not in g]
         if missing:
             raise FeatcacheError(
                 f"{self.path}: /matrix lacks {', '.join(missing)}; the file is not a complete 10x matrix."
             )
-        self.n_features, self.n_bins = (int(v) for v in g["shape"][()])
-        self.barcodes = as_bytes(g["barcodes"][()])  # fixed-width bytes, as stored
-        feat = g["features"]
-        self.feature_ids = _strings(feat["id"])
-        self.feature_names = _strings(feat["name"])
+        self.n_features, self.n_bins = (int(v) for v in g[sr.SHAPE][()])
+        self.barcodes = as_bytes(g[sr.BARCODES][()])  # fixed-width bytes, as stored
+        feat = g[sr.FEATURES]
+        self.feature_ids = _strings(feat[sr.FEATURE_ID])
+        self.feature_names = _strings(feat[sr.FEATURE_NAME])
         n = len(self.feature_ids)
         self.feature_types = (
-            _strings(feat["feature_type"]) if "feature_type" in feat else np.full(n, GENE_EXPRESSION, object)
+            _strings(feat[sr.FEATURE_TYPE]) if sr.FEATURE_TYPE in feat else np.full(n, GENE_EXPRESSION, object)
         )
-        self.indptr = g["indptr"][()].astype(np.int64)
-        self.nnz = int(g["data"].shape[0])
-        version = f.attrs.get("software_version", b"")
+        self.indptr = g[sr.INDPTR][()].astype(np.int64)
+        self.nnz = int(g[sr.DATA].shape[0])
+        version = f.attrs.get(sr.ATTR_SOFTWARE_VERSION, b"")
         self.software_version = version.decode() if isinstance(version, bytes) else str(version)
         if len(self.barcodes) != self.n_bins or n != self.n_features or len(self.indptr) != self.n_bins + 1:
             raise FeatcacheError(
@@ -110,7 +109,7 @@ class MatrixH5:
         """(first bin, last bin + 1, column index per non-zero, feature index per non-zero, counts)."""
         try:
             with h5py.File(self.path, "r") as f:
-                data, indices = f["matrix"]["data"], f["matrix"]["indices"]
+                data, indices = f[sr.MATRIX][sr.DATA], f[sr.MATRIX][sr.INDICES]
                 c0 = 0
                 while c0 < self.n_bins:
                     c1 = int(np.searchsorted(self.indptr, self.indptr[c0] + BLOCK_NNZ, side="right")) - 1
@@ -172,16 +171,16 @@ class Positions:
 
 def read_positions(spatial_dir: Path) -> Positions:
     """Every bin of the sample: ``barcode, in_tissue, array_row, array_col, pxl_row/col_in_fullres``, checked."""
-    parquet = spatial_dir / "tissue_positions.parquet"
-    csv = spatial_dir / "tissue_positions.csv"
+    parquet = spatial_dir / sr.POSITIONS_PARQUET
+    csv = spatial_dir / sr.POSITIONS_CSV
     if parquet.is_file():
         path, columns = parquet, _read_table(parquet, _parquet_columns)
     elif csv.is_file():
         path, columns = csv, _read_table(csv, _csv_columns)
     else:
         raise FeatcacheError(
-            f"no tissue_positions.parquet (or .csv) in {spatial_dir}. Point --sample at a Space Ranger "
-            "outs/ folder with binned_outputs/square_008um/spatial/."
+            f"no {sr.POSITIONS_PARQUET} (or .csv) in {spatial_dir}. Point --sample at a Space Ranger "
+            f"{sr.OUTS}/ folder with {BIN_DIR.as_posix()}/{sr.SPATIAL}/."
         )
     missing = [c for c in POSITION_COLUMNS if c not in columns]
     if missing:
@@ -189,13 +188,13 @@ def read_positions(spatial_dir: Path) -> Positions:
             f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(map(str, columns))}); "
             f"a Space Ranger positions file has {', '.join(POSITION_COLUMNS)}."
         )
-    barcode = columns["barcode"]
+    barcode = columns[sr.BARCODE]
     if len(barcode) == 0:
         raise FeatcacheError(f"{path} lists no bins; the positions file is empty or truncated.")
     numbers = {}
     for col in POSITION_COLUMNS[1:]:
         v = np.asarray(columns[col])
-        if v.dtype.kind not in "biuf" or (v.dtype.kind == "b" and col != "in_tissue"):
+        if v.dtype.kind not in "biuf" or (v.dtype.kind == "b" and col != sr.IN_TISSUE):
             raise FeatcacheError(f"{path}: column {col} is not numeric; the positions file is malformed.")
         numbers[col] = v
     bad = ~np.all([np.isfinite(v.astype(np.float64)) for v in numbers.values()], axis=0)
@@ -206,11 +205,11 @@ def read_positions(spatial_dir: Path) -> Positions:
         )
     pos = Positions(
         barcode,
-        numbers["in_tissue"].astype(bool),
-        numbers["array_row"].astype(np.int64),
-        numbers["array_col"].astype(np.int64),
-        numbers["pxl_row_in_fullres"].astype(np.float64),
-        numbers["pxl_col_in_fullres"].astype(np.float64),
+        numbers[sr.IN_TISSUE].astype(bool),
+        numbers[sr.ARRAY_ROW].astype(np.int64),
+        numbers[sr.ARRAY_COL].astype(np.int64),
+        numbers[sr.PXL_ROW].astype(np.float64),
+        numbers[sr.PXL_COL].astype(np.float64),
     )
     if (pos.array_row < 0).any() or (pos.array_col < 0).any():
         raise FeatcacheError(f"{path}: negative array_row/array_col; the positions file is malformed.")
@@ -257,16 +256,16 @@ def _parquet_columns(path: Path) -> dict:
 
 def _csv_columns(path: Path) -> dict:
     df = pd.read_csv(path)
-    if list(df.columns) != POSITION_COLUMNS and len(df.columns) == 6 and not set(POSITION_COLUMNS) & set(df.columns):
-        df = pd.read_csv(path, header=None, names=POSITION_COLUMNS)  # headerless older file
-    return {c: (as_bytes(df[c].astype(str)) if c == "barcode" else df[c].to_numpy()) for c in df.columns}
+    if tuple(df.columns) != POSITION_COLUMNS and len(df.columns) == 6 and not set(POSITION_COLUMNS) & set(df.columns):
+        df = pd.read_csv(path, header=None, names=list(POSITION_COLUMNS))  # headerless older file
+    return {c: (as_bytes(df[c].astype(str)) if c == sr.BARCODE else df[c].to_numpy()) for c in df.columns}
 
 
 def _read_table(path: Path, reader) -> dict:
     try:
         return reader(path)
     except pd.errors.EmptyDataError:
-        raise FeatcacheError(f"{path} is empty; the Space Ranger spatial/ folder is incomplete.") from None
+        raise FeatcacheError(f"{path} is empty; the Space Ranger {sr.SPATIAL}/ folder is incomplete.") from None
     except Exception as exc:  # noqa: BLE001 - pyarrow and pandas raise many types for damaged files
         raise FeatcacheError(
             f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); the file is damaged "
@@ -290,18 +289,17 @@ def find_bin_dir(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FeatcacheError(f"sample folder not found: {path}")
-    for cand in (path, path / BIN_DIR, path / "outs" / BIN_DIR):
-        if (cand / "spatial").is_dir() and cand.name.startswith("square_"):
-            if cand.name != "square_008um":
-                raise FeatcacheError(f"{cand} holds {cand.name} bins; featcache works on 8 µm bins. Use square_008um.")
+    for cand in (path, path / BIN_DIR, path / sr.OUTS / BIN_DIR):
+        if (cand / sr.SPATIAL).is_dir() and cand.name.startswith(sr.SQUARE_PREFIX):
+            if cand.name != sr.SQUARE_008UM:
+                raise FeatcacheError(
+                    f"{cand} holds {cand.name} bins; featcache works on 8 µm bins. Use {sr.SQUARE_008UM}."
+                )
             return cand
     raise FeatcacheError(
-        f"{path} is not a Space Ranger Visium HD output: expected outs/{BIN_DIR}/spatial/ under it. "
-        "Point --sample NAME=DIR at the folder holding outs/ (or outs/ itself, or square_008um/)."
+        f"{path} is not a Space Ranger Visium HD output: expected {sr.OUTS}/{BIN_DIR}/{sr.SPATIAL}/ under it. "
+        f"Point --sample NAME=DIR at the folder holding {sr.OUTS}/ (or {sr.OUTS}/ itself, or {sr.SQUARE_008UM}/)."
     )
-
-
-NOT_MICROSCOPE = {"tissue_hires_image", "tissue_lowres_image", "detected_tissue_image", "aligned_tissue_image"}
 
 
 def find_image(bin_dir: Path) -> Path:
@@ -316,7 +314,7 @@ def find_image(bin_dir: Path) -> Path:
                     break
             else:
                 continue
-            if p.is_file() and stem.endswith("tissue_image") and stem not in NOT_MICROSCOPE:
+            if p.is_file() and stem.endswith(sr.MICROSCOPE_IMAGE_STEM) and stem not in NOT_MICROSCOPE:
                 found.append(p)
     if not found:
         raise FeatcacheError(
@@ -333,16 +331,16 @@ def find_image(bin_dir: Path) -> Path:
 
 def read_scalefactors(spatial: Path) -> dict:
     """scalefactors_json.json as a dict whose numeric entries are checked to be positive numbers."""
-    path = spatial / "scalefactors_json.json"
+    path = spatial / sr.SCALEFACTORS
     if not path.is_file():
-        raise FeatcacheError(f"{path} not found; the Space Ranger spatial/ folder is incomplete.")
+        raise FeatcacheError(f"{path} not found; the Space Ranger {sr.SPATIAL}/ folder is incomplete.")
     try:
         sf = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FeatcacheError(f"{path} is not valid JSON ({str(exc)[:80]}); the file is damaged.") from None
     if not isinstance(sf, dict):
         raise FeatcacheError(f"{path} holds {type(sf).__name__}, not an object of scale factors; the file is damaged.")
-    for key in ("microns_per_pixel", "bin_size_um", "spot_diameter_fullres", "tissue_hires_scalef"):
+    for key in (sr.MICRONS_PER_PIXEL, sr.BIN_SIZE_UM, sr.SPOT_DIAMETER_FULLRES, sr.TISSUE_HIRES_SCALEF):
         v = sf.get(key)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0):
             raise FeatcacheError(f"{path}: {key} is {v!r}, not a positive number; the file is damaged.")
@@ -351,14 +349,14 @@ def read_scalefactors(spatial: Path) -> dict:
 
 def microns_per_pixel(sf: dict, path: Path) -> tuple[float, str]:
     """µm per full-resolution pixel and where it came from: the scale factors, or derived as Space Ranger does."""
-    if "microns_per_pixel" in sf:
-        return float(sf["microns_per_pixel"]), "scalefactors_json.json microns_per_pixel"
-    if "spot_diameter_fullres" in sf:
-        return float(sf.get("bin_size_um", BIN_UM)) / float(sf["spot_diameter_fullres"]), (
-            "derived: bin_size_um / spot_diameter_fullres"
+    if sr.MICRONS_PER_PIXEL in sf:
+        return float(sf[sr.MICRONS_PER_PIXEL]), f"{sr.SCALEFACTORS} {sr.MICRONS_PER_PIXEL}"
+    if sr.SPOT_DIAMETER_FULLRES in sf:
+        return float(sf.get(sr.BIN_SIZE_UM, BIN_UM)) / float(sf[sr.SPOT_DIAMETER_FULLRES]), (
+            f"derived: {sr.BIN_SIZE_UM} / {sr.SPOT_DIAMETER_FULLRES}"
         )
     raise FeatcacheError(
-        f"{path} has neither microns_per_pixel nor spot_diameter_fullres, so the image scale is "
+        f"{path} has neither {sr.MICRONS_PER_PIXEL} nor {sr.SPOT_DIAMETER_FULLRES}, so the image scale is "
         "unknown; use the scale factors of the Space Ranger run that made the positions."
     )
 
@@ -437,10 +435,10 @@ def open_sample(name: str, path: str | Path, image: str | Path | None = None, co
     ``counts=False`` (predicting on a sample's lattice): positions, scale factors and image only.
     """
     bin_dir = find_bin_dir(Path(path))
-    spatial = bin_dir / "spatial"
+    spatial = bin_dir / sr.SPATIAL
     sf = read_scalefactors(spatial)
     positions = read_positions(spatial)
-    matrix = MatrixH5(bin_dir / "filtered_feature_bc_matrix.h5") if counts else None
+    matrix = MatrixH5(bin_dir / sr.FILTERED_MATRIX) if counts else None
     image_path = Path(image) if image else find_image(bin_dir)
     if not image_path.is_file():
         raise FeatcacheError(f"image for sample {name} not found: {image_path}")
@@ -462,10 +460,12 @@ def open_sample(name: str, path: str | Path, image: str | Path | None = None, co
 
 
 def _check_scale(name: str, sf: dict, spatial: Path, reg: Registration) -> tuple[float, str]:
-    bin_um = float(sf.get("bin_size_um", BIN_UM))
+    bin_um = float(sf.get(sr.BIN_SIZE_UM, BIN_UM))
     if abs(bin_um - BIN_UM) > 1e-6:
-        raise FeatcacheError(f"sample {name}: scalefactors say bin_size_um={bin_um}; featcache needs the 8 µm bins.")
-    mpp, source = microns_per_pixel(sf, spatial / "scalefactors_json.json")
+        raise FeatcacheError(
+            f"sample {name}: scalefactors say {sr.BIN_SIZE_UM}={bin_um}; featcache needs the 8 µm bins."
+        )
+    mpp, source = microns_per_pixel(sf, spatial / sr.SCALEFACTORS)
     problems = []
     lattice_um = reg.px_per_bin * mpp
     if abs(lattice_um - BIN_UM) > MPP_TOLERANCE * BIN_UM:
@@ -473,13 +473,15 @@ def _check_scale(name: str, sf: dict, spatial: Path, reg: Registration) -> tuple
             f"bin centres are {reg.px_per_bin:.2f} px apart, which at {mpp:.5g} µm/px ({source}) is "
             f"{lattice_um:.2f} µm, not {BIN_UM:g} µm"
         )
-    if "spot_diameter_fullres" in sf and "microns_per_pixel" in sf:
-        spot_um = float(sf["spot_diameter_fullres"]) * mpp
+    if sr.SPOT_DIAMETER_FULLRES in sf and sr.MICRONS_PER_PIXEL in sf:
+        spot_um = float(sf[sr.SPOT_DIAMETER_FULLRES]) * mpp
         if abs(spot_um - bin_um) > MPP_TOLERANCE * bin_um:
-            problems.append(f"spot_diameter_fullres × microns_per_pixel = {spot_um:.2f} µm, not {bin_um:g} µm")
+            problems.append(
+                f"{sr.SPOT_DIAMETER_FULLRES} × {sr.MICRONS_PER_PIXEL} = {spot_um:.2f} µm, not {bin_um:g} µm"
+            )
     if problems:
         raise FeatcacheError(
-            f"sample {name}: inconsistent µm/px in {spatial / 'scalefactors_json.json'}: "
+            f"sample {name}: inconsistent µm/px in {spatial / sr.SCALEFACTORS}: "
             + "; ".join(problems)
             + ". The positions and scale factors must describe the same full-resolution image."
         )
@@ -497,7 +499,7 @@ def _check_image(name: str, path: Path, positions: Positions, reg: Registration,
     need = GEOMETRY.px_per_bin / MAX_UPSAMPLING
     t = positions.in_tissue
     if not t.any():
-        raise FeatcacheError(f"sample {name}: no bin is marked in_tissue in the positions file.")
+        raise FeatcacheError(f"sample {name}: no bin is marked {sr.IN_TISSUE} in the positions file.")
     half = reg.px_per_bin / 2
     rows, cols = positions.pxl_row_in_fullres[t], positions.pxl_col_in_fullres[t]
     r_lo, r_hi = rows.min() - half, rows.max() + half

@@ -1,12 +1,14 @@
 """The layout the README's Architecture section describes: three stages over one store layer.
 
 Read from the source with ``ast``: which featcache modules each stage imports, and that no module
-outside the store layer writes a workspace path or a store's markers by hand.
+outside the store layer writes a workspace path or a store's markers by hand. And the design
+document the code cites (docs/design.md) is in the repository with every section cited.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,19 @@ def test_workspace_paths_and_markers_belong_to_the_store_layer():
                     for side in (node.left, node.right):
                         if isinstance(side, ast.Constant) and side.value in needles:
                             pytest.fail(f"{path.relative_to(ROOT)}:{node.lineno} builds a store path by hand")
+
+
+def test_the_design_document_has_every_section_the_code_cites():
+    design = ROOT / "docs" / "design.md"
+    assert design.is_file(), "docs/design.md is missing"
+    sections = set(re.findall(r"^## (\d+)\. ", design.read_text(), re.M))
+    cited = set()
+    for package in ("featcache", "train", "analysis", "pipeline"):
+        for path in modules(package):
+            for ref in re.findall(r"docs/design\.md((?:,? ?§\d+)+)", path.read_text()):
+                cited.update(re.findall(r"§(\d+)", ref))
+    assert cited, "no module cites docs/design.md"
+    assert cited <= sections, f"docs/design.md lacks the cited section(s) {sorted(cited - sections)}"
 
 
 def test_matplotlib_backend_is_not_chosen_at_import():
