@@ -1,5 +1,5 @@
 """Work that spans the stages: the demo (synth → prepare → extract → LOOCV → figures), a LOOCV
-that extracts missing random-init features on the way, and ``predict`` (featcache/pipeline/predict.py:
+that extracts missing random-init features on the way, and ``predict`` (pipeline/predict.py:
 a trained run applied to new slides).
 
 This package is the one place that composes the stages; the stages themselves only share the
