@@ -6,12 +6,12 @@
                        expression: the same in log1p(CP10k) (log1p(counts) for runs trained on counts)
                        origin (patch, axis), in_tissue (patch, row, col), pxl_row/pxl_col (patch, row, col):
                        each bin's centre in full-resolution pixels
-    predictions.h5ad   one observation per bin: X = expression, layers["z"], obs array_row/array_col/in_tissue,
-                       obsm["spatial"] = (x, y) pixel centres, uns["spatial"] in scanpy's layout
+    predictions.h5ad   one observation per bin in the layout of featcache/stores/h5ad.py: X = expression,
+                       layers["z"], obsm["spatial"] = (x, y) pixel centres, uns["spatial"] in scanpy's layout
     prediction.json    the run, the weights' identity, the slide, the lattice, the options
     figures/           one map per requested gene over the slide's thumbnail
 
-A prediction is written in a hidden folder and moved into place only when complete.
+A prediction is written in a hidden folder and moved into place only when complete (:class:`PredictionWriter`).
 """
 
 from __future__ import annotations
