@@ -96,8 +96,8 @@ class BinSums:
 
     def grid(self) -> np.ndarray:
         """(..., rows, cols) float64 means over the bounding box from :attr:`top_left`; NaN where no patch lies."""
-        out = np.full(self.total.shape, np.nan)
-        return np.divide(self.total, self.count, out=out, where=self.count > 0)
+        with np.errstate(invalid="ignore"):  # 0 / 0 where no patch lies
+            return self.total / self.count
 
     def table(self) -> tuple[np.ndarray, np.ndarray]:
         """One row per bin held: (array coordinates (n, 2) sorted by (row, col), means (n, ...))."""
@@ -106,11 +106,11 @@ class BinSums:
         return np.column_stack([rows, cols]) + self.top_left, np.moveaxis(means, -1, 0)
 
     def patch_maps(self, dtype=np.float64) -> np.ndarray:
-        """(patch, ..., bins, bins): each patch's window of the averaged grid, as ``dtype``."""
-        grid = self.grid()
-        out = np.empty((len(self.local), *grid.shape[:-2], self.bins, self.bins), dtype)
-        for j, window in enumerate(self._windows()):
-            out[j] = grid[(..., *window)]
+        """(patch, ..., bins, bins): each patch's window of the averaged grid (:meth:`grid`), as ``dtype``."""
+        out = np.empty((len(self.local), *self.total.shape[:-2], self.bins, self.bins), dtype)
+        with np.errstate(invalid="ignore"):
+            for j, window in enumerate(self._windows()):
+                out[j] = self.total[(..., *window)] / self.count[window]
         return out
 
     def first(self) -> np.ndarray:
