@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY, bin_table
+from featcache.geometry import GEOMETRY, BinSums, bin_table
 from featcache.stores import RunDir, Workspace
 from featcache.stores.features import split_store_name
 
@@ -116,7 +116,8 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred", sample: str | None = N
     -------
     xarray.DataArray
         (array_row, array_col): each patch's bins at their array coordinates (origin + offset);
-        NaN where no patch lies; averaged where patches overlap (stride < 32).
+        NaN where no patch lies; averaged where patches overlap (stride < 32), the same per-bin
+        average the run's metrics scored (:class:`~featcache.geometry.BinSums`).
     """
     if gene not in run.gene.values:
         raise FeatcacheError(
@@ -131,17 +132,9 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred", sample: str | None = N
                 raise FeatcacheError(f"section {sample!r} is not in this run (it has {', '.join(sections)}).")
             run = run.isel(patch=np.flatnonzero(run["sample"].values == sample))
     values = run[var].sel(gene=gene).values if "gene" in run[var].dims else run[var].values
-    origins = run.origin.values.astype(int)
-    size = values.shape[-1]  # the run's grid side (32 bins)
-    r0, c0 = origins.min(axis=0)
-    rows, cols = origins.max(axis=0) - (r0, c0) + size
-    total = np.zeros((rows, cols))
-    count = np.zeros((rows, cols))
-    for v, (r, c) in zip(values.astype(np.float64), origins):
-        total[r - r0 : r - r0 + size, c - c0 : c - c0 + size] += v
-        count[r - r0 : r - r0 + size, c - c0 : c - c0 + size] += 1
-    with np.errstate(invalid="ignore"):
-        image = total / count
+    sums = BinSums(run.origin.values, values)
+    image = sums.grid()
+    (r0, c0), (rows, cols) = sums.top_left, image.shape
     return xr.DataArray(
         image,
         dims=("array_row", "array_col"),

@@ -78,28 +78,9 @@ def export(
     workspace: WorkspaceOpt = None,
 ):
     """AnnData (.h5ad) for scanpy: a run's test predictions and truth, or a feature store's pooled features."""
-    from analysis.export import features_anndata, run_anndata
-    from featcache.errors import FeatcacheError
-    from featcache.stores import RunDir, Workspace
+    from analysis.export import export_h5ad
 
-    if (run is None) == (features is None):
-        raise FeatcacheError("give --run RUN_DIR or --features STORE (with --dataset), one of the two.")
-    ws = Workspace.resolve(workspace)
-    if run is not None:
-        adata = run_anndata(run, ws)
-        config = RunDir(run).read_config()
-        name = f"{config['encoder']}-{config['run']}-fold-{config['fold']}.h5ad"
-        results = ws.results(config["dataset"])
-    else:
-        adata = features_anndata(dataset, features, ws)
-        name, results = f"{features}-pooled.h5ad", ws.results(dataset)
-    path = output or results.path / "exports" / name
-    if path.exists() and not overwrite:
-        raise FeatcacheError(f"{path} exists; pass --overwrite to replace it, or choose another --output.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
+    path, adata = export_h5ad(run, features, dataset, output, overwrite, workspace)
     out.print(f"wrote {adata.n_obs} × {adata.n_vars} AnnData: {path}", soft_wrap=True)
 
 

@@ -1,12 +1,14 @@
 """AnnData for users who continue in scanpy: a run's test predictions, a feature store's pooled features.
 
-* :func:`run_anndata`: one observation per scored test bin (overlapping patches averaged), ``X`` =
-  the prediction, ``layers["pred"]`` / ``layers["truth"]`` in the run's target space, ``obs``
-  ``sample``, ``array_row``, ``array_col``, ``in_tissue``, and ``obsm["spatial"]`` = (x, y) full-resolution
-  pixel centres from the sample's registration.
+* :func:`run_anndata`: one observation per test bin (overlapping patches averaged as the metrics
+  averaged them), in the per-bin layout of featcache/stores/h5ad.py (the one ``featcache predict``
+  writes): ``X`` = the prediction, ``layers["pred"]`` / ``layers["truth"]`` in the run's target space,
+  ``obs`` ``sample``, ``array_row``, ``array_col``, ``in_tissue``, and ``obsm["spatial"]`` = (x, y)
+  full-resolution pixel centres from the sample's registration.
 * :func:`features_anndata`: one observation per patch, ``X`` = the pooled embedding, ``obs`` the
   sample and the patch's origin, ``obsm["spatial"]`` the patch centre, ``obsm["grid_mean"]`` the
   token grid's mean over bins.
+* :func:`export_h5ad`: either of them written as ``analysis export`` writes it (whole, or not at all).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from featcache.geometry import GEOMETRY
 from featcache.registration import BinMap
 from featcache.stores import RunDir, Workspace
 from featcache.stores.features import split_store_name
+from featcache.stores.files import staged_file
+from featcache.stores.h5ad import BinRows, bin_names, bins_anndata
 
 
 def _bin_map(ws: Workspace, dataset: str, sample: str) -> BinMap | None:
@@ -42,9 +46,6 @@ def run_anndata(run_dir, workspace=None):
     -------
     anndata.AnnData
     """
-    import anndata as ad
-    import pandas as pd
-
     ws = Workspace.resolve(workspace)
     run = RunDir(Path(run_dir))
     config = run.read_config()
@@ -54,28 +55,10 @@ def run_anndata(run_dir, workspace=None):
     parts = []
     for s, coords, pred, truth, tissue in section_bins(ds, scored_only=False, unnamed=config["fold"]):
         m = _bin_map(ws, config["dataset"], s)
-        xy = np.column_stack(m.to_pixels(coords[:, 0], coords[:, 1])[::-1]) if m else np.full((len(coords), 2), np.nan)
-        parts.append((s, coords, pred, truth, tissue > 0.5, xy))
-    obs = pd.DataFrame(
-        {
-            "sample": np.concatenate([[s] * len(c) for s, c, *_ in parts]),
-            "array_row": np.concatenate([c[:, 0] for _, c, *_ in parts]),
-            "array_col": np.concatenate([c[:, 1] for _, c, *_ in parts]),
-            "in_tissue": np.concatenate([t for *_, t, _ in parts]).astype(np.int8),
-        }
-    )
-    obs.index = [f"{s}_{r:05d}_{c:05d}" for s, r, c in zip(obs["sample"], obs["array_row"], obs["array_col"])]
-    pred = np.concatenate([p for _, _, p, *_ in parts]).astype(np.float32)
-    adata = ad.AnnData(
-        X=pred,
-        obs=obs,
-        layers={"pred": pred, "truth": np.concatenate([p[3] for p in parts]).astype(np.float32)},
-        obsm={"spatial": np.concatenate([p[5] for p in parts])},
-    )
-    adata.var_names = [str(g) for g in ds["gene"].values]
-    adata.var["gene_id"] = [str(g) for g in ds["gene_id"].values]
-    adata.uns["featcache"] = {"run": str(run.path), "space": ds.attrs.get("space", ""), "fold": config["fold"]}
-    return adata
+        xy = np.column_stack(m.to_pixels(coords[:, 0], coords[:, 1])[::-1]) if m else None
+        parts.append(BinRows(s, coords, tissue > 0.5, pred, {"pred": pred, "truth": truth}, xy))
+    uns = {"featcache": {"run": str(run.path), "space": ds.attrs.get("space", ""), "fold": config["fold"]}}
+    return bins_anndata(parts, ds["gene"].values, ds["gene_id"].values, uns=uns)
 
 
 def features_anndata(dataset: str, encoder: str, workspace=None):
@@ -101,7 +84,7 @@ def features_anndata(dataset: str, encoder: str, workspace=None):
     store = ws.feature_store(dataset, *split_store_name(encoder))
     if not store.is_complete():
         raise FeatcacheError(f"feature store {store} is missing or incomplete; make it with `{store.make_hint}`.")
-    rows, pooled, grid_mean, xy = [], [], [], []
+    rows, names, pooled, grid_mean, xy = [], [], [], [], []
     half = GEOMETRY.bins / 2 - 0.5
     for s in store.identity["samples"]:
         f = store.open_sample(s)
@@ -113,10 +96,39 @@ def features_anndata(dataset: str, encoder: str, workspace=None):
         centre = m.to_pixels(origins[:, 0] + half, origins[:, 1] + half) if m else (np.nan * origins[:, 0],) * 2
         xy.append(np.column_stack([centre[1], centre[0]]))
         rows += [(s, int(r), int(c)) for r, c in origins]
+        names.append(bin_names(s, origins))  # each patch named by its bin (0, 0)
     obs = pd.DataFrame(rows, columns=["sample", "origin_row", "origin_col"])
-    obs.index = [f"{s}_{r:05d}_{c:05d}" for s, r, c in rows]
+    obs.index = np.concatenate(names)
     adata = ad.AnnData(
         X=np.concatenate(pooled), obs=obs, obsm={"spatial": np.concatenate(xy), "grid_mean": np.concatenate(grid_mean)}
     )
     adata.uns["featcache"] = {"store": str(store), "identity": store.identity}
     return adata
+
+
+def export_h5ad(
+    run_dir=None, features: str | None = None, dataset: str = "demo", output=None, overwrite=False, workspace=None
+) -> tuple[Path, object]:
+    """``analysis export``: a run's test bins (``run_dir``) or a feature store's pooled features (``features`` of
+    ``dataset``) as a .h5ad, at ``output`` [default: ``results/<dataset>/exports/``]; returns (path, AnnData).
+
+    The file is written under a hidden name and moved into place whole; an existing one is replaced only with
+    ``overwrite``.
+    """
+    if (run_dir is None) == (features is None):
+        raise FeatcacheError("give --run RUN_DIR or --features STORE (with --dataset), one of the two.")
+    ws = Workspace.resolve(workspace)
+    if run_dir is not None:
+        adata = run_anndata(run_dir, ws)
+        config = RunDir(Path(run_dir)).read_config()
+        name = f"{config['encoder']}-{config['run']}-fold-{config['fold']}.h5ad"
+        results = ws.results(config["dataset"])
+    else:
+        adata = features_anndata(dataset, features, ws)
+        name, results = f"{features}-pooled.h5ad", ws.results(dataset)
+    path = Path(output) if output is not None else results.path / "exports" / name
+    if path.exists() and not overwrite:
+        raise FeatcacheError(f"{path} exists; pass --overwrite to replace it, or choose another --output.")
+    with staged_file(path) as tmp:
+        adata.write_h5ad(tmp)
+    return path, adata

@@ -61,19 +61,71 @@ def gather_windows(grid: np.ndarray, origins: np.ndarray, bins: int = GEOMETRY.b
     return np.stack([grid[r : r + bins, c : c + bins] for r, c in origins])
 
 
-def bin_table(origins: np.ndarray, values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch maps as one row per distinct bin: averaged where patches overlap (stride < 32).
+class BinSums:
+    """Per-patch maps summed bin by bin on one section's grid: the one per-bin average of overlapping patches.
 
-    ``values`` (patch, ..., bins, bins), ``mask`` (patch, bins, bins) marks the bins to keep.
-    Returns (array coordinates (n, 2), values (n, ...)) sorted by (row, col).
+    Patch (r0, c0)'s bin (i, j) is array bin (r0 + i, c0 + j) (docs/design.md §2); where patches overlap
+    (stride < 32 bins) a bin's value is the mean over the patches holding it. Scoring, stitched maps, the
+    exported AnnData and ``featcache predict``'s .h5ad all take their averages from here, in float64 and
+    added in patch order, so metrics and maps agree to the last bit.
+
+    ``maps`` (patch, ..., bins, bins) of one section; ``keep`` (patch, bins, bins), optional, marks the bins
+    that take part (the others count as absent from that patch).
     """
-    p, i, j = np.nonzero(mask)
-    coords = np.asarray(origins, dtype=np.int64)[p] + np.column_stack([i, j])
-    rows = np.moveaxis(values, (-2, -1), (1, 2))[p, i, j].astype(np.float64)  # (m, ...)
-    unique, inverse, count = np.unique(coords, axis=0, return_inverse=True, return_counts=True)
-    total = np.zeros((len(unique), *rows.shape[1:]))
-    np.add.at(total, inverse.ravel(), rows)
-    return unique, total / count.reshape(-1, *([1] * (rows.ndim - 1)))
+
+    def __init__(self, origins: np.ndarray, maps: np.ndarray, keep: np.ndarray | None = None):
+        origins = np.asarray(origins, np.int64).reshape(-1, 2)
+        self.bins = b = maps.shape[-1]
+        self.top_left = origins.min(axis=0) if len(origins) else np.zeros(2, np.int64)
+        self.local = origins - self.top_left
+        shape = tuple(self.local.max(axis=0) + b) if len(origins) else (0, 0)
+        self.count = np.zeros(shape, np.int64)
+        self.total = np.zeros((*maps.shape[1:-2], *shape), np.float64)
+        for j, window in enumerate(self._windows()):
+            if keep is None:
+                self.total[(..., *window)] += maps[j]
+                self.count[window] += 1
+            else:
+                self.total[(..., *window)] += np.where(keep[j], maps[j], 0)
+                self.count[window] += keep[j]
+
+    def _windows(self):
+        b = self.bins
+        for r, c in self.local:
+            yield slice(r, r + b), slice(c, c + b)
+
+    def grid(self) -> np.ndarray:
+        """(..., rows, cols) float64 means over the bounding box from :attr:`top_left`; NaN where no patch lies."""
+        with np.errstate(invalid="ignore"):  # 0 / 0 where no patch lies
+            return self.total / self.count
+
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """One row per bin held: (array coordinates (n, 2) sorted by (row, col), means (n, ...))."""
+        rows, cols = np.nonzero(self.count)
+        means = self.total[..., rows, cols] / self.count[rows, cols]
+        return np.column_stack([rows, cols]) + self.top_left, np.moveaxis(means, -1, 0)
+
+    def patch_maps(self, dtype=np.float64) -> np.ndarray:
+        """(patch, ..., bins, bins): each patch's window of the averaged grid (:meth:`grid`), as ``dtype``."""
+        out = np.empty((len(self.local), *self.total.shape[:-2], self.bins, self.bins), dtype)
+        with np.errstate(invalid="ignore"):
+            for j, window in enumerate(self._windows()):
+                out[j] = self.total[(..., *window)] / self.count[window]
+        return out
+
+    def first(self) -> np.ndarray:
+        """(patch, bins, bins) bool: the bins each patch is the first (in patch order) to cover."""
+        seen = np.zeros(self.count.shape, bool)
+        out = np.empty((len(self.local), self.bins, self.bins), bool)
+        for j, window in enumerate(self._windows()):
+            out[j] = ~seen[window]
+            seen[window] = True
+        return out
+
+
+def bin_table(origins: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch maps as one row per distinct bin, the bins ``mask`` marks: :meth:`BinSums.table`."""
+    return BinSums(origins, values, mask).table()
 
 
 def covering_origins(

@@ -29,6 +29,7 @@ from featcache.provenance import library_versions
 from featcache.registration import BinMap
 from featcache.slide import Slide, render_patch
 from featcache.stores import RunDir, Workspace, check_name
+from featcache.stores.h5ad import BinRows, BinsH5adWriter, spatial_uns
 from featcache.streams import ChunkWriter, Prefetcher
 
 VIRTUAL_MIN_TISSUE = 0.01  # without positions, keep every window with some tissue: cover the whole section
@@ -395,41 +396,17 @@ H5AD_BAND = 64  # lattice rows of bins gathered at a time when writing the .h5ad
 
 
 def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
-    """One observation per bin (overlapping patches averaged), in scanpy's spatial layout; returns the bin count.
+    """One observation per bin (overlapping patches averaged), in the layout of featcache/stores/h5ad.py;
+    returns the bin count.
 
-    Written band by band of lattice rows into growing HDF5 datasets laid out as AnnData's on-disk format
-    (anndata's own ``write_elem`` makes each element), so memory does not grow with the slide.
+    Written band by band of lattice rows, so memory does not grow with the slide: a band's bins take their
+    averages from every patch that reaches into the band (so from all the patches that hold them).
     """
-    import h5py
-    import pandas as pd
     import zarr
-    from anndata.io import write_elem
 
     root = zarr.open_group(zarr.storage.LocalStore(w.zarr_path, read_only=True), mode="r")
-    origins, b, n_genes = np.asarray(lattice.origins), GEOMETRY.bins, len(run.genes)
-    grow = {"maxshape": (None,), "chunks": True}
-    with h5py.File(w.h5ad_path, "w") as f:
-        f.attrs["encoding-type"], f.attrs["encoding-version"] = "anndata", "0.1.0"
-        empty_obs = pd.DataFrame(
-            {"array_row": np.zeros(0, np.int64), "array_col": np.zeros(0, np.int64), "in_tissue": np.zeros(0, np.int8)},
-            index=pd.Index(np.array([], dtype=object), name="bin"),
-        )
-        write_elem(f, "obs", empty_obs, dataset_kwargs=grow)
-        write_elem(f, "var", pd.DataFrame(index=pd.Index(run.genes, name="gene")))
-        for key in ("layers", "obsm"):  # the groups first, so they carry AnnData's encoding attributes
-            write_elem(f, key, {})
-        for group, name, width, dtype in (
-            (f, "X", n_genes, np.float32),
-            (f["layers"], "z", n_genes, np.float32),
-            (f["obsm"], "spatial", 2, np.float64),
-        ):
-            write_elem(
-                group,
-                name,
-                np.zeros((0, width), dtype),
-                dataset_kwargs={"maxshape": (None, width), "chunks": (max(1, min(4096, 2**20 // width)), width)},
-            )
-        n = 0
+    origins, b, g = np.asarray(lattice.origins), GEOMETRY.bins, len(run.genes)
+    with BinsH5adWriter(w.h5ad_path, run.genes, run.gene_ids, [lattice.name], layers=("z",)) as h5:
         for top in range(int(origins[:, 0].min()), int(origins[:, 0].max()) + b, H5AD_BAND):
             sel = np.nonzero((origins[:, 0] > top - b) & (origins[:, 0] < top + H5AD_BAND))[0]
             if not len(sel):
@@ -438,51 +415,22 @@ def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
             keep = np.broadcast_to(
                 ((rows_in_band >= top) & (rows_in_band < top + H5AD_BAND))[:, :, None], (len(sel), b, b)
             )
-            part = {
-                k: root[k].get_orthogonal_selection((sel,)).astype(np.float32)
-                for k in ("expression", "z", "pxl_col", "pxl_row")
-            }
-            coords, expr = bin_table(origins[sel], part["expression"], keep)
-            _, z = bin_table(origins[sel], part["z"], keep)
-            _, xy = bin_table(origins[sel], np.stack([part["pxl_col"], part["pxl_row"]], axis=1), keep)
-            m = len(coords)
-            rows, cols = coords[:, 0], coords[:, 1]
-            names = np.array([f"{lattice.name}_{r:05d}_{c:05d}" for r, c in zip(rows, cols)], dtype=object)
-            columns = {
-                "X": expr,
-                "layers/z": z,
-                "obsm/spatial": xy,
-                "obs/array_row": rows,
-                "obs/array_col": cols,
-                "obs/in_tissue": lattice.in_tissue[rows, cols].astype(np.int8),
-                "obs/bin": names,
-            }
-            for key, values in columns.items():
-                f[key].resize(n + m, axis=0)
-                f[key][n : n + m] = values
-            n += m
+            maps = np.concatenate(  # (patch, expression genes + z genes + (x, y), row, col): one pass of sums
+                [root[k].get_orthogonal_selection((sel,)).astype(np.float32) for k in ("expression", "z")]
+                + [np.stack([root[k].get_orthogonal_selection((sel,)) for k in ("pxl_col", "pxl_row")], axis=1)],
+                axis=1,
+            )
+            coords, values = bin_table(origins[sel], maps, keep)
+            tissue = lattice.in_tissue[coords[:, 0], coords[:, 1]]
+            h5.append(BinRows(lattice.name, coords, tissue, values[:, :g], {"z": values[:, g:-2]}, values[:, -2:]))
         thumb, scale = _display(slide)
-        write_elem(
-            f,
-            "uns",
+        h5.finish(
             {
-                "spatial": {
-                    lattice.name: {
-                        "images": {"hires": thumb},
-                        "scalefactors": {
-                            "tissue_hires_scalef": scale,
-                            "spot_diameter_fullres": lattice.pitch_px,
-                            "bin_size_um": BIN_UM,
-                        },
-                        "metadata": {"source": "featcache predict"},
-                    }
-                },
+                "spatial": spatial_uns(lattice.name, thumb, scale, lattice.pitch_px, "featcache predict"),
                 "featcache": {"run": str(run.run.path), "target": run.transform.kind, "lattice": lattice.source},
-            },
+            }
         )
-        for key in ("varm", "obsp", "varp"):
-            write_elem(f, key, {})
-    return n
+    return h5.n_obs
 
 
 def _gene_maps(w, lattice: Lattice, slide: Slide, genes) -> list[Path]:

@@ -16,6 +16,7 @@ import torch
 
 from featcache.device import resolve_device
 from featcache.errors import FeatcacheError
+from featcache.geometry import BinSums
 from featcache.provenance import library_versions
 from featcache.stores import Workspace
 from train.ceiling import noise_ceiling
@@ -136,28 +137,17 @@ class TestSet:
         """(pred, truth, mask of the bins each point metric counts, mask for SSIM's maps).
 
         Where patches overlap (stride < 32) each bin is scored once: its predictions are averaged
-        over the patches that hold it (as ``analysis.stitch`` does), and it counts in the point
-        metrics in its first patch only; SSIM compares each patch's 32 × 32 map of averaged values.
+        over the patches that hold it (:class:`~featcache.geometry.BinSums`, the average
+        ``analysis.stitch`` draws), and it counts in the point metrics in its first patch only; SSIM
+        compares each patch's 32 × 32 map of averaged values.
         """
         scoring = np.ones(self.mask.shape, bool) if all_bins else self.mask
-        pred, first = self.pred.copy(), scoring.copy()
-        b = self.mask.shape[-1]
+        pred, first = np.empty_like(self.pred), scoring.copy()
         for s in np.unique(self.samples):
             k = np.flatnonzero(self.samples == s)
-            o = self.origins[k].astype(int) - self.origins[k].min(axis=0)
-            count = np.zeros(tuple(o.max(axis=0) + b), np.int32)
-            for r, c in o:
-                count[r : r + b, c : c + b] += 1
-            if count.max() <= 1:
-                continue
-            total = np.zeros((self.pred.shape[1], *count.shape), np.float64)
-            for j, (r, c) in zip(k, o):
-                total[:, r : r + b, c : c + b] += self.pred[j]
-            seen = np.zeros(count.shape, bool)
-            for j, (r, c) in zip(k, o):
-                pred[j] = total[:, r : r + b, c : c + b] / count[r : r + b, c : c + b]
-                first[j] &= ~seen[r : r + b, c : c + b]
-                seen[r : r + b, c : c + b] = True
+            sums = BinSums(self.origins[k], self.pred[k])
+            pred[k] = sums.patch_maps(self.pred.dtype)
+            first[k] &= sums.first()
         return pred, self.truth, first, scoring
 
 

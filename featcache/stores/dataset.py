@@ -17,9 +17,6 @@ finished.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +27,7 @@ import zarr
 
 from featcache.errors import FeatcacheError
 from featcache.geometry import GEOMETRY
-from featcache.stores.files import read_json, replace_dir, write_json
+from featcache.stores.files import read_json, staged_dir, write_json
 from featcache.stores.zarrio import (
     consolidate,
     create_array,
@@ -44,7 +41,6 @@ from featcache.stores.zarrio import (
 DATASET_FORMAT = "featcache.dataset/1"
 IMAGE_CHUNK = 8  # patches per image chunk (~4.8 MB raw)
 TARGET_CHUNK = 32  # patches per target chunk
-PARTIAL = ".partial-"
 
 
 def open_lazy(path: Path, group: str | None) -> xr.Dataset:
@@ -288,39 +284,22 @@ def _read_back(arr, label: str) -> list[str]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partials(folder: Path, name: str) -> None:
-    """Remove what killed prepares of ``name`` left behind (hidden ``.partial``/``.old`` folders of dead processes)."""
-    for p in folder.glob(f".{name}{PARTIAL}*"):
-        pid = p.name[len(f".{name}{PARTIAL}") :].split("-", 1)[0]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-    for p in folder.glob(f".{name}.old-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
 class DatasetBuilder:
-    """Writes a dataset in a hidden ``.<name>.partial-<pid>-<id>`` folder; :meth:`commit` moves it into place."""
+    """Writes a dataset in a hidden folder (:func:`~featcache.stores.files.staged_dir`); :meth:`commit` moves it
+    into place, and leaving the ``with`` block without a commit removes it."""
 
     def __init__(self, dataset: Dataset, store_attrs: dict):
         self.dataset = dataset
-        dataset.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(dataset.path.parent, dataset.name)
-        self.partial = dataset.path.parent / f".{dataset.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.partial.mkdir()
-        self.patches = zarr.open_group(zarr.storage.LocalStore(self.partial / "patches.zarr"), mode="w", zarr_format=3)
-        self.targets = zarr.open_group(zarr.storage.LocalStore(self.partial / "targets.zarr"), mode="w", zarr_format=3)
-        self.patches.attrs.update(store_attrs)
-        self.targets.attrs.update(store_attrs)
+        self.staged = staged_dir(dataset.path)
+        self.partial = self.staged.path
+        try:
+            self.patches = open_local(self.partial / "patches.zarr", "w")
+            self.targets = open_local(self.partial / "targets.zarr", "w")
+            self.patches.attrs.update(store_attrs)
+            self.targets.attrs.update(store_attrs)
+        except BaseException:
+            self.abort()  # a full disk while the skeleton is written leaves nothing behind
+            raise
 
     def add_sample(self, sample: str, origins: np.ndarray, gene_ids, gene_labels, patch_attrs: dict) -> SampleArrays:
         n, b, px, g = len(origins), GEOMETRY.bins, GEOMETRY.patch_px, len(gene_ids)
@@ -374,14 +353,14 @@ class DatasetBuilder:
         for store in ("patches.zarr", "targets.zarr"):
             consolidate(self.partial / store)
         write_json(self.partial / "dataset.json", meta)
-        replace_dir(self.partial, self.dataset.path)
+        self.staged.commit()
 
     def abort(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self.staged.abort()
 
     def __enter__(self) -> DatasetBuilder:
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is not None:
+    def __exit__(self, *_) -> None:
+        if not self.staged.done:
             self.abort()

@@ -1,7 +1,14 @@
-"""Small files every store writes: atomically (temp file + rename), and read back with clear errors."""
+"""Files every store writes, and read back with clear errors.
+
+Small files are written atomically (temp file + rename: :func:`write_bytes`). Artefacts that take longer
+to build — a dataset, a run's prediction store, a slide's prediction folder, an exported .h5ad — are
+built under a hidden name beside their place and moved there whole (:class:`Staged`), so an interrupted
+or failed command never leaves one half-written where it looks finished.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -87,11 +94,102 @@ def append_line(path: Path, line: str) -> None:
 
 
 def replace_dir(partial: Path, target: Path) -> None:
-    """Move a finished folder into place, replacing an older one (which is removed afterwards)."""
-    if target.exists():
-        trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, trash)
+    """Move a finished folder into place, replacing an older one (removed afterwards; put back if the move fails)."""
+    if not target.exists():
         os.replace(partial, target)
-        shutil.rmtree(trash, ignore_errors=True)
+        return
+    trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, trash)
+    try:
+        os.replace(partial, target)
+    except BaseException:
+        os.replace(trash, target)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+PARTIAL = ".partial-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        os.replace(partial, target)
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_partials(folder: Path, name: str) -> None:
+    """Remove what killed writers of ``name`` left in ``folder``: the hidden partials of processes that are
+    gone (``.<name>.partial-<pid>-<id>``) and older copies a replacement set aside (``.<name>.old-<id>``)."""
+    prefix = f".{name}{PARTIAL}"
+    for p in Path(folder).glob(glob.escape(prefix) + "*"):
+        pid = p.name[len(prefix) :].split("-", 1)[0]
+        if not pid.isdigit() or not _alive(int(pid)):
+            _remove(p)
+    for p in Path(folder).glob(glob.escape(f".{name}.old-") + "*"):
+        _remove(p)
+
+
+class Staged:
+    """A folder or file built under a hidden name beside ``target`` and moved into place whole.
+
+    The hidden path is ``.<name>.partial-<pid>-<id>`` (the owner's process id, so a later writer knows a
+    partial whose owner died and removes it). :meth:`commit` moves it into place, replacing an older
+    target without ever leaving it missing; :meth:`abort` removes it. As a context manager it yields the
+    hidden path, commits when the block ends and aborts when it raises (or when the commit fails).
+    Make one with :func:`staged_dir` or :func:`staged_file`.
+    """
+
+    def __init__(self, target: Path, folder: bool):
+        self.target, self.folder, self.done = Path(target), folder, False
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.target.parent, self.target.name)
+        self.path = self.target.with_name(f".{self.target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        if folder:
+            self.path.mkdir()
+
+    def commit(self) -> None:
+        try:
+            if self.folder:
+                replace_dir(self.path, self.target)
+            else:
+                os.replace(self.path, self.target)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+
+    def abort(self) -> None:
+        _remove(self.path)
+        self.done = True
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def staged_dir(target: Path) -> Staged:
+    """A hidden folder for ``target`` (made now, empty): ``with staged_dir(path) as tmp: ...`` fills it."""
+    return Staged(target, folder=True)
+
+
+def staged_file(target: Path) -> Staged:
+    """A hidden file name for ``target`` (nothing made yet): ``with staged_file(path) as tmp: ...`` writes it."""
+    return Staged(target, folder=False)

@@ -6,25 +6,22 @@
                        expression: the same in log1p(CP10k) (log1p(counts) for runs trained on counts)
                        origin (patch, axis), in_tissue (patch, row, col), pxl_row/pxl_col (patch, row, col):
                        each bin's centre in full-resolution pixels
-    predictions.h5ad   one observation per bin: X = expression, layers["z"], obs array_row/array_col/in_tissue,
-                       obsm["spatial"] = (x, y) pixel centres, uns["spatial"] in scanpy's layout
+    predictions.h5ad   one observation per bin in the layout of featcache/stores/h5ad.py: X = expression,
+                       layers["z"], obsm["spatial"] = (x, y) pixel centres, uns["spatial"] in scanpy's layout
     prediction.json    the run, the weights' identity, the slide, the lattice, the options
     figures/           one map per requested gene over the slide's thumbnail
 
-A prediction is written in a hidden folder and moved into place only when complete.
+A prediction is written in a hidden folder and moved into place only when complete (:class:`PredictionWriter`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.stores.files import read_json, replace_dir, write_json
+from featcache.stores.files import read_json, staged_dir, write_json
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
 
 CHUNK = 16  # patches per stored chunk
@@ -71,13 +68,13 @@ class PredictionDir:
 
 
 class PredictionWriter:
-    """Writes the prediction store batch by batch in a hidden folder; :meth:`commit` moves it into place."""
+    """Writes the prediction folder batch by batch in a hidden folder (:func:`~featcache.stores.files.staged_dir`);
+    :meth:`commit` moves it into place, and leaving the ``with`` block without a commit removes it."""
 
     def __init__(self, target: PredictionDir, n: int, genes, gene_ids, origins, attrs: dict):
         self.target = target
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = target.path.parent / f".{target.path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.partial.mkdir()
+        self.staged = staged_dir(target.path)
+        self.partial = self.staged.path
         try:
             self._create(n, genes, gene_ids, origins, attrs)
         except BaseException:
@@ -137,14 +134,14 @@ class PredictionWriter:
     def commit(self, meta: dict) -> None:
         consolidate(self.partial / "predictions.zarr")
         write_json(self.partial / "prediction.json", meta)
-        replace_dir(self.partial, self.target.path)
+        self.staged.commit()
 
     def abort(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self.staged.abort()
 
     def __enter__(self) -> PredictionWriter:
         return self
 
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is not None:
+    def __exit__(self, *_) -> None:
+        if not self.staged.done:
             self.abort()

@@ -20,14 +20,13 @@ import io
 import json
 import pickle
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.stores.files import append_line, read_json, replace_dir, write_bytes, write_json, write_text
+from featcache.stores.files import append_line, read_json, staged_dir, write_bytes, write_json, write_text
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
 
 FOLD_PREFIX = "fold-"
@@ -230,10 +229,10 @@ def write_prediction_store(
     dtype: str = "float32",
     samples=None,
 ) -> None:
-    """A (patch, gene, row, col) prediction store with origins, samples and genes as coordinates, replaced whole."""
-    partial = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    """A (patch, gene, row, col) prediction store with origins, samples and genes as coordinates, replaced whole
+    (built in a hidden folder: :func:`~featcache.stores.files.staged_dir`)."""
     coords = "origin sample" if samples is not None else "origin"
-    try:
+    with staged_dir(path) as partial:
         root = open_local(partial, "w")
         root.attrs.update(attrs)
         for name, data in maps.items():
@@ -265,7 +264,3 @@ def write_prediction_store(
         write_strings(root, "gene", genes, "gene")
         write_strings(root, "gene_id", gene_ids, "gene")
         consolidate(partial)
-        replace_dir(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
