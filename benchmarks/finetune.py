@@ -31,8 +31,7 @@ from common import emit  # noqa: E402
 
 from featcache.device import resolve_device  # noqa: E402
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
-from train.decoder import MiniUNet  # noqa: E402
-from train.finetune import EncoderDecoder  # noqa: E402
+from train.model import assemble  # noqa: E402
 
 
 def _peak(dev) -> float:
@@ -131,14 +130,14 @@ def main() -> None:
         net = build_model(spec, dev)
         if args.grad_checkpointing:
             net.set_grad_checkpointing(True)
-        ft = EncoderDecoder(GridEncoder(spec, net), MiniUNet(spec.dim, 50)).to(dev).train()
+        ft = assemble("unet", spec.dim, 50, GridEncoder(spec, net)).to(dev).train()
         ft_rate, ft_mem = measure(
             ft, lambda: torch.randint(0, 256, (b, 448, 448, 3), dtype=torch.uint8, device=dev), dev, b, args.steps
         )
         del ft, net
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        dec = MiniUNet(spec.dim, 50).to(dev).train()
+        dec = assemble("unet", spec.dim, 50).to(dev).train()
         fr_rate, fr_mem = measure(
             dec,
             lambda spec=spec: torch.randn(b, spec.dim, spec.grid, spec.grid, device=dev),

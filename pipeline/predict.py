@@ -28,89 +28,12 @@ from featcache.progress import progress
 from featcache.provenance import library_versions
 from featcache.registration import BinMap
 from featcache.slide import Slide, render_patch
-from featcache.stores import RunDir, Workspace, check_name
+from featcache.stores import Workspace, check_name
 from featcache.stores.h5ad import BinRows, BinsH5adWriter, spatial_uns
 from featcache.streams import ChunkWriter, Prefetcher
+from train.model import TrainedRun, load_run
 
 VIRTUAL_MIN_TISSUE = 0.01  # without positions, keep every window with some tissue: cover the whole section
-
-
-@dataclass
-class TrainedRun:
-    """A finished run, ready to predict: model (uint8 NHWC patches -> target space), panel, transform."""
-
-    run: RunDir
-    config: dict
-    model: torch.nn.Module
-    genes: list[str]
-    gene_ids: list[str]
-    transform: object  # train.data.TargetTransform
-    weights: str  # the encoder weights' identity
-
-    @property
-    def label(self) -> str:
-        c = self.config
-        return check_name(f"{c['dataset']}-{c['encoder']}-{c['run']}-fold-{c['fold']}", "run")
-
-
-class _Predictor(torch.nn.Module):
-    """Encoder then decoder, fed the grid the decoder was trained on (cached grids are stored as float16)."""
-
-    def __init__(self, encoder, decoder, cached: bool):
-        super().__init__()
-        self.encoder, self.decoder, self.cached = encoder, decoder, cached
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens, _ = self.encoder(images)
-        grid = tokens.permute(0, 3, 1, 2)
-        return self.decoder((grid.half() if self.cached else grid).float())
-
-
-def load_run(run_dir: str | Path, weights: str | None, dev: torch.device) -> TrainedRun:
-    """The run's model with its encoder weights, refusing weights of another identity than the run's record."""
-    from featcache.encoders import GridEncoder, build_model, get_spec
-    from featcache.weights import load_encoder, resolve_weights
-    from train.data import TargetTransform
-    from train.decoder import build_decoder
-    from train.finetune import EncoderDecoder
-
-    run = RunDir(Path(run_dir))
-    config = run.read_config()
-    if config is None or not run.is_finished():
-        raise FeatcacheError(
-            f"{run.path} is not a finished run folder (config.json, checkpoint.pt and metrics.json); "
-            "train it first with `train decoder` or `train loocv`."
-        )
-    ck = run.load_checkpoint()
-    spec = get_spec(config["encoder"])
-    decoder = build_decoder(config["decoder"], int(ck["c_in"]), len(ck["genes"]))
-    if config["mode"] == "finetune":  # the run's own encoder, from its checkpoint
-        model = EncoderDecoder(GridEncoder(spec, build_model(spec)), decoder)
-        model.load_state_dict(ck["state_dict"])
-        identity = f"fine-tuned in {run.path.name} from {config.get('encoder_weights')}"
-        predictor = _Predictor(model.encoder, model.decoder, cached=False)
-    else:
-        recorded = config["features"]["identity"]["weights"]
-        source = resolve_weights(spec, recorded if recorded.startswith("random:") else weights)
-        found = source.identity()
-        if found != recorded:
-            raise FeatcacheError(
-                f"the weights found ({source.path or found}, {found[:20]}…) are not the ones the "
-                f"run was trained on ({recorded[:20]}…); pass that checkpoint with --weights."
-            )
-        decoder.load_state_dict(ck["state_dict"])
-        net, _ = load_encoder(spec, source)
-        identity, predictor = recorded, _Predictor(GridEncoder(spec, net), decoder, cached=True)
-    ids = config.get("gene_ids") or list(ck["genes"])
-    return TrainedRun(
-        run,
-        config,
-        predictor.to(dev).eval(),
-        list(ck["genes"]),
-        list(ids),
-        TargetTransform.from_json(ck["transform"]),
-        identity,
-    )
 
 
 @dataclass
@@ -367,8 +290,7 @@ def _run(
 
 def _blocks(run: TrainedRun, lattice: Lattice, origins: np.ndarray, z: np.ndarray) -> dict:
     b = GEOMETRY.bins
-    t = run.transform
-    expression = z * t.std[None, :, None, None] + t.mean[None, :, None, None] if t.zscored else z
+    expression = run.expression(z)
     rows, cols = [], []
     for r0, c0 in origins:
         m = lattice.map_for(r0, c0)

@@ -135,3 +135,35 @@ def test_matplotlib_backend_is_not_chosen_at_import():
     for path in modules("analysis"):
         text = path.read_text()
         assert "matplotlib.use(" not in text and "import matplotlib.pyplot" not in text, path
+
+
+def test_one_module_builds_trained_models():
+    """train/model.py alone builds decoders and the encoder + decoder wrapper, and no other torch module wraps the
+    two: training, evaluation and `featcache predict` all get their model from it."""
+    home, decoders = ROOT / "train" / "model.py", ROOT / "train" / "decoder.py"
+    builders = {"build_decoder", "EncoderDecoder"} | {
+        node.name for node in ast.walk(ast.parse(decoders.read_text())) if isinstance(node, ast.ClassDef)
+    }
+    wrappers = []
+    for package in ("featcache", "train", "analysis", "pipeline"):
+        for path in modules(package):
+            where = path.relative_to(ROOT)
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                module = isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Module") for b in node.bases)
+                if module:
+                    used = {
+                        n.attr
+                        for n in ast.walk(node)
+                        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+                    }
+                    if {"encoder", "decoder"} <= used:
+                        wrappers.append(f"{where}: {node.name}")
+                if path in (home, decoders):
+                    continue
+                if isinstance(node, ast.Call):
+                    name = getattr(node.func, "id", getattr(node.func, "attr", None))
+                    assert name not in builders, f"{where}:{node.lineno} builds a model with {name}: use train.model"
+            if path not in (home, decoders):
+                assert "train.decoder" not in imports(path), f"{where} imports train.decoder: use train.model"
+    assert wrappers == ["train/model.py: EncoderDecoder"], wrappers

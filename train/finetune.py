@@ -1,31 +1,13 @@
-"""Fine-tune mode: encoder + decoder trained end to end from image patches (no feature cache).
+"""Fine-tune mode's augmentation (the encoder + decoder it trains is train/model.py's ``EncoderDecoder``).
 
-The encoder is the registry's network with its pretrained weights (``--weights`` as for
-``featcache extract``), wrapped so that uint8 patches go in and the token grid comes out; the
-decoder is the same MiniUNet the frozen runs use. Augmentation rotates and flips the image and
-the 32 × 32 target grid together: a patch is 32 × 14 px per side, so a 90° turn of the image is
-exactly a 90° turn of its bin grid and token (i, j) still sits on bin (i, j).
+Augmentation rotates and flips the image and the 32 × 32 target grid together: a patch is
+32 × 14 px per side, so a 90° turn of the image is exactly a 90° turn of its bin grid and token
+(i, j) still sits on bin (i, j). Colour jitter is light and seeded, so a resumed run draws alike.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from featcache.encoders import GridEncoder
-
-
-class EncoderDecoder(nn.Module):
-    """uint8 (B, H, W, 3) patches → encoder token grid → decoder → (B, genes, 32, 32)."""
-
-    def __init__(self, encoder: GridEncoder, decoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens, _ = self.encoder(images)
-        return self.decoder(tokens.permute(0, 3, 1, 2).float())
 
 
 def dihedral(images: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, k: int, flip: bool):

@@ -22,9 +22,9 @@ from featcache.stores import Workspace
 from train.ceiling import noise_ceiling
 from train.config import SCORE_TEXT, TRANSFORM_TEXT, TrainConfig
 from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget
-from train.decoder import build_decoder
 from train.loop import Distributed, Stepper, fit, predict
 from train.metrics import evaluate
+from train.model import assemble
 
 
 @dataclass
@@ -227,17 +227,17 @@ def _training_bytes(inputs: FoldInputs, train_idx: dict) -> int:
 
 def _build(cfg: TrainConfig, inputs: FoldInputs, encoder, dev):
     """The decoder (or encoder + decoder) and its Adam optimizer, no weight decay."""
-    decoder = build_decoder(cfg.decoder, _c_in(inputs, encoder), len(inputs.genes))
-    if encoder is None:
-        model = decoder.to(dev)
-        return model, torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    from featcache.encoders import GridEncoder
-    from train.finetune import EncoderDecoder
+    grid = None
+    if encoder is not None:
+        from featcache.encoders import GridEncoder
 
-    spec, net, _ = encoder
-    if cfg.grad_checkpointing and hasattr(net, "set_grad_checkpointing"):
-        net.set_grad_checkpointing(True)
-    model = EncoderDecoder(GridEncoder(spec, net), decoder).to(dev)
+        spec, net, _ = encoder
+        if cfg.grad_checkpointing and hasattr(net, "set_grad_checkpointing"):
+            net.set_grad_checkpointing(True)
+        grid = GridEncoder(spec, net)
+    model = assemble(cfg.decoder, _c_in(inputs, encoder), len(inputs.genes), grid).to(dev)
+    if grid is None:
+        return model, torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     return model, torch.optim.Adam(
         [
             {"params": model.encoder.parameters(), "lr": cfg.encoder_lr},

@@ -1,0 +1,124 @@
+"""A trained model, in one place: built from a run's settings for training, rebuilt from a finished run folder.
+
+A frozen or random run trains the decoder (docs/design.md §5) alone on cached token grids; a fine-tune run
+trains :class:`EncoderDecoder`, encoder and decoder together, on uint8 image patches. :func:`load_run` turns
+either kind of finished run back into an :class:`EncoderDecoder` that takes image patches: the settings come
+from ``config.json``, the weights from ``checkpoint.pt``, and a frozen run's encoder weights must have the
+identity its feature cache recorded (docs/design.md §7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from featcache.encoders import GridEncoder
+from featcache.errors import FeatcacheError
+from featcache.stores import RunDir, check_name
+from train.data import TargetTransform
+from train.decoder import build_decoder
+
+
+class EncoderDecoder(nn.Module):
+    """uint8 (B, H, W, 3) patches → encoder token grid → decoder → (B, genes, 32, 32).
+
+    ``cached=True`` rounds the grid to float16 before the decoder: a decoder trained on the feature cache
+    has only seen float16-stored grids (docs/design.md §7), and is fed the same numbers here.
+    """
+
+    def __init__(self, encoder: GridEncoder, decoder: nn.Module, cached: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.cached = cached
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.encoder(images)
+        grid = tokens.permute(0, 3, 1, 2)
+        return self.decoder((grid.half() if self.cached else grid).float())
+
+
+def assemble(decoder: str, c_in: int, n_genes: int, encoder: GridEncoder | None = None, cached: bool = False):
+    """The decoder alone (token grids in), or encoder + decoder (uint8 patches in) when an encoder is given."""
+    net = build_decoder(decoder, c_in, n_genes)
+    return net if encoder is None else EncoderDecoder(encoder, net, cached)
+
+
+@dataclass
+class TrainedRun:
+    """A finished run, ready to predict: model (uint8 NHWC patches → target space), panel, transform."""
+
+    run: RunDir
+    config: dict
+    model: EncoderDecoder
+    genes: list[str]
+    gene_ids: list[str]
+    transform: TargetTransform
+    weights: str  # the encoder weights' identity
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return check_name(f"{c['dataset']}-{c['encoder']}-{c['run']}-fold-{c['fold']}", "run")
+
+    def expression(self, z: np.ndarray) -> np.ndarray:
+        """Model output (patch, gene, row, col) as log1p expression: a z-scored target (log1p(CP10k)) is scaled
+        back with the training patients' statistics; log1p(counts) is one already."""
+        t = self.transform
+        return z * t.std[None, :, None, None] + t.mean[None, :, None, None] if t.zscored else z
+
+
+def load_run(run_dir: str | Path, weights: str | None = None, dev: torch.device | str = "cpu") -> TrainedRun:
+    """The run's model with its encoder weights, refusing weights of another identity than the run's record.
+
+    ``weights`` is the frozen run's encoder checkpoint (as ``--weights``); a random or fine-tune run needs none.
+    """
+    from featcache.encoders import build_model, get_spec
+
+    run = RunDir(Path(run_dir))
+    config = run.read_config()
+    if config is None or not run.is_finished():
+        raise FeatcacheError(
+            f"{run.path} is not a finished run folder (config.json, checkpoint.pt and metrics.json); "
+            "train it first with `train decoder` or `train loocv`."
+        )
+    ck = run.load_checkpoint()
+    spec = get_spec(config["encoder"])
+    if config["mode"] == "finetune":  # the run's own encoder, from its checkpoint
+        model = assemble(config["decoder"], int(ck["c_in"]), len(ck["genes"]), GridEncoder(spec, build_model(spec)))
+        model.load_state_dict(ck["state_dict"])
+        identity = f"fine-tuned in {run.path.name} from {config.get('encoder_weights')}"
+    else:
+        net, identity = _recorded_encoder(spec, config["features"]["identity"]["weights"], weights)
+        model = assemble(config["decoder"], int(ck["c_in"]), len(ck["genes"]), GridEncoder(spec, net), cached=True)
+        model.decoder.load_state_dict(ck["state_dict"])
+    ids = config.get("gene_ids") or list(ck["genes"])
+    return TrainedRun(
+        run,
+        config,
+        model.to(dev).eval(),
+        list(ck["genes"]),
+        list(ids),
+        TargetTransform.from_json(ck["transform"]),
+        identity,
+    )
+
+
+def _recorded_encoder(spec, recorded: str, weights: str | None) -> tuple[nn.Module, str]:
+    """(network, identity) of the encoder weights a frozen run's features came from: ``random:<seed>`` rebuilds
+    itself; other weights are found as ``--weights`` finds them and must hash to the recorded identity."""
+    from featcache.weights import load_encoder, resolve_weights
+
+    source = resolve_weights(spec, recorded if recorded.startswith("random:") else weights)
+    found = source.identity()
+    if found != recorded:
+        raise FeatcacheError(
+            f"the weights found ({source.path or found}, {found[:20]}…) are not the ones the "
+            f"run was trained on ({recorded[:20]}…); pass that checkpoint with --weights."
+        )
+    net, _ = load_encoder(spec, source)
+    return net, recorded
