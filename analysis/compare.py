@@ -85,8 +85,8 @@ def paired_comparison(
     out = {
         "dataset": dataset,
         "method": {
-            "difference": "B − A of pcc_gene (Pearson per gene over the test patient's scored bins, mean over genes), "
-            "per fold, then the mean over folds",
+            "difference": "B − A of pcc_gene (Pearson per gene over the test patient's scored bins, mean over "
+            "genes), per fold, then the mean over folds",
             "test": "Wilcoxon signed-rank over genes of the fold-mean per-gene differences",
             "interval": f"95 % bootstrap ({n_boot} resamples, seed {seed}) resampling {BLOCK_BINS}×{BLOCK_BINS}-bin "
             "blocks of each test patient",
