@@ -169,7 +169,7 @@ def extract_each(
             f"--output names one store, but {len(configs)} encoders were asked for; extract one --encoder "
             "at a time with --output, or leave it out (each encoder then gets its store in the workspace)."
         )
-    ExtractionRuntime(**runtime)
+    ExtractionRuntime(**runtime)  # a bad runtime choice is refused before weights are looked for
     for config in configs:
         resolve_weights(get_spec(config.encoder), config.weights)
     results = []
