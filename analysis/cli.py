@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from featcache.cli_common import WorkspaceOpt, make_app, out, split_list, user_errors
+from featcache.cli_common import DatasetOpt, OverwriteOpt, SeedOpt, WorkspaceOpt, make_app, out, split_list, user_errors
 
 app = make_app("analysis: compare encoders and draw the figures from a workspace's results.")
 
@@ -15,7 +15,7 @@ app = make_app("analysis: compare encoders and draw the figures from a workspace
 @app.command()
 @user_errors
 def figures(
-    dataset: Annotated[str, typer.Option(help="Dataset whose results to draw.")] = "demo",
+    dataset: DatasetOpt = "demo",
     sample: Annotated[
         Optional[str], typer.Option(help="Test patient of the spatial rows [default: the last fold].")
     ] = None,
@@ -33,21 +33,18 @@ def figures(
 @app.command()
 @user_errors
 def compare(
-    dataset: Annotated[str, typer.Option(help="Dataset whose runs to compare.")] = "demo",
+    dataset: DatasetOpt = "demo",
     runs: Annotated[
         Optional[str], typer.Option(help="Comma-separated runs of the comparison file [default: all].")
     ] = None,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of spatial blocks.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of spatial blocks (at least 100).")] = 2000,
+    seed: SeedOpt = 0,
     workspace: WorkspaceOpt = None,
 ):
     """Paired statistics for every pair of runs: per-gene differences, Wilcoxon, block-bootstrap interval."""
     from analysis.compare import comparison_figure, paired_comparison
-    from featcache.errors import FeatcacheError
     from featcache.stores import Workspace
 
-    if bootstrap < 100:
-        raise FeatcacheError(f"--bootstrap {bootstrap}: use at least 100 resamples.")
     res = paired_comparison(dataset, split_list(runs) if runs else None, workspace, n_boot=bootstrap, seed=seed)
     for p in res["pairs"]:
         w = p["wilcoxon"]
@@ -74,7 +71,7 @@ def export(
     output: Annotated[
         Optional[Path], typer.Option(help="The .h5ad to write [default: results/<dataset>/exports/...].")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """AnnData (.h5ad) for scanpy: a run's test predictions and truth, or a feature store's pooled features."""

@@ -27,6 +27,7 @@ from featcache.errors import FeatcacheError
 from featcache.stores import RunDir, Workspace
 
 BLOCK_BINS = 64
+MIN_BOOT = 100
 
 
 def _stats(pred: np.ndarray, truth: np.ndarray, blocks: np.ndarray) -> np.ndarray:
@@ -62,7 +63,12 @@ def _fold_table(ws: Workspace, run_dir: str):
 def paired_comparison(
     dataset: str, runs: list[str] | None = None, workspace=None, n_boot: int = 2000, seed: int = 0
 ) -> dict:
-    """Compare every pair of the given runs (default: every run of the comparison file); write and return it."""
+    """Compare every pair of the given runs (default: every run of the comparison file); write and return it.
+
+    ``n_boot``: bootstrap resamples of spatial blocks (at least MIN_BOOT: fewer make the 95 % interval's ends noise).
+    """
+    if n_boot < MIN_BOOT:
+        raise FeatcacheError(f"--bootstrap {n_boot}: use at least {MIN_BOOT} resamples.")
     ws = Workspace.resolve(workspace)
     results = ws.results(dataset)
     comparison = results.read_comparison(required=True)["results"]
@@ -79,11 +85,11 @@ def paired_comparison(
     out = {
         "dataset": dataset,
         "method": {
-            "difference": "B − A of pcc_gene (Pearson per gene over the test patient's scored bins, mean over genes), per "
-            "fold, then the mean over folds",
+            "difference": "B − A of pcc_gene (Pearson per gene over the test patient's scored bins, mean over "
+            "genes), per fold, then the mean over folds",
             "test": "Wilcoxon signed-rank over genes of the fold-mean per-gene differences",
-            "interval": f"95 % bootstrap ({n_boot} resamples, seed {seed}) resampling {BLOCK_BINS}×{BLOCK_BINS}-bin blocks "
-            "of each test patient",
+            "interval": f"95 % bootstrap ({n_boot} resamples, seed {seed}) resampling {BLOCK_BINS}×{BLOCK_BINS}-bin "
+            "blocks of each test patient",
             "bins": "each scored bin once (overlapping patches averaged)",
         },
         "pairs": pairs,

@@ -42,7 +42,7 @@ from common import emit  # noqa: E402
 
 from featcache.device import resolve_device  # noqa: E402
 from featcache.encoders import GridEncoder, build_model, get_spec  # noqa: E402
-from featcache.extract import extract  # noqa: E402
+from featcache.extract import ExtractionConfig, extract  # noqa: E402
 from featcache.stores.zarrio import DEFAULT_TOKEN_CODEC, create_array, write_origins  # noqa: E402
 
 
@@ -291,10 +291,12 @@ def main() -> None:
         store = store_dir / f"{name}.zarr"
         shutil.rmtree(store, ignore_errors=True)
         t = time.perf_counter()
+        config = ExtractionConfig(
+            name, weights="random:0", layout=args.layout, **({"codec": args.codec} if args.codec else {})
+        )
         res = extract(
             dataset,
-            name,
-            weights="random:0",
+            config,
             workspace=ws,
             output=str(store),
             batch_size=args.batch_size,
@@ -302,8 +304,6 @@ def main() -> None:
             compile=args.compile,
             show_progress=False,
             model=model,
-            layout=args.layout,
-            **({"codec": args.codec} if args.codec else {}),
         )
         wall = time.perf_counter() - t
         peak_e2e = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None

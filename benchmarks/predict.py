@@ -44,19 +44,19 @@ def rss_mb():
             return round(int(line.split()[1]) / 1024)
 
 if args["task"] == "extract":
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
     from featcache.prepare import prepare_dataset
     import shutil
     prepare_dataset(args["dataset"], {"B1": args["sample"]}, workspace=args["ws"], show_progress=False, overwrite=True)
     shutil.rmtree(f"{args['ws']}/features/{args['dataset']}/{args['encoder']}-random.zarr", ignore_errors=True)
     before = rss_mb()
-    res = extract(args["dataset"], args["encoder"], weights="random:0", workspace=args["ws"], device=args["device"],
-                  batch_size=args["batch_size"], show_progress=False, overwrite=True)
+    res = extract(args["dataset"], ExtractionConfig(args["encoder"], "random:0"), workspace=args["ws"],
+                  device=args["device"], batch_size=args["batch_size"], show_progress=False, overwrite=True)
     print(json.dumps({"tiles_s": res.tiles_per_s, "patches": res.patches_done, "peak_rss_mb": rss_mb(),
                       "rss_before_mb": before}))
 else:
-    from pipeline.predict import predict
-    res = predict(args["run"], args["image"], positions=args.get("positions"), output=args["output"],
+    from pipeline.predict import PredictOptions, predict
+    res = predict(args["run"], args["image"], PredictOptions(positions=args.get("positions")), output=args["output"],
                   batch_size=args["batch_size"], device=args["device"], workspace=args["ws"], workers=args["workers"],
                   overwrite=True, show_progress=False)
     print(json.dumps({"tiles_s": res.tiles_per_s, "patches": res.patches, "bins": res.bins,
@@ -76,7 +76,7 @@ def child(**task) -> dict:
 
 
 def trained_run(workdir: Path, encoder: str, device: str) -> Path:
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
     from featcache.prepare import prepare_dataset
     from featcache.stores import Workspace
     from featcache.synth import SynthConfig, synthesize
@@ -94,7 +94,7 @@ def trained_run(workdir: Path, encoder: str, device: str) -> Path:
         synthesize(raw, names, SynthConfig(seed=3))
     if not ws.dataset("small").exists():
         prepare_dataset("small", {n: str(raw / n) for n in names}, workspace=ws.root, show_progress=False)
-    extract("small", encoder, weights="random:0", workspace=ws.root, device=device, show_progress=False)
+    extract("small", ExtractionConfig(encoder, "random:0"), workspace=ws.root, device=device, show_progress=False)
     return train_fold(cfg, ws.root, device=device, show_progress=False).run_dir
 
 

@@ -9,7 +9,20 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from featcache.cli_common import WorkspaceOpt, err, make_app, out, split_list, user_errors
+from featcache.cli_common import (
+    BatchOpt,
+    DatasetOpt,
+    DeviceOpt,
+    OverwriteOpt,
+    SeedOpt,
+    WeightsOpt,
+    WorkspaceOpt,
+    err,
+    make_app,
+    out,
+    split_list,
+    user_errors,
+)
 from featcache.errors import FeatcacheError
 
 app = make_app("featcache: cut bin-aligned H&E patches from Visium HD outputs and cache encoder token grids.")
@@ -22,10 +35,10 @@ def synth(
     samples: Annotated[
         str, typer.Option(help="Comma-separated patients (one sample each unless --sections).")
     ] = "P1,P2,P5",
-    seed: Annotated[int, typer.Option(help="Random seed; the dataset is identical for the same seed.")] = 0,
+    seed: SeedOpt = 0,
     rows: Annotated[int, typer.Option(help="8 µm bins along array_row per sample.")] = 128,
     cols: Annotated[int, typer.Option(help="8 µm bins along array_col per sample.")] = 160,
-    genes: Annotated[int, typer.Option(help="Genes in the panel (≥ 64; above 2000 counts are drawn sparsely).")] = 250,
+    genes: Annotated[int, typer.Option(help="Genes in the panel, 64 or more (above 2000 drawn sparsely).")] = 250,
     sections: Annotated[
         int, typer.Option(help="Sections per patient (samples <patient>-s1, -s2, ...; writes manifest.csv).")
     ] = 1,
@@ -46,13 +59,9 @@ def synth(
     ] = "3.1.2",
 ):
     """Write a synthetic Visium HD dataset in Space Ranger's on-disk layout, with the quirks real deposits have."""
-    from featcache.prepare import parse_pairs
-    from featcache.synth import SynthConfig, synthesize
+    from featcache.synth import SynthConfig, plan_samples, synthesize
 
-    if sections < 1:
-        raise FeatcacheError(f"--sections {sections}: must be at least 1.")
-    patients = split_list(samples)
-    names = [f"{p}-s{k}" for p in patients for k in range(1, sections + 1)] if sections > 1 else patients
+    plan = plan_samples(split_list(samples), sections, missing_genes)
     cfg = SynthConfig(
         rows=rows,
         cols=cols,
@@ -65,22 +74,14 @@ def synth(
         write_mpp=mpp,
         spaceranger=spaceranger,
     )
-    missing = parse_pairs(missing_genes, "--missing-genes", "sample")
-    try:
-        per_sample = {s: {"missing_genes": int(n)} for s, n in missing.items()}
-    except ValueError:
-        raise FeatcacheError("--missing-genes SAMPLE=N: N must be an integer.") from None
-    stray = sorted(set(per_sample) - set(names))
-    if stray:
-        raise FeatcacheError(f"--missing-genes names {', '.join(stray)}, which is not a sample ({', '.join(names)}).")
     with err.status("synthesizing ...") as status:
         reports = synthesize(
             out_dir,
-            names,
+            plan.names,
             cfg,
             on_sample=lambda r: status.update(f"wrote {r['sample']}"),
-            per_sample=per_sample,
-            patients={n: n.rsplit("-s", 1)[0] for n in names} if sections > 1 else None,
+            per_sample=plan.per_sample,
+            patients=plan.patients,
         )
     table = Table(title=f"synthetic Visium HD dataset in {out_dir}")
     for col in ("sample", "patient", "in-tissue bins", "median UMIs/bin", "image (px)", "grid rotation"):
@@ -95,7 +96,7 @@ def synth(
             f"{r['rotation_deg']:+.2f}°" + (" flipped" if r["flip_rows"] else ""),
         )
     out.print(table)
-    if sections > 1:
+    if plan.patients:
         out.print(
             f"prepare it with: featcache prepare --dataset NAME --manifest {out_dir / 'manifest.csv'}", soft_wrap=True
         )
@@ -135,20 +136,13 @@ def prepare(
         float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")
     ] = 0.5,
     workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: up to 4].")] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing dataset of this name made from other inputs.")
-    ] = False,
+    overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Cut bin-aligned 448 px patches and per-bin targets into Zarr stores."""
-    from featcache.prepare import merge_inputs, parse_pairs, prepare_dataset
+    from featcache.prepare import inputs_from_options, prepare_dataset
 
-    inputs = merge_inputs(
-        parse_pairs(sample, "--sample"),
-        parse_pairs(image, "--image"),
-        parse_pairs(patient, "--patient", "sample"),
-        str(manifest) if manifest else None,
-    )
+    inputs = inputs_from_options(sample, image, patient, manifest)
     res = prepare_dataset(
         dataset,
         inputs.samples,
@@ -204,29 +198,9 @@ def datasets(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Opti
 @user_errors
 def encoders(as_json: Annotated[bool, typer.Option("--json")] = False):
     """List the registered encoders: parameters, grid at 448 px, channels, weights availability."""
-    from featcache.encoders import REGISTRY
-    from featcache.weights import resolve_weights
+    from featcache.weights import encoder_overview
 
-    rows = []
-    for spec in REGISTRY.values():
-        try:
-            src = resolve_weights(spec, None, download=False)
-            weights = f"yes ({src.found_via})"
-        except FeatcacheError:
-            weights = "random only" if spec.test_only else "no"
-        rows.append(
-            {
-                "encoder": spec.name,
-                "arch": spec.arch,
-                "params_m": round(spec.params / 1e6, 2),
-                "grid": f"{spec.grid}×{spec.grid}",
-                "dim": spec.dim,
-                "pooled": spec.pooled,
-                "test_only": spec.test_only,
-                "weights": weights,
-                "note": spec.note,
-            }
-        )
+    rows = encoder_overview()
     if as_json:
         out.print_json(data=rows)
         return
@@ -250,12 +224,10 @@ def extract(
     encoder: Annotated[
         str, typer.Option(help="Encoder name (see `featcache encoders`), or 'all' (every non-test encoder).")
     ],
-    dataset: Annotated[str, typer.Option(help="Prepared dataset to read patches from.")] = "demo",
-    weights: Annotated[
-        Optional[str], typer.Option(help="Weights file or folder, or random[:SEED] for random-init features.")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dataset: DatasetOpt = "demo",
+    weights: WeightsOpt = None,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32.")] = "auto",
     shard: Annotated[
@@ -267,47 +239,36 @@ def extract(
     chunk_patches: Annotated[
         Optional[int], typer.Option(help="Patches per stored chunk [default: ~8 MB chunks].")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a store made with a different identity.")] = False,
+    overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Run an encoder once over a dataset's patches and cache its token grids."""
-    from featcache.encoders import get_spec
-    from featcache.extract import all_encoders
-    from featcache.extract import extract as run_extract
-    from featcache.weights import resolve_weights
+    from featcache.extract import extract_each, extraction_configs
 
-    names = all_encoders() if encoder == "all" else [encoder]
-    for name in names:  # fail before any work if one cannot run
-        resolve_weights(get_spec(name), weights)
-    for name in names:
-        res = run_extract(
-            dataset,
-            name,
-            weights=weights,
-            workspace=workspace,
-            output=output,
-            batch_size=batch_size,
-            device=device,
-            compile=compile,
-            precision=precision,
-            shard=shard,
-            overwrite=overwrite,
-            chunk_patches=chunk_patches,
-        )
-        state = (
-            "complete"
-            if res.complete
-            else "incomplete (other shards still to run)"
-            if res.shard[1] > 1
-            else "incomplete"
-        )
-        shard_txt = f" shard {res.shard[0]}/{res.shard[1]}" if res.shard[1] > 1 else ""
-        rate = f" at {res.tiles_per_s:.1f} tiles/s" if res.patches_done else ""
-        out.print(
-            f"{res.encoder}{shard_txt}: extracted {res.patches_done} patches{rate}"
-            f"{f', {res.skipped} already done' if res.skipped else ''}; store {state}: {res.store}",
-            soft_wrap=True,
-        )
+    extract_each(
+        dataset,
+        extraction_configs(encoder, weights=weights, precision=precision, chunk_patches=chunk_patches),
+        workspace=workspace,
+        output=output,
+        on_result=_report_extraction,
+        batch_size=batch_size,
+        device=device,
+        compile=compile,
+        shard=shard,
+        overwrite=overwrite,
+    )
+
+
+def _report_extraction(res) -> None:
+    sharded = res.shard[1] > 1
+    state = "complete" if res.complete else "incomplete (other shards still to run)" if sharded else "incomplete"
+    shard_txt = f" shard {res.shard[0]}/{res.shard[1]}" if sharded else ""
+    rate = f" at {res.tiles_per_s:.1f} tiles/s" if res.patches_done else ""
+    out.print(
+        f"{res.encoder}{shard_txt}: extracted {res.patches_done} patches{rate}"
+        f"{f', {res.skipped} already done' if res.skipped else ''}; store {state}: {res.store}",
+        soft_wrap=True,
+    )
 
 
 @app.command("ls")

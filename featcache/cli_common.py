@@ -1,4 +1,4 @@
-"""What the three command lines share: the workspace option, consoles, and one-line errors."""
+"""What the three command lines share: the options they have in common, consoles, and one-line errors."""
 
 from __future__ import annotations
 
@@ -16,9 +16,27 @@ from featcache.errors import FeatcacheError
 out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True)
 
+# Options that mean the same in every command that has them, defined once.
 WorkspaceOpt = Annotated[
     Optional[Path],
     typer.Option("--workspace", "-w", help="Workspace root [default: $FEATCACHE_WORKSPACE or ./featcache-data]."),
+]
+DatasetOpt = Annotated[str, typer.Option(help="A prepared dataset of the workspace (`featcache datasets` lists them).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+BatchOpt = Annotated[int, typer.Option(help="Patches per forward pass.")]
+WeightsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Encoder weights: a checkpoint file or a folder holding one, or random[:SEED] for random-init "
+        "[default: $FEATCACHE_WEIGHTS/<encoder>/ or the Hugging Face cache]."
+    ),
+]
+SeedOpt = Annotated[int, typer.Option(help="Random seed: the same seed gives the same result.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Replace an existing result of the same name (dataset, store, run folder, file) instead of refusing."
+    ),
 ]
 
 

@@ -92,76 +92,150 @@ def all_encoders() -> list[str]:
     return [n for n, s in REGISTRY.items() if not s.test_only]
 
 
-def _check_options(batch_size: int, chunk_patches: int | None, readers: int, precision: str) -> None:
-    if batch_size < 1:
-        raise FeatcacheError(f"--batch-size {batch_size}: must be at least 1.")
-    if chunk_patches is not None and chunk_patches < 1:
-        raise FeatcacheError(f"--chunk-patches {chunk_patches}: must be at least 1.")
-    if readers < 1:
-        raise FeatcacheError(f"readers {readers}: must be at least 1.")
-    if precision not in ("auto", "bf16", "fp32"):
-        raise FeatcacheError(f"--precision {precision!r}: use auto, bf16 or fp32.")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """What decides a feature store's contents: over the same dataset, the same config makes the same store.
+
+    Everything here ends up in the store's identity (featcache/stores/features.py ``make_identity``).
+    Where the store lives (the workspace, or ``output``) and how it is computed
+    (:class:`ExtractionRuntime`) are not part of it: a resumed or sharded run may change those.
+    """
+
+    encoder: str
+    weights: str | None = None  # file, folder or random[:SEED]; None: $FEATCACHE_WEIGHTS or the Hugging Face cache
+    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on a CPU) | bf16 | fp32
+    codec: str = DEFAULT_TOKEN_CODEC
+    layout: str = DEFAULT_LAYOUT
+    chunk_patches: int | None = None  # patches per stored chunk; None: about 8 MB chunks
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise FeatcacheError(f"--precision {self.precision!r}: use auto, bf16 or fp32.")
+        if self.chunk_patches is not None and self.chunk_patches < 1:
+            raise FeatcacheError(f"--chunk-patches {self.chunk_patches}: must be at least 1.")
+
+    def compute_precision(self, dev: torch.device) -> str:
+        return ("bf16" if dev.type == "cuda" else "fp32") if self.precision == "auto" else self.precision
+
+
+@dataclass(frozen=True)
+class ExtractionRuntime:
+    """How a store is computed, never what it holds: a resumed run may change any of these."""
+
+    device: str = "auto"
+    batch_size: int = 64  # patches per forward pass (rounded to whole chunks)
+    compile: bool = False  # torch.compile the encoder
+    shard: str | None = None  # K/N; None: torchrun's RANK/WORLD_SIZE, else the whole store
+    readers: int = 4  # patch-decoding threads
+    writers: int | None = None  # compressing threads; None: up to 8
+    overwrite: bool = False  # replace a store of another identity
+    show_progress: bool = True
+    model: torch.nn.Module | None = None  # a prebuilt network (benchmarks); its weights are whatever it holds
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise FeatcacheError(f"--batch-size {self.batch_size}: must be at least 1.")
+        if self.readers < 1:
+            raise FeatcacheError(f"readers {self.readers}: must be at least 1.")
+        if self.writers is not None and self.writers < 1:
+            raise FeatcacheError(f"writers {self.writers}: must be at least 1.")
+
+
+def extraction_configs(encoder: str, **fields) -> list[ExtractionConfig]:
+    """``--encoder``'s value as configs: one encoder, or ``all`` (every encoder that is not a test encoder)."""
+    return [ExtractionConfig(name, **fields) for name in (all_encoders() if encoder == "all" else [encoder])]
+
+
+def extract_each(
+    dataset: str,
+    configs: list[ExtractionConfig],
+    *,
+    workspace: str | os.PathLike | None = None,
+    output: str | None = None,
+    storage_options: dict | None = None,
+    on_result=None,
+    **runtime,
+) -> list[ExtractResult]:
+    """Several stores one after the other; ``on_result(result)`` hears each as it is finished.
+
+    Every encoder's weights are found before any work, so that a missing checkpoint does not stop
+    the command half-way.
+    """
+    if output and len(configs) > 1:
+        raise FeatcacheError(
+            f"--output names one store, but {len(configs)} encoders were asked for; extract one --encoder "
+            "at a time with --output, or leave it out (each encoder then gets its store in the workspace)."
+        )
+    ExtractionRuntime(**runtime)  # a bad runtime choice is refused before weights are looked for
+    for config in configs:
+        resolve_weights(get_spec(config.encoder), config.weights)
+    results = []
+    for config in configs:
+        results.append(
+            extract(dataset, config, workspace=workspace, output=output, storage_options=storage_options, **runtime)
+        )
+        if on_result:
+            on_result(results[-1])
+    return results
 
 
 def extract(
     dataset: str,
-    encoder: str,
-    weights: str | None = None,
+    config: ExtractionConfig,
+    *,
     workspace: str | os.PathLike | None = None,
     output: str | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    compile: bool = False,
-    precision: str = "auto",
-    shard: str | None = None,
-    overwrite: bool = False,
-    chunk_patches: int | None = None,
-    readers: int = 4,
-    writers: int | None = None,
-    codec: str = DEFAULT_TOKEN_CODEC,
-    layout: str = DEFAULT_LAYOUT,
-    show_progress: bool = True,
-    model: torch.nn.Module | None = None,
     storage_options: dict | None = None,
+    **runtime,
 ) -> ExtractResult:
-    """Extract one encoder's token grids for every sample of a prepared dataset."""
+    """Extract one encoder's token grids for every sample of a prepared dataset.
+
+    The store goes to the workspace (``features/<dataset>/<encoder>[-random].zarr``) or to ``output``
+    (a path or fsspec URL, opened with ``storage_options``); ``runtime`` holds the fields of
+    :class:`ExtractionRuntime` (device, batch_size, compile, shard, readers, writers, overwrite,
+    show_progress, model).
+    """
     t_start = time.perf_counter()
-    spec = get_spec(encoder)
-    _check_options(batch_size, chunk_patches, readers, precision)
+    rt = ExtractionRuntime(**runtime)
+    spec = get_spec(config.encoder)
     ws = Workspace.resolve(workspace)
     ds = _dataset_with_patches(ws, dataset)
-    source = resolve_weights(spec, weights)
-    shard_k, shard_n = parse_shard(shard)
-    dev = resolve_device(device)
-    precision = ("bf16" if dev.type == "cuda" else "fp32") if precision == "auto" else precision
+    source = resolve_weights(spec, config.weights)
+    shard_k, shard_n = parse_shard(rt.shard)
+    dev = resolve_device(rt.device)
+    precision = config.compute_precision(dev)
     if output:
         ws.check_output(output)
     store = FeatureStore(output, storage_options) if output else ws.feature_store(dataset, spec.name, source.is_random)
+    model = rt.model
     if model is None:
         model, prov = load_encoder(spec, source, dev)
-    else:  # a prebuilt network (benchmarks); its weights are whatever it holds
+    else:
         prov = {"weights": source.identity(), "found_via": "caller"}
     identity = make_identity(
         spec=spec.describe(),
         weights=source.identity(),
         dataset=ds.meta,
-        codec=codec,
-        layout=layout,
+        codec=config.codec,
+        layout=config.layout,
         prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)) if spec.kind == "vit" else 0,
-        chunk=chunk_patches or chunk_patches_for(spec.grid, spec.dim),
+        chunk=config.chunk_patches or chunk_patches_for(spec.grid, spec.dim),
         compute={"precision": precision, "autocast": precision == "bf16"},
     )
     provenance = {
         **prov,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(dev),
-        "batch_size": batch_size,
-        "compile": compile,
+        "batch_size": rt.batch_size,
+        "compile": rt.compile,
         "libraries": library_versions(),
     }
-    root = store.open_or_create(identity, provenance, {s: ds.origins(s) for s in ds.samples}, overwrite)
+    root = store.open_or_create(identity, provenance, {s: ds.origins(s) for s in ds.samples}, rt.overwrite)
 
-    groups = plan_groups(identity["samples"], identity["chunk_patches"], batch_size)[shard_k::shard_n]
+    groups = plan_groups(identity["samples"], identity["chunk_patches"], rt.batch_size)[shard_k::shard_n]
     done = {s: store.done_chunks(s) for s in identity["samples"]}
     todo = [g for g in groups if not set(g.chunks) <= done[g.sample]]
     n_todo = sum(g.p1 - g.p0 for g in todo)
@@ -169,17 +243,17 @@ def extract(
     if todo:
         runner = GridEncoder(spec, model).to(dev).eval()
         job = _Extraction(
-            torch.compile(runner) if compile else runner,
+            torch.compile(runner) if rt.compile else runner,
             dev,
             precision,
-            batch_size,
+            rt.batch_size,
             ds,
             store,
             root,
-            readers,
-            writers or min(8, os.cpu_count() or 1),
+            rt.readers,
+            rt.writers or min(8, os.cpu_count() or 1),
         )
-        with progress(disable=not show_progress) as bar:
+        with progress(disable=not rt.show_progress) as bar:
             task = bar.add_task(store.name, total=n_todo, rate="")
             seconds = job.run(todo, lambda k, rate: bar.update(task, advance=k, rate=f"{rate:.1f} tiles/s"))
     return ExtractResult(

@@ -101,6 +101,18 @@ def merge_inputs(samples: dict, images: dict, patients: dict, manifest: str | No
     return inputs
 
 
+def inputs_from_options(
+    samples: list[str] | None, images: list[str] | None, patients: list[str] | None, manifest: str | Path | None
+) -> Inputs:
+    """``featcache prepare``'s ``--sample/--image/--patient NAME=VALUE`` options and ``--manifest`` as one set."""
+    return merge_inputs(
+        parse_pairs(samples, "--sample"),
+        parse_pairs(images, "--image"),
+        parse_pairs(patients, "--patient", "sample"),
+        str(manifest) if manifest else None,
+    )
+
+
 # --------------------------------------------------------------------------- fingerprints
 def file_fingerprint(path: Path, full_limit: int = 256 << 20) -> str:
     """sha256 of the file; files over ``full_limit`` are hashed by size + 32 spread 1 MiB blocks."""

@@ -805,6 +805,32 @@ def _write_truth(path: Path, cfg: SynthConfig, barcodes, genes: pd.DataFrame, ra
         f.create_dataset("affine", data=m[:2] / m[2, 2])
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    """The samples to write: their names, their patients (None: each sample is its own patient) and overrides."""
+
+    names: list[str]
+    patients: dict[str, str] | None
+    per_sample: dict[str, dict]
+
+
+def plan_samples(patients: list[str], sections: int = 1, missing_genes: list[str] | None = None) -> SamplePlan:
+    """``featcache synth``'s samples: a patient's sections are ``<patient>-s1``, ``-s2``, ... when there are several;
+    ``missing_genes`` holds ``SAMPLE=N`` (that sample's matrix lacks the last N genes)."""
+    from featcache.prepare import parse_pairs
+
+    if sections < 1:
+        raise FeatcacheError(f"--sections {sections}: must be at least 1.")
+    by_section = {f"{p}-s{k}": p for p in patients for k in range(1, sections + 1)} if sections > 1 else None
+    per_sample = {}
+    for sample, n in parse_pairs(missing_genes, "--missing-genes", "sample").items():
+        try:
+            per_sample[sample] = {"missing_genes": int(n)}
+        except ValueError:
+            raise FeatcacheError("--missing-genes SAMPLE=N: N must be an integer.") from None
+    return SamplePlan(list(by_section or patients), by_section, per_sample)
+
+
 def synthesize(
     out: str | Path,
     samples: list[str],
@@ -822,6 +848,9 @@ def synthesize(
     out = Path(out)
     if len(set(samples)) != len(samples):
         raise FeatcacheError(f"duplicate sample names in {samples}")
+    stray = sorted(set(per_sample or {}) - set(samples))
+    if stray:
+        raise FeatcacheError(f"--missing-genes names {', '.join(stray)}, which is not a sample ({', '.join(samples)}).")
     configs = {s: replace(cfg, **(per_sample or {}).get(s, {})) for s in samples}
     for s, c in configs.items():
         if c.rows < 32 or c.cols < 32:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from featcache.encoders import EncoderSpec, build_model
+from featcache.encoders import REGISTRY, EncoderSpec, build_model
 from featcache.errors import FeatcacheError
 
 ENV_VAR = "FEATCACHE_WEIGHTS"
@@ -261,3 +261,28 @@ def load_encoder(spec: EncoderSpec, source: WeightsSource, device="cpu") -> tupl
     if dropped:
         prov["dropped_head_keys"] = dropped
     return model.to(device), prov
+
+
+def encoder_overview() -> list[dict]:
+    """Every registered encoder as ``featcache encoders`` lists it, with where its weights would be found now
+    (never downloading: a gated model's weights count as missing until they are on this machine)."""
+    rows = []
+    for spec in REGISTRY.values():
+        try:
+            weights = f"yes ({resolve_weights(spec, None, download=False).found_via})"
+        except FeatcacheError:
+            weights = "random only" if spec.test_only else "no"
+        rows.append(
+            {
+                "encoder": spec.name,
+                "arch": spec.arch,
+                "params_m": round(spec.params / 1e6, 2),
+                "grid": f"{spec.grid}×{spec.grid}",
+                "dim": spec.dim,
+                "pooled": spec.pooled,
+                "test_only": spec.test_only,
+                "weights": weights,
+                "note": spec.note,
+            }
+        )
+    return rows

@@ -32,7 +32,7 @@ def loocv(
 ) -> dict:
     """`train loocv`: random-init features are extracted (seeded with the run seed) when missing, then every fold
     by :func:`train.loocv.run_loocv` (``runtime``: its ``jobs``, ``in_memory``, ``overwrite``)."""
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
     from train.config import TrainConfig
     from train.loocv import run_loocv
 
@@ -43,9 +43,8 @@ def loocv(
         ws.open_dataset(dataset)
         for e in encoders:
             if not ws.feature_store(dataset, e, random=True).exists():
-                extract(
-                    dataset, e, weights=f"random:{seed}", workspace=ws.root, device=device, show_progress=show_progress
-                )
+                random = ExtractionConfig(e, weights=f"random:{seed}")
+                extract(dataset, random, workspace=ws.root, device=device, show_progress=show_progress)
     return run_loocv(
         dataset, encoders, modes, options, workspace=ws.root, device=device, show_progress=show_progress, **runtime
     )
@@ -70,7 +69,7 @@ def demo(
     """The whole pipeline on a small synthetic 3-patient dataset; ``on_step(line)`` hears each finished step."""
     from analysis.figures import draw_all
     from featcache.encoders import get_spec
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
     from featcache.prepare import prepare_dataset
     from featcache.synth import SynthConfig, synthesize
 
@@ -93,11 +92,11 @@ def demo(
     if weights is None:
         weights = str(_standin_weights(ws, spec))
         say(
-            f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a seeded random "
-            f"stand-in checkpoint ({weights}); pass --encoder/--weights for a real one."
+            f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a seeded "
+            f"random stand-in checkpoint ({weights}); pass --encoder/--weights for a real one."
         )
-    extract("demo", encoder, weights=weights, workspace=ws.root, overwrite=True)
-    extract("demo", encoder, weights=f"random:{seed}", workspace=ws.root, overwrite=True)
+    for w in (weights, f"random:{seed}"):
+        extract("demo", ExtractionConfig(encoder, weights=w), workspace=ws.root, overwrite=True)
     say(f"[bold]2/4 extracted[/] {encoder} token grids (frozen weights and random-init)")
 
     common = dict(seed=seed, batch_size=8, lr=1e-3)

@@ -14,21 +14,29 @@ from typing import Annotated, Optional
 import typer
 
 from featcache import cli as featcache_cli
-from featcache.cli_common import WorkspaceOpt, make_app, out, split_list, user_errors
-from featcache.errors import FeatcacheError
+from featcache.cli_common import (
+    BatchOpt,
+    DatasetOpt,
+    DeviceOpt,
+    OverwriteOpt,
+    SeedOpt,
+    WeightsOpt,
+    WorkspaceOpt,
+    make_app,
+    out,
+    split_list,
+    user_errors,
+)
 from train import cli as train_cli
 from train.cli import (
     Batch,
-    Dataset,
     DecoderOpt,
-    Device,
     EncoderLr,
     Epochs,
     InMemory,
     Lr,
     MicroBatch,
     Name,
-    Overwrite,
     Score,
     Seed,
     Target,
@@ -54,7 +62,7 @@ train_app = _compose(train_cli.app)
 @user_errors
 def demo(
     workspace: WorkspaceOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic dataset and of the training runs.")] = 0,
+    seed: SeedOpt = 0,
     encoder: Annotated[str, typer.Option(help="Encoder to compare (a small one by default).")] = "tiny-cnn",
     weights: Annotated[
         Optional[str],
@@ -105,11 +113,9 @@ def predict(
         Optional[Path], typer.Option(help="Output folder [default: predictions/<run>/<slide>/ in the workspace].")
     ] = None,
     genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes to draw as maps over the slide.")] = None,
-    weights: Annotated[
-        Optional[str], typer.Option(help="The encoder checkpoint the run was trained on (checked by identity).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Patches per forward pass.")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    weights: WeightsOpt = None,
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = "auto",
     min_tissue: Annotated[
         Optional[float],
         typer.Option(
@@ -121,28 +127,27 @@ def predict(
         Optional[int],
         typer.Option(help="Rendering threads [default: all cores but two on a GPU (up to 12), two on a CPU]."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing prediction folder.")] = False,
+    overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
-    """Predict a trained run's gene panel on every 8 µm bin of a slide: Zarr, AnnData (.h5ad) and gene maps."""
+    """Predict a trained run's gene panel on every 8 µm bin of a slide: Zarr, AnnData (.h5ad) and gene maps.
+
+    The encoder weights found (--weights, or where extract looks) must be the ones the run was trained on.
+    """
+    from pipeline.predict import PredictOptions
     from pipeline.predict import predict as run_predict
 
-    if min_tissue is not None and not 0 <= min_tissue <= 1:
-        raise FeatcacheError(f"--min-tissue {min_tissue}: must be a fraction between 0 and 1.")
     res = run_predict(
         run,
         image,
-        mpp=mpp,
-        positions=positions,
+        PredictOptions(positions=positions, mpp=mpp, min_tissue=min_tissue, genes=tuple(split_list(genes or ""))),
+        weights=weights,
+        workspace=workspace,
         output=output,
         batch_size=batch_size,
         device=device,
-        min_tissue=min_tissue,
-        workspace=workspace,
-        weights=weights,
-        genes=tuple(split_list(genes or "")),
-        overwrite=overwrite,
         workers=workers,
+        overwrite=overwrite,
     )
     out.print(
         f"predicted {res.bins} bins in {res.patches} patches at {res.tiles_per_s:.1f} tiles/s: {res.path}",
@@ -160,7 +165,7 @@ def loocv(
     weights: Weights = None,
     encoder_lr: EncoderLr = _default("encoder_lr"),
     micro_batch: MicroBatch = _default("micro_batch"),
-    dataset: Dataset = "demo",
+    dataset: DatasetOpt = "demo",
     decoder_kind: DecoderOpt = _default("decoder"),
     jobs: Annotated[int, typer.Option(help="Folds trained at once (processes).")] = 1,
     epochs: Epochs = _default("epochs"),
@@ -171,9 +176,9 @@ def loocv(
     target: Target = _default("target"),
     score: Score = _default("score"),
     name: Name = None,
-    device: Device = "auto",
+    device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
-    overwrite: Overwrite = False,
+    overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Every fold (each patient as the test patient) of every encoder and mode; then the comparison file.

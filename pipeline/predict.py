@@ -138,67 +138,93 @@ def render_workers(dev: torch.device) -> int:
     return max(1, min(12, cores - 2)) if dev.type == "cuda" else min(2, cores)
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """What is predicted and drawn: the lattice of 8 µm bins and the gene maps (not where, not how fast)."""
+
+    positions: str | os.PathLike | None = None  # a Space Ranger square_008um/ (or outs/): that sample's own lattice
+    mpp: float | None = None  # µm per pixel of the virtual lattice; None: from the image's metadata
+    stride: int | None = None  # bins between patch origins; None: the run's dataset's
+    min_tissue: float | None = None  # None: the run's dataset's with positions, else VIRTUAL_MIN_TISSUE
+    genes: tuple[str, ...] = ()  # genes drawn as maps over the slide
+
+    def __post_init__(self):
+        if self.min_tissue is not None and not 0 <= self.min_tissue <= 1:
+            raise FeatcacheError(f"--min-tissue {self.min_tissue}: must be a fraction between 0 and 1.")
+        if self.stride is not None and self.stride < 1:
+            raise FeatcacheError(f"stride {self.stride}: must be at least 1 bin.")
+
+
+@dataclass(frozen=True)
+class PredictRuntime:
+    """How a prediction is computed and written, never what it holds."""
+
+    device: str = "auto"
+    batch_size: int = 16  # patches per forward pass
+    workers: int | None = None  # rendering threads; None: render_workers(device)
+    overwrite: bool = False  # replace an existing prediction folder
+    show_progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 1):
+            raise FeatcacheError("--batch-size and --workers must be at least 1.")
+
+
 def predict(
     run_dir,
     image,
-    mpp: float | None = None,
-    positions=None,
-    output=None,
-    batch_size: int = 16,
-    device: str = "auto",
-    min_tissue: float | None = None,
-    stride: int | None = None,
-    workspace=None,
+    options: PredictOptions | None = None,
+    *,
     weights: str | None = None,
-    genes: tuple[str, ...] = (),
-    overwrite: bool = False,
-    workers: int | None = None,
-    show_progress: bool = True,
+    workspace=None,
+    output=None,
+    **runtime,
 ) -> PredictResult:
-    """Predict the run's gene panel on every 8 µm bin of the slide's tissue; write the prediction folder."""
+    """Predict the run's gene panel on every 8 µm bin of the slide's tissue; write the prediction folder.
+
+    ``weights``: the encoder checkpoint the run was trained on (refused unless its identity is the
+    run's); ``output``: the folder [default: ``predictions/<run>/<slide>/`` in the workspace];
+    ``runtime``: the fields of :class:`PredictRuntime`.
+    """
     t_start = time.perf_counter()
+    opts = options or PredictOptions()
+    rt = PredictRuntime(**runtime)
     image = Path(image)
     if not image.is_file():
         raise FeatcacheError(f"slide not found: {image}")
-    if batch_size < 1 or (workers is not None and workers < 1):
-        raise FeatcacheError("--batch-size and --workers must be at least 1.")
-    dev = resolve_device(device)
-    workers = workers or render_workers(dev)
+    dev = resolve_device(rt.device)
+    workers = rt.workers or render_workers(dev)
     run = load_run(run_dir, weights, dev)
-    unknown = [g for g in genes if g not in run.genes]
+    unknown = [g for g in opts.genes if g not in run.genes]
     if unknown:
         raise FeatcacheError(f"--genes: {', '.join(unknown)} not in the run's panel (e.g. {', '.join(run.genes[:5])}).")
     patching = run.config.get("patching") or {}
-    stride = stride or int(patching.get("stride_bins") or GEOMETRY.bins)
+    stride = opts.stride or int(patching.get("stride_bins") or GEOMETRY.bins)
+    if opts.min_tissue is not None:
+        min_tissue = opts.min_tissue
+    else:
+        min_tissue = patching.get("min_tissue", 0.5) if opts.positions is not None else VIRTUAL_MIN_TISSUE
     slide_name = check_name(image.name.split(".")[0].replace(" ", "_") or "slide", "slide")
     ws = Workspace.resolve(workspace)
     target = ws.prediction_dir(run.label, slide_name) if output is None else _output_dir(ws, output)
-    target.claim(overwrite)
+    target.claim(rt.overwrite)
     with Slide(image) as slide:
         slide.probe()
-        if positions is not None:
-            lattice = positions_lattice(
-                slide_name,
-                Path(positions),
-                image,
-                stride,
-                patching.get("min_tissue", 0.5) if min_tissue is None else min_tissue,
-            )
+        if opts.positions is not None:
+            lattice = positions_lattice(slide_name, Path(opts.positions), image, stride, min_tissue)
             how = {"microns_per_pixel_source": "Space Ranger scale factors"}
         else:
-            lattice, how = virtual_lattice(
-                slide_name, slide, mpp, stride, VIRTUAL_MIN_TISSUE if min_tissue is None else min_tissue
-            )
+            lattice, how = virtual_lattice(slide_name, slide, opts.mpp, stride, min_tissue)
         result = _run(
             run,
             lattice,
             slide,
             target,
             dev,
-            batch_size,
+            rt.batch_size,
             workers,
-            show_progress,
-            genes,
+            rt.show_progress,
+            opts.genes,
             {
                 "run": str(run.run.path),
                 "run_label": run.label,

@@ -59,10 +59,10 @@ BIN8 = Path("outs") / "binned_outputs" / "square_008um"
 @pytest.fixture(scope="session")
 def tiny_cnn_features(prepared):
     """Random-weight tiny-cnn features of the 'tiny' dataset (14×14 grid, 96 channels)."""
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
 
     ws, _ = prepared
-    res = extract("tiny", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)
+    res = extract("tiny", ExtractionConfig("tiny-cnn", "random:0"), workspace=ws, show_progress=False)
     return ws, res
 
 

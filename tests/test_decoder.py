@@ -286,10 +286,10 @@ def test_decoder_bad_input(tiny_cnn_features, prepared, tmp_path):
 
 def test_random_densenet_features_beat_mean_and_shuffled_controls(prepared):
     """Frozen features of a fixed random-weight DenseNet-121 carry signal on the synthetic data."""
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
 
     ws, _ = prepared
-    extract("tiny", "densenet121", weights="random:0", workspace=ws, show_progress=False, device="cpu")
+    extract("tiny", ExtractionConfig("densenet121", "random:0"), workspace=ws, show_progress=False, device="cpu")
     common = dict(
         mode="random",
         decoder="unet",
@@ -331,14 +331,14 @@ def test_a_moved_workspace_keeps_its_runs(tiny_cnn_features, tmp_path):
 
 def test_overlapping_patches_score_each_bin_once(synth_dir, tmp_path):
     """With --stride 16 a bin lies in up to four patches; every metric counts it once, averaged (as stitch does)."""
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
     from featcache.prepare import prepare_dataset
 
     ws = tmp_path / "ws"
     prepare_dataset(
         "ovl", {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}, stride=16, workspace=ws, show_progress=False
     )
-    extract("ovl", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)
+    extract("ovl", ExtractionConfig("tiny-cnn", "random:0"), workspace=ws, show_progress=False)
     res = run_fold("ovl", "tiny-cnn", "P2", mode="random", decoder="linear", epochs=1, batch_size=4, workspace=ws)
     t = Workspace(ws).open_dataset("ovl").targets("P2")
     covered = set()

@@ -245,7 +245,7 @@ def test_microns_per_pixel_derived_when_missing_and_space_ranger_4(tmp_path):
 
 # --------------------------------------------------------------------------- patients
 def test_a_fold_keeps_a_patients_sections_together(tmp_path):
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
 
     r = CliRunner().invoke(
         app,
@@ -284,7 +284,7 @@ def test_a_fold_keeps_a_patients_sections_together(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert meta(ws)["patients"] == {"A": ["A-s1", "A-s2"], "B": ["B-s1", "B-s2"]}
-    extract("d", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)
+    extract("d", ExtractionConfig("tiny-cnn", "random:0"), workspace=ws, show_progress=False)
     res = run_fold("d", "tiny-cnn", "A", mode="random", decoder="linear", epochs=1, batch_size=4, workspace=ws)
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["train_samples"] == ["B-s1", "B-s2"] and cfg["test_samples"] == ["A-s1", "A-s2"]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,12 @@ from typer.testing import CliRunner
 
 from featcache.encoders import GridEncoder, get_spec
 from featcache.errors import FeatcacheError
-from featcache.extract import extract
+from featcache.extract import ExtractionConfig, extract
 from featcache.stores import FeatureStore, Workspace
 from featcache.weights import load_encoder, resolve_weights
 from pipeline.cli import featcache_app as app
+
+TINY_VIT = ExtractionConfig("tiny-vit", "random:0", chunk_patches=2)
 
 
 def store_status(location):
@@ -55,9 +58,7 @@ def run_cli(*args, env=None):
 @pytest.fixture(scope="module")
 def tiny_store(prepared):
     ws, _ = prepared
-    res = extract(
-        "tiny", "tiny-vit", weights="random:0", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4
-    )
+    res = extract("tiny", TINY_VIT, workspace=ws, show_progress=False, batch_size=4)
     return ws, Path(res.store), res
 
 
@@ -94,15 +95,11 @@ def test_identity_is_recorded(tiny_store, prepared):
 def test_rerun_skips_everything_and_other_identity_is_refused(tiny_store):
     ws, store, _ = tiny_store
     before = chunk_files(store)
-    again = extract(
-        "tiny", "tiny-vit", weights="random:0", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4
-    )
+    again = extract("tiny", TINY_VIT, workspace=ws, show_progress=False, batch_size=4)
     assert again.patches_done == 0 and again.skipped == again.patches_total and again.complete
     assert chunk_files(store) == before
     with pytest.raises(FeatcacheError, match="different identity.*weights"):
-        extract(
-            "tiny", "tiny-vit", weights="random:1", workspace=ws, show_progress=False, chunk_patches=2, batch_size=4
-        )
+        extract("tiny", replace(TINY_VIT, weights="random:1"), workspace=ws, show_progress=False, batch_size=4)
     assert chunk_files(store) == before
 
 
@@ -137,7 +134,7 @@ def test_ls_and_info(tiny_store):
 def test_fsspec_url_store(prepared):
     ws, _ = prepared
     url = "memory://featcache-test/tiny.zarr"
-    res = extract("tiny", "tiny-cnn", weights="random:0", workspace=ws, output=url, show_progress=False)
+    res = extract("tiny", ExtractionConfig("tiny-cnn", "random:0"), workspace=ws, output=url, show_progress=False)
     assert res.complete
     st = store_status(url)
     assert st.complete and st.identity["grid"] == [14, 14] and verify_store(url).ok

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
-from featcache.extract import extract
+from featcache.extract import ExtractionConfig, extract
 from pipeline.cli import featcache_app as app
 
 
@@ -34,7 +34,7 @@ def trained(prepared, tmp_path_factory):
     weights = ws / "tiny-cnn.safetensors"
     torch.manual_seed(7)
     save_file({k: v.contiguous() for k, v in build_model(get_spec("tiny-cnn")).state_dict().items()}, str(weights))
-    extract("tiny", "tiny-cnn", weights=str(weights), workspace=ws, show_progress=False)
+    extract("tiny", ExtractionConfig("tiny-cnn", str(weights)), workspace=ws, show_progress=False)
     res = run_fold(
         "tiny", "tiny-cnn", "P2", mode="frozen", decoder="unet", epochs=2, batch_size=2, lr=1e-3, workspace=ws
     )
@@ -225,9 +225,8 @@ def test_h5ad_written_band_by_band_averages_overlapping_patches_per_bin(trained,
     P.predict(
         run_dir,
         synth_dir / "P2" / "P2_tissue_image.btf",
-        positions=synth_dir / "P2",
+        P.PredictOptions(positions=synth_dir / "P2", stride=16),
         output=out,
-        stride=16,
         weights=str(weights),
         workspace=ws,
         device="cpu",

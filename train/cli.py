@@ -1,7 +1,8 @@
 """The ``train`` command line (stage 2): the shared decoder on cached token grids, LOOCV, summaries.
 
-Every option's default comes from :class:`train.config.TrainConfig`, so `train decoder`, `train
-finetune` and `train loocv` agree on them.
+Every training setting's default comes from :class:`train.config.TrainConfig`, so `train decoder`,
+`train finetune` and `train loocv` agree on them; the options every command line shares (dataset,
+device, overwrite, workspace) come from featcache/cli_common.py.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from featcache.cli_common import WorkspaceOpt, make_app, out, user_errors
-from featcache.errors import FeatcacheError
+from featcache.cli_common import DatasetOpt, DeviceOpt, OverwriteOpt, WorkspaceOpt, make_app, out, user_errors
 from train.config import TrainConfig
 
 app = make_app("train: fit the shared Img2ST-Net decoder on cached token grids, leave-one-patient-out.")
@@ -23,12 +23,10 @@ def _default(name: str):
 
 
 Fold = Annotated[str, typer.Option(help="The test patient (its sections are tested on, never trained on).")]
-Dataset = Annotated[str, typer.Option(help="Prepared dataset.")]
 Epochs = Annotated[int, typer.Option(help="Training epochs (the reference study used 200).")]
 Batch = Annotated[int, typer.Option(help="Effective batch: patches per optimizer step.")]
 Lr = Annotated[float, typer.Option(help="Decoder learning rate (Adam, no weight decay).")]
 Seed = Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling (recorded).")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 ValFrac = Annotated[
     float,
     typer.Option(
@@ -47,7 +45,6 @@ EncoderLr = Annotated[float, typer.Option(help="Encoder learning rate of fine-tu
 MicroBatch = Annotated[
     int, typer.Option(help="Fine-tune: patches per forward pass; gradients accumulate to --batch-size.")
 ]
-Overwrite = Annotated[bool, typer.Option(help="Replace run folders made with other settings.")]
 Name = Annotated[
     Optional[str], typer.Option(help="A variant beside the default run: runs/<dataset>/<encoder>/<run>-NAME/.")
 ]
@@ -67,7 +64,7 @@ def decoder(
     encoder: Annotated[
         Optional[str], typer.Option(help="Encoder [default: every complete feature store of the dataset].")
     ] = None,
-    dataset: Dataset = "demo",
+    dataset: DatasetOpt = "demo",
     mode: Annotated[
         str, typer.Option(help="frozen (pretrained features) or random (random-init features).")
     ] = "frozen",
@@ -83,17 +80,16 @@ def decoder(
     target: Target = _default("target"),
     score: Score = _default("score"),
     name: Name = None,
-    device: Device = "auto",
+    device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
-    overwrite: Overwrite = False,
+    overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Train the decoder for one fold; write the run folder (config, log, checkpoint, predictions, metrics)."""
-    from featcache.stores import Workspace
+    from train.loocv import encoders_with_features
     from train.run import train_fold
 
-    ws = Workspace.resolve(workspace)
-    for enc in [encoder] if encoder else _complete_stores(ws, dataset, mode):
+    for enc in [encoder] if encoder else encoders_with_features(dataset, mode, workspace):
         cfg = TrainConfig(
             dataset=dataset,
             encoder=enc,
@@ -110,7 +106,7 @@ def decoder(
             score=score,
             name=name,
         )
-        _report(enc, fold, train_fold(cfg, ws, device=device, in_memory=in_memory, overwrite=overwrite))
+        _report(enc, fold, train_fold(cfg, workspace, device=device, in_memory=in_memory, overwrite=overwrite))
 
 
 def _report(encoder: str, fold: str, res) -> None:
@@ -134,7 +130,7 @@ def _report(encoder: str, fold: str, res) -> None:
 def finetune(
     encoder: Annotated[str, typer.Option(help="Encoder to fine-tune (see `featcache encoders`).")],
     fold: Fold,
-    dataset: Dataset = "demo",
+    dataset: DatasetOpt = "demo",
     weights: Weights = None,
     decoder_kind: DecoderOpt = _default("decoder"),
     epochs: Epochs = _default("epochs"),
@@ -145,15 +141,15 @@ def finetune(
     grad_checkpointing: Annotated[
         bool, typer.Option(help="Recompute encoder activations in backward (less memory).")
     ] = False,
-    augment: Annotated[bool, typer.Option(help="Random 90° rotations and flips of image and targets together.")] = True,
+    augment: Annotated[bool, typer.Option(help="Random 90° turns and flips of image and targets together.")] = True,
     colour_jitter: Annotated[float, typer.Option(help="Brightness / channel-gain jitter strength (0 = off).")] = 0.0,
     seed: Seed = _default("seed"),
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
     name: Name = None,
-    device: Device = "auto",
-    overwrite: Overwrite = False,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Fine-tune encoder + decoder end to end from image patches (no feature cache) for one fold."""
@@ -185,7 +181,7 @@ def finetune(
 
 @app.command()
 @user_errors
-def summarize(dataset: Dataset = "demo", workspace: WorkspaceOpt = None):
+def summarize(dataset: DatasetOpt = "demo", workspace: WorkspaceOpt = None):
     """Rebuild the comparison file from every finished run folder of the dataset (copied-in ones too)."""
     from train.summary import summarize as run
 
@@ -197,16 +193,6 @@ def print_comparison(res: dict) -> None:
 
     out.print(comparison_table(res))
     out.print(f"written: {res['_path']}", soft_wrap=True)
-
-
-def _complete_stores(ws, dataset: str, mode: str) -> list[str]:
-    names = [st.encoder for st in ws.feature_stores(dataset) if st.random == (mode == "random") and st.is_complete()]
-    if not names:
-        raise FeatcacheError(
-            f"no complete feature store for dataset {dataset!r} in {ws.root}; make one with "
-            f"`{ws.feature_store(dataset, 'NAME', mode == 'random').make_hint}`."
-        )
-    return names
 
 
 def main() -> None:

@@ -82,3 +82,17 @@ def run_loocv(
         for t in tasks:
             _job(t)
     return summarize(dataset, ws.root)
+
+
+def encoders_with_features(dataset: str, mode: str, workspace=None) -> list[str]:
+    """Encoders with a complete feature store of the dataset for this mode (random-init stores for ``random``):
+    what `train decoder` trains when no --encoder is given."""
+    ws = Workspace.resolve(workspace)
+    random = mode == "random"
+    names = [st.encoder for st in ws.feature_stores(dataset) if st.random == random and st.is_complete()]
+    if not names:
+        raise FeatcacheError(
+            f"no complete feature store for dataset {dataset!r} in {ws.root}; make one with "
+            f"`{ws.feature_store(dataset, 'NAME', random).make_hint}`."
+        )
+    return names
