@@ -26,13 +26,13 @@ from train.metrics import evaluate
 @pytest.fixture(scope="module")
 def overlapping_run(synth_dir, tmp_path_factory):
     """Dataset 'half' cut at stride 16 (each bin in up to four patches), random tiny-cnn features, a run on P2."""
-    from featcache.extract import extract
+    from featcache.extract import ExtractionConfig, extract
     from featcache.prepare import prepare_dataset
 
     ws = tmp_path_factory.mktemp("bins-ws")
     samples = {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}
     prepare_dataset("half", samples, stride=16, workspace=ws, show_progress=False)
-    extract("half", "tiny-cnn", weights="random:0", workspace=ws, show_progress=False)
+    extract("half", ExtractionConfig("tiny-cnn", "random:0"), workspace=ws, show_progress=False)
     res = run_fold("half", "tiny-cnn", "P2", mode="random", decoder="linear", epochs=1, batch_size=4, workspace=ws)
     return ws, res.run_dir
 
