@@ -133,3 +133,48 @@ def test_seed_sets_of_one_setup_are_significant_no_more_often_than_stated():
     assert spatial_only / reps > 0.2  # without the seeds' spread the null is "significant" far too often
     real = [block_interval([_simulated_fold(rng, 2.0, 1.0) for _ in range(2)], 200, rng) for _ in range(5)]
     assert all(r["ci95"][0] > 0 for r in real)
+
+
+def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp_path):
+    """Two runs of one setup, three seeds each, listed per seed as the comparison file lists them: folders are
+    identified by their config.json (the folder names say nothing), compared on the folds and seeds both have,
+    with training variance in the interval; the interval covers 0."""
+    from analysis.compare import paired_comparison
+
+    w = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(8)
+    origins = np.array([[r, c] for r in range(0, 128, 32) for c in range(0, 128, 32)])
+    smooth = lambda a: ndimage.gaussian_filter(a, (0, 0, 1.5, 1.5))  # noqa: E731
+    unit = lambda a: a / a.std()  # noqa: E731
+    results, k = {}, 0
+    plan = {"A": {"P1": [0, 1, 2], "P2": [0, 1, 2]}, "B": {"P1": [0, 1, 2], "P2": [0, 1], "P3": [0]}}
+    truths = {f: unit(smooth(rng.normal(size=(16, 8, 32, 32)))) for f in ("P1", "P2", "P3")}
+    for run, folds in plan.items():
+        results[run] = {"fold_results": {}}
+        for fold, seeds in folds.items():
+            per_seed = []
+            for seed in seeds:
+                k += 1
+                truth = truths[fold] * (1 + seed) + seed  # another seed's z-score statistics: an affine change
+                pred = truths[fold] + 1.2 * (1 + 0.1 * rng.normal()) * unit(smooth(rng.normal(size=truth.shape)))
+                rd = w.run("tiny", "synthetic", f"folder{k}", fold)
+                rd.write_config({"encoder": "synthetic", "mode": "frozen", "run": run, "fold": fold, "seed": seed})
+                rd.write_predictions(
+                    pred,
+                    truth,
+                    np.ones((16, 32, 32), bool),
+                    origins,
+                    np.full(16, fold),
+                    GENES[:8],
+                    GENES[:8],
+                    {"fold": fold},
+                )
+                per_seed.append({"seed": seed, "run_dir": str(rd.path.relative_to(w.root))})
+            results[run]["fold_results"][f"test_{fold}"] = {"per_seed": per_seed}
+    w.results("tiny").write_comparison({"results": results})
+    res = paired_comparison("tiny", ["A", "B"], w.root, n_boot=300, block_bins=32)
+    (p,) = res["pairs"]
+    assert p["folds"] == ["P1", "P2"] and p["folds_only_in_b"] == ["P3"] and "folds differ" in p["notes"][0]
+    assert p["seeds"] == {"P1": [0, 1, 2], "P2": [0, 1]}
+    assert p["training_variance_included"] and p["se_training"] > 0 and p["dof"] is not None
+    assert p["ci95"][0] < 0 < p["ci95"][1] and not p["excludes_zero"]
