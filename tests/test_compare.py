@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
 from analysis.cli import app
+from featcache.errors import FeatcacheError
 from featcache.stores import Workspace
 from train.metrics import evaluate
 from train.summary import summarize
@@ -171,7 +173,10 @@ def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp
                 )
                 per_seed.append({"seed": seed, "run_dir": str(rd.path.relative_to(w.root))})
             results[run]["fold_results"][f"test_{fold}"] = {"per_seed": per_seed}
+    results["C"] = {"fold_results": {"test_P3": results["B"]["fold_results"]["test_P3"]}}
     w.results("tiny").write_comparison({"results": results})
+    with pytest.raises(FeatcacheError, match="share no fold"):
+        paired_comparison("tiny", ["A", "C"], w.root, n_boot=300, block_bins=32)
     res = paired_comparison("tiny", ["A", "B"], w.root, n_boot=300, block_bins=32)
     (p,) = res["pairs"]
     assert p["folds"] == ["P1", "P2"] and p["folds_only_in_b"] == ["P3"] and "folds differ" in p["notes"][0]
