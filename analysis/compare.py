@@ -209,7 +209,11 @@ def _pair(a: str, b: str, fa: dict, fb: dict, table, n_boot: int, block_bins: in
             + (f"; only {b} has {', '.join(only_b)}" if only_b else "")
         )
     if not res["training_variance_included"]:
-        notes.append("one seed per fold: the interval excludes training variance (train --seeds 0,1,2 to include it)")
+        single = [f for f in folds if len(seeds[f]) < 2]
+        notes.append(
+            f"one seed in fold(s) {', '.join(single)}: the interval excludes training variance (train both runs with "
+            "--seeds 0,1,2 to include it)"
+        )
     return {
         "a": a,
         "b": b,
