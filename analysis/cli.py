@@ -38,20 +38,23 @@ def compare(
         Optional[str], typer.Option(help="Comma-separated runs of the comparison file [default: all].")
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of spatial blocks (at least 100).")] = 2000,
+    block_bins: Annotated[int, typer.Option(help="Side of a spatial block of the bootstrap, in bins.")] = 64,
     seed: SeedOpt = 0,
     workspace: WorkspaceOpt = None,
 ):
-    """Paired statistics for every pair of runs: per-gene differences, Wilcoxon, block-bootstrap interval."""
+    """Paired statistics for every pair of runs: the pcc_gene difference with an interval over test blocks and seeds."""
     from analysis.compare import comparison_figure, paired_comparison
     from featcache.stores import Workspace
 
-    res = paired_comparison(dataset, split_list(runs) if runs else None, workspace, n_boot=bootstrap, seed=seed)
+    res = paired_comparison(
+        dataset, split_list(runs) if runs else None, workspace, n_boot=bootstrap, seed=seed, block_bins=block_bins
+    )
     for p in res["pairs"]:
-        w = p["wilcoxon"]
         out.print(
             f"{p['b']} − {p['a']}: Δ pcc_gene {p['mean_pcc_gene_difference']:+.4f} "
-            f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; {p['genes_favouring_b']}/{p['n_genes']} genes favour "
-            f"{p['b']}" + (f"; Wilcoxon p = {w['p_value']:.3g}" if w else ""),
+            f"95 % [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
+            f" ({'excludes' if p['excludes_zero'] else 'includes'} 0); {p['genes_favouring_b']}/{p['n_genes']} "
+            f"genes favour {p['b']} (descriptive)" + "".join(f"; {n}" for n in p["notes"]),
             soft_wrap=True,
             highlight=False,
         )

@@ -132,6 +132,12 @@ def test_same_seed_same_metrics_and_resume(tiny_cnn_features, tmp_path):
     ws, _ = tiny_cnn_features
     a = run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
     first = json.loads((a.run_dir / "metrics.json").read_text())
+    floor = first["baselines"][
+        "per_gene_mean"
+    ]  # the training mean's score beside every metric, and the ceiling's error
+    assert set(floor) == {"pcc_gene", "pcc_global", "spearman_gene", "spearman_global", "mse", "ssim_st"}
+    assert floor["pcc_gene"] == 0.0 and abs(floor["ssim_st"]) < 0.2
+    assert 0 < first["noise_ceiling"]["pcc_gene_mc_error"] <= 0.002
     shutil.rmtree(a.run_dir)
     b = run_fold("tiny", "tiny-cnn", "P1", mode="random", workspace=ws, **FAST)
     assert json.loads((b.run_dir / "metrics.json").read_text()) == first

@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from skimage.metrics import structural_similarity
 
+from featcache.errors import FeatcacheError
 from train.metrics import evaluate
 
 
@@ -23,20 +24,26 @@ def test_metrics_agree_with_scipy_and_skimage():
         assert m["per_gene"][name]["pcc"] == pytest.approx(pearsonr(p, t)[0], abs=1e-6)
         assert m["per_gene"][name]["spearman"] == pytest.approx(spearmanr(p, t)[0], abs=1e-6)
         dr = t.max() - t.min()
-        ref = np.mean(
-            [
-                structural_similarity(
-                    np.where(mask[i], truth[i, g], fill[g]),
-                    np.where(mask[i], pred[i, g], fill[g]),
-                    win_size=7,
-                    data_range=dr,
-                    K1=0.01,
-                    K2=0.03,
-                )
+        per_patch = []
+        for i in range(5):
+            _, full = structural_similarity(
+                np.where(mask[i], truth[i, g], fill[g]),
+                np.where(mask[i], pred[i, g], fill[g]),
+                win_size=7,
+                data_range=dr,
+                K1=0.01,
+                K2=0.03,
+                full=True,
+            )
+            per_patch.append(full[3:-3, 3:-3][mask[i, 3:-3, 3:-3]].mean())  # windows centred on scored bins
+        assert m["per_gene"][name]["ssim"] == pytest.approx(np.mean(per_patch), abs=1e-6)
+        if g == 0:  # every bin scored: scikit-image's own mean SSIM
+            whole = evaluate(pred, truth, np.ones_like(mask), fill, ["A", "B", "C", "D"])["per_gene"]["A"]["ssim"]
+            ref = [
+                structural_similarity(truth[i, 0], pred[i, 0], win_size=7, data_range=np.ptp(truth[:, 0]))
                 for i in range(5)
             ]
-        )
-        assert m["per_gene"][name]["ssim"] == pytest.approx(ref, abs=1e-6)
+            assert whole == pytest.approx(np.mean(ref), abs=1e-6)
     assert m["genes_constant_in_truth"] == ["D"] and m["per_gene"]["D"]["pcc"] is None
     assert m["pcc_gene"] == pytest.approx(np.mean([m["per_gene"][n]["pcc"] for n in "ABC"]), abs=1e-12)
     flat_t = np.moveaxis(truth, 1, -1)[mask].ravel()
@@ -60,3 +67,42 @@ def test_a_collapsed_gene_scores_zero_and_is_not_dropped():
     assert m["pcc_gene"] == pytest.approx(sum(live) / 4, abs=1e-9)  # C counts, as 0
     assert m["pcc_gene"] < np.mean(live)
     assert m["genes_constant_prediction"] == ["C"] and m["genes_constant_in_truth"] == [] and m["n_genes_scored"] == 4
+
+
+def _patches(tissue_rows: int, seed: int = 2, tissue_cols: int = 32):
+    """Smooth truth on 8 patches of 4 genes, in tissue on the first rows × cols of each patch only."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    truth = ndimage.gaussian_filter(rng.normal(size=(8, 4, 32, 32)), (0, 0, 2, 2))
+    truth /= truth.std()
+    mask = np.zeros((8, 32, 32), bool)
+    mask[:, :tissue_rows, :tissue_cols] = True
+    return rng, truth, mask
+
+
+def test_ssim_counts_only_windows_centred_on_scored_bins():
+    """Glass is the training mean in both maps, so its windows used to score ~1: a constant prediction scored 0.41 on
+    half-tissue patches and a random one 0.91 on 1/16-tissue patches. Only windows centred on scored bins count."""
+    rng, truth, half = _patches(16)
+    genes = list("ABCD")
+    mean = np.zeros(4)
+    constant = np.zeros_like(truth)
+    assert abs(evaluate(constant, truth, half, mean, genes)["ssim_st"]) < 0.1
+    _, _, corner = _patches(8, tissue_cols=8)  # 1/16 of each patch in tissue
+    noise = rng.normal(size=truth.shape)
+    assert abs(evaluate(noise, truth, corner, mean, genes)["ssim_st"]) < 0.2
+    assert evaluate(truth, truth, corner, mean, genes)["ssim_st"] == pytest.approx(1.0)
+
+
+def test_a_non_finite_prediction_is_refused_with_run_gene_and_bins():
+    _, truth, mask = _patches(16)
+    pred = truth.copy()
+    pred[0, 2, :3, :4] = np.nan  # 12 scored bins of gene C
+    pred[1, 2, 20, 0] = np.nan  # glass: not scored, not counted
+    with pytest.raises(FeatcacheError) as e:
+        evaluate(pred, truth, mask, np.zeros(4), list("ABCD"), run="enc/frozen fold P2")
+    msg = str(e.value)
+    assert "enc/frozen fold P2" in msg and "C (12 bins)" in msg and "12 of 4096 scored bins" in msg
+    pred[0, 2] = truth[0, 2]
+    assert evaluate(pred, truth, mask, np.zeros(4), list("ABCD"))["pcc_gene"] == pytest.approx(1.0)

@@ -7,7 +7,18 @@ best predictor of the target is therefore ``E[target | rates]`` — not the targ
 the rates — which is estimated here by Monte Carlo over the full generating model, every gene
 drawn (the library sums them), then scaled like the fold's targets and scored like a prediction.
 No function of the image can beat it in expectation (the image carries no information about the
-counts beyond the rates), which a test checks with an oracle built from the true compartments.
+counts beyond the rates), which a test checks gene by gene with an oracle built from the true
+compartments.
+
+A Monte Carlo mean Ê = E + ε scores *below* E: its noise ε adds variance that the truth does not
+share, so the plug-in Pearson r is biased low (0.592 with 64 draws against 0.602 with 1,024 on
+the synthetic demo, up to 0.041 on one gene). ``pcc_gene`` is therefore estimated without that
+bias: the draws come in ``GROUPS`` independent groups, ``cov(Ê, truth)`` is unbiased as it is, and
+the variance of E over the bins is the mean covariance between *different* groups' estimates,
+which no Monte Carlo noise enters (the attenuation correction). Its Monte Carlo error is the
+delete-one-group jackknife standard error, reported as ``pcc_gene_mc_error``. The other metrics
+are the plug-in scores of Ê with ``DRAWS`` draws. The draws are seeded from the dataset
+fingerprint and the sample, never from a path, so a moved workspace gives the same ceiling.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ from train.data import FoldInputs, TargetTransform, target_values
 from train.metrics import evaluate
 
 DRAWS = 64  # Monte Carlo draws per bin
+GROUPS = 8  # independent groups of draws (the bias correction and the jackknife)
 BLOCK = 512  # bins per block of draws
+MAX_MC_ERROR = 0.002  # the Monte Carlo standard error on pcc_gene the ceiling is sized for
 
 
 def truth_file(inputs: FoldInputs, sample: str) -> Path:
@@ -34,35 +47,144 @@ def truth_file(inputs: FoldInputs, sample: str) -> Path:
 
 def noise_ceiling(inputs: FoldInputs, test, transform: TargetTransform, points, maps) -> dict | None:
     """Scores of E[target | true rates] on the test patches (None unless every test section is synthetic)."""
-    parts = []
+    pred = np.empty_like(test.truth)
+    groups = []  # per section: its patches and their Monte Carlo draws
     for s in np.unique(test.samples):
         k = np.flatnonzero(test.samples == s)
         path = truth_file(inputs, str(s))
         if not path.is_file():
             return None
-        expected = expected_values(str(path), transform.kind, test.origins[k], tuple(inputs.meta["genes"]["ids"]))
-        if expected is None:
+        panel = tuple(inputs.meta["genes"]["ids"])
+        draws = expected_draws(str(path), transform.kind, test.origins[k], panel, seed_key(inputs, str(s)))
+        if draws is None:
             return None
-        parts.append((k, transform.scale(expected)))
-    pred = np.empty_like(test.truth)
-    for k, values in parts:
-        pred[k] = values
-    ceiling = evaluate(pred, test.truth, points, transform.target_mean, inputs.genes, ssim_mask=maps)
+        pred[k] = transform.scale(draws.patch_maps())
+        groups.append((k, draws))
+    ceiling = evaluate(
+        pred, test.truth, points, transform.target_mean, inputs.genes, ssim_mask=maps, run="noise ceiling"
+    )
     ceiling.pop("per_gene")
-    ceiling["method"] = f"E[target | true rates] by Monte Carlo ({DRAWS} draws per bin, every gene drawn)"
+    # the unbiased pcc_gene: flatten each group's estimate over the scored bins as the metrics flatten the truth
+    order = np.concatenate([k for k, _ in groups])
+    est = np.concatenate([d.scored(points[k]) for k, d in groups], axis=1)  # bins in section order
+    sec_points = points[order]
+    t = np.moveaxis(test.truth[order], 1, -1)[sec_points.astype(bool)].astype(np.float64)
+    r, per_gene_error, error = corrected_pearson(est, t)
+    ceiling.update(
+        {
+            "pcc_gene_plugin": ceiling["pcc_gene"],
+            "pcc_gene": float(np.nanmean(r)) if np.isfinite(r).any() else None,
+            "pcc_gene_mc_error": error,
+            "pcc_gene_mc_error_per_gene_max": float(np.nanmax(per_gene_error)) if np.isfinite(r).any() else None,
+            "method": f"E[target | true rates] by Monte Carlo ({DRAWS} draws per bin in {GROUPS} groups, every gene "
+            "drawn); pcc_gene without the Monte Carlo noise's downward bias (attenuation-corrected with the "
+            "covariance between groups), its Monte Carlo error the delete-one-group jackknife standard error; the "
+            "other metrics are the plug-in scores",
+            "draws_seed": "the dataset fingerprint and the sample",
+        }
+    )
     return ceiling
 
 
-def expected_values(path: str, kind: str, origins: np.ndarray, panel: tuple[str, ...], draws: int = DRAWS):
-    """E[target values | rates] of every bin of the given patches: (patch, gene, row, col), unscaled."""
+def corrected_pearson(est: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-gene Pearson r of E[target] with the truth from G noisy estimates of E, and its jackknife errors.
+
+    est (G, bins, genes): independent Monte Carlo estimates; truth (bins, genes). Returns r per gene
+    (NaN where the truth is constant), each gene's jackknife standard error, and that of the mean over genes.
+    """
+    g = len(est)
+    full = _corrected(est, truth)
+    leave = np.stack([_corrected(np.delete(est, j, axis=0), truth) for j in range(g)])  # (G, genes)
+    ok = np.isfinite(full)
+    spread = lambda v: np.sqrt((g - 1) / g * np.sum((v - v.mean(axis=0)) ** 2, axis=0))  # noqa: E731
+    per_gene = np.where(ok, spread(np.where(ok, leave, 0.0)), np.nan)
+    error = float(spread(leave[:, ok].mean(axis=1))) if ok.any() else None
+    return full, per_gene, error
+
+
+def _corrected(est: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    g = len(est)
+    tc = truth - truth.mean(axis=0)
+    ec = est - est.mean(axis=1, keepdims=True)
+    mean = ec.mean(axis=0)
+    n = len(truth)
+    var_t = (tc * tc).sum(axis=0) / n
+    cov = (mean * tc).sum(axis=0) / n
+    # Σ_{g≠h} cov(Ê_g, Ê_h) / (G(G−1)) = (G² var(Ê) − Σ_g var(Ê_g)) / (G(G−1)): the variance of E over the bins
+    var_e = (g * g * (mean * mean).sum(axis=0) / n - (ec * ec).sum(axis=(0, 1)) / n) / (g * (g - 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = cov / np.sqrt(np.maximum(var_e, 0.0) * var_t)
+    r = np.where(var_e > 1e-12 * np.maximum(var_t, 1e-300), r, 0.0)
+    return np.where(np.ptp(truth, axis=0) > 0, r, np.nan) if n else np.full(truth.shape[1], np.nan)
+
+
+def seed_key(inputs: FoldInputs, sample: str) -> str:
+    """What seeds a sample's draws: the dataset's fingerprint and the sample, never a path."""
+    return f"{inputs.dataset.fingerprint}:{sample}"
+
+
+class Draws:
+    """Monte Carlo estimates of E[target values | rates] per bin: ``values`` (G, bins with counts, genes), the
+    (patch, 32, 32) index of each patch bin into them (−1: a bin without counts, whose target is ``zero``)."""
+
+    def __init__(self, values: np.ndarray, idx: np.ndarray, zero: np.ndarray):
+        self.values, self.idx, self.zero = values, idx, zero
+
+    def patch_maps(self) -> np.ndarray:
+        """The mean estimate on every patch bin: (patch, gene, row, col), unscaled."""
+        mean = self.values.mean(axis=0)
+        if mean.shape[0] == 0:
+            return np.broadcast_to(
+                self.zero[None, :, None, None], (*self.idx.shape[:1], len(self.zero), *self.idx.shape[1:])
+            ).copy()
+        out = np.where((self.idx >= 0)[..., None], mean[np.maximum(self.idx, 0)], self.zero)
+        return out.transpose(0, 3, 1, 2)
+
+    def scored(self, mask: np.ndarray) -> np.ndarray:
+        """Each group's estimate on the masked patch bins, in the order the metrics flatten them: (G, bins, genes)."""
+        i = self.idx[mask.astype(bool)]
+        if self.values.shape[1] == 0:
+            return np.broadcast_to(self.zero, (len(self.values), len(i), len(self.zero))).astype(np.float64)
+        return np.where((i >= 0)[None, :, None], self.values[:, np.maximum(i, 0)], self.zero)
+
+
+def expected_values(
+    path: str,
+    kind: str,
+    origins: np.ndarray,
+    panel: tuple[str, ...],
+    key: str,
+    draws: int = DRAWS,
+    groups: int = GROUPS,
+):
+    """E[target values | rates] of every bin of the given patches: (patch, gene, row, col), unscaled.
+
+    ``key`` seeds the draws (the dataset fingerprint and sample in :func:`noise_ceiling`).
+    """
+    out = expected_draws(path, kind, origins, panel, key, draws, groups)
+    return None if out is None else out.patch_maps()
+
+
+def expected_draws(
+    path: str,
+    kind: str,
+    origins: np.ndarray,
+    panel: tuple[str, ...],
+    key: str,
+    draws: int = DRAWS,
+    groups: int = GROUPS,
+) -> Draws | None:
+    """The groups of Monte Carlo estimates behind :func:`expected_values` (None: a truth file without the noise model)."""
     origins = np.asarray(origins, dtype=np.int64)
-    return _expected(path, kind, panel, draws, origins.tobytes(), len(origins))
+    return _expected(path, kind, panel, draws, groups, key, origins.tobytes(), len(origins))
 
 
 @lru_cache(maxsize=16)
-def _expected(path: str, kind: str, panel: tuple[str, ...], draws: int, origin_bytes: bytes, n: int):
+def _expected(path: str, kind: str, panel: tuple[str, ...], draws: int, groups: int, key: str, origin_bytes, n: int):
     import h5py
 
+    if draws % groups:
+        raise ValueError(f"{draws} draws do not split into {groups} groups")
     with h5py.File(path, "r") as f:
         if "nb_size" not in f.attrs or "rates" not in f:
             return None  # a truth file from before the noise model was recorded
@@ -80,14 +202,13 @@ def _expected(path: str, kind: str, panel: tuple[str, ...], draws: int, origin_b
     idx = gather_windows(grid, origins)  # (n, 32, 32) row of ``rates``; -1: a bin without counts
     needed = np.unique(idx[idx >= 0])
     cols = np.array([gene_ids.index(g) for g in panel])
-    rng = np.random.default_rng([zlib.crc32(path.encode()), draws])
-    expected = np.empty((len(needed), len(panel)))
+    rng = np.random.default_rng([zlib.crc32(key.encode()), draws])
+    values = np.empty((groups, len(needed), len(panel)))
     for a in range(0, len(needed), BLOCK):
         r = rates[needed[a : a + BLOCK]]
         counts = rng.poisson(r[None] * rng.gamma(k, 1 / k, (draws, *r.shape)))
-        expected[a : a + BLOCK] = target_values(kind, counts[..., cols], counts.sum(axis=2)).mean(axis=0)
-    zero = target_values(kind, np.zeros((1, len(panel))), np.zeros(1))[0]  # a bin without counts
-    if len(needed) == 0:
-        return np.broadcast_to(zero[None, :, None, None], (n, len(panel), b, b)).copy()
-    out = np.where((idx >= 0)[..., None], expected[np.searchsorted(needed, np.maximum(idx, 0))], zero)
-    return out.transpose(0, 3, 1, 2)
+        target = target_values(kind, counts[..., cols], counts.sum(axis=2))
+        values[:, a : a + BLOCK] = target.reshape(groups, draws // groups, *target.shape[1:]).mean(axis=1)
+    zero = target_values(kind, np.zeros((1, len(panel))), np.zeros(1))[0].astype(np.float64)  # a bin without counts
+    pos = np.where(idx >= 0, np.searchsorted(needed, np.maximum(idx, 0)), -1)
+    return Draws(values, pos, zero)

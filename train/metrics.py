@@ -14,8 +14,12 @@ reproduction mode).
 * ``ssim_st``: 2-D SSIM of each gene's 32 × 32 map per patch (7 × 7 uniform window, K1 0.01,
   K2 0.03, sample covariance, borders cropped, as scikit-image computes it), with data range = the
   gene's truth range over the test patient and unscored bins set to the gene's training mean in
-  both maps; averaged over patches and genes. (The reference code's "ssim_st" was a clipped
+  both maps; only the windows centred on a scored bin are averaged (over patches, then genes), so
+  glass, identical in both maps, earns nothing. (The reference code's "ssim_st" was a clipped
   correlation, not SSIM.)
+
+A prediction that is not finite on a scored bin stops evaluation (:func:`check_finite`): a NaN
+would otherwise score its gene 0 and make ``mse`` NaN without a word.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
+
+from featcache.errors import FeatcacheError
 
 
 def _flat(pred, truth, mask):
@@ -66,10 +72,33 @@ def mse(pred, truth, mask) -> float:
     return float(np.mean((p - t) ** 2))
 
 
+def check_finite(pred, mask, gene_names, run: str = "the prediction") -> None:
+    """Refuse a prediction with NaN or infinite values on scored bins, naming the run, the gene and the bin count."""
+    bad = ~np.isfinite(np.moveaxis(pred, 1, -1)[mask.astype(bool)])  # (bins, genes)
+    if bad.any():
+        counts = bad.sum(axis=0)
+        worst = [f"{g} ({int(n)} bins)" for g, n in zip(gene_names, counts) if n]
+        raise FeatcacheError(
+            f"{run}: the prediction is not finite (NaN or inf) on {int(bad.any(axis=1).sum())} of {len(bad)} scored "
+            f"bins, genes {', '.join(worst[:5])}{' …' if len(worst) > 5 else ''}; the training diverged or its "
+            "inputs hold non-finite values: retrain with a lower --lr, or check the feature store with "
+            "`featcache verify`."
+        )
+
+
 def ssim_maps(
-    x: np.ndarray, y: np.ndarray, data_range: np.ndarray, win: int = 7, k1: float = 0.01, k2: float = 0.03
+    x: np.ndarray,
+    y: np.ndarray,
+    data_range: np.ndarray,
+    win: int = 7,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    centres: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Mean SSIM of each 2-D map pair; x, y (..., H, W), data_range broadcastable to (...)."""
+    """Mean SSIM of each 2-D map pair; x, y (..., H, W), data_range broadcastable to (...).
+
+    ``centres`` (boolean, broadcastable to x): average only the windows centred there; NaN where none is.
+    """
     x = x.astype(np.float64)
     y = y.astype(np.float64)
     size = (1,) * (x.ndim - 2) + (win, win)
@@ -82,29 +111,41 @@ def ssim_maps(
     c1, c2 = (k1 * dr) ** 2, (k2 * dr) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     pad = (win - 1) // 2
-    return s[..., pad:-pad, pad:-pad].mean(axis=(-2, -1))
+    s = s[..., pad:-pad, pad:-pad]
+    if centres is None:
+        return s.mean(axis=(-2, -1))
+    w = np.broadcast_to(centres, x.shape)[..., pad:-pad, pad:-pad]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(w, s, 0.0).sum(axis=(-2, -1)) / w.sum(axis=(-2, -1))
 
 
 def ssim_st(pred, truth, mask, train_mean: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean SSIM over patches and genes, and per gene (NaN for genes constant in truth)."""
+    """Mean SSIM over patches and genes, and per gene (NaN for genes constant in truth).
+
+    Per patch the windows centred on a scored bin are averaged; a patch with none (all its scored
+    bins within 3 bins of its edge) is left out; per gene the patches' means are averaged.
+    """
     m = mask.astype(bool)[:, None]
     fill = np.asarray(train_mean, dtype=np.float64)[None, :, None, None]
     p = np.where(m, pred, fill)
     t = np.where(m, truth, fill)
     _, tf = _flat(pred, truth, mask)
     rng = tf.max(axis=0) - tf.min(axis=0) if len(tf) else np.zeros(truth.shape[1])
-    per_patch = ssim_maps(p, t, np.broadcast_to(np.where(rng > 0, rng, 1.0), p.shape[:2]))
-    per_gene = per_patch.mean(axis=0)
+    per_patch = ssim_maps(p, t, np.broadcast_to(np.where(rng > 0, rng, 1.0), p.shape[:2]), centres=m)
+    with np.errstate(invalid="ignore"):
+        per_gene = np.nanmean(per_patch, axis=0) if np.isfinite(per_patch).any() else np.full(p.shape[1], np.nan)
     per_gene[~(rng > 0)] = np.nan
     return float(np.nanmean(per_gene)) if np.isfinite(per_gene).any() else float("nan"), per_gene
 
 
-def evaluate(pred, truth, mask, train_mean, gene_names, ssim_mask=None) -> dict:
+def evaluate(pred, truth, mask, train_mean, gene_names, ssim_mask=None, run: str = "the prediction") -> dict:
     """Every metric, per-gene values, and the genes left out (constant truth) or scored 0 (constant prediction).
 
     ``ssim_mask`` (default ``mask``): the bins SSIM's maps keep, when the point metrics count fewer
-    (overlapping patches, each bin counted once).
+    (overlapping patches, each bin counted once). ``run`` names the prediction in the message that
+    refuses a non-finite one.
     """
+    check_finite(pred, mask if ssim_mask is None else ssim_mask, gene_names, run)
     r = per_gene_pearson(pred, truth, mask)
     rho = per_gene_spearman(pred, truth, mask)
     ssim, ssim_g = ssim_st(pred, truth, mask if ssim_mask is None else ssim_mask, train_mean)

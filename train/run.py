@@ -267,8 +267,19 @@ def _shuffled_targets(batches: Batches, train_idx: dict, seed: int):
 def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, data: FoldData, best, test: TestSet) -> dict:
     pred, truth, points, maps = test.scored(cfg.score == "all-bins")
     mean = data.transform.target_mean
-    metrics = evaluate(pred, truth, points, mean, inputs.genes, ssim_mask=maps)
+    name = f"run {cfg.dataset}/{cfg.encoder}/{cfg.run_name} fold {cfg.fold}"
+    metrics = evaluate(pred, truth, points, mean, inputs.genes, ssim_mask=maps, run=name)
     ceiling = noise_ceiling(inputs, test, data.transform, points, maps)
+    # the floor: every metric of predicting each gene's training mean everywhere
+    floor = evaluate(
+        np.broadcast_to(mean.astype(pred.dtype)[None, :, None, None], pred.shape),
+        truth,
+        points,
+        mean,
+        inputs.genes,
+        ssim_mask=maps,
+    )
+    floor = {k: floor[k] for k in ("pcc_gene", "pcc_global", "spearman_gene", "spearman_global", "mse", "ssim_st")}
     metrics.update(
         {
             "dataset": cfg.dataset,
@@ -280,19 +291,13 @@ def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, data: FoldData, b
             "selected_epoch": best.epoch,
             "val_pcc_gene": best.score if np.isfinite(best.score) else None,
             "training_patches_buffered_out": data.buffered,
-            "baselines": {"per_gene_mean": {"mse": _mse_of_mean(truth, points, mean), "pcc_gene": 0.0}},
+            "baselines": {"per_gene_mean": floor},
             "noise_ceiling": ceiling,
             "features_weights": record.get("encoder_weights") or inputs.identity.get("weights"),
             "config_sha256": record["config_sha256"],
         }
     )
     return metrics
-
-
-def _mse_of_mean(truth: np.ndarray, mask: np.ndarray, mean: np.ndarray) -> float:
-    """MSE of predicting each gene's training mean everywhere (the constant baseline)."""
-    t = np.moveaxis(truth, 1, -1)[mask.astype(bool)]
-    return float(np.mean((t - mean[None, :]) ** 2)) if len(t) else float("nan")
 
 
 def _clean(obj):

@@ -208,10 +208,12 @@ def methodology(ds, runs: dict) -> dict:
             "pcc_gene": "primary: Pearson per gene over scored test bins, mean over genes; genes constant in the "
             "truth left out, a constant prediction scores 0",
             "spearman_gene": "as pcc_gene, on ranks",
-            "ssim_st": "2-D SSIM of each gene's 32×32 map per patch (7×7 uniform window, K1 0.01, K2 0.03); the "
-            "reference code's ssim_st was a clipped correlation, so the two are not comparable",
+            "ssim_st": "2-D SSIM of each gene's 32×32 map per patch (7×7 uniform window, K1 0.01, K2 0.03), averaged "
+            "over the windows centred on scored bins; the reference code's ssim_st was a clipped correlation, so the "
+            "two are not comparable",
             "mse": "mean squared error over scored bins and genes, in target space",
-            "noise_ceiling_pcc_gene": "synthetic data only: E[target | true rates] scored as a prediction",
+            "noise_ceiling_pcc_gene": "synthetic data only: E[target | true rates] scored as a prediction, pcc_gene "
+            "corrected for the Monte Carlo noise's bias (its Monte Carlo error in each fold's metrics.json)",
         },
         "std": "population standard deviation over folds (ddof 0), as the reference study reported",
     }
