@@ -74,7 +74,7 @@ def run_loocv(
         "overwrite": overwrite,
         "show_progress": show_progress and jobs == 1,
     }
-    tasks = [(cfg, str(ws.root), runtime, jobs) for cfg in configs]
+    tasks = [(cfg, ws, runtime, jobs) for cfg in configs]  # the Workspace: its root and where features live
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(_job, tasks))
