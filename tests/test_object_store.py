@@ -44,6 +44,7 @@ EXTRACT = [
 ]
 TRAIN = ["decoder", "--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny"]
 TRAIN += ["--decoder", "linear", "--val-fraction", "0", "--epochs", "3", "--batch-size", "4", "--device", "cpu"]
+TRAIN += ["--in-memory", "no"]  # every epoch streams its batches from the store
 
 
 def free_port() -> int:
@@ -115,10 +116,10 @@ def workspace(prepared, tmp_path) -> Path:
 
 
 def invoke(app, args, s3, **env):
-    t0 = time.time()
-    r = CliRunner().invoke(app, args, env={**s3["env"], "FEATCACHE_STORAGE_OPTIONS": None, **env})
+    r = CliRunner().invoke(
+        app, args, env={**s3["env"], "FEATCACHE_STORAGE_OPTIONS": None, "FEATCACHE_FEATURES_ROOT": None, **env}
+    )
     assert r.exit_code == 0, r.output
-    print("TIMING", args[0], time.time() - t0)
     return r.output
 
 
@@ -183,11 +184,19 @@ def test_verify_repair_and_resume_on_s3(s3, workspace, tmp_path):
     assert not (workspace / "features").exists()
 
 
-def cli(args, env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FEATCACHE_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "featcache.cli", *args], env={**clean, **env}, capture_output=True, text=True
-    )
+@pytest.fixture
+def fresh_process():
+    """Forget the file systems and checked buckets of earlier commands in this process, as a new process would:
+    s3fs reuses an instance made with other credentials or another endpoint, and each bucket is checked once."""
+    from s3fs import S3FileSystem
+
+    from featcache.stores import location
+
+    S3FileSystem.clear_instance_cache()
+    location._reached.clear()
+    yield
+    S3FileSystem.clear_instance_cache()
+    location._reached.clear()
 
 
 @pytest.mark.parametrize(
@@ -197,9 +206,10 @@ def cli(args, env) -> subprocess.CompletedProcess:
         ("wrong-secret", "access to s3://featcache-test at http://127.0.0.1"),
         ("unreachable", "cannot reach s3://featcache-test at http://127.0.0.1"),
     ],
+    ids=["no-bucket", "wrong-secret", "unreachable"],
 )
-def test_bad_object_store_input_is_one_message_and_writes_nothing(s3, workspace, case, message):
-    env, root = dict(s3["env"]), f"s3://{BUCKET}/bad"
+def test_bad_object_store_input_is_one_message_and_writes_nothing(s3, workspace, fresh_process, case, message):
+    env, root = {**s3["env"], "FEATCACHE_STORAGE_OPTIONS": None, "FEATCACHE_FEATURES_ROOT": None}, f"s3://{BUCKET}/bad"
     if case == "no-bucket":
         root = "s3://no-such-bucket/features"
     elif case == "wrong-secret":
@@ -207,12 +217,11 @@ def test_bad_object_store_input_is_one_message_and_writes_nothing(s3, workspace,
     else:
         env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1")
     before = objects(s3["client"])
-    for args in (EXTRACT, ["ls", "--dataset", "tiny"]):
-        r = cli([*args, "--workspace", str(workspace), "--features-root", root], env)
-        lines = [line for line in r.stderr.splitlines() if line.strip()]
-        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-        assert message in lines[0]
-        assert "Traceback" not in r.stderr
+    for args in (EXTRACT, ["ls", "--dataset", "tiny"], ["verify", "--dataset", "tiny"]):
+        r = CliRunner().invoke(featcache_app, [*args, "--workspace", str(workspace), "--features-root", root], env=env)
+        lines = [line for line in r.output.splitlines() if line.strip() and not line.startswith("OK ")]
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+        assert message in lines[0] and isinstance(r.exception, SystemExit)
     assert objects(s3["client"]) == before
     assert sorted(p.name for p in workspace.iterdir()) == ["datasets"]
     assert [b["Name"] for b in s3["client"].list_buckets()["Buckets"]] == [BUCKET]
