@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 boto3 = pytest.importorskip("boto3")
@@ -123,7 +124,9 @@ def invoke(app, args, s3, **env):
     return r.output
 
 
-def test_extract_writes_only_to_the_bucket_and_training_from_it_equals_a_local_store(s3, workspace, tmp_path):
+def test_extract_writes_only_to_the_bucket_and_training_from_it_equals_a_local_store(
+    s3, workspace, tmp_path, monkeypatch
+):
     ws = ["--workspace", str(workspace)]
     out = invoke(featcache_app, [*EXTRACT, *ws, "--features-root", ROOT], s3)
     assert "store complete: s3://featcache-test/features/tiny/tiny-cnn-random.zarr" in out
@@ -154,6 +157,20 @@ def test_extract_writes_only_to_the_bucket_and_training_from_it_equals_a_local_s
     c_local = json.loads((local_ws / run / "config.json").read_text())
     assert c_remote["features"] == c_local["features"]  # the store by identity, wherever it lives
     assert c_remote["features"]["store"] == "tiny-cnn-random" and "s3://" not in json.dumps(c_remote["features"])
+
+    # stage 3 reads the same values from the bucket as from the disk
+    from analysis import open_features
+    from analysis.cli import app as analysis_app
+
+    for k, v in s3["env"].items():
+        monkeypatch.setenv(k, v)
+    remote_tokens = open_features("tiny", "tiny-cnn-random", "P1", workspace, features_root=ROOT)
+    local_tokens = open_features("tiny", "tiny-cnn-random", "P1", local_ws)
+    assert remote_tokens.shape == local_tokens.shape and np.array_equal(remote_tokens.values, local_tokens.values)
+    out = invoke(
+        analysis_app, ["export", "--features", "tiny-cnn-random", "--dataset", "tiny", *ws, "--features-root", ROOT], s3
+    )
+    assert "wrote" in out and not (workspace / "features").exists()
 
 
 def test_verify_repair_and_resume_on_s3(s3, workspace, tmp_path):

@@ -92,7 +92,7 @@ def encoders_with_features(dataset: str, mode: str, workspace=None) -> list[str]
     names = [st.encoder for st in ws.feature_stores(dataset) if st.random == random and st.is_complete()]
     if not names:
         raise FeatcacheError(
-            f"no complete feature store for dataset {dataset!r} in {ws.root}; make one with "
+            f"no complete feature store for dataset {dataset!r} in {ws.features_dir(dataset)}; make one with "
             f"`{ws.feature_store(dataset, 'NAME', random).make_hint}`."
         )
     return names
