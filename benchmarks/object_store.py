@@ -13,7 +13,8 @@ store into a bucket and times, interleaved on the same patches, shuffled epochs 
 
 The server runs on the same cores as the loader, so the s3 rate is a lower bound of what a real
 object store (its own machines, the network between) gives: it measures our side of the protocol.
-Reports the median tiles/s of each over epochs and their ratio.
+Reports the median tiles/s of each over epochs, their ratio, and the CPU the server itself used
+while the s3 epochs ran (core-seconds per second of wall time): the share of the gap that is moto's.
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def start_s3() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def epoch_rate(inputs, every, transform, batch_size, seed) -> float:
     t = time.perf_counter()
     n = sum(len(b[0]) for b in Batches(inputs, every, transform, batch_size, in_memory=False).epoch(True, seed))
@@ -99,10 +106,12 @@ def main() -> None:
         assert remote.status().complete and remote.identity == local.identity
         every = {s: np.arange(len(local_in.arrays[s].origin)) for s in local_in.samples}
         transform = TargetTransform.fit(load_targets(local_in.arrays[s], every[s]) for s in local_in.samples)
-        rates = {"local": [], "s3": []}
+        rates, server_cpu, s3_wall = {"local": [], "s3": []}, 0.0, 0.0
         for epoch in range(args.epochs):  # interleaved, so that both see the same machine load
             rates["local"].append(epoch_rate(local_in, every, transform, args.batch_size, epoch))
+            cpu, t = cpu_seconds(proc.pid), time.perf_counter()
             rates["s3"].append(epoch_rate(remote_in, every, transform, args.batch_size, epoch))
+            server_cpu, s3_wall = server_cpu + cpu_seconds(proc.pid) - cpu, s3_wall + time.perf_counter() - t
     finally:
         proc.terminate()
         proc.wait()
@@ -123,6 +132,8 @@ def main() -> None:
             "s3_vs_local": round(float(np.median(np.array(rates["s3"]) / np.array(rates["local"]))), 3),
             "s3_mb_s": round(float(np.median(rates["s3"])) * size / sum(len(v) for v in every.values()) / 2**20, 1),
             "upload_mb_s": round(size / 2**20 / upload_s, 1),
+            "server_cpu_share_of_s3_wall": round(server_cpu / s3_wall, 2),  # core-seconds the server used per second
+            "load_average": round(os.getloadavg()[0], 1),
             "server": "moto_server on 127.0.0.1 (same cores)",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         },
