@@ -242,3 +242,19 @@ def test_bad_object_store_input_is_one_message_and_writes_nothing(s3, workspace,
     assert objects(s3["client"]) == before
     assert sorted(p.name for p in workspace.iterdir()) == ["datasets"]
     assert [b["Name"] for b in s3["client"].list_buckets()["Buckets"]] == [BUCKET]
+
+
+def test_a_shared_folder_as_features_root(workspace, tmp_path, monkeypatch):
+    shared = tmp_path / "shared-fs"
+    monkeypatch.setenv("FEATCACHE_FEATURES_ROOT", str(shared))
+    r = CliRunner().invoke(featcache_app, [*EXTRACT, "--workspace", str(workspace)])
+    assert r.exit_code == 0, r.output
+    assert (shared / "tiny" / "tiny-cnn-random.zarr" / "zarr.json").is_file()
+    assert not (workspace / "features").exists()
+    r = CliRunner().invoke(featcache_app, ["ls", "--workspace", str(workspace)])
+    assert "tiny-cnn-random" in r.output and "complete" in r.output
+    (tmp_path / "a-file").write_text("")
+    r = CliRunner().invoke(
+        featcache_app, ["ls", "--workspace", str(workspace), "--features-root", str(tmp_path / "a-file")]
+    )
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
