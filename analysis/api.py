@@ -25,7 +25,7 @@ from featcache.stores.features import split_store_name
 METRICS = ("pcc_gene", "pcc_global", "spearman_gene", "mse", "ssim_st")
 
 
-def open_features(dataset: str, encoder: str, sample: str, workspace=None) -> xr.DataArray:
+def open_features(dataset: str, encoder: str, sample: str, workspace=None, features_root=None) -> xr.DataArray:
     """Token grids of one sample, lazily, with patch origins as coordinates.
 
     Parameters
@@ -36,6 +36,9 @@ def open_features(dataset: str, encoder: str, sample: str, workspace=None) -> xr
         The feature store's name: the encoder (``uni2h``), or ``<encoder>-random`` for random-init features.
     workspace : path, optional
         Workspace root [default: ``$FEATCACHE_WORKSPACE`` or ``./featcache-data``].
+    features_root : str, optional
+        Where the feature stores live, a folder or fsspec URL (``s3://bucket/prefix``) [default:
+        ``$FEATCACHE_FEATURES_ROOT`` or the workspace's ``features/``].
 
     Returns
     -------
@@ -43,7 +46,7 @@ def open_features(dataset: str, encoder: str, sample: str, workspace=None) -> xr
         (patch, row, col, channel), Dask-backed; ``origin_row`` / ``origin_col`` per patch are the
         array coordinates of each patch's bin (0, 0).
     """
-    ws = Workspace.resolve(workspace)
+    ws = Workspace.resolve(workspace, features_root)
     store = ws.feature_store(dataset, *split_store_name(encoder))
     if not store.exists():
         raise FeatcacheError(f"feature store not found: {store}. Make it with `{store.make_hint}`.")

@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from featcache.cli_common import DatasetOpt, OverwriteOpt, SeedOpt, WorkspaceOpt, make_app, out, split_list, user_errors
+from featcache.cli_common import (
+    DatasetOpt,
+    FeaturesRootOpt,
+    OverwriteOpt,
+    SeedOpt,
+    WorkspaceOpt,
+    make_app,
+    out,
+    split_list,
+    user_errors,
+)
 
 app = make_app("analysis: compare encoders and draw the figures from a workspace's results.")
 
@@ -76,11 +86,13 @@ def export(
     ] = None,
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
+    features_root: FeaturesRootOpt = None,
 ):
     """AnnData (.h5ad) for scanpy: a run's test predictions and truth, or a feature store's pooled features."""
     from analysis.export import export_h5ad
+    from featcache.stores import Workspace
 
-    path, adata = export_h5ad(run, features, dataset, output, overwrite, workspace)
+    path, adata = export_h5ad(run, features, dataset, output, overwrite, Workspace.resolve(workspace, features_root))
     out.print(f"wrote {adata.n_obs} × {adata.n_vars} AnnData: {path}", soft_wrap=True)
 
 

@@ -13,6 +13,7 @@ from featcache.cli_common import (
     BatchOpt,
     DatasetOpt,
     DeviceOpt,
+    FeaturesRootOpt,
     OverwriteOpt,
     SeedOpt,
     WeightsOpt,
@@ -241,14 +242,16 @@ def extract(
     ] = None,
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
+    features_root: FeaturesRootOpt = None,
 ):
     """Run an encoder once over a dataset's patches and cache its token grids."""
     from featcache.extract import extract_each, extraction_configs
+    from featcache.stores import Workspace
 
     extract_each(
         dataset,
         extraction_configs(encoder, weights=weights, precision=precision, chunk_patches=chunk_patches),
-        workspace=workspace,
+        workspace=Workspace.resolve(workspace, features_root),
         output=output,
         on_result=_report_extraction,
         batch_size=batch_size,
@@ -274,12 +277,14 @@ def _report_extraction(res) -> None:
 @app.command("ls")
 @user_errors
 def ls_(
-    dataset: Annotated[Optional[str], typer.Option(help="Only this dataset.")] = None, workspace: WorkspaceOpt = None
+    dataset: Annotated[Optional[str], typer.Option(help="Only this dataset.")] = None,
+    workspace: WorkspaceOpt = None,
+    features_root: FeaturesRootOpt = None,
 ):
     """List cached feature stores: encoder, weights, completeness, size on disk."""
     from featcache.stores import Workspace
 
-    ws = Workspace.resolve(workspace)
+    ws = Workspace.resolve(workspace, features_root)
     stores = [st.status() for st in ws.feature_stores(dataset)]
     if not stores:
         out.print(f"no feature stores in {ws.features_dir()}; make one with `featcache extract --encoder NAME`.")
@@ -293,7 +298,7 @@ def ls_(
         tot = sum(t for _, t in st.samples.values())
         table.add_row(
             i["dataset"],
-            Path(st.location).name,
+            st.location.rstrip("/").rsplit("/", 1)[-1],
             i["weights"][:20],
             str(st.patches),
             f"{i['grid'][0]}×{i['grid'][1]}×{i['dim']}",
@@ -336,17 +341,19 @@ def verify(
         ),
     ] = False,
     workspace: WorkspaceOpt = None,
+    features_root: FeaturesRootOpt = None,
 ):
     """Read back every chunk (checksums, shapes, finiteness); name missing or corrupted chunks (exit 1 if any)."""
     from featcache.stores import Dataset, FeatureStore, Workspace
+    from featcache.stores.location import is_url
 
     if (store is None) == (dataset is None):
         raise FeatcacheError("give a STORE (a feature store or dataset folder) or --dataset NAME, not both or neither.")
     if dataset is not None:
-        ws = Workspace.resolve(workspace)
+        ws = Workspace.resolve(workspace, features_root)
         ok = _verify_dataset(ws.open_dataset(dataset))
         ok = all([_verify_store(st, repair) for st in ws.feature_stores(dataset)]) and ok
-    elif Dataset(Path(store)).exists():
+    elif not is_url(store) and Dataset(Path(store)).exists():
         ok = _verify_dataset(Dataset(Path(store)))
     else:
         ok = _verify_store(FeatureStore(store), repair)

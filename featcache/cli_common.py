@@ -21,6 +21,15 @@ WorkspaceOpt = Annotated[
     Optional[Path],
     typer.Option("--workspace", "-w", help="Workspace root [default: $FEATCACHE_WORKSPACE or ./featcache-data]."),
 ]
+FeaturesRootOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--features-root",
+        help="Where feature stores live, <root>/<dataset>/<encoder>.zarr: a folder or an fsspec URL "
+        "(s3://bucket/prefix, gs://...); storage options from $FEATCACHE_STORAGE_OPTIONS (JSON), credentials "
+        "from the backend's environment (AWS_*) [default: $FEATCACHE_FEATURES_ROOT or the workspace's features/].",
+    ),
+]
 DatasetOpt = Annotated[str, typer.Option(help="A prepared dataset of the workspace (`featcache datasets` lists them).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 BatchOpt = Annotated[int, typer.Option(help="Patches per forward pass.")]

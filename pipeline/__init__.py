@@ -44,9 +44,9 @@ def loocv(
         for e in encoders:
             if not ws.feature_store(dataset, e, random=True).exists():
                 random = ExtractionConfig(e, weights=f"random:{seed}")
-                extract(dataset, random, workspace=ws.root, device=device, show_progress=show_progress)
+                extract(dataset, random, workspace=ws, device=device, show_progress=show_progress)
     return run_loocv(
-        dataset, encoders, modes, options, workspace=ws.root, device=device, show_progress=show_progress, **runtime
+        dataset, encoders, modes, options, workspace=ws, device=device, show_progress=show_progress, **runtime
     )
 
 

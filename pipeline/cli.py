@@ -18,6 +18,7 @@ from featcache.cli_common import (
     BatchOpt,
     DatasetOpt,
     DeviceOpt,
+    FeaturesRootOpt,
     OverwriteOpt,
     SeedOpt,
     WeightsOpt,
@@ -180,11 +181,13 @@ def loocv(
     in_memory: InMemory = "auto",
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
+    features_root: FeaturesRootOpt = None,
 ):
     """Every fold (each patient as the test patient) of every encoder and mode; then the comparison file.
 
     Random-init features are extracted (seeded with --seed) when missing.
     """
+    from featcache.stores import Workspace
     from pipeline import loocv as run
 
     options = dict(
@@ -208,7 +211,7 @@ def loocv(
             split_list(modes),
             options,
             jobs=jobs,
-            workspace=workspace,
+            workspace=Workspace.resolve(workspace, features_root),
             device=device,
             in_memory=in_memory,
             overwrite=overwrite,

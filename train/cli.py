@@ -11,7 +11,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from featcache.cli_common import DatasetOpt, DeviceOpt, OverwriteOpt, WorkspaceOpt, make_app, out, user_errors
+from featcache.cli_common import (
+    DatasetOpt,
+    DeviceOpt,
+    FeaturesRootOpt,
+    OverwriteOpt,
+    WorkspaceOpt,
+    make_app,
+    out,
+    user_errors,
+)
 from train.config import TrainConfig
 
 app = make_app("train: fit the shared Img2ST-Net decoder on cached token grids, leave-one-patient-out.")
@@ -84,11 +93,14 @@ def decoder(
     in_memory: InMemory = "auto",
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
+    features_root: FeaturesRootOpt = None,
 ):
     """Train the decoder for one fold; write the run folder (config, log, checkpoint, predictions, metrics)."""
+    from featcache.stores import Workspace
     from train.loocv import encoders_with_features
     from train.run import train_fold
 
+    workspace = Workspace.resolve(workspace, features_root)
     for enc in [encoder] if encoder else encoders_with_features(dataset, mode, workspace):
         cfg = TrainConfig(
             dataset=dataset,

@@ -74,7 +74,7 @@ def run_loocv(
         "overwrite": overwrite,
         "show_progress": show_progress and jobs == 1,
     }
-    tasks = [(cfg, str(ws.root), runtime, jobs) for cfg in configs]
+    tasks = [(cfg, ws, runtime, jobs) for cfg in configs]  # the Workspace: its root and where features live
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(_job, tasks))
@@ -92,7 +92,7 @@ def encoders_with_features(dataset: str, mode: str, workspace=None) -> list[str]
     names = [st.encoder for st in ws.feature_stores(dataset) if st.random == random and st.is_complete()]
     if not names:
         raise FeatcacheError(
-            f"no complete feature store for dataset {dataset!r} in {ws.root}; make one with "
+            f"no complete feature store for dataset {dataset!r} in {ws.features_dir(dataset)}; make one with "
             f"`{ws.feature_store(dataset, 'NAME', random).make_hint}`."
         )
     return names

@@ -1,8 +1,17 @@
-"""Where a store lives: a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...)."""
+"""Where a store lives: a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``, ...).
+
+A URL is opened with the storage options of ``$FEATCACHE_STORAGE_OPTIONS`` (a JSON object handed to
+the fsspec backend, e.g. ``{"anon": false, "client_kwargs": {"region_name": "eu-west-1"}}``) unless
+the caller gives its own; credentials and endpoints otherwise come from the backend's own environment
+(for ``s3://``: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``).
+The first time a process names a bucket, one listing checks that it exists and can be read with
+those credentials, so that a wrong bucket, key or endpoint is one clear error before anything is written.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import fsspec
@@ -20,6 +29,25 @@ def local_path(location: str | Path) -> Path:
     return Path(s[len("file://") :] if s.startswith("file://") else s)
 
 
+OPTIONS_ENV_VAR = "FEATCACHE_STORAGE_OPTIONS"
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
+_reached: set[tuple] = set()  # (protocol, bucket, options): buckets this process has checked
+
+
+def env_storage_options() -> dict:
+    """The storage options of ``$FEATCACHE_STORAGE_OPTIONS`` (a JSON object), else none."""
+    text = os.environ.get(OPTIONS_ENV_VAR, "").strip()
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FeatcacheError(f"${OPTIONS_ENV_VAR} is not valid JSON ({exc.msg}); set it to a JSON object.") from None
+    if not isinstance(options, dict):
+        raise FeatcacheError(f"${OPTIONS_ENV_VAR} must be a JSON object of fsspec storage options, not {text[:40]}.")
+    return options
+
+
 def zarr_store(location: str | Path, storage_options: dict | None = None, read_only: bool = False):
     if is_url(location):
         return zarr.storage.FsspecStore.from_url(
@@ -33,8 +61,13 @@ class Location:
     """A store root with small side files (markers) reached through fsspec."""
 
     def __init__(self, location: str | Path, storage_options: dict | None = None):
-        self.raw = str(location)
-        self.storage_options = storage_options or {}
+        self.raw = str(location).rstrip("/") if is_url(location) else str(location)
+        if storage_options is None:
+            storage_options = env_storage_options() if is_url(location) else {}
+        if self.raw.split("://", 1)[0] in OBJECT_STORES:
+            # no cached listings: other processes (shards, verify, a resumed run) add and remove objects meanwhile
+            storage_options = {"use_listings_cache": False, **storage_options}
+        self.storage_options = storage_options
         if is_url(location):
             try:
                 self.fs, self.root = fsspec.core.url_to_fs(self.raw, **self.storage_options)
@@ -44,12 +77,43 @@ class Location:
                     f"cannot open {self.raw}: {exc}. Install the fsspec backend for {protocol}:// "
                     f"(e.g. `pip install s3fs` for s3://, `gcsfs` for gs://)."
                 ) from None
+            self._check_bucket()
         else:
             self.fs = fsspec.filesystem("file", auto_mkdir=True)
             self.root = str(local_path(location).absolute())
 
     def __str__(self) -> str:
         return self.raw
+
+    def _check_bucket(self) -> None:
+        """List the bucket once per process: a missing bucket, wrong credentials or an endpoint that cannot be
+        reached become one error naming the fix, before any read or write."""
+        protocol = self.raw.split("://", 1)[0]
+        bucket = self.root.split("/", 1)[0]
+        key = (protocol, bucket, json.dumps(self.storage_options, sort_keys=True, default=str))
+        if protocol not in OBJECT_STORES or key in _reached:
+            return
+        where = f"{protocol}://{bucket}"
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        at = f" at {endpoint}" if endpoint and protocol.startswith("s3") else ""
+        try:
+            self.fs.ls(bucket, detail=False)
+        except FileNotFoundError:
+            raise FeatcacheError(
+                f"bucket {where} does not exist{at}; create it first, or name an existing bucket "
+                "in --features-root / $FEATCACHE_FEATURES_ROOT."
+            ) from None
+        except PermissionError as exc:
+            raise FeatcacheError(
+                f"access to {where}{at} was refused ({str(exc)[:100]}); check the credentials "
+                f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE for s3://, or ${OPTIONS_ENV_VAR})."
+            ) from None
+        except Exception as exc:  # noqa: BLE001 - each backend has its own connection errors
+            raise FeatcacheError(
+                f"cannot reach {where}{at} ({type(exc).__name__}: {str(exc)[:120]}); check the endpoint "
+                f"(AWS_ENDPOINT_URL for s3://, or endpoint options in ${OPTIONS_ENV_VAR}) and the network."
+            ) from None
+        _reached.add(key)
 
     def key(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])

@@ -3,7 +3,9 @@
 The root is ``--workspace``, else ``$FEATCACHE_WORKSPACE``, else ``./featcache-data``::
 
     datasets/<dataset>/                         Dataset     (featcache/stores/dataset.py)
-    features/<dataset>/<encoder>[-random].zarr  FeatureStore (featcache/stores/features.py)
+    features/<dataset>/<encoder>[-random].zarr  FeatureStore (featcache/stores/features.py); or, with
+                                                --features-root / $FEATCACHE_FEATURES_ROOT, under that
+                                                path or fsspec URL (s3://, gs://, a shared file system)
     runs/<dataset>/<encoder>/<run>/fold-<fold>  RunDir      (featcache/stores/runs.py)
     results/<dataset>/                          Results     (featcache/stores/results.py)
     predictions/<run>/<slide>/                  PredictionDir (featcache/stores/predictions.py)
@@ -23,13 +25,27 @@ from pathlib import Path
 from featcache.errors import FeatcacheError
 from featcache.stores.dataset import Dataset
 from featcache.stores.features import FeatureStore, split_store_name, store_name
+from featcache.stores.location import Location, is_url, local_path
 from featcache.stores.predictions import PredictionDir
 from featcache.stores.results import Results
 from featcache.stores.runs import FOLD_PREFIX, RunDir
 
 ENV_VAR = "FEATCACHE_WORKSPACE"
+FEATURES_ENV_VAR = "FEATCACHE_FEATURES_ROOT"
 DEFAULT = "featcache-data"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def _features_root(root: str | os.PathLike | None) -> str | None:
+    """A features root as stored: a URL without its trailing '/', or an absolute local folder."""
+    if root is None or str(root).strip() == "":
+        return None
+    if is_url(root):
+        return str(root).rstrip("/")
+    path = local_path(root).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise FeatcacheError(f"--features-root {root} is a file, not a folder; name a folder or a URL (s3://...).")
+    return str(path)
 
 
 def check_name(name, what: str) -> str:
@@ -56,26 +72,31 @@ class Workspace:
     """
 
     root: Path
+    features_root: str | None = None  # where feature stores live (a path or fsspec URL); None: <root>/features
 
     @classmethod
-    def resolve(cls, workspace: str | os.PathLike | None = None) -> Workspace:
+    def resolve(cls, workspace: str | os.PathLike | None = None, features_root: str | None = None) -> Workspace:
         """The workspace to use.
 
         Parameters
         ----------
         workspace : str, path, Workspace or None
             A folder (need not exist yet); None means ``$FEATCACHE_WORKSPACE``, else ``./featcache-data``.
+        features_root : str or None
+            Where the feature stores live, ``<features_root>/<dataset>/<store>.zarr``: a folder or an
+            fsspec URL (``s3://bucket/prefix``); None means ``$FEATCACHE_FEATURES_ROOT``, else the
+            workspace's ``features/`` (or, for a Workspace, the one it has).
 
         Returns
         -------
         Workspace
         """
         if isinstance(workspace, Workspace):
-            return workspace
+            return workspace if features_root is None else cls(workspace.root, _features_root(features_root))
         root = Path(workspace or os.environ.get(ENV_VAR) or DEFAULT).expanduser().absolute()
         if root.exists() and not root.is_dir():
             raise FeatcacheError(f"workspace {root} is a file, not a folder; pass --workspace DIR.")
-        return cls(root)
+        return cls(root, _features_root(features_root or os.environ.get(FEATURES_ENV_VAR) or None))
 
     # ------------------------------------------------------------------ datasets
     def dataset(self, name: str) -> Dataset:
@@ -133,33 +154,30 @@ class Workspace:
         check_name(dataset, "dataset")
         name = check_name(store_name(check_name(encoder, "encoder"), random), "feature store")
         return FeatureStore(
-            self.root / "features" / dataset / f"{name}.zarr", dataset=dataset, encoder=encoder, random=random
+            f"{self.features_dir(dataset)}/{name}.zarr", dataset=dataset, encoder=encoder, random=random
         )
 
-    def features_dir(self, dataset: str | None = None) -> Path:
-        return self.root / "features" / check_name(dataset, "dataset") if dataset else self.root / "features"
+    def features_dir(self, dataset: str | None = None) -> str:
+        """Where the feature stores (of one dataset) live: a local folder or an fsspec URL."""
+        base = self.features_root or str(self.root / "features")
+        return f"{base}/{check_name(dataset, 'dataset')}" if dataset else base
 
     def feature_stores(self, dataset: str | None = None) -> list[FeatureStore]:
         """Every feature store with an identity (complete or not), of one dataset or of all."""
-        base = self.features_dir()
-        if not base.is_dir():
-            return []
+        base = Location(self.features_dir())
         folders = (
-            [base / check_name(dataset, "dataset")] if dataset else sorted(p for p in base.iterdir() if p.is_dir())
+            [check_name(dataset, "dataset")] if dataset else sorted(n for n in base.listdir() if NAME.fullmatch(n))
         )
         stores = [
-            self.feature_store(f.name, *split_store_name(p.stem))
+            self.feature_store(f, *split_store_name(n.removesuffix(".zarr")))
             for f in folders
-            if f.is_dir()
-            for p in sorted(f.glob("*.zarr"))
-            if NAME.fullmatch(p.stem)
+            for n in sorted(base.listdir(f))
+            if n.endswith(".zarr") and NAME.fullmatch(n.removesuffix(".zarr"))
         ]
         return [s for s in stores if s.has_identity()]
 
     def check_output(self, location: str) -> None:
         """Refuse a store location inside the workspace's datasets, runs or results, or above them."""
-        from featcache.stores.location import is_url, local_path
-
         if is_url(location):
             return
         target = local_path(location).expanduser().absolute().resolve()
