@@ -63,7 +63,12 @@ def fold_task(cfg, workspace: str, runtime: dict, threads: int | None) -> dict:
     run = Workspace.resolve(workspace).run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold)
     report.resumed = run.file("train_state.pt").is_file()
     try:
-        train_fold(cfg, workspace, **runtime)
+        import dask
+
+        # the fold's own reads (xarray/dask over Zarr) run in threads of this worker: inside a Dask task the
+        # default would send them to the cluster, whose single-threaded workers are all busy training folds
+        with dask.config.set(scheduler="threads"):
+            train_fold(cfg, workspace, **runtime)
     except FeatcacheError as exc:
         report.error = str(exc)
     report.seconds = round(time.perf_counter() - t0, 3)
