@@ -77,7 +77,7 @@ def test_a_three_fold_loocv_on_slurm_equals_the_serial_run(slurm, trio_features,
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     config = tmp_path / "jobqueue.yaml"  # a YAML the user keeps, in dask-jobqueue's own format
     config.write_text(
-        "jobqueue:\n  slurm:\n    cores: 1\n    memory: 1GB\n    walltime: '00:20:00'\n"
+        "jobqueue:\n  slurm:\n    cores: 1\n    memory: 4GB\n    walltime: '00:20:00'\n"
         f"    log-directory: {tmp_path / 'slurm-logs'}\n"
         "    scheduler-options: {host: 127.0.0.1, dashboard_address: null}\n"
         "    worker-extra-args: [--host, 127.0.0.1, --no-dashboard]\n"
