@@ -145,14 +145,6 @@ class FoldRunner:
                     pass
         self.client = self.cluster = None
 
-    def where(self) -> str:
-        if self.in_process:
-            return "in this process"
-        if self.scheduler:
-            return f"the Dask cluster at {self.scheduler}"
-        kind = "Slurm jobs" if self.slurm is not None else "local worker processes"
-        return f"a Dask cluster of {self.jobs} {kind} ({self.client.scheduler.address})"
-
     def run(self, configs: list, workspace: str, runtime: dict, show_progress: bool = True) -> list[dict]:
         """Every config's fold, with a progress bar over the tasks; one report per config, in order."""
         if self.in_process:
