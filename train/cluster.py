@@ -20,6 +20,7 @@ same ``PYTHONPATH``, which a ``LocalCluster``'s processes inherit) and see the s
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -126,6 +127,7 @@ class FoldRunner:
                     host="127.0.0.1",
                     dashboard_address=None,
                     resources={"GPU": 1} if self.gpu else None,
+                    silence_logs=logging.CRITICAL,  # a failed fold is reported once, by us; not as Dask's log lines
                 )
                 self.client = _client(self.cluster)
         except BaseException:
