@@ -31,23 +31,35 @@ def loocv(
     **runtime,
 ) -> dict:
     """`train loocv`: random-init features are extracted (seeded with the run seed) when missing, then every fold
-    by :func:`train.loocv.run_loocv` (``runtime``: its ``jobs``, ``in_memory``, ``overwrite``)."""
+    by :func:`train.loocv.run_loocv` (``runtime``: its ``in_memory``, ``overwrite``; ``jobs``, ``scheduler`` and
+    ``slurm`` say where the folds run, train/cluster.py: the cluster is reached before anything is written)."""
     from featcache.extract import ExtractionConfig, extract
+    from train.cluster import FoldRunner
     from train.config import TrainConfig
     from train.loocv import run_loocv
 
     ws = Workspace.resolve(workspace)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     seed = options.get("seed", TrainConfig.seed)
-    if "random" in modes:
-        ws.open_dataset(dataset)
-        for e in encoders:
-            if not ws.feature_store(dataset, e, random=True).exists():
-                random = ExtractionConfig(e, weights=f"random:{seed}")
-                extract(dataset, random, workspace=ws, device=device, show_progress=show_progress)
-    return run_loocv(
-        dataset, encoders, modes, options, workspace=ws, device=device, show_progress=show_progress, **runtime
-    )
+    where = {k: runtime.pop(k) for k in ("jobs", "scheduler", "slurm") if k in runtime}
+    with FoldRunner(**where, device=device) as runner:
+        if "random" in modes:
+            ws.open_dataset(dataset)
+            for e in encoders:
+                if not ws.feature_store(dataset, e, random=True).exists():
+                    random = ExtractionConfig(e, weights=f"random:{seed}")
+                    extract(dataset, random, workspace=ws, device=device, show_progress=show_progress)
+        return run_loocv(
+            dataset,
+            encoders,
+            modes,
+            options,
+            workspace=ws,
+            device=device,
+            show_progress=show_progress,
+            runner=runner,
+            **runtime,
+        )
 
 
 @dataclass

@@ -168,7 +168,26 @@ def loocv(
     micro_batch: MicroBatch = _default("micro_batch"),
     dataset: DatasetOpt = "demo",
     decoder_kind: DecoderOpt = _default("decoder"),
-    jobs: Annotated[int, typer.Option(help="Folds trained at once (processes).")] = 1,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Folds trained at once: 1 in this process; N a local Dask cluster of N worker processes "
+            "(with --slurm-*: N Slurm jobs, one worker each)."
+        ),
+    ] = 1,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option(help="A running Dask scheduler (tcp://HOST:PORT) whose workers train the folds."),
+    ] = None,
+    slurm_partition: Annotated[
+        Optional[str], typer.Option(help="Start --jobs Dask workers as Slurm jobs on this partition.")
+    ] = None,
+    slurm_gpus: Annotated[int, typer.Option(help="GPUs per Slurm job (tasks then need a GPU).")] = 0,
+    slurm_memory: Annotated[Optional[str], typer.Option(help="Memory per Slurm job, e.g. 32GB.")] = None,
+    slurm_walltime: Annotated[Optional[str], typer.Option(help="Time limit per Slurm job, e.g. 04:00:00.")] = None,
+    slurm_config: Annotated[
+        Optional[Path], typer.Option(help="YAML of SLURMCluster settings (dask-jobqueue's format).")
+    ] = None,
     epochs: Epochs = _default("epochs"),
     batch_size: Batch = _default("batch_size"),
     lr: Lr = _default("lr"),
@@ -204,19 +223,32 @@ def loocv(
         score=score,
         name=name,
     )
-    print_comparison(
-        run(
-            dataset,
-            split_list(encoders),
-            split_list(modes),
-            options,
-            jobs=jobs,
-            workspace=Workspace.resolve(workspace, features_root),
-            device=device,
-            in_memory=in_memory,
-            overwrite=overwrite,
+    slurm = None
+    if slurm_partition or slurm_config or slurm_gpus or slurm_memory or slurm_walltime:
+        slurm = dict(
+            partition=slurm_partition,
+            gpus=slurm_gpus,
+            memory=slurm_memory,
+            walltime=slurm_walltime,
+            config=str(slurm_config) if slurm_config else None,
         )
+    comparison = run(
+        dataset,
+        split_list(encoders),
+        split_list(modes),
+        options,
+        jobs=jobs,
+        workspace=Workspace.resolve(workspace, features_root),
+        device=device,
+        in_memory=in_memory,
+        overwrite=overwrite,
+        scheduler=scheduler,
+        slurm=slurm,
     )
+    print_comparison(comparison)
+    out.print("[bold]where the folds ran[/] (fold, worker, seconds):")
+    for line in comparison["_placement"]:
+        out.print(f"  {line}", soft_wrap=True, markup=False)
 
 
 def featcache_main() -> None:  # console script `featcache`

@@ -304,3 +304,79 @@ def test_extract_bad_input(prepared, tmp_path):
     )
     assert r.exit_code == 2 and "0 <= K < N" in r.output
     assert not (ws / "features" / "tiny" / "uni2h.zarr").exists()
+
+
+def _rank_processes(tag: str) -> dict[int, int]:
+    """{RANK: pid} of the live processes torchrun started with ``FEATCACHE_TEST_TAG=tag``."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        try:
+            env = dict(kv.split(b"=", 1) for kv in (d / "environ").read_bytes().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError):
+            continue
+        if env.get(b"FEATCACHE_TEST_TAG") == tag.encode() and b"RANK" in env and b"LOCAL_RANK" in env:
+            found[int(env[b"RANK"])] = int(d.name)
+    return found
+
+
+def test_two_ranks_under_torchrun_write_the_single_process_store_and_a_killed_rank_resumes(prepared, tmp_path):
+    """`torchrun --nproc-per-node 2 -m featcache extract` on the CPU: two processes, one store whose chunks
+    equal a single-process extract's, byte for byte; a rank SIGKILLed mid-way (torchrun then stops the
+    other) is restarted by running the same command again, and the store it finishes is the same."""
+    ws, _ = prepared
+    base = [
+        "extract",
+        "--encoder",
+        "densenet121",
+        "--weights",
+        "random:0",
+        "--dataset",
+        "tiny",
+        "--workspace",
+        str(ws),
+        "--batch-size",
+        "1",
+        "--chunk-patches",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    single = tmp_path / "single.zarr"
+    # torchrun gives each rank one thread (OMP_NUM_THREADS=1); a convolution's float sums split over more
+    # threads differ in their last bits, so the single-process reference runs with one thread too
+    assert run_cli(*base, "--output", str(single), env={"OMP_NUM_THREADS": "1"}).wait(timeout=300) == 0
+    tag = f"torchrun-{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, "FEATCACHE_TEST_TAG": tag, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+    def launch(store: Path) -> subprocess.Popen:
+        args = [*torchrun, "-m", "featcache", *base, "--output", str(store)]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    both = tmp_path / "torchrun.zarr"
+    p = launch(both)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert "shard 0/2" in out and "shard 1/2" in out  # two ranks, each its own part
+    assert verify_store(both).ok and chunk_files(both) == chunk_files(single)
+
+    killed = tmp_path / "killed.zarr"
+    p = launch(killed)
+    deadline = time.time() + 240
+    victim = None
+    while time.time() < deadline and victim is None:
+        ranks = _rank_processes(tag)
+        if 1 in ranks and len(list(killed.glob("*/_done/[0-9]*"))) >= 1:
+            victim = ranks[1]
+        time.sleep(0.02)
+    assert victim is not None, "rank 1 never started writing"
+    os.kill(victim, signal.SIGKILL)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0  # torchrun reports the lost rank and stops the other
+    assert not store_status(killed).complete, "the run finished before rank 1 could be killed"
+    p = launch(killed)  # the same command again: each rank skips its finished chunks
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert store_status(killed).complete and verify_store(killed).ok
+    assert chunk_files(killed) == chunk_files(single)
+    assert not _rank_processes(tag)

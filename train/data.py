@@ -26,6 +26,7 @@ from featcache.errors import FeatcacheError
 from featcache.geometry import GEOMETRY
 from featcache.stores import Dataset, FeatureStore
 from featcache.stores.features import CHANNEL_FIRST, all_finite
+from featcache.stores.zarrio import missing_chunks
 from featcache.streams import Prefetcher
 from train.config import BLOCK_BINS
 
@@ -265,9 +266,16 @@ def read_tokens(arrays: SampleArrays, sample: str, idx: np.ndarray) -> np.ndarra
     tokens = _compute(arrays, "tokens", idx)
     if not all_finite(tokens):
         bad = sorted({int(idx[i]) for i in np.argwhere(~np.isfinite(tokens))[:, 0]})
+        store = getattr(arrays.source, "store", None)
+        where, gone = "STORE", ""
+        if store is not None:
+            where = str(store.loc)
+            if store.path is not None:  # a deleted chunk file reads as NaN (the fill value): name the file
+                files = missing_chunks(store.group("r")[sample]["tokens"], store.path / sample / "tokens")
+                gone = f" (chunk file(s) missing: {', '.join(f'{sample}/tokens/{k}' for k in files[:3])})" * bool(files)
         raise FeatcacheError(
-            f"non-finite features in sample {sample}, patches {bad[:5]}{' ...' if len(bad) > 5 else ''}. The feature "
-            "store is damaged: run `featcache verify --repair STORE`, then rerun `featcache extract`."
+            f"non-finite features in sample {sample}, patches {bad[:5]}{' ...' if len(bad) > 5 else ''}{gone}. The "
+            f"feature store is damaged: run `featcache verify --repair {where}`, then rerun `featcache extract`."
         )
     return tokens
 

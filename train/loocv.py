@@ -4,24 +4,12 @@ comparison file, rebuilt from all the dataset's finished run folders (train/summ
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
-
 from featcache.errors import FeatcacheError
 from featcache.stores import Workspace
+from train.cluster import FoldRunner, placement_lines
 from train.config import MODES, TrainConfig
 from train.data import FoldInputs
-from train.run import train_fold
 from train.summary import summarize
-
-
-def _job(task: tuple) -> tuple:
-    cfg, workspace, runtime, jobs = task
-    if jobs > 1:
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
-    train_fold(cfg, workspace, **runtime)
 
 
 def loocv_configs(
@@ -52,10 +40,17 @@ def run_loocv(
     in_memory: str = "auto",
     overwrite: bool = False,
     show_progress: bool = True,
+    scheduler: str | None = None,
+    slurm: dict | None = None,
+    runner: FoldRunner | None = None,
 ) -> dict:
     """Train every fold of every (encoder, mode) and write the comparison file.
 
     Every feature store is checked before any training starts; ``options`` are TrainConfig fields.
+    Each fold is one task of ``runner`` (train/cluster.py; opened here from ``jobs``, ``scheduler`` and
+    ``slurm`` when not given). The comparison's ``_tasks`` says where each fold ran and how long it took.
+    A fold that fails does not stop the others: they finish and are kept (and summarized), then one
+    FeatcacheError names each failed fold and its message.
     """
     ws = Workspace.resolve(workspace)
     ds = ws.open_dataset(dataset)
@@ -63,25 +58,28 @@ def run_loocv(
         raise FeatcacheError(
             f"dataset {dataset!r} has {len(ds.patients)} patient(s); leave-one-patient-out needs two or more."
         )
-    if jobs < 1:
-        raise FeatcacheError(f"--jobs {jobs}: must be at least 1.")
     configs = loocv_configs(dataset, encoders, modes, list(ds.patients), options or {})
     for e, random in {(c.encoder, c.mode == "random") for c in configs if not c.finetune}:
         FoldInputs(ds, ws.feature_store(dataset, e, random))
-    runtime = {
-        "device": device,
-        "in_memory": in_memory,
-        "overwrite": overwrite,
-        "show_progress": show_progress and jobs == 1,
-    }
-    tasks = [(cfg, ws, runtime, jobs) for cfg in configs]  # the Workspace: its root and where features live
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(_job, tasks))
+    runtime = {"device": device, "in_memory": in_memory, "overwrite": overwrite, "show_progress": show_progress}
+    if runner is None:
+        with FoldRunner(jobs, scheduler, slurm, device) as own:
+            reports = own.run(configs, ws, runtime, show_progress)
     else:
-        for t in tasks:
-            _job(t)
-    return summarize(dataset, ws.root)
+        reports = runner.run(configs, ws, runtime, show_progress)
+    failed = [r for r in reports if r["error"]]
+    comparison = summarize(dataset, ws.root) if len(failed) < len(reports) else None
+    if failed:
+        kept = f"; the other {len(reports) - len(failed)} fold(s) finished and are kept" if comparison else ""
+        where = f" (comparison file: {comparison['_path']})" if comparison else ""
+        raise FeatcacheError(
+            f"{len(failed)} of {len(reports)} fold(s) failed{kept}{where}:\n"
+            + "\n".join(f"  {r['label']}: {r['error']}" for r in failed)
+            + "\nFix what each names and run the same command again: finished folds are reused."
+        )
+    comparison["_tasks"] = reports
+    comparison["_placement"] = placement_lines(reports)
+    return comparison
 
 
 def encoders_with_features(dataset: str, mode: str, workspace=None) -> list[str]:
