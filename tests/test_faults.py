@@ -4,11 +4,14 @@ dead holder's lock is cleared), and images too large to decode refused before de
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 from conftest import run_fold
@@ -66,3 +69,51 @@ def test_a_dead_holders_lock_is_cleared_and_another_hosts_is_named(tiny_cnn_feat
     (fold / ".writer.lock").write_text(json.dumps({**lock, "host": "node-17"}))
     with pytest.raises(FeatcacheError, match=f"pid {gone.pid} on host node-17.*delete {fold / '.writer.lock'}"):
         run_fold("tiny", "tiny-cnn", "P2", mode="random", workspace=ws, **settings)
+
+
+def bomb_png(path, side: int = 45_000) -> None:
+    """A real, valid palette PNG of side × side white pixels in ~2 MB: every row compresses to the same bytes."""
+    row = b"\0" * (side + 1)  # filter 0, palette index 0
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = deflate.compress(row) + deflate.flush(zlib.Z_FULL_FLUSH)
+    again = deflate.compress(row) + deflate.flush(zlib.Z_FULL_FLUSH)  # history reset: each further row is this
+    adler = (side * len(row) % 65521) << 16 | 1  # Adler-32 of zero bytes: A stays 1, B counts them
+    idat = b"\x78\xda" + first + again * (side - 1) + deflate.flush(zlib.Z_FINISH) + struct.pack(">I", adler)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 3, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"PLTE", b"\xff\xff\xff")
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_too_large_to_decode_is_refused_before_decoding(tiny_cnn_features, tmp_path):
+    ws, _ = tiny_cnn_features
+    run = run_fold("tiny", "tiny-cnn", "P2", mode="random", workspace=ws, decoder="linear", epochs=1, batch_size=4)
+    image = tmp_path / "huge.png"
+    bomb_png(image)
+    assert image.stat().st_size < 4 << 20
+    limit = 8 << 30  # what this process may map (ulimit -v): far less than the image decoded (~12 GiB)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    out = tmp_path / "pred"
+    args = [sys.executable, "-m", "featcache", "predict", "--run", str(run.run_dir), "--image", str(image)]
+    p = subprocess.run(
+        [*args, "--output", str(out), "--workspace", str(ws), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=cap,
+    )
+    said = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "MemoryError" not in p.stderr, p.stderr[-2000:]
+    assert f"{image} is 45,000 × 45,000 px" in said and "GiB of memory" in said and "tiled pyramidal TIFF" in said
+    assert not out.exists() and left_behind(tmp_path) == []
