@@ -34,6 +34,7 @@ from featcache.stores.files import (
     _alive,
     append_line,
     create_exclusive,
+    is_temporary,
     read_json,
     staged_dir,
     write_bytes,
@@ -113,7 +114,7 @@ class RunDir:
         first. Nothing is written here: :meth:`write_config` does that once the run can start.
         """
         old = self.read_config()
-        if old is None and self.path.exists() and any(p.name != LOCK for p in self.path.iterdir()):
+        if old is None and self.path.exists() and any(not _ours(p.name) for p in self.path.iterdir()):
             if not overwrite:
                 raise FeatcacheError(
                     f"{self.path} holds files but no config.json; it is not a run folder featcache "
@@ -242,6 +243,11 @@ class RunDir:
         if not self.predictions_path.exists():
             raise FeatcacheError(f"predictions of run not found: {self.predictions_path}")
         return xr.open_zarr(self.predictions_path, consolidated=False)
+
+
+def _ours(name: str) -> bool:
+    """The writer's lock, or a temp file a writer killed mid-write left: no run data."""
+    return name == LOCK or is_temporary(name)
 
 
 class RunLock:
