@@ -40,7 +40,7 @@ def files() -> list[str]:
     return sorted(str(p.relative_to(ws)) for p in ws.rglob("*") if p.is_file()) if ws.exists() else []
 
 
-LEAVE_OUTPUT = 1_000_000  # on a 4 MB disk: the zarr store fits, the AnnData file (HDF5) does not
+LEAVE_OUTPUT = 1_000_000  # room for the zarr store, not for the AnnData file (HDF5) too
 out = {}
 tmpfs("size=1m")
 prepare = ("featcache", "prepare", "--dataset", "d", "--sample", f"P1={p1}", "--sample", f"P2={p2}")
@@ -104,14 +104,15 @@ out["predict_again"]["left"] = [f for f in files() if f.startswith("predictions"
 # --output on a disk of its own that is full: one message, nothing left there; then it completes
 elsewhere = Path(f"{mount}-out")
 elsewhere.mkdir(exist_ok=True)
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "featcache-out", str(elsewhere)], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "featcache-out", str(elsewhere)], check=True)
 output = ("--output", str(elsewhere / "pred"))
 filler = fill(LEAVE_OUTPUT, elsewhere)
 out["predict_output_full"] = run(*predict, *output)
 out["predict_output_full"]["left"] = sorted(p.name for p in elsewhere.iterdir() if p != filler)
 filler.unlink()
 out["predict_output_again"] = run(*predict, *output)
-out["predict_output_again"]["left"] = sorted(p.name for p in (elsewhere / "pred").iterdir())
+pred = elsewhere / "pred"
+out["predict_output_again"]["left"] = sorted(p.name for p in pred.iterdir()) if pred.is_dir() else []
 subprocess.run(["umount", str(elsewhere)], check=False)
 
 remount("ro")
