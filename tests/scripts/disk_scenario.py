@@ -104,7 +104,7 @@ out["predict_again"]["left"] = [f for f in files() if f.startswith("predictions"
 # --output on a disk of its own that is full: one message, nothing left there; then it completes
 elsewhere = Path(f"{mount}-out")
 elsewhere.mkdir(exist_ok=True)
-subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "featcache-out", str(elsewhere)], check=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "featcache-out", str(elsewhere)], check=True)
 output = ("--output", str(elsewhere / "pred"))
 filler = fill(LEAVE_OUTPUT, elsewhere)
 out["predict_output_full"] = run(*predict, *output)
