@@ -39,7 +39,7 @@ def synth(
     seed: SeedOpt = 0,
     rows: Annotated[int, typer.Option(help="8 µm bins along array_row per sample.")] = 128,
     cols: Annotated[int, typer.Option(help="8 µm bins along array_col per sample.")] = 160,
-    genes: Annotated[int, typer.Option(help="Genes in the panel, 64 or more (above 2000 drawn sparsely).")] = 250,
+    genes: Annotated[int, typer.Option(help="Genes in the panel, at least 61 (above 2000 drawn sparsely).")] = 250,
     sections: Annotated[
         int, typer.Option(help="Sections per patient (samples <patient>-s1, -s2, ...; writes manifest.csv).")
     ] = 1,

@@ -46,6 +46,51 @@ def _decode_hint(exc: Exception) -> str:
     return "the file is truncated or damaged; copy it again from the source"
 
 
+def memory_headroom() -> int:
+    """Bytes this process can still allocate: the least of the machine's available memory, the address-space limit
+    (``ulimit -v``) less what the process maps, and its cgroup's limit less what the cgroup uses."""
+    import resource
+
+    room = []
+    meminfo = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            meminfo[key] = int(value.split()[0]) * 1024
+        room.append(meminfo["MemAvailable"])
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        try:
+            status = Path("/proc/self/status").read_text()
+            mapped = int(re.search(r"VmSize:\s+(\d+)", status).group(1)) * 1024
+        except (OSError, AttributeError):
+            mapped = 0
+        room.append(limit - mapped)
+    try:
+        top = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if top != "max":
+            room.append(int(top) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(room)) if room else 1 << 62
+
+
+def _refuse_too_large_to_decode(path: Path, im) -> None:
+    """A JPEG/PNG is decoded whole: one whose pixels would not fit in memory is refused from its header, before."""
+    per_pixel = {"1": 1, "L": 1, "P": 1, "RGB": 3, "RGBA": 4, "CMYK": 4, "I;16": 2, "I": 4, "F": 4}.get(im.mode, 4)
+    need = im.width * im.height * (per_pixel + 6)  # the decoded image, its RGB conversion and the array
+    room = memory_headroom()
+    if need > room:
+        raise FeatcacheError(
+            f"{path} is {im.width:,} × {im.height:,} px: a {im.format or 'plain'} image is decoded whole, which needs "
+            f"about {need / 2**30:.1f} GiB of memory, and this process has {room / 2**30:.1f} GiB. Convert it to a "
+            "tiled pyramidal TIFF, which is read region by region (e.g. `vips tiffsave IMAGE out.tif --tile "
+            "--pyramid --compression jpeg`), and pass that; or run where more memory is free."
+        )
+
+
 class Slide:
     """An RGB H&E image (TIFF family, read region by region; or JPEG/PNG, read once) as uint8."""
 
@@ -91,6 +136,7 @@ class Slide:
             with warnings.catch_warnings(), Image.open(self.path) as im:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 self.compression = (im.format or "image").lower()
+                _refuse_too_large_to_decode(self.path, im)
                 if im.width * im.height > 89_478_485:
                     self.notes.append(
                         f"{self.path.name}: {im.width} × {im.height} px read whole (Pillow's pixel limit "

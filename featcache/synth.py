@@ -117,6 +117,7 @@ MARKERS: dict[str, tuple[float, dict[int, float]]] = {
     "TPT1": (1.5, _ALL),
     "RPLP0": (1.0, _ALL),
 }
+MIN_GENES = len(MARKERS)  # the panel holds every marker; `featcache synth --help` states this number
 LEAK = 0.04
 NB_SIZE = 2.5  # counts ~ Poisson(rate × Gamma(NB_SIZE, 1/NB_SIZE)): negative binomial with this size
 
@@ -166,7 +167,7 @@ def _sample_rng(seed: int, sample: str, purpose: str) -> np.random.Generator:
 def gene_table(n_genes: int, seed: int) -> pd.DataFrame:
     """Named marker genes plus low-level filler genes up to ``n_genes`` (shared by all samples)."""
     if n_genes < len(MARKERS):
-        raise FeatcacheError(f"--genes must be at least {len(MARKERS)} (the named marker programmes).")
+        raise FeatcacheError(f"--genes must be at least {MIN_GENES} (the named marker genes); got {n_genes}.")
     rng = np.random.default_rng([seed, 7])
     names = list(MARKERS)
     n_fill = n_genes - len(names)

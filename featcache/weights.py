@@ -99,6 +99,9 @@ def _hf_cache_file(repo: str) -> Path | None:
     for name in PREFERRED:
         hit = try_to_load_from_cache(repo, name)
         if isinstance(hit, str) and Path(hit).is_file():
+            _drop_if_not_checkpoint(
+                Path(hit), f"the Hugging Face cache's {name} of {repo}", "Run the same command again"
+            )
             return Path(hit)
     return None
 
@@ -109,18 +112,101 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def checkpoint_mismatch(path: Path) -> str | None:
+    """Why ``path`` is not what its name says (a safetensors file, or a torch zip / pickle), or None when it is.
+
+    Only the first bytes are read: enough to catch an HTML page or an error text saved under a checkpoint's name.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if path.suffix == ".safetensors":
+        n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+        if len(head) > 8 and 0 < n <= size - 8 and head[8:9] == b"{":
+            return None
+        kind = "a safetensors file"
+    else:
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+            return None
+        kind = "a PyTorch checkpoint"
+    text = head.lstrip()
+    what = "an HTML page" if text[:1] == b"<" else f"{size} bytes beginning {head[:24]!r}"
+    return f"is not {kind} but {what}"
+
+
+def _drop_if_not_checkpoint(path: Path, label: str, then: str) -> None:
+    """A file in the Hugging Face cache that is not a checkpoint is removed (link and blob), with one message."""
+    why = checkpoint_mismatch(path)
+    if why is None:
+        return
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+    raise FeatcacheError(
+        f"{label} {why} (a proxy or login page answered instead of the hub?); removed it from the cache "
+        f"({path}). {then} once the hub serves the file, or supply the weights with --weights FILE."
+    )
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind a hub error (or its causes), if it got an answer at all."""
+    seen = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _download_failure(repo: str, name: str, page: str, host: str, exc: BaseException) -> str:
+    """What happened to a download, in words: the hub's status, an unreachable host, a timeout, or the error."""
+    offline = "supply the weights offline with --weights FILE or $FEATCACHE_WEIGHTS (HF_HUB_OFFLINE=1 never tries)"
+    status = _http_status(exc)
+    root = _root_cause(exc)
+    if status in (401, 403):
+        return (
+            f"the hub at {host} refused access to {repo} (HTTP {status}): the model is gated or private. Accept "
+            f"its licence on {page}, log in (`hf auth login`, or set HF_TOKEN) and run again."
+        )
+    if status == 404:
+        return f"{repo}/{name} was not found on the hub at {host} (HTTP 404); check the model name, or {offline}."
+    if status is not None and status >= 500:
+        return (
+            f"the hub at {host} answered HTTP {status} (a server error) to {repo}/{name}, also after retries: "
+            f"the hub's side failed. Run again later, or {offline}."
+        )
+    if status is not None:
+        return f"the hub at {host} answered HTTP {status} to {repo}/{name}; run again later, or {offline}."
+    reason = str(root)[:120] or type(root).__name__
+    if "Timeout" in type(root).__name__ or isinstance(root, TimeoutError):
+        return f"the hub at {host} did not answer in time ({reason}); check the connection and run again, or {offline}."
+    if "Connect" in type(root).__name__ or isinstance(root, (ConnectionError, OSError)):
+        return (
+            f"cannot reach the hub at {host} ({reason}): check the network, a proxy and HF_ENDPOINT, "
+            f"and run again, or {offline}."
+        )
+    return f"could not download {repo} from {page} ({type(root).__name__}: {reason}); run again, or {offline}."
+
+
 def _download(repo: str) -> Path:
     """The model's checkpoint downloaded from the hub into the Hugging Face cache; one clear error otherwise."""
     from huggingface_hub import errors, hf_hub_download
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    page = f"{(endpoint or 'https://huggingface.co').rstrip('/')}/{repo}"
-    missing = tuple(
-        getattr(errors, n) for n in ("EntryNotFoundError", "RemoteEntryNotFoundError") if hasattr(errors, n)
-    )
+    host = (endpoint or "https://huggingface.co").rstrip("/")
+    page = f"{host}/{repo}"
+    missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
     for name in PREFERRED:
         try:
-            return Path(hf_hub_download(repo, name, endpoint=endpoint))
+            path = Path(hf_hub_download(repo, name, endpoint=endpoint))
         except errors.GatedRepoError:
             raise FeatcacheError(
                 f"{repo} is a gated model and this account has no access: accept its licence on "
@@ -131,14 +217,14 @@ def _download(repo: str) -> Path:
                 f"{repo} was not found on the hub at {page} (or it is private and you are not logged "
                 "in: `hf auth login`, or set HF_TOKEN)."
             ) from None
+        except errors.LocalEntryNotFoundError as exc:  # the hub could not be asked (it wraps why)
+            raise FeatcacheError(_download_failure(repo, name, page, host, exc)) from None
         except missing:
-            continue
-        except Exception as exc:  # noqa: BLE001 - network failures take many forms
-            raise FeatcacheError(
-                f"could not download {repo} from {page} ({type(exc).__name__}: {str(exc)[:120]}). "
-                "Check the connection, or supply the weights offline with --weights FILE or "
-                f"$FEATCACHE_WEIGHTS (set HF_HUB_OFFLINE=1 to never try)."
-            ) from None
+            continue  # this file name is not in the repository: try the next one
+        except Exception as exc:  # noqa: BLE001 - network failures take many forms; each is said in words
+            raise FeatcacheError(_download_failure(repo, name, page, host, exc)) from None
+        _drop_if_not_checkpoint(path, f"{name} downloaded from {page}", "Run the same command again")
+        return path
     raise FeatcacheError(
         f"{repo} on the hub has none of {', '.join(PREFERRED)}; pass the checkpoint with --weights FILE."
     )

@@ -41,6 +41,12 @@ def test_full_disk_and_read_only_workspace(synth_dir, tmp_path):
         assert steps[step]["last"].startswith("error: the disk is full"), steps[step]
     assert steps["prepare_full"]["left"] == [] and steps["prepare_full"]["hidden"] == []  # nothing half-written
     assert steps["predict_full"]["left"] == [], steps["predict_full"]  # the hidden prediction folder is removed
+    # --output onto a disk of its own that fills while the AnnData file is written: one message, no crash
+    assert steps["predict_output_full"]["code"] == 2 and not steps["predict_output_full"]["traceback"], steps
+    assert steps["predict_output_full"]["last"].startswith("error: the disk is full"), steps["predict_output_full"]
+    assert steps["predict_output_full"]["left"] == [], steps["predict_output_full"]
+    assert steps["predict_output_again"]["code"] == 0, steps["predict_output_again"]
+    assert "prediction.json" in steps["predict_output_again"]["left"], steps["predict_output_again"]
     for step in ("prepare_again", "extract_again", "train_again", "predict_again"):
         assert steps[step]["code"] == 0 and not steps[step]["traceback"], steps[step]
     assert len(steps["predict_again"]["left"]) == 1, steps["predict_again"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import numpy as np
@@ -110,3 +111,24 @@ def test_refuses_existing_output(synth_dir):
 
     with pytest.raises(FeatcacheError, match="already exists"):
         synthesize(synth_dir, ["P1"], SMALL)
+
+
+def test_gene_minimum_is_the_one_help_states(tmp_path):
+    """`synth --help` and the refusal name the same minimum, and that minimum is enough to synthesize."""
+    import subprocess
+    import sys
+
+    from featcache.synth import MIN_GENES
+
+    env = {**os.environ, "COLUMNS": "300", "TERM": "dumb"}
+    run = [sys.executable, "-m", "featcache", "synth"]
+    shown = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env, timeout=120).stdout
+    assert f"at least {MIN_GENES} " in " ".join(shown.split()), shown
+    p = subprocess.run(
+        [*run, str(tmp_path / "few"), "--genes", str(MIN_GENES - 1)], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"--genes must be at least {MIN_GENES} " in " ".join(p.stderr.split()), p.stderr
+    assert not (tmp_path / "few").exists()
+    synthesize(tmp_path / "min", ["X"], SynthConfig(rows=32, cols=32, n_genes=MIN_GENES, seed=1))
+    assert dense_counts(tmp_path / "min" / "X" / BIN8 / "filtered_feature_bc_matrix.h5")[1].shape[1] == MIN_GENES

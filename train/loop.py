@@ -38,6 +38,11 @@ class Distributed:
                 dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
                 self.started = True
 
+    @staticmethod
+    def is_main(finetune: bool) -> bool:
+        """Whether this process is the main rank (before the process group starts): the one that holds the run folder."""
+        return not finetune or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+
     def wrap(self, model, dev):
         if self.world == 1:
             return model

@@ -56,11 +56,11 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     try:
+        with open(tmp, "wb") as fh:  # a full disk fails here: the temp file goes too
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.link(tmp, path)  # atomic, and fails when the path exists
         return True
     except FileExistsError:

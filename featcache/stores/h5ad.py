@@ -16,7 +16,10 @@ grow with the slide).
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -103,7 +106,7 @@ class BinsH5adWriter:
         import h5py
         from anndata.io import write_elem
 
-        self.samples, self.n_obs = list(samples), 0
+        self.samples, self.n_obs, self.path, self.datasets = list(samples), 0, Path(path), {}
         empty = bins_anndata([], genes, gene_ids, samples=self.samples, layers=layers)
         self.file = f = h5py.File(path, "w")
         try:
@@ -118,7 +121,7 @@ class BinsH5adWriter:
                 chunks = (max(1, min(4096, 2**20 // width)), width)
                 write_elem(group, name, values, dataset_kwargs={"maxshape": (None, width), "chunks": chunks})
         except BaseException:
-            f.close()
+            self._discard()
             raise
 
     def append(self, part: BinRows) -> None:
@@ -134,9 +137,23 @@ class BinsH5adWriter:
                 col.cat.codes.to_numpy() if categorical else col.to_numpy()
             )
         for key, values in columns.items():
-            f[key].resize(self.n_obs + m, axis=0)
-            f[key][self.n_obs : self.n_obs + m] = values
+            ds = self.datasets.get(key)
+            if ds is None:  # held open: HDF5 writes their chunks in flush(), which raises on a full disk
+                ds = self.datasets[key] = f[key]
+            ds.resize(self.n_obs + m, axis=0)
+            ds[self.n_obs : self.n_obs + m] = values
+        self._flush()
         self.n_obs += m
+
+    def _flush(self) -> None:
+        """Write what HDF5 holds back now, so that a full disk raises here (a dataset closed with unwritten chunks
+        only warns, and HDF5 crashes on the next write)."""
+        try:
+            self.file.flush()
+        except RuntimeError as exc:
+            self._detach()
+            code = errno.ENOSPC if "errno = 28" in str(exc) else errno.EIO
+            raise OSError(code, str(exc).splitlines()[0][:200], str(self.path)) from None
 
     def finish(self, uns: dict) -> None:
         """The elements that do not grow: ``uns`` and the empty ``varm``, ``obsp``, ``varp``."""
@@ -149,5 +166,35 @@ class BinsH5adWriter:
     def __enter__(self) -> BinsH5adWriter:
         return self
 
-    def __exit__(self, *_) -> None:
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            self._flush()
+        except OSError:
+            self._discard()
+            raise
+        self.datasets.clear()
         self.file.close()
+
+    def _detach(self) -> None:
+        """Point the failed file's descriptor at /dev/null: HDF5 finishes closing it without writing (the caller
+        removes the file)."""
+        try:
+            fd = self.file.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+        except (OSError, ValueError, RuntimeError):
+            return
+        os.dup2(null, fd)
+        os.close(null)
+
+    def _discard(self) -> None:
+        """Close a file whose writing failed, which the caller removes. On a full disk HDF5 cannot flush what it
+        holds back, fails to close each object and then crashes: its writes go to /dev/null from here on."""
+        self._detach()
+        self.datasets.clear()
+        try:
+            self.file.close()
+        except Exception:  # noqa: BLE001 - the file is thrown away; its own error is not the one to report
+            pass

@@ -18,18 +18,33 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import shutil
+import socket
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.stores.files import append_line, read_json, staged_dir, write_bytes, write_json, write_text
+from featcache.stores.files import (
+    _alive,
+    append_line,
+    create_exclusive,
+    is_temporary,
+    read_json,
+    staged_dir,
+    write_bytes,
+    write_json,
+    write_text,
+)
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
 
 FOLD_PREFIX = "fold-"
+LOCK = ".writer.lock"  # the process writing the folder now: {"pid", "host", "since"} (RunDir.writer)
 
 
 def save_torch(obj, path: Path) -> None:
@@ -99,7 +114,7 @@ class RunDir:
         first. Nothing is written here: :meth:`write_config` does that once the run can start.
         """
         old = self.read_config()
-        if old is None and self.path.exists() and any(self.path.iterdir()):
+        if old is None and self.path.exists() and any(not _ours(p.name) for p in self.path.iterdir()):
             if not overwrite:
                 raise FeatcacheError(
                     f"{self.path} holds files but no config.json; it is not a run folder featcache "
@@ -114,7 +129,7 @@ class RunDir:
             old = None
         if old is None:
             if overwrite and self.path.exists():
-                shutil.rmtree(self.path)
+                self._empty()
             return "new"
         return "done" if self.file("metrics.json").is_file() else "resume"
 
@@ -161,6 +176,18 @@ class RunDir:
     def clear_state(self) -> None:
         self.file("train_state.pt").unlink(missing_ok=True)
         self.drop_bests()
+
+    # ------------------------------------------------------------------ one writer at a time
+    def writer(self, take: bool = True) -> RunLock:
+        """Hold the folder for this process while it trains (``with run.writer(): ...``); another process
+        that holds it makes this raise, naming it. ``take=False`` (the other ranks under torchrun) holds nothing."""
+        return RunLock(self.file(LOCK), take)
+
+    def _empty(self) -> None:
+        """Remove everything in the folder but the writer's lock (``--overwrite``)."""
+        for p in self.path.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     # ------------------------------------------------------------------ results
     def save_checkpoint(self, checkpoint: dict) -> None:
@@ -216,6 +243,88 @@ class RunDir:
         if not self.predictions_path.exists():
             raise FeatcacheError(f"predictions of run not found: {self.predictions_path}")
         return xr.open_zarr(self.predictions_path, consolidated=False)
+
+
+def _ours(name: str) -> bool:
+    """The writer's lock, or a temp file a writer killed mid-write left: no run data."""
+    return name == LOCK or is_temporary(name)
+
+
+class RunLock:
+    """``.writer.lock`` in a run folder: created exclusively with the holder's pid, host and start time, removed
+    when it lets go. A lock whose holder is dead (a process of this host that is gone) is cleared; a lock of another
+    host cannot be checked from here, so it is refused with its holder named."""
+
+    def __init__(self, path: Path, take: bool):
+        self.path, self.take, self.held, self.made_folder = Path(path), take, False, False
+
+    def __enter__(self) -> RunLock:
+        if not self.take:
+            return self
+        self.made_folder = not self.path.parent.exists()
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(5):
+            if create_exclusive(self.path, (json.dumps(me) + "\n").encode()):
+                self.held = True
+                return self
+            holder = self._holder()
+            if holder is not None and not self._dead(holder):
+                raise FeatcacheError(self._busy(holder))
+            self._clear_stale(holder)
+        raise FeatcacheError(f"could not take {self.path}: other processes keep taking it; run again.")
+
+    def __exit__(self, *_) -> None:
+        if not self.held:
+            return
+        self.path.unlink(missing_ok=True)
+        self.held = False
+        if self.made_folder:
+            try:
+                self.path.parent.rmdir()  # only when empty: a run refused before it wrote anything leaves no folder
+            except OSError:
+                pass
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable (its writer died while writing it): stale
+        return holder if isinstance(holder, dict) else {}
+
+    @staticmethod
+    def _dead(holder: dict) -> bool:
+        pid = holder.get("pid")
+        if not isinstance(pid, int):
+            return True
+        return holder.get("host") == socket.gethostname() and not _alive(pid)
+
+    def _busy(self, holder: dict) -> str:
+        host = holder.get("host")
+        here = host == socket.gethostname()
+        return (
+            f"run folder {self.path.parent} is being written by another featcache process (pid {holder.get('pid')} "
+            f"on {'this host' if here else 'host ' + str(host)}, since {holder.get('since')}). Wait for it to finish "
+            "and run again (a finished run is reused), or stop it"
+            + (f" (kill {holder.get('pid')})." if here else f"; if that process is gone, delete {self.path}.")
+        )
+
+    def _clear_stale(self, holder: dict | None) -> None:
+        """Set the dead holder's lock aside and delete it; a lock taken meanwhile by a live process is put back."""
+        if holder is None:
+            return
+        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if json.loads(aside.read_text() or "{}") != holder:
+                os.link(aside, self.path)  # not the one judged dead: give it back (unless a new one is there)
+        except (OSError, ValueError):
+            pass
+        aside.unlink(missing_ok=True)
 
 
 def write_prediction_store(

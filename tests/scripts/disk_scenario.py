@@ -28,9 +28,9 @@ def run(*args) -> dict:
     return {"code": p.returncode, "last": lines[-1] if lines else "", "traceback": "Traceback" in p.stderr}
 
 
-def fill(leave: int) -> Path:
-    st = os.statvfs(mount)
-    filler = mount / "filler"
+def fill(leave: int, where: Path = mount) -> Path:
+    st = os.statvfs(where)
+    filler = where / "filler"
     with open(filler, "wb") as fh:
         fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
     return filler
@@ -40,6 +40,7 @@ def files() -> list[str]:
     return sorted(str(p.relative_to(ws)) for p in ws.rglob("*") if p.is_file()) if ws.exists() else []
 
 
+LEAVE_OUTPUT = 1_000_000  # room for the zarr store, not for the AnnData file (HDF5) too
 out = {}
 tmpfs("size=1m")
 prepare = ("featcache", "prepare", "--dataset", "d", "--sample", f"P1={p1}", "--sample", f"P2={p2}")
@@ -99,6 +100,20 @@ out["predict_full"]["left"] = [f for f in files() if f.startswith("predictions")
 filler.unlink()
 out["predict_again"] = run(*predict)
 out["predict_again"]["left"] = [f for f in files() if f.startswith("predictions") and f.endswith("prediction.json")]
+
+# --output on a disk of its own that is full: one message, nothing left there; then it completes
+elsewhere = Path(f"{mount}-out")
+elsewhere.mkdir(exist_ok=True)
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "featcache-out", str(elsewhere)], check=True)
+output = ("--output", str(elsewhere / "pred"))
+filler = fill(LEAVE_OUTPUT, elsewhere)
+out["predict_output_full"] = run(*predict, *output)
+out["predict_output_full"]["left"] = sorted(p.name for p in elsewhere.iterdir() if p != filler)
+filler.unlink()
+out["predict_output_again"] = run(*predict, *output)
+pred = elsewhere / "pred"
+out["predict_output_again"]["left"] = sorted(p.name for p in pred.iterdir()) if pred.is_dir() else []
+subprocess.run(["umount", str(elsewhere)], check=False)
 
 remount("ro")
 out["read_only"] = run("featcache", "prepare", "--dataset", "other", "--sample", f"P1={p1}")
