@@ -141,7 +141,10 @@ def finetune(
     grad_checkpointing: Annotated[
         bool, typer.Option(help="Recompute encoder activations in backward (less memory).")
     ] = False,
-    augment: Annotated[bool, typer.Option(help="Random 90° turns and flips of image and targets together.")] = True,
+    augment: Annotated[
+        bool,
+        typer.Option(help="Random 90° turns and flips of image and targets together (a variant: runs *-augment)."),
+    ] = False,
     colour_jitter: Annotated[float, typer.Option(help="Brightness / channel-gain jitter strength (0 = off).")] = 0.0,
     seed: Seed = _default("seed"),
     val_fraction: ValFrac = _default("val_fraction"),

@@ -58,7 +58,7 @@ class TrainConfig:
     encoder_lr: float = 1e-5
     micro_batch: int = 16  # patches per forward pass; gradients accumulate to batch_size
     grad_checkpointing: bool = False
-    augment: bool | None = None  # dihedral augmentation; None = on for fine-tuning
+    augment: bool = False  # dihedral augmentation (fine-tuning only; a named variant, "-augment")
     colour_jitter: float = 0.0
 
     @classmethod
@@ -79,13 +79,16 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        """The run folder's name: the mode, then what differs from the default protocol, then the variant name."""
+        """The run folder's name: the mode, then what differs from the default protocol (fine-tuning from random
+        weights, decoder, control, target, scoring, augmentation), then the variant name (docs/design.md §7)."""
         parts = [
             self.mode,
+            "randomweights" if self.finetune and str(self.weights).startswith("random") else None,
             self.decoder if self.decoder != "unet" else None,
             self.control,
             "counts" if self.target == "log1p-counts" else None,
             "allbins" if self.score == "all-bins" else None,
+            "augment" if self.augmented else None,
             self.name,
         ]
         return "-".join(p for p in parts if p)
@@ -101,7 +104,7 @@ class TrainConfig:
 
     @property
     def augmented(self) -> bool:
-        return self.finetune if self.augment is None else self.augment
+        return bool(self.augment)
 
     def validate(self) -> TrainConfig:
         for what, name in (("dataset", self.dataset), ("encoder", self.encoder), ("fold", self.fold)):
