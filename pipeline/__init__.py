@@ -30,7 +30,7 @@ def loocv(
     show_progress: bool = True,
     **runtime,
 ) -> dict:
-    """`train loocv`: random-init features are extracted (seeded with the run seed) when missing, then every fold
+    """`train loocv`: random-init features are extracted (``random:<seed>`` for each seed) when missing, then every fold
     by :func:`train.loocv.run_loocv` (``runtime``: its ``jobs``, ``in_memory``, ``overwrite``)."""
     from featcache.extract import ExtractionConfig, extract
     from train.config import TrainConfig
@@ -38,13 +38,14 @@ def loocv(
 
     ws = Workspace.resolve(workspace)
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    seed = options.get("seed", TrainConfig.seed)
+    seeds = options.get("seeds") or [options.get("seed", TrainConfig.seed)]
     if "random" in modes:
         ws.open_dataset(dataset)
         for e in encoders:
-            if not ws.feature_store(dataset, e, random=True).exists():
-                random = ExtractionConfig(e, weights=f"random:{seed}")
-                extract(dataset, random, workspace=ws.root, device=device, show_progress=show_progress)
+            for seed in seeds:  # random-init features are drawn per seed: <encoder>-random[-s<seed>]
+                if not ws.feature_store(dataset, e, random=True, seed=seed).exists():
+                    random = ExtractionConfig(e, weights=f"random:{seed}")
+                    extract(dataset, random, workspace=ws.root, device=device, show_progress=show_progress)
     return run_loocv(
         dataset, encoders, modes, options, workspace=ws.root, device=device, show_progress=show_progress, **runtime
     )

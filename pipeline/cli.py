@@ -39,11 +39,13 @@ from train.cli import (
     Name,
     Score,
     Seed,
+    Seeds,
     Target,
     ValFrac,
     Weights,
     _default,
     print_comparison,
+    seed_list,
 )
 
 
@@ -172,6 +174,17 @@ def loocv(
     batch_size: Batch = _default("batch_size"),
     lr: Lr = _default("lr"),
     seed: Seed = _default("seed"),
+    seeds: Seeds = None,
+    lr_grid: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated learning rates, e.g. 1e-4,3e-4,1e-3: each is trained for every fold and the best "
+            "on the training patients' validation region is kept per fold (the same budget for every encoder)."
+        ),
+    ] = None,
+    augment: Annotated[
+        bool, typer.Option(help="Fine-tune runs: dihedral augmentation (a variant: runs *-augment).")
+    ] = False,
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
@@ -183,7 +196,7 @@ def loocv(
 ):
     """Every fold (each patient as the test patient) of every encoder and mode; then the comparison file.
 
-    Random-init features are extracted (seeded with --seed) when missing.
+    Random-init features are extracted (random:<seed>, one store per seed) when missing.
     """
     from pipeline import loocv as run
 
@@ -192,7 +205,9 @@ def loocv(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        seed=seed,
+        seeds=seed_list(seed, seeds),
+        lr_grid=_lr_grid(lr_grid),
+        augment=augment or None,
         val_fraction=val_fraction,
         weights=weights,
         encoder_lr=encoder_lr,
@@ -214,6 +229,19 @@ def loocv(
             overwrite=overwrite,
         )
     )
+
+
+def _lr_grid(text: str | None) -> list[float] | None:
+    from featcache.errors import FeatcacheError
+
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in split_list(text)] or None
+    except ValueError:
+        raise FeatcacheError(
+            f"--lr-grid {text!r}: write learning rates separated by commas, e.g. 1e-4,3e-4,1e-3."
+        ) from None
 
 
 def featcache_main() -> None:  # console script `featcache`

@@ -12,6 +12,7 @@ from conftest import SMALL, run_fold
 from typer.testing import CliRunner
 
 from featcache.stores import Workspace
+from featcache.stores.runs import RunDir
 from featcache.synth import synthesize
 from pipeline.cli import train_app as app
 from train.metrics import evaluate
@@ -44,9 +45,11 @@ def trio(synth_dir, tmp_path_factory):
     return ws
 
 
-def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
-    """A finished run folder written through the store layer, its metrics computed on real arrays."""
-    rng = np.random.default_rng(seed)
+def finished_run(ws, encoder: str, mode: str, fold: str, draw: int, seed: int = 0, folder=None, **config) -> dict:
+    """A finished run folder written through the store layer, its metrics computed on real arrays (``draw`` seeds
+    them); ``config`` overrides config.json entries, ``folder`` names another folder for the same run."""
+    rng = np.random.default_rng(draw)
+    weights = f"random:{seed}" if mode == "random" else "sha256:abc"
     truth = rng.normal(size=(4, 5, 32, 32))
     pred = (0.2 + 0.1 * rng.random()) * truth + rng.normal(size=truth.shape)
     m = evaluate(pred, truth, np.ones((4, 32, 32), bool), np.zeros(5), list("ABCDE"))
@@ -57,13 +60,15 @@ def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
             "baselines": {"per_gene_mean": {"mse": 1.0, "pcc_gene": 0.0}},
             "noise_ceiling": None,
             "test_samples": [fold],
-            "features_weights": "sha256:abc",
+            "features_weights": config.get("features", {}).get("identity", {}).get("weights", weights),
         }
     )
-    run = Workspace(ws).run("trio", encoder, mode, fold)
+    run = RunDir(folder) if folder else Workspace(ws).run("trio", encoder, mode, fold, seed)
     run.write_config(
         {
             "dataset": "trio",
+            "dataset_fingerprint": Workspace(ws).open_dataset("trio").fingerprint,
+            "features": {"store": encoder, "identity": {"encoder": encoder, "weights": weights}},
             "encoder": encoder,
             "mode": mode,
             "run": mode,
@@ -71,11 +76,12 @@ def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
             "epochs": 200,
             "batch_size": 64,
             "lr": 1e-4,
-            "seed": 0,
+            "seed": seed,
             "target": "log1p-cp10k",
             "score": "in-tissue",
             "train_samples": [p for p in ("P1", "P2", "P5") if p != fold],
-            "config_sha256": str(seed),
+            "config_sha256": str(draw),
+            **config,
         }
     )
     run.write_metrics(m)
@@ -183,7 +189,7 @@ def test_one_set_of_defaults_and_run_variants(tiny_cnn_features, tmp_path):
         app, ["finetune", "--encoder", "tiny-cnn", "--weights", "random:0", "--fold", "P1", *base, "--overwrite"]
     )
     assert r.exit_code == 0, r.output
-    fold = ws / "runs" / "tiny" / "tiny-cnn" / "finetune-linear" / "fold-P1"
+    fold = ws / "runs" / "tiny" / "tiny-cnn" / "finetune-randomweights-linear" / "fold-P1"  # from random weights
     before = (fold / "config.json").read_bytes(), (fold / "metrics.json").read_bytes()
     r = CliRunner().invoke(
         app, ["loocv", "--encoders", "tiny-cnn", "--modes", "finetune", "--weights", "random:0", *base]
@@ -199,8 +205,12 @@ def test_one_set_of_defaults_and_run_variants(tiny_cnn_features, tmp_path):
     assert r.exit_code == 0, r.output
     assert (ws / "runs" / "tiny" / "tiny-cnn" / "random-linear-quick" / "fold-P2" / "metrics.json").is_file()
     res = summarize("tiny", ws)
-    assert {"tiny-cnn_random-linear", "tiny-cnn_random-linear-quick"} <= set(res["results"])
-    assert res["results"]["tiny-cnn_random-linear-quick"]["settings"]["epochs"] == 2
+    # fine-tuning from random weights is its own run, never the reference's densenet_finetuned-style key
+    assert set(res["results"]) == {"tiny-cnn_finetune-randomweights-linear"}
+    assert res["results"]["tiny-cnn_finetune-randomweights-linear"]["default_protocol"] is False
+    # one fold of two: listed as incomplete with the reason, outside results
+    for key in ("tiny-cnn_random-linear", "tiny-cnn_random-linear-quick"):
+        assert res["incomplete"][key]["folds"] == ["P2"] and "missing P1" in res["incomplete"][key]["reason"]
 
 
 def test_reproduction_mode_trains_and_scores_as_the_reference(tiny_cnn_features):

@@ -27,6 +27,28 @@ Epochs = Annotated[int, typer.Option(help="Training epochs (the reference study 
 Batch = Annotated[int, typer.Option(help="Effective batch: patches per optimizer step.")]
 Lr = Annotated[float, typer.Option(help="Decoder learning rate (Adam, no weight decay).")]
 Seed = Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling (recorded).")]
+Seeds = Annotated[
+    Optional[str],
+    typer.Option(help="Comma-separated seeds, e.g. 0,1,2: each seed its own run folder (instead of --seed)."),
+]
+
+
+def seed_list(seed: int, seeds: str | None) -> list[int]:
+    """``--seed S`` (one seed) or ``--seeds 0,1,2``; both at once is refused."""
+    from featcache.errors import FeatcacheError
+
+    if seeds is None:
+        return [seed]
+    if seed != _default("seed"):
+        raise FeatcacheError(f"--seed {seed} and --seeds {seeds}: give one of them.")
+    parts = [p.strip() for p in seeds.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise FeatcacheError(
+            f"--seeds {seeds!r}: write distinct non-negative integers separated by commas, e.g. 0,1,2."
+        )
+    return [int(p) for p in parts]
+
+
 ValFrac = Annotated[
     float,
     typer.Option(
@@ -76,6 +98,7 @@ def decoder(
     batch_size: Batch = _default("batch_size"),
     lr: Lr = _default("lr"),
     seed: Seed = _default("seed"),
+    seeds: Seeds = None,
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
@@ -89,7 +112,12 @@ def decoder(
     from train.loocv import encoders_with_features
     from train.run import train_fold
 
-    for enc in [encoder] if encoder else encoders_with_features(dataset, mode, workspace):
+    runs = [
+        (e, s)
+        for e in ([encoder] if encoder else encoders_with_features(dataset, mode, workspace))
+        for s in seed_list(seed, seeds)
+    ]
+    for enc, one_seed in runs:
         cfg = TrainConfig(
             dataset=dataset,
             encoder=enc,
@@ -100,7 +128,7 @@ def decoder(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            seed=seed,
+            seed=one_seed,
             val_fraction=val_fraction,
             target=target,
             score=score,
@@ -147,6 +175,7 @@ def finetune(
     ] = False,
     colour_jitter: Annotated[float, typer.Option(help="Brightness / channel-gain jitter strength (0 = off).")] = 0.0,
     seed: Seed = _default("seed"),
+    seeds: Seeds = None,
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
@@ -158,28 +187,29 @@ def finetune(
     """Fine-tune encoder + decoder end to end from image patches (no feature cache) for one fold."""
     from train.run import train_fold
 
-    cfg = TrainConfig(
-        dataset=dataset,
-        encoder=encoder,
-        fold=fold,
-        mode="finetune",
-        decoder=decoder_kind,
-        epochs=epochs,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        lr=lr,
-        encoder_lr=encoder_lr,
-        weights=weights,
-        grad_checkpointing=grad_checkpointing,
-        augment=augment,
-        colour_jitter=colour_jitter,
-        seed=seed,
-        val_fraction=val_fraction,
-        target=target,
-        score=score,
-        name=name,
-    )
-    _report(encoder, fold, train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite))
+    for one_seed in seed_list(seed, seeds):
+        cfg = TrainConfig(
+            dataset=dataset,
+            encoder=encoder,
+            fold=fold,
+            mode="finetune",
+            decoder=decoder_kind,
+            epochs=epochs,
+            batch_size=batch_size,
+            micro_batch=micro_batch,
+            lr=lr,
+            encoder_lr=encoder_lr,
+            weights=weights,
+            grad_checkpointing=grad_checkpointing,
+            augment=augment,
+            colour_jitter=colour_jitter,
+            seed=one_seed,
+            val_fraction=val_fraction,
+            target=target,
+            score=score,
+            name=name,
+        )
+        _report(encoder, fold, train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite))
 
 
 @app.command()

@@ -49,7 +49,7 @@ def train_fold(
         raise FeatcacheError(f"--in-memory {in_memory!r}: use auto, yes or no.")
     ws = Workspace.resolve(workspace)
     inputs, encoder, record = _inputs(ws, cfg)
-    run = ws.run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold, cfg.seed)
+    run = ws.run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold, cfg.seed, cfg.trial_lr)
     hint = f", or --name NAME to train a variant beside it (runs/{cfg.dataset}/{cfg.encoder}/{cfg.run_name}-NAME/)"
     if run.claim(record, overwrite, hint) == "done":
         return FoldResult(run.path, run.read_metrics(), reused=True)

@@ -179,9 +179,9 @@ class Workspace:
                 )
 
     # ------------------------------------------------------------------ runs and results
-    def run(self, dataset: str, encoder: str, run: str, fold: str, seed: int = 0) -> RunDir:
-        """One run folder, ``runs/<dataset>/<encoder>/<run>/fold-<fold>[-seed<seed>]/`` (it may not exist yet):
-        seed 0 has no suffix, every other seed is its own folder beside it.
+    def run(self, dataset: str, encoder: str, run: str, fold: str, seed: int = 0, lr: float | None = None) -> RunDir:
+        """One run folder, ``runs/<dataset>/<encoder>/<run>/fold-<fold>[-seed<seed>][-lr<lr>]/`` (it may not exist
+        yet): seed 0 has no suffix, every other seed is its own folder beside it, as is each trial of an lr grid.
 
         Parameters
         ----------
@@ -192,13 +192,15 @@ class Workspace:
             The test patient.
         seed : int
             The training seed.
+        lr : float, optional
+            The learning rate of one trial of an lr grid.
 
         Returns
         -------
         RunDir
         """
         parts = [check_name(dataset, "dataset"), check_name(encoder, "encoder"), check_name(run, "run name")]
-        tail = f"-seed{seed}" if seed else ""
+        tail = (f"-seed{seed}" if seed else "") + (f"-lr{lr:g}" if lr is not None else "")
         return RunDir(self.root / "runs" / Path(*parts) / f"{FOLD_PREFIX}{check_name(fold, 'fold')}{tail}")
 
     def runs_dir(self, dataset: str) -> Path:
