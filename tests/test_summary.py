@@ -238,3 +238,71 @@ def test_reproduction_mode_trains_and_scores_as_the_reference(tiny_cnn_features)
     assert np.allclose(stored.truth.values, np.log1p(pred.counts.values))  # log1p of raw counts, nothing else
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["target"] == "log1p-counts" and "log1p(raw counts)" in cfg["target_transform"]
+
+
+def _strict(text: str) -> dict:
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_only_complete_comparable_runs_of_this_dataset_enter_results(trio, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trio / "datasets", ws / "datasets")
+    folds = ("P1", "P2", "P5")
+    for seed in (0, 1):  # complete, two seeds
+        for j, f in enumerate(folds):
+            finished_run(ws, "uni2h", "frozen", f, 10 * seed + j, seed=seed)
+    finished_run(ws, "virchow2", "frozen", "P1", 40)  # one fold
+    for j, f in enumerate(folds):  # an earlier preparation of the dataset, with the best score of all
+        finished_run(ws, "hoptimus0", "frozen", f, 50 + j, dataset_fingerprint="0" * 64)
+        rd = Workspace(ws).run("trio", "hoptimus0", "frozen", f)
+        rd.write_metrics({**rd.read_metrics(), "pcc_gene": 0.99})
+    for j, f in enumerate(folds):  # each fold from another random-init store
+        finished_run(ws, "densenet121", "random", f, 60 + j, features={"identity": {"weights": f"random:{j}"}})
+    for j, f in enumerate(folds):  # one fold trained with other settings
+        finished_run(ws, "densenet121", "frozen", f, 70 + j, epochs=50 if f == "P5" else 200)
+    for j, f in enumerate(folds):  # a fold copied in twice
+        finished_run(ws, "uni2h", "random", f, 80 + j)
+    finished_run(ws, "uni2h", "random", "P1", 90, folder=ws / "runs" / "trio" / "uni2h" / "random" / "fold-P1-copy")
+
+    res = summarize("trio", ws)
+    assert set(res["results"]) == {"uni2h_frozen"}
+    assert res["about"]["best_by_pcc_gene"] == "uni2h_frozen" and res["about"]["runs"] == ["uni2h_frozen"]
+    assert set(res["summary"]) == {"UNI2-h"}
+    assert "seed 0 has 1 of 3 folds (missing P2, P5)" in res["incomplete"]["virchow2_frozen"]["reason"]
+    assert sorted(f["run_dir"] for f in res["foreign"]) == [f"runs/trio/hoptimus0/frozen/fold-{f}" for f in folds]
+    assert all("dataset fingerprint" in f["reason"] for f in res["foreign"])
+    assert set(res["inconsistent"]) == {"densenet_random_init", "densenet_frozen", "uni2h_random"}
+    assert "different weights (random:0, random:1, random:2)" in res["inconsistent"]["densenet_random_init"]["reason"]
+    assert "epochs" in res["inconsistent"]["densenet_frozen"]["reason"]
+    assert "fold P1 seed 0 has two run folders" in res["inconsistent"]["uni2h_random"]["reason"]
+    # the complete run: per fold the mean over its seeds, each seed listed; spread over folds and over seeds
+    run = res["results"]["uni2h_frozen"]
+    assert run["seeds"] == [0, 1] and run["settings"]["seeds"] == [0, 1]
+    for f in folds:
+        entry = run["fold_results"][f"test_{f}"]
+        assert [e["seed"] for e in entry["per_seed"]] == [0, 1]
+        assert entry["per_seed"][1]["run_dir"] == f"runs/trio/uni2h/frozen/fold-{f}-seed1"
+        assert entry["pcc_gene"] == pytest.approx(np.mean([e["pcc_gene"] for e in entry["per_seed"]]))
+    values = [run["fold_results"][f"test_{f}"]["pcc_gene"] for f in folds]
+    assert run["pcc_gene"]["mean"] == pytest.approx(np.mean(values))
+    assert run["pcc_gene"]["std"] == pytest.approx(np.std(values, ddof=0))
+    seed_means = [np.mean([run["fold_results"][f"test_{f}"]["per_seed"][k]["pcc_gene"] for f in folds]) for k in (0, 1)]
+    assert run["pcc_gene"]["std_over_seeds"] == pytest.approx(np.std(seed_means))
+    assert res["methodology"]["std_ddof"] == 0 and "ddof 0" in res["methodology"]["std"]
+    _strict((ws / "results" / "trio" / "encoder_loocv_comparison.json").read_text())
+
+
+def test_non_finite_metrics_are_refused_and_nothing_is_written(trio, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trio / "datasets", ws / "datasets")
+    for j, f in enumerate(("P1", "P2", "P5")):
+        finished_run(ws, "uni2h", "frozen", f, j)
+    metrics = Workspace(ws).run("trio", "uni2h", "frozen", "P2").file("metrics.json")
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "pcc_gene": float("nan")}))  # a NaN token
+    r = CliRunner().invoke(app, ["summarize", "--dataset", "trio", "--workspace", str(ws)])
+    assert r.exit_code != 0 and r.output.count("error:") == 1 and "Traceback" not in r.output
+    assert "non-finite" in r.output and "pcc_gene" in r.output and "fold-P2" in r.output
+    assert not (ws / "results" / "trio" / "encoder_loocv_comparison.json").exists()
