@@ -66,8 +66,12 @@ def demo(
     epochs: int = 15,
     finetune_epochs: int = 3,
     on_step=None,
+    n_seeds: int = 2,
 ) -> DemoResult:
-    """The whole pipeline on a small synthetic 3-patient dataset; ``on_step(line)`` hears each finished step."""
+    """The whole pipeline on a small synthetic 3-patient dataset; ``on_step(line)`` hears each finished step.
+
+    Every run is trained with ``n_seeds`` training seeds (``seed``, ``seed + 1``, ...), each its own run folder and,
+    for random-init, its own random encoder."""
     from analysis.figures import draw_all
     from featcache.encoders import get_spec
     from featcache.extract import ExtractionConfig, extract
@@ -78,8 +82,9 @@ def demo(
     say = on_step or (lambda line: None)
     ws = Workspace.resolve(workspace)
     spec = get_spec(encoder)
-    if epochs < 1 or finetune_epochs < 1:
-        raise FeatcacheError("--epochs and --finetune-epochs must be at least 1.")
+    if epochs < 1 or finetune_epochs < 1 or n_seeds < 1:
+        raise FeatcacheError("--epochs, --finetune-epochs and --n-seeds must be at least 1.")
+    seeds = list(range(seed, seed + n_seeds))
     raw = ws.raw_dir(f"demo-seed{seed}")
     missing = [n for n in DEMO_SAMPLES if not (raw / n / "outs").is_dir()]
     if missing:
@@ -96,11 +101,11 @@ def demo(
             f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a seeded "
             f"random stand-in checkpoint ({weights}); pass --encoder/--weights for a real one."
         )
-    for w in (weights, f"random:{seed}"):
+    for w in (weights, *(f"random:{s}" for s in seeds)):
         extract("demo", ExtractionConfig(encoder, weights=w), workspace=ws.root, overwrite=True)
     say(f"[bold]2/4 extracted[/] {encoder} token grids (frozen weights and random-init)")
 
-    common = dict(seed=seed, batch_size=8, lr=1e-3)
+    common = dict(seeds=seeds, batch_size=8, lr=1e-3)
     loocv("demo", [encoder], ["frozen", "random"], {**common, "epochs": epochs}, workspace=ws.root, overwrite=True)
     comparison = loocv(
         "demo",
@@ -110,7 +115,7 @@ def demo(
         workspace=ws.root,
         overwrite=True,
     )
-    say("[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
+    say(f"[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned × {n_seeds} seed(s)")
     figures = draw_all("demo", "P5", workspace=ws.root)
     say(f"[bold]4/4 drew[/] {len(figures)} figure files")
     places = {

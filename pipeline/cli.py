@@ -75,6 +75,9 @@ def demo(
     ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of the frozen and random-init runs.")] = 15,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tune runs.")] = 3,
+    n_seeds: Annotated[
+        int, typer.Option(help="Training seeds per run (--seed, --seed+1, ...): each its own run folder.")
+    ] = 2,
 ):
     """The whole pipeline on a small synthetic 3-patient dataset: synth, prepare, extract, LOOCV, figures.
 
@@ -91,6 +94,7 @@ def demo(
         weights=weights,
         epochs=epochs,
         finetune_epochs=finetune_epochs,
+        n_seeds=n_seeds,
         on_step=lambda line: out.print(line, soft_wrap=True),
     )
     out.print(comparison_table(res.comparison))
