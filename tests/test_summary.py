@@ -306,3 +306,29 @@ def test_non_finite_metrics_are_refused_and_nothing_is_written(trio, tmp_path):
     assert r.exit_code != 0 and r.output.count("error:") == 1 and "Traceback" not in r.output
     assert "non-finite" in r.output and "pcc_gene" in r.output and "fold-P2" in r.output
     assert not (ws / "results" / "trio" / "encoder_loocv_comparison.json").exists()
+
+
+def test_lr_grid_same_budget_for_every_encoder_chosen_on_validation(trio, tmp_path):
+    from train.loocv import loocv_configs
+
+    configs = loocv_configs("trio", ["uni2h", "virchow2"], ["frozen"], ["P1", "P2", "P5"], {"lr_grid": [1e-3, 1e-4]})
+    assert len(configs) == 2 * 2 * 3  # every encoder the same trials
+    assert {c.run_name for c in configs} == {"frozen-lrgrid"} and {c.lr for c in configs} == {1e-4, 1e-3}
+    w = Workspace(tmp_path / "ws")
+    folders = {w.run(c.dataset, c.encoder, c.run_name, c.fold, c.seed, c.trial_lr).path for c in configs}
+    assert len(folders) == len(configs)
+    ws = tmp_path / "ws"
+    shutil.copytree(trio / "datasets", ws / "datasets")
+    val = {1e-4: 0.30, 1e-3: 0.10}  # 1e-4 validates better on every fold
+    for j, f in enumerate(("P1", "P2", "P5")):
+        for lr in (1e-4, 1e-3):
+            rd = Workspace(ws).run("trio", "uni2h", "frozen-lrgrid", f, 0, lr)
+            finished_run(ws, "uni2h", "frozen", f, j, folder=rd.path, run="frozen-lrgrid", lr=lr, lr_grid=[1e-4, 1e-3])
+            m = rd.read_metrics()
+            rd.write_metrics({**m, "val_pcc_gene": val[lr], "pcc_gene": 0.9 if lr == 1e-3 else m["pcc_gene"]})
+    res = summarize("trio", ws)
+    run = res["results"]["uni2h_frozen-lrgrid"]
+    for f in ("P1", "P2", "P5"):
+        entry = run["fold_results"][f"test_{f}"]
+        assert entry["lr_selected"] == [1e-4]  # chosen on validation, never on the test patient's 0.9
+        assert entry["pcc_gene"] != 0.9 and entry["per_seed"][0]["run_dir"].endswith(f"fold-{f}-lr0.0001")
