@@ -249,16 +249,18 @@ def test_decoder_bad_input(tiny_cnn_features, prepared, tmp_path):
     (copy / "P1" / "_done" / "0").unlink()
     r = run("--fold", "P1", "--encoder", "tiny-cnn", "--mode", "frozen")
     assert r.exit_code == 2 and "incomplete" in r.output
-    # non-finite features
-    (copy / "P1" / "_done" / "0").touch()
-    g = zarr.open_group(zarr.storage.LocalStore(copy), mode="r+")
+    shutil.rmtree(copy)
+    # non-finite features, in a copy of the workspace (a random-init store trains only as --mode random)
+    nan_ws = tmp_path / "nan"
+    for sub in ("datasets", "features"):
+        shutil.copytree(ws / sub, nan_ws / sub)
+    g = zarr.open_group(zarr.storage.LocalStore(nan_ws / "features" / "tiny" / "tiny-cnn-random.zarr"), mode="r+")
     t = g["P1"]["tokens"]
     block = t[:1]
     block[0, 0, 0, 0] = np.nan
     t[:1] = block
-    r = run("--fold", "P2", "--encoder", "tiny-cnn", "--mode", "frozen")
+    r = run("--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--workspace", str(nan_ws))
     assert r.exit_code == 2 and "non-finite features" in r.output
-    shutil.rmtree(copy)
     # features of another dataset (fingerprint differs)
     other = tmp_path / "ws2"
     shutil.copytree(ws / "datasets", other / "datasets")
