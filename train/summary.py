@@ -166,7 +166,12 @@ def _lr_chosen(folds: list) -> list:
     by: dict[tuple, list] = {}
     for f in folds:
         by.setdefault((f[0]["fold"], f[0].get("seed", 0)), []).append(f)
-    return [max(t, key=lambda f: (f[1].get("val_pcc_gene") or -9, -f[0]["lr"])) for t in by.values()]
+
+    def score(f):
+        val = f[1].get("val_pcc_gene")
+        return (-9.0 if val is None else val, -(f[0].get("lr") or 0))  # ties: the smaller lr
+
+    return [max(t, key=score) for t in by.values()]
 
 
 def _weights(cfg: dict):
