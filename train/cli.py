@@ -225,6 +225,11 @@ def print_comparison(res: dict) -> None:
     from train.report import comparison_table
 
     out.print(comparison_table(res))
+    for section in ("incomplete", "inconsistent"):
+        for key, why in res.get(section, {}).items():
+            out.print(f"not in results ({section}): {key}: {why['reason']}", soft_wrap=True)
+    for run in res.get("foreign", []):
+        out.print(f"not in results (foreign): {run['run_dir']}: {run['reason']}", soft_wrap=True)
     out.print(f"written: {res['_path']}", soft_wrap=True)
 
 

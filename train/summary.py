@@ -351,6 +351,9 @@ def methodology(ds, runs: dict) -> dict:
             "rule": genes.get("rule", genes.get("spec")),
             "n_genes": len(genes["ids"]),
             "test_patient_in_panel_choice": genes.get("spec", "").startswith("top-mean:"),
+            "note": "a top-mean panel is chosen once over every sample of the dataset, the test patients included; "
+            "training_only_panel_overlap says per fold how many of its genes a panel chosen from that fold's "
+            "training patients alone would share",
             "training_only_panel_overlap": ds.panel_overlap_per_fold(),
         },
         "metrics": {
