@@ -4,7 +4,7 @@
     feats = analysis.open_features("demo", "uni2h", "P5")      # (patch, row, col, channel)
     run = analysis.open_run("featcache-data/runs/demo/uni2h/frozen/fold-P5")
     slide = analysis.stitch(run, "EPCAM")                      # the whole test slide, one map
-    res = analysis.open_results("demo")                        # metrics over (encoder, mode, fold, gene)
+    res = analysis.open_results("demo")                        # metrics over (encoder, mode, fold, seed, gene)
 
 The workspace is resolved as everywhere else: ``workspace=``, else ``$FEATCACHE_WORKSPACE``, else
 ``./featcache-data``.
@@ -209,9 +209,9 @@ def open_results(dataset: str, workspace=None) -> xr.Dataset:
     Returns
     -------
     xarray.Dataset
-        One variable per metric over (encoder, mode, fold), and per-gene ``pcc_per_gene``,
-        ``spearman_per_gene``, ``ssim_per_gene`` over (encoder, mode, fold, gene); ``mode`` is
-        the run name (e.g. ``frozen``, ``random-linear``).
+        One variable per metric over (encoder, mode, fold, seed), and per-gene ``pcc_per_gene``,
+        ``spearman_per_gene``, ``ssim_per_gene`` over (encoder, mode, fold, seed, gene); ``mode`` is
+        the run name (e.g. ``frozen``, ``random-linear``), ``seed`` the training seed (each its own run).
     """
     ws = Workspace.resolve(workspace)
     found = [r for r in ws.runs(dataset) if r.is_finished()]
@@ -219,29 +219,31 @@ def open_results(dataset: str, workspace=None) -> xr.Dataset:
         raise FeatcacheError(
             f"no finished runs for dataset {dataset!r} under {ws.runs_dir(dataset)}; train some with `train loocv`."
         )
-    records = [r.read_metrics() for r in found]
+    records = [{**r.read_metrics(), "seed": (r.read_config() or {}).get("seed", 0)} for r in found]
     encoders = sorted({r["encoder"] for r in records})
     modes = sorted({r["run"] for r in records})
     folds = sorted({r["fold"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
     genes = list(records[0]["per_gene"])
-    shape = (len(encoders), len(modes), len(folds))
+    shape = (len(encoders), len(modes), len(folds), len(seeds))
     data = {m: np.full(shape, np.nan) for m in METRICS}
     per_gene = {m: np.full((*shape, len(genes)), np.nan) for m in ("pcc", "spearman", "ssim")}
     for r in records:
         i, j, k = encoders.index(r["encoder"]), modes.index(r["run"]), folds.index(r["fold"])
+        at = (i, j, k, seeds.index(r["seed"]))
         for m in METRICS:
-            data[m][i, j, k] = np.nan if r.get(m) is None else r[m]
+            data[m][at] = np.nan if r.get(m) is None else r[m]
         for m in per_gene:
-            per_gene[m][i, j, k] = [
+            per_gene[m][at] = [
                 np.nan if r["per_gene"].get(g, {}).get(m) is None else r["per_gene"][g][m] for g in genes
             ]
-    dims = ("encoder", "mode", "fold")
+    dims = ("encoder", "mode", "fold", "seed")
     ds = xr.Dataset(
         {
             **{m: (dims, v) for m, v in data.items()},
             **{f"{m}_per_gene": ((*dims, "gene"), v) for m, v in per_gene.items()},
         },
-        coords={"encoder": encoders, "mode": modes, "fold": folds, "gene": genes},
+        coords={"encoder": encoders, "mode": modes, "fold": folds, "seed": seeds, "gene": genes},
         attrs={"dataset": dataset, "runs": [str(r.path) for r in found]},
     )
     return ds

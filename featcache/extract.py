@@ -209,7 +209,11 @@ def extract(
     precision = config.compute_precision(dev)
     if output:
         ws.check_output(output)
-    store = FeatureStore(output, storage_options) if output else ws.feature_store(dataset, spec.name, source.is_random)
+    store = (
+        FeatureStore(output, storage_options)
+        if output
+        else ws.feature_store(dataset, spec.name, source.is_random, source.seed or 0)
+    )
     model = rt.model
     if model is None:
         model, prov = load_encoder(spec, source, dev)

@@ -30,8 +30,8 @@ def loocv(
     show_progress: bool = True,
     **runtime,
 ) -> dict:
-    """`train loocv`: random-init features are extracted (seeded with the run seed) when missing, then every fold
-    by :func:`train.loocv.run_loocv` (``runtime``: its ``in_memory``, ``overwrite``; ``jobs``, ``scheduler`` and
+    """`train loocv`: random-init features are extracted (``random:<seed>`` for each seed) when missing, then every
+    fold by :func:`train.loocv.run_loocv` (``runtime``: its ``in_memory``, ``overwrite``; ``jobs``, ``scheduler`` and
     ``slurm`` say where the folds run, train/cluster.py: the cluster is reached before anything is written)."""
     from featcache.extract import ExtractionConfig, extract
     from train.cluster import FoldRunner
@@ -40,15 +40,16 @@ def loocv(
 
     ws = Workspace.resolve(workspace)
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    seed = options.get("seed", TrainConfig.seed)
+    seeds = options.get("seeds") or [options.get("seed", TrainConfig.seed)]
     where = {k: runtime.pop(k) for k in ("jobs", "scheduler", "slurm") if k in runtime}
     with FoldRunner(**where, device=device) as runner:
         if "random" in modes:
             ws.open_dataset(dataset)
             for e in encoders:
-                if not ws.feature_store(dataset, e, random=True).exists():
-                    random = ExtractionConfig(e, weights=f"random:{seed}")
-                    extract(dataset, random, workspace=ws, device=device, show_progress=show_progress)
+                for seed in seeds:  # random-init features are drawn per seed: <encoder>-random[-s<seed>]
+                    if not ws.feature_store(dataset, e, random=True, seed=seed).exists():
+                        random = ExtractionConfig(e, weights=f"random:{seed}")
+                        extract(dataset, random, workspace=ws, device=device, show_progress=show_progress)
         return run_loocv(
             dataset,
             encoders,
@@ -77,8 +78,12 @@ def demo(
     epochs: int = 15,
     finetune_epochs: int = 3,
     on_step=None,
+    n_seeds: int = 2,
 ) -> DemoResult:
-    """The whole pipeline on a small synthetic 3-patient dataset; ``on_step(line)`` hears each finished step."""
+    """The whole pipeline on a small synthetic 3-patient dataset; ``on_step(line)`` hears each finished step.
+
+    Every run is trained with ``n_seeds`` training seeds (``seed``, ``seed + 1``, ...), each its own run folder and,
+    for random-init, its own random encoder."""
     from analysis.figures import draw_all
     from featcache.encoders import get_spec
     from featcache.extract import ExtractionConfig, extract
@@ -89,8 +94,9 @@ def demo(
     say = on_step or (lambda line: None)
     ws = Workspace.resolve(workspace)
     spec = get_spec(encoder)
-    if epochs < 1 or finetune_epochs < 1:
-        raise FeatcacheError("--epochs and --finetune-epochs must be at least 1.")
+    if epochs < 1 or finetune_epochs < 1 or n_seeds < 1:
+        raise FeatcacheError("--epochs, --finetune-epochs and --n-seeds must be at least 1.")
+    seeds = list(range(seed, seed + n_seeds))
     raw = ws.raw_dir(f"demo-seed{seed}")
     missing = [n for n in DEMO_SAMPLES if not (raw / n / "outs").is_dir()]
     if missing:
@@ -107,11 +113,11 @@ def demo(
             f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a seeded "
             f"random stand-in checkpoint ({weights}); pass --encoder/--weights for a real one."
         )
-    for w in (weights, f"random:{seed}"):
+    for w in (weights, *(f"random:{s}" for s in seeds)):
         extract("demo", ExtractionConfig(encoder, weights=w), workspace=ws.root, overwrite=True)
     say(f"[bold]2/4 extracted[/] {encoder} token grids (frozen weights and random-init)")
 
-    common = dict(seed=seed, batch_size=8, lr=1e-3)
+    common = dict(seeds=seeds, batch_size=8, lr=1e-3)
     loocv("demo", [encoder], ["frozen", "random"], {**common, "epochs": epochs}, workspace=ws.root, overwrite=True)
     comparison = loocv(
         "demo",
@@ -121,7 +127,7 @@ def demo(
         workspace=ws.root,
         overwrite=True,
     )
-    say("[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
+    say(f"[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned × {n_seeds} seed(s)")
     figures = draw_all("demo", "P5", workspace=ws.root)
     say(f"[bold]4/4 drew[/] {len(figures)} figure files")
     places = {

@@ -40,11 +40,13 @@ from train.cli import (
     Name,
     Score,
     Seed,
+    Seeds,
     Target,
     ValFrac,
     Weights,
     _default,
     print_comparison,
+    seed_list,
 )
 
 
@@ -74,6 +76,9 @@ def demo(
     ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of the frozen and random-init runs.")] = 15,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tune runs.")] = 3,
+    n_seeds: Annotated[
+        int, typer.Option(help="Training seeds per run (--seed, --seed+1, ...): each its own run folder.")
+    ] = 2,
 ):
     """The whole pipeline on a small synthetic 3-patient dataset: synth, prepare, extract, LOOCV, figures.
 
@@ -90,6 +95,7 @@ def demo(
         weights=weights,
         epochs=epochs,
         finetune_epochs=finetune_epochs,
+        n_seeds=n_seeds,
         on_step=lambda line: out.print(line, soft_wrap=True),
     )
     out.print(comparison_table(res.comparison))
@@ -192,6 +198,17 @@ def loocv(
     batch_size: Batch = _default("batch_size"),
     lr: Lr = _default("lr"),
     seed: Seed = _default("seed"),
+    seeds: Seeds = None,
+    lr_grid: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated learning rates, e.g. 1e-4,3e-4,1e-3: each is trained for every fold and the best "
+            "on the training patients' validation region is kept per fold (the same budget for every encoder)."
+        ),
+    ] = None,
+    augment: Annotated[
+        bool, typer.Option(help="Fine-tune runs: dihedral augmentation (a variant: runs *-augment).")
+    ] = False,
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
@@ -204,7 +221,7 @@ def loocv(
 ):
     """Every fold (each patient as the test patient) of every encoder and mode; then the comparison file.
 
-    Random-init features are extracted (seeded with --seed) when missing.
+    Random-init features are extracted (random:<seed>, one store per seed) when missing.
     """
     from featcache.stores import Workspace
     from pipeline import loocv as run
@@ -214,7 +231,9 @@ def loocv(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        seed=seed,
+        seeds=seed_list(seed, seeds),
+        lr_grid=_lr_grid(lr_grid),
+        augment=augment or None,
         val_fraction=val_fraction,
         weights=weights,
         encoder_lr=encoder_lr,
@@ -249,6 +268,19 @@ def loocv(
     out.print("[bold]where the folds ran[/] (fold, worker, seconds):")
     for line in comparison["_placement"]:
         out.print(f"  {line}", soft_wrap=True, markup=False)
+
+
+def _lr_grid(text: str | None) -> list[float] | None:
+    from featcache.errors import FeatcacheError
+
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in split_list(text)] or None
+    except ValueError:
+        raise FeatcacheError(
+            f"--lr-grid {text!r}: write learning rates separated by commas, e.g. 1e-4,3e-4,1e-3."
+        ) from None
 
 
 def featcache_main() -> None:  # console script `featcache`

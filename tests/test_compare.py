@@ -42,7 +42,10 @@ def write_runs(ws, side: int = 256) -> None:
             noise = smooth(rng.normal(size=truth.shape))
             pred = truth + sigma * noise / noise.std()
             rd = w.run("tiny", "synthetic", name, fold)
-            rd.write_config({"dataset": "tiny", "encoder": "synthetic", "mode": "frozen", "run": name, "fold": fold})
+            rd.write_config(
+                {"dataset": "tiny", "encoder": "synthetic", "mode": "frozen", "run": name, "fold": fold}
+                | {"dataset_fingerprint": w.open_dataset("tiny").fingerprint}  # this dataset's runs only
+            )
             m = evaluate(pred, truth, mask, np.zeros(len(GENES)), GENES)
             rd.write_metrics({**m, "baselines": {"per_gene_mean": {"mse": 1.0}}, "test_samples": [fold]})
             rd.write_predictions(pred, truth, mask, origins, np.full(64, fold), GENES, GENES, {"fold": fold})

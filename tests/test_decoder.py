@@ -55,13 +55,19 @@ def test_blocked_split_is_spatial_and_seeded():
         val_blocks = {(r // 64, c // 64) for r, c in o[va[s]]}
         train_blocks = {(r // 64, c // 64) for r, c in o[tr[s]]}
         assert not val_blocks & train_blocks  # whole 64×64-bin blocks
-        # a one-patch buffer: no training patch overlaps or adjoins a validation patch ...
-        gap = [np.abs(o[t] - o[v]).max() for t in tr[s] for v in va[s]]
-        assert not gap or min(gap) > 32
+        # a one-patch buffer: no training patch comes within 32 bins (edge to edge) of a validation patch ...
+        gap = [np.abs(o[t] - o[v]).max() - 32 for t in tr[s] for v in va[s]]
+        assert not gap or min(gap) >= 32
         # ... and only those are left out
         left_out = set(range(len(o))) - set(tr[s]) - set(va[s])
-        assert all(min(np.abs(o[k] - o[v]).max() for v in va[s]) <= 32 for k in left_out)
+        assert all(min(np.abs(o[k] - o[v]).max() for v in va[s]) - 32 < 32 for k in left_out)
     assert sum(len(set(range(len(o))) - set(tr[s]) - set(va[s])) for s, o in origins.items()) > 0
+    # the buffer is one patch width whatever the stride (at stride 16 and 8 too, not one stride)
+    for stride in (16, 8):
+        o = np.array([[r, c] for r in range(0, 256, stride) for c in range(0, 256, stride)])
+        tr, va = blocked_split({"A": o}, 0.2, seed=3)
+        edge_gap = min(np.abs(o[t] - o[v]).max() - 32 for t in tr["A"] for v in va["A"])
+        assert edge_gap == 32  # the nearest kept training patch is exactly one patch width away
 
 
 def test_test_patient_is_isolated_and_statistics_come_from_training(tiny_cnn_features):
@@ -249,16 +255,18 @@ def test_decoder_bad_input(tiny_cnn_features, prepared, tmp_path):
     (copy / "P1" / "_done" / "0").unlink()
     r = run("--fold", "P1", "--encoder", "tiny-cnn", "--mode", "frozen")
     assert r.exit_code == 2 and "incomplete" in r.output
-    # non-finite features
-    (copy / "P1" / "_done" / "0").touch()
-    g = zarr.open_group(zarr.storage.LocalStore(copy), mode="r+")
+    shutil.rmtree(copy)
+    # non-finite features, in a copy of the workspace (a random-init store trains only as --mode random)
+    nan_ws = tmp_path / "nan"
+    for sub in ("datasets", "features"):
+        shutil.copytree(ws / sub, nan_ws / sub)
+    g = zarr.open_group(zarr.storage.LocalStore(nan_ws / "features" / "tiny" / "tiny-cnn-random.zarr"), mode="r+")
     t = g["P1"]["tokens"]
     block = t[:1]
     block[0, 0, 0, 0] = np.nan
     t[:1] = block
-    r = run("--fold", "P2", "--encoder", "tiny-cnn", "--mode", "frozen")
+    r = run("--fold", "P2", "--encoder", "tiny-cnn", "--mode", "random", "--workspace", str(nan_ws))
     assert r.exit_code == 2 and "non-finite features" in r.output
-    shutil.rmtree(copy)
     # features of another dataset (fingerprint differs)
     other = tmp_path / "ws2"
     shutil.copytree(ws / "datasets", other / "datasets")

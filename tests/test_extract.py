@@ -98,8 +98,9 @@ def test_rerun_skips_everything_and_other_identity_is_refused(tiny_store):
     again = extract("tiny", TINY_VIT, workspace=ws, show_progress=False, batch_size=4)
     assert again.patches_done == 0 and again.skipped == again.patches_total and again.complete
     assert chunk_files(store) == before
-    with pytest.raises(FeatcacheError, match="different identity.*weights"):
-        extract("tiny", replace(TINY_VIT, weights="random:1"), workspace=ws, show_progress=False, batch_size=4)
+    # (another random seed is another store, <encoder>-random-s<seed>: docs/design.md §7)
+    with pytest.raises(FeatcacheError, match="different identity.*chunk_patches"):
+        extract("tiny", replace(TINY_VIT, chunk_patches=3), workspace=ws, show_progress=False, batch_size=4)
     assert chunk_files(store) == before
 
 

@@ -75,7 +75,8 @@ def test_finetune_changes_encoder_weights_frozen_does_not(tiny_cnn_features):
     ]
     assert len(changed) > 10
     cfg = json.loads((res.run_dir / "config.json").read_text())
-    assert cfg["mode"] == "finetune" and cfg["encoder_weights"] == "random:0" and cfg["augment"]
+    assert cfg["mode"] == "finetune" and cfg["encoder_weights"] == "random:0"
+    assert cfg["augment"] is None and cfg["run"] == "finetune-randomweights-linear"  # no augmentation by default
     assert cfg["features"]["identity"]["source"] == "patches.zarr"  # no cache used
     # A frozen run trains the decoder only: its checkpoint holds no encoder, the cache is untouched.
     store = ws / "features" / "tiny" / "tiny-cnn-random.zarr"
@@ -133,11 +134,11 @@ def test_loocv_three_modes_one_file_and_random_extracted_when_missing(prepared, 
     assert r.exit_code == 0, r.output
     assert (tmp_path / "features" / "tiny" / "tiny-cnn-random.zarr" / "zarr.json").is_file()
     res = json.loads((tmp_path / "results" / "tiny" / "encoder_loocv_comparison.json").read_text())
-    assert {"tiny-cnn_random-linear", "tiny-cnn_finetune-linear"} <= set(res["results"])
-    assert res["results"]["tiny-cnn_finetune-linear"]["frozen"] is False
+    assert {"tiny-cnn_random-linear", "tiny-cnn_finetune-randomweights-linear"} <= set(res["results"])
+    assert res["results"]["tiny-cnn_finetune-randomweights-linear"]["frozen"] is False
     assert res["results"]["tiny-cnn_random-linear"]["frozen"] is True
     assert res["results"]["tiny-cnn_random-linear"]["encoder_weights"] == "random:0"
-    assert set(res["results"]["tiny-cnn_finetune-linear"]["fold_results"]) == {"test_P1", "test_P2"}
+    assert set(res["results"]["tiny-cnn_finetune-randomweights-linear"]["fold_results"]) == {"test_P1", "test_P2"}
 
 
 def test_finetune_resumes_to_the_same_result(prepared, tmp_path):
@@ -166,12 +167,13 @@ def test_finetune_resumes_to_the_same_result(prepared, tmp_path):
         "4",
         "--micro-batch",
         "2",
+        "--augment",  # resuming restores the augmentation's draws too
         "--device",
         "cpu",
         "--workspace",
         str(tmp_path),
     ]
-    run_dir = tmp_path / "runs" / "tiny" / "tiny-cnn" / "finetune-linear" / "fold-P1"
+    run_dir = tmp_path / "runs" / "tiny" / "tiny-cnn" / "finetune-randomweights-linear-augment" / "fold-P1"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = run_dir / "log.jsonl"
     deadline = time.time() + 120
@@ -229,7 +231,7 @@ def test_finetune_under_torchrun_ddp(prepared, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    run_dir = tmp_path / "runs" / "tiny" / "tiny-cnn" / "finetune-linear" / "fold-P2"
+    run_dir = tmp_path / "runs" / "tiny" / "tiny-cnn" / "finetune-randomweights-linear" / "fold-P2"
     assert json.loads((run_dir / "config.json").read_text())["provenance"]["world_size"] == 2
     assert json.loads((run_dir / "metrics.json").read_text())["mode"] == "finetune"
     assert len((run_dir / "log.jsonl").read_text().splitlines()) == 2  # one writer: the main rank

@@ -12,6 +12,7 @@ from conftest import SMALL, run_fold
 from typer.testing import CliRunner
 
 from featcache.stores import Workspace
+from featcache.stores.runs import RunDir
 from featcache.synth import synthesize
 from pipeline.cli import train_app as app
 from train.metrics import evaluate
@@ -44,9 +45,11 @@ def trio(synth_dir, tmp_path_factory):
     return ws
 
 
-def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
-    """A finished run folder written through the store layer, its metrics computed on real arrays."""
-    rng = np.random.default_rng(seed)
+def finished_run(ws, encoder: str, mode: str, fold: str, draw: int, seed: int = 0, folder=None, **config) -> dict:
+    """A finished run folder written through the store layer, its metrics computed on real arrays (``draw`` seeds
+    them); ``config`` overrides config.json entries, ``folder`` names another folder for the same run."""
+    rng = np.random.default_rng(draw)
+    weights = f"random:{seed}" if mode == "random" else "sha256:abc"
     truth = rng.normal(size=(4, 5, 32, 32))
     pred = (0.2 + 0.1 * rng.random()) * truth + rng.normal(size=truth.shape)
     m = evaluate(pred, truth, np.ones((4, 32, 32), bool), np.zeros(5), list("ABCDE"))
@@ -57,13 +60,15 @@ def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
             "baselines": {"per_gene_mean": {"mse": 1.0, "pcc_gene": 0.0}},
             "noise_ceiling": None,
             "test_samples": [fold],
-            "features_weights": "sha256:abc",
+            "features_weights": config.get("features", {}).get("identity", {}).get("weights", weights),
         }
     )
-    run = Workspace(ws).run("trio", encoder, mode, fold)
+    run = RunDir(folder) if folder else Workspace(ws).run("trio", encoder, mode, fold, seed)
     run.write_config(
         {
             "dataset": "trio",
+            "dataset_fingerprint": Workspace(ws).open_dataset("trio").fingerprint,
+            "features": {"store": encoder, "identity": {"encoder": encoder, "weights": weights}},
             "encoder": encoder,
             "mode": mode,
             "run": mode,
@@ -71,11 +76,12 @@ def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
             "epochs": 200,
             "batch_size": 64,
             "lr": 1e-4,
-            "seed": 0,
+            "seed": seed,
             "target": "log1p-cp10k",
             "score": "in-tissue",
             "train_samples": [p for p in ("P1", "P2", "P5") if p != fold],
-            "config_sha256": str(seed),
+            "config_sha256": str(draw),
+            **config,
         }
     )
     run.write_metrics(m)
@@ -183,7 +189,7 @@ def test_one_set_of_defaults_and_run_variants(tiny_cnn_features, tmp_path):
         app, ["finetune", "--encoder", "tiny-cnn", "--weights", "random:0", "--fold", "P1", *base, "--overwrite"]
     )
     assert r.exit_code == 0, r.output
-    fold = ws / "runs" / "tiny" / "tiny-cnn" / "finetune-linear" / "fold-P1"
+    fold = ws / "runs" / "tiny" / "tiny-cnn" / "finetune-randomweights-linear" / "fold-P1"  # from random weights
     before = (fold / "config.json").read_bytes(), (fold / "metrics.json").read_bytes()
     r = CliRunner().invoke(
         app, ["loocv", "--encoders", "tiny-cnn", "--modes", "finetune", "--weights", "random:0", *base]
@@ -199,8 +205,12 @@ def test_one_set_of_defaults_and_run_variants(tiny_cnn_features, tmp_path):
     assert r.exit_code == 0, r.output
     assert (ws / "runs" / "tiny" / "tiny-cnn" / "random-linear-quick" / "fold-P2" / "metrics.json").is_file()
     res = summarize("tiny", ws)
-    assert {"tiny-cnn_random-linear", "tiny-cnn_random-linear-quick"} <= set(res["results"])
-    assert res["results"]["tiny-cnn_random-linear-quick"]["settings"]["epochs"] == 2
+    # fine-tuning from random weights is its own run, never the reference's densenet_finetuned-style key
+    assert set(res["results"]) == {"tiny-cnn_finetune-randomweights-linear"}
+    assert res["results"]["tiny-cnn_finetune-randomweights-linear"]["default_protocol"] is False
+    # one fold of two: listed as incomplete with the reason, outside results
+    for key in ("tiny-cnn_random-linear", "tiny-cnn_random-linear-quick"):
+        assert res["incomplete"][key]["folds"] == ["P2"] and "missing P1" in res["incomplete"][key]["reason"]
 
 
 def test_reproduction_mode_trains_and_scores_as_the_reference(tiny_cnn_features):
@@ -228,3 +238,97 @@ def test_reproduction_mode_trains_and_scores_as_the_reference(tiny_cnn_features)
     assert np.allclose(stored.truth.values, np.log1p(pred.counts.values))  # log1p of raw counts, nothing else
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["target"] == "log1p-counts" and "log1p(raw counts)" in cfg["target_transform"]
+
+
+def _strict(text: str) -> dict:
+    def refuse(token):
+        raise ValueError(f"non-strict JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_only_complete_comparable_runs_of_this_dataset_enter_results(trio, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trio / "datasets", ws / "datasets")
+    folds = ("P1", "P2", "P5")
+    for seed in (0, 1):  # complete, two seeds
+        for j, f in enumerate(folds):
+            finished_run(ws, "uni2h", "frozen", f, 10 * seed + j, seed=seed)
+    finished_run(ws, "virchow2", "frozen", "P1", 40)  # one fold
+    for j, f in enumerate(folds):  # an earlier preparation of the dataset, with the best score of all
+        finished_run(ws, "hoptimus0", "frozen", f, 50 + j, dataset_fingerprint="0" * 64)
+        rd = Workspace(ws).run("trio", "hoptimus0", "frozen", f)
+        rd.write_metrics({**rd.read_metrics(), "pcc_gene": 0.99})
+    for j, f in enumerate(folds):  # each fold from another random-init store
+        finished_run(ws, "densenet121", "random", f, 60 + j, features={"identity": {"weights": f"random:{j}"}})
+    for j, f in enumerate(folds):  # one fold trained with other settings
+        finished_run(ws, "densenet121", "frozen", f, 70 + j, epochs=50 if f == "P5" else 200)
+    for j, f in enumerate(folds):  # a fold copied in twice
+        finished_run(ws, "uni2h", "random", f, 80 + j)
+    finished_run(ws, "uni2h", "random", "P1", 90, folder=ws / "runs" / "trio" / "uni2h" / "random" / "fold-P1-copy")
+
+    res = summarize("trio", ws)
+    assert set(res["results"]) == {"uni2h_frozen"}
+    assert res["about"]["best_by_pcc_gene"] == "uni2h_frozen" and res["about"]["runs"] == ["uni2h_frozen"]
+    assert set(res["summary"]) == {"UNI2-h"}
+    assert "seed 0 has 1 of 3 folds (missing P2, P5)" in res["incomplete"]["virchow2_frozen"]["reason"]
+    assert sorted(f["run_dir"] for f in res["foreign"]) == [f"runs/trio/hoptimus0/frozen/fold-{f}" for f in folds]
+    assert all("dataset fingerprint" in f["reason"] for f in res["foreign"])
+    assert set(res["inconsistent"]) == {"densenet_random_init", "densenet_frozen", "uni2h_random"}
+    assert "different weights (random:0, random:1, random:2)" in res["inconsistent"]["densenet_random_init"]["reason"]
+    assert "epochs" in res["inconsistent"]["densenet_frozen"]["reason"]
+    assert "fold P1 seed 0 has two run folders" in res["inconsistent"]["uni2h_random"]["reason"]
+    # the complete run: per fold the mean over its seeds, each seed listed; spread over folds and over seeds
+    run = res["results"]["uni2h_frozen"]
+    assert run["seeds"] == [0, 1] and run["settings"]["seeds"] == [0, 1]
+    for f in folds:
+        entry = run["fold_results"][f"test_{f}"]
+        assert [e["seed"] for e in entry["per_seed"]] == [0, 1]
+        assert entry["per_seed"][1]["run_dir"] == f"runs/trio/uni2h/frozen/fold-{f}-seed1"
+        assert entry["pcc_gene"] == pytest.approx(np.mean([e["pcc_gene"] for e in entry["per_seed"]]))
+    values = [run["fold_results"][f"test_{f}"]["pcc_gene"] for f in folds]
+    assert run["pcc_gene"]["mean"] == pytest.approx(np.mean(values))
+    assert run["pcc_gene"]["std"] == pytest.approx(np.std(values, ddof=0))
+    seed_means = [np.mean([run["fold_results"][f"test_{f}"]["per_seed"][k]["pcc_gene"] for f in folds]) for k in (0, 1)]
+    assert run["pcc_gene"]["std_over_seeds"] == pytest.approx(np.std(seed_means))
+    assert res["methodology"]["std_ddof"] == 0 and "ddof 0" in res["methodology"]["std"]
+    _strict((ws / "results" / "trio" / "encoder_loocv_comparison.json").read_text())
+
+
+def test_non_finite_metrics_are_refused_and_nothing_is_written(trio, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trio / "datasets", ws / "datasets")
+    for j, f in enumerate(("P1", "P2", "P5")):
+        finished_run(ws, "uni2h", "frozen", f, j)
+    metrics = Workspace(ws).run("trio", "uni2h", "frozen", "P2").file("metrics.json")
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "pcc_gene": float("nan")}))  # a NaN token
+    r = CliRunner().invoke(app, ["summarize", "--dataset", "trio", "--workspace", str(ws)])
+    assert r.exit_code != 0 and r.output.count("error:") == 1 and "Traceback" not in r.output
+    assert "non-finite" in r.output and "pcc_gene" in r.output and "fold-P2" in r.output
+    assert not (ws / "results" / "trio" / "encoder_loocv_comparison.json").exists()
+
+
+def test_lr_grid_same_budget_for_every_encoder_chosen_on_validation(trio, tmp_path):
+    from train.loocv import loocv_configs
+
+    configs = loocv_configs("trio", ["uni2h", "virchow2"], ["frozen"], ["P1", "P2", "P5"], {"lr_grid": [1e-3, 1e-4]})
+    assert len(configs) == 2 * 2 * 3  # every encoder the same trials
+    assert {c.run_name for c in configs} == {"frozen-lrgrid"} and {c.lr for c in configs} == {1e-4, 1e-3}
+    w = Workspace(tmp_path / "ws")
+    folders = {w.run(c.dataset, c.encoder, c.run_name, c.fold, c.seed, c.trial_lr).path for c in configs}
+    assert len(folders) == len(configs)
+    ws = tmp_path / "ws"
+    shutil.copytree(trio / "datasets", ws / "datasets")
+    val = {1e-4: 0.30, 1e-3: 0.10}  # 1e-4 validates better on every fold
+    for j, f in enumerate(("P1", "P2", "P5")):
+        for lr in (1e-4, 1e-3):
+            rd = Workspace(ws).run("trio", "uni2h", "frozen-lrgrid", f, 0, lr)
+            finished_run(ws, "uni2h", "frozen", f, j, folder=rd.path, run="frozen-lrgrid", lr=lr, lr_grid=[1e-4, 1e-3])
+            m = rd.read_metrics()
+            rd.write_metrics({**m, "val_pcc_gene": val[lr], "pcc_gene": 0.9 if lr == 1e-3 else m["pcc_gene"]})
+    res = summarize("trio", ws)
+    run = res["results"]["uni2h_frozen-lrgrid"]
+    for f in ("P1", "P2", "P5"):
+        entry = run["fold_results"][f"test_{f}"]
+        assert entry["lr_selected"] == [1e-4]  # chosen on validation, never on the test patient's 0.9
+        assert entry["pcc_gene"] != 0.9 and entry["per_seed"][0]["run_dir"].endswith(f"fold-{f}-lr0.0001")

@@ -36,6 +36,28 @@ Epochs = Annotated[int, typer.Option(help="Training epochs (the reference study 
 Batch = Annotated[int, typer.Option(help="Effective batch: patches per optimizer step.")]
 Lr = Annotated[float, typer.Option(help="Decoder learning rate (Adam, no weight decay).")]
 Seed = Annotated[int, typer.Option(help="Seed for the split, initialisation and shuffling (recorded).")]
+Seeds = Annotated[
+    Optional[str],
+    typer.Option(help="Comma-separated seeds, e.g. 0,1,2: each seed its own run folder (instead of --seed)."),
+]
+
+
+def seed_list(seed: int, seeds: str | None) -> list[int]:
+    """``--seed S`` (one seed) or ``--seeds 0,1,2``; both at once is refused."""
+    from featcache.errors import FeatcacheError
+
+    if seeds is None:
+        return [seed]
+    if seed != _default("seed"):
+        raise FeatcacheError(f"--seed {seed} and --seeds {seeds}: give one of them.")
+    parts = [p.strip() for p in seeds.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise FeatcacheError(
+            f"--seeds {seeds!r}: write distinct non-negative integers separated by commas, e.g. 0,1,2."
+        )
+    return [int(p) for p in parts]
+
+
 ValFrac = Annotated[
     float,
     typer.Option(
@@ -85,6 +107,7 @@ def decoder(
     batch_size: Batch = _default("batch_size"),
     lr: Lr = _default("lr"),
     seed: Seed = _default("seed"),
+    seeds: Seeds = None,
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
@@ -101,7 +124,12 @@ def decoder(
     from train.run import train_fold
 
     workspace = Workspace.resolve(workspace, features_root)
-    for enc in [encoder] if encoder else encoders_with_features(dataset, mode, workspace):
+    runs = [
+        (e, s)
+        for e in ([encoder] if encoder else encoders_with_features(dataset, mode, workspace))
+        for s in seed_list(seed, seeds)
+    ]
+    for enc, one_seed in runs:
         cfg = TrainConfig(
             dataset=dataset,
             encoder=enc,
@@ -112,7 +140,7 @@ def decoder(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
-            seed=seed,
+            seed=one_seed,
             val_fraction=val_fraction,
             target=target,
             score=score,
@@ -153,9 +181,13 @@ def finetune(
     grad_checkpointing: Annotated[
         bool, typer.Option(help="Recompute encoder activations in backward (less memory).")
     ] = False,
-    augment: Annotated[bool, typer.Option(help="Random 90° turns and flips of image and targets together.")] = True,
+    augment: Annotated[
+        bool,
+        typer.Option(help="Random 90° turns and flips of image and targets together (a variant: runs *-augment)."),
+    ] = False,
     colour_jitter: Annotated[float, typer.Option(help="Brightness / channel-gain jitter strength (0 = off).")] = 0.0,
     seed: Seed = _default("seed"),
+    seeds: Seeds = None,
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
@@ -167,28 +199,29 @@ def finetune(
     """Fine-tune encoder + decoder end to end from image patches (no feature cache) for one fold."""
     from train.run import train_fold
 
-    cfg = TrainConfig(
-        dataset=dataset,
-        encoder=encoder,
-        fold=fold,
-        mode="finetune",
-        decoder=decoder_kind,
-        epochs=epochs,
-        batch_size=batch_size,
-        micro_batch=micro_batch,
-        lr=lr,
-        encoder_lr=encoder_lr,
-        weights=weights,
-        grad_checkpointing=grad_checkpointing,
-        augment=augment,
-        colour_jitter=colour_jitter,
-        seed=seed,
-        val_fraction=val_fraction,
-        target=target,
-        score=score,
-        name=name,
-    )
-    _report(encoder, fold, train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite))
+    for one_seed in seed_list(seed, seeds):
+        cfg = TrainConfig(
+            dataset=dataset,
+            encoder=encoder,
+            fold=fold,
+            mode="finetune",
+            decoder=decoder_kind,
+            epochs=epochs,
+            batch_size=batch_size,
+            micro_batch=micro_batch,
+            lr=lr,
+            encoder_lr=encoder_lr,
+            weights=weights,
+            grad_checkpointing=grad_checkpointing,
+            augment=augment,
+            colour_jitter=colour_jitter,
+            seed=one_seed,
+            val_fraction=val_fraction,
+            target=target,
+            score=score,
+            name=name,
+        )
+        _report(encoder, fold, train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite))
 
 
 @app.command()
@@ -204,6 +237,11 @@ def print_comparison(res: dict) -> None:
     from train.report import comparison_table
 
     out.print(comparison_table(res))
+    for section in ("incomplete", "inconsistent"):
+        for key, why in res.get(section, {}).items():
+            out.print(f"not in results ({section}): {key}: {why['reason']}", soft_wrap=True)
+    for run in res.get("foreign", []):
+        out.print(f"not in results (foreign): {run['run_dir']}: {run['reason']}", soft_wrap=True)
     out.print(f"written: {res['_path']}", soft_wrap=True)
 
 

@@ -53,12 +53,13 @@ class TrainConfig:
     target: str = "log1p-cp10k"  # log1p(CP10k) z-scored per gene | log1p-counts (the reference pipeline)
     score: str = "in-tissue"  # bins in loss and metrics: in-tissue | all-bins (the reference pipeline)
     name: str | None = None  # a variant's name: runs/<dataset>/<encoder>/<run>-<name>/ beside the default run
+    lr_grid: tuple[float, ...] | None = None  # an lr-grid trial: lr is one of these, chosen per fold on validation
     # fine-tune mode only
     weights: str | None = None  # file, folder or random[:SEED]; recorded by identity, never by path
     encoder_lr: float = 1e-5
     micro_batch: int = 16  # patches per forward pass; gradients accumulate to batch_size
     grad_checkpointing: bool = False
-    augment: bool | None = None  # dihedral augmentation; None = on for fine-tuning
+    augment: bool = False  # dihedral augmentation (fine-tuning only; a named variant, "-augment")
     colour_jitter: float = 0.0
 
     @classmethod
@@ -79,16 +80,25 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        """The run folder's name: the mode, then what differs from the default protocol, then the variant name."""
+        """The run folder's name: the mode, then what differs from the default protocol (fine-tuning from random
+        weights, decoder, control, target, scoring, augmentation), then the variant name (docs/design.md §7)."""
         parts = [
             self.mode,
+            "randomweights" if self.finetune and str(self.weights).startswith("random") else None,
             self.decoder if self.decoder != "unet" else None,
             self.control,
             "counts" if self.target == "log1p-counts" else None,
             "allbins" if self.score == "all-bins" else None,
+            "augment" if self.augmented else None,
+            "lrgrid" if self.lr_grid else None,
             self.name,
         ]
         return "-".join(p for p in parts if p)
+
+    @property
+    def trial_lr(self) -> float | None:
+        """The learning rate that names this run's folder: an lr-grid trial's lr, else None."""
+        return self.lr if self.lr_grid else None
 
     @property
     def default_protocol(self) -> bool:
@@ -101,7 +111,7 @@ class TrainConfig:
 
     @property
     def augmented(self) -> bool:
-        return self.finetune if self.augment is None else self.augment
+        return bool(self.augment)
 
     def validate(self) -> TrainConfig:
         for what, name in (("dataset", self.dataset), ("encoder", self.encoder), ("fold", self.fold)):
@@ -126,6 +136,18 @@ class TrainConfig:
                 raise FeatcacheError(f"--{name.replace('_', '-')} {v}: must be a positive number.")
         if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise FeatcacheError(f"--val-fraction {self.val_fraction}: must be at least 0 and below 1.")
+        if self.lr_grid is not None:
+            grid = self.lr_grid
+            if not grid or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in grid):
+                raise FeatcacheError(
+                    f"--lr-grid {','.join(map(str, grid))}: give positive learning rates, e.g. 1e-4,3e-4."
+                )
+            if self.lr not in grid:
+                raise FeatcacheError(f"lr {self.lr} is not one of --lr-grid {','.join(map(str, grid))}.")
+            if self.val_fraction == 0:
+                raise FeatcacheError(
+                    "--lr-grid chooses the learning rate on the validation region: --val-fraction > 0."
+                )
         if self.seed < 0:
             raise FeatcacheError(f"--seed {self.seed}: must be 0 or more.")
         if not (math.isfinite(self.colour_jitter) and 0 <= self.colour_jitter < 1):
@@ -144,6 +166,10 @@ class TrainConfig:
         """config.json: the settings, descriptions of the fixed choices, the inputs' identity, its sha256."""
         settings = {k: v for k, v in asdict(self).items() if self.finetune or k not in FINETUNE_ONLY}
         settings.pop("weights", None)  # a path; the weights' identity is in ``inputs``
+        if self.lr_grid is None:
+            settings.pop("lr_grid")  # runs without a grid keep the config (and hash) they always had
+        else:
+            settings["lr_grid"] = sorted(self.lr_grid)
         if self.finetune:
             settings.update(
                 {

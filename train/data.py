@@ -150,8 +150,9 @@ def blocked_split(
 
     Each sample gives about ``fraction`` of its patches: blocks are taken in order of their distance
     from a seeded random block, so the region is compact and its border short. Training patches
-    that overlap or adjoin a validation patch (within ``buffer_bins``, one patch) are left out of
-    training, so no training patch shares tissue or a border with validation.
+    closer to a validation patch than ``buffer_bins`` (one patch width, 32 bins), edge to edge, are
+    left out of training, whatever the stride: no training patch shares tissue, a border or its
+    nearest 32 bins with validation.
     """
     rng = np.random.default_rng(seed)
     train, val = {}, {}
@@ -168,7 +169,8 @@ def blocked_split(
                     break
                 chosen.append(int(k))
         in_val = np.isin(which.ravel(), chosen)
-        train[s] = np.flatnonzero(~in_val & ~near(o, o[in_val], buffer_bins))
+        # windows of GEOMETRY.bins: an edge-to-edge gap below buffer_bins is an origin distance below bins + buffer
+        train[s] = np.flatnonzero(~in_val & ~near(o, o[in_val], GEOMETRY.bins + buffer_bins - 1))
         val[s] = np.flatnonzero(in_val)
     return train, val
 

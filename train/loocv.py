@@ -9,22 +9,41 @@ from featcache.stores import Workspace
 from train.cluster import FoldRunner, placement_lines
 from train.config import MODES, TrainConfig
 from train.data import FoldInputs
+from train.run import check_store_mode
 from train.summary import summarize
 
 
 def loocv_configs(
     dataset: str, encoders: list[str], modes: list[str], folds: list[str], options: dict
 ) -> list[TrainConfig]:
-    """One TrainConfig per (encoder, mode, fold); fine-tune-only options apply to fine-tune runs only."""
+    """One TrainConfig per (encoder, mode, seed, lr trial, fold); fine-tune-only options apply to fine-tune runs only.
+
+    ``options`` are TrainConfig fields, plus ``seeds`` (a list: each seed its own run folders, overriding
+    ``seed``) and ``lr_grid`` (every lr of the grid is trained for every fold, the same budget for every encoder;
+    train/summary.py keeps the one with the best validation pcc_gene per fold and seed).
+    """
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise FeatcacheError(f"--modes: unknown mode(s) {', '.join(unknown)}; use {', '.join(MODES)}.")
     if not encoders or not modes:
         raise FeatcacheError("--encoders and --modes each need at least one name.")
+    options = dict(options)
+    seeds = options.pop("seeds", None) or [options.pop("seed", TrainConfig.seed)]
+    options.pop("seed", None)
+    grid = options.pop("lr_grid", None)
+    if len(set(seeds)) != len(seeds):
+        raise FeatcacheError(f"--seeds {','.join(map(str, seeds))}: each seed once.")
+    lrs = sorted(grid) if grid else [options.pop("lr", TrainConfig.lr)]
+    options.pop("lr", None)
+    extra = {"lr_grid": tuple(sorted(grid))} if grid else {}
     return [
-        TrainConfig.from_options(dataset=dataset, encoder=e, mode=m, fold=f, **options).validate()
+        TrainConfig.from_options(
+            dataset=dataset, encoder=e, mode=m, fold=f, seed=s, lr=lr, **extra, **options
+        ).validate()
         for e in encoders
         for m in modes
+        for s in seeds
+        for lr in lrs
         for f in folds
     ]
 
@@ -59,8 +78,10 @@ def run_loocv(
             f"dataset {dataset!r} has {len(ds.patients)} patient(s); leave-one-patient-out needs two or more."
         )
     configs = loocv_configs(dataset, encoders, modes, list(ds.patients), options or {})
-    for e, random in {(c.encoder, c.mode == "random") for c in configs if not c.finetune}:
-        FoldInputs(ds, ws.feature_store(dataset, e, random))
+    stores = {(c.encoder, c.mode, c.seed if c.mode == "random" else 0): c for c in configs if not c.finetune}
+    for (e, mode, seed), cfg in stores.items():
+        store = ws.feature_store(dataset, e, mode == "random", seed)
+        check_store_mode(cfg, store, FoldInputs(ds, store).identity)
     runtime = {"device": device, "in_memory": in_memory, "overwrite": overwrite, "show_progress": show_progress}
     if runner is None:
         with FoldRunner(jobs, scheduler, slurm, device) as own:
@@ -87,7 +108,9 @@ def encoders_with_features(dataset: str, mode: str, workspace=None) -> list[str]
     what `train decoder` trains when no --encoder is given."""
     ws = Workspace.resolve(workspace)
     random = mode == "random"
-    names = [st.encoder for st in ws.feature_stores(dataset) if st.random == random and st.is_complete()]
+    names = list(
+        dict.fromkeys(st.encoder for st in ws.feature_stores(dataset) if st.random == random and st.is_complete())
+    )
     if not names:
         raise FeatcacheError(
             f"no complete feature store for dataset {dataset!r} in {ws.features_dir(dataset)}; make one with "

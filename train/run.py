@@ -49,7 +49,7 @@ def train_fold(
         raise FeatcacheError(f"--in-memory {in_memory!r}: use auto, yes or no.")
     ws = Workspace.resolve(workspace)
     inputs, encoder, record = _inputs(ws, cfg)
-    run = ws.run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold)
+    run = ws.run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold, cfg.seed, cfg.trial_lr)
     with run.writer(take=Distributed.is_main(cfg.finetune)):  # one writer per run folder; under torchrun, rank 0
         return _train_held(cfg, run, inputs, encoder, record, device, in_memory, overwrite, show_progress)
 
@@ -81,10 +81,35 @@ def _train_held(cfg: TrainConfig, run, inputs, encoder, record, device, in_memor
 def _inputs(ws: Workspace, cfg: TrainConfig):
     """The fold's checked inputs, the fine-tune encoder (or None) and the config.json record."""
     ds = ws.open_dataset(cfg.dataset)
-    inputs = FoldInputs(ds, None if cfg.finetune else ws.feature_store(cfg.dataset, cfg.encoder, cfg.mode == "random"))
+    random = cfg.mode == "random"
+    store = None if cfg.finetune else ws.feature_store(cfg.dataset, cfg.encoder, random, cfg.seed if random else 0)
+    inputs = FoldInputs(ds, store)
+    if store is not None:
+        check_store_mode(cfg, store, inputs.identity)
     inputs.check_fold(cfg.fold)
     encoder = _finetune_encoder(cfg) if cfg.finetune else None
     return inputs, encoder, cfg.record(_input_identity(cfg, inputs, encoder))
+
+
+def check_store_mode(cfg: TrainConfig, store, identity: dict) -> None:
+    """A run is what its store holds (docs/design.md §7): random weights (``random:<seed>``) train only as the
+    random-init mode, with the run's own seed; pretrained weights only as frozen."""
+    weights = str(identity.get("weights"))
+    base = identity.get("encoder", cfg.encoder)
+    if cfg.mode == "frozen" and weights.startswith("random:"):
+        seed = weights.split(":", 1)[1]
+        raise FeatcacheError(
+            f"feature store {store.name!r} holds random-init features ({weights}), not pretrained ones: training it "
+            f"as 'frozen' would report a random-init result as frozen. Train the random-init mode with "
+            f"`train decoder --dataset {cfg.dataset} --encoder {base} --mode random --seed {seed} --fold {cfg.fold}`."
+        )
+    if cfg.mode == "random" and weights != f"random:{cfg.seed}":
+        raise FeatcacheError(
+            f"feature store {store.name!r} holds {weights} features, but a seed-{cfg.seed} random-init run reads "
+            f"random:{cfg.seed} ones (the random encoder is drawn per seed). Make them with "
+            f"`featcache extract --dataset {cfg.dataset} --encoder {cfg.encoder} --weights random:{cfg.seed} "
+            "--overwrite` (`train loocv` extracts missing ones itself)."
+        )
 
 
 class FoldData:
@@ -97,16 +122,17 @@ class FoldData:
         self.train_idx, self.val_idx = blocked_split(
             {s: inputs.arrays[s].origin for s in samples}, cfg.val_fraction, cfg.seed
         )
-        seen = {s: np.sort(np.concatenate([self.train_idx[s], self.val_idx[s]])) for s in samples}
-        self.transform = TargetTransform.fit((load_targets(inputs.arrays[s], seen[s]) for s in samples), cfg.target)
-        self.buffered = {s: len(seen[s]) - len(self.train_idx[s]) - len(self.val_idx[s]) for s in samples}
+        # every patch of the training patients, whatever the split: a fold's stored truth is the same for every seed
+        whole = {s: np.arange(len(inputs.arrays[s].origin)) for s in samples}
+        self.transform = TargetTransform.fit((load_targets(inputs.arrays[s], whole[s]) for s in samples), cfg.target)
+        self.buffered = {s: len(whole[s]) - len(self.train_idx[s]) - len(self.val_idx[s]) for s in samples}
         load = in_memory == "yes" or (in_memory == "auto" and _training_bytes(inputs, self.train_idx) < memory_budget())
         every = cfg.score == "all-bins"
         self.train = Batches(inputs, self.train_idx, self.transform, cfg.batch_size, in_memory=load, all_bins=every)
         self.val = Batches(inputs, self.val_idx, self.transform, cfg.batch_size, in_memory=load, all_bins=every)
         if self.train.n == 0:
             raise FeatcacheError(
-                f"the training patients' {sum(len(v) for v in seen.values())} patches leave none for training once "
+                f"the training patients' {sum(len(v) for v in whole.values())} patches leave none for training once "
                 f"the validation region (--val-fraction {cfg.val_fraction}) and its one-patch buffer are set aside; "
                 "lower --val-fraction (0 turns validation off and keeps the last epoch)."
             )

@@ -20,8 +20,6 @@ names, so run folders trained elsewhere and copied in are summarized like local 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from datetime import datetime, timezone
 
 import numpy as np
@@ -59,54 +57,103 @@ PER_FOLD = {"fold", "train_samples", "test_samples", "config_sha256", "provenanc
 
 
 def run_key(encoder: str, mode: str, run: str) -> str:
-    """The run's key in the comparison file."""
+    """The run's key in the comparison file: encoder, mode and variant, the weights' kind included (the run name
+    of a fine-tune from random weights says ``randomweights``); seeds of one setup share a key."""
     if run == mode and (encoder, mode) in REFERENCE_KEYS:
         return f"{REFERENCE[encoder][0]}_{MODE_WORDS[mode]}"
     return f"{encoder}_{run}"
+
+
+STD_DDOF = 0  # the reference study's population std, over folds and over seeds alike
 
 
 def _stat(values) -> dict:
     v = np.array([x for x in values if x is not None], dtype=float)
     return {
         "mean": float(v.mean()) if len(v) else None,
-        "std": float(v.std(ddof=0)) if len(v) else None,
+        "std": float(v.std(ddof=STD_DDOF)) if len(v) else None,
         "n": int(len(v)),
     }
 
 
+def _non_finite(obj, where: str = "") -> str | None:
+    """The path of the first NaN or ±inf in a JSON value, or None."""
+    if isinstance(obj, dict):
+        return next((w for k, v in obj.items() if (w := _non_finite(v, f"{where}.{k}" if where else k))), None)
+    if isinstance(obj, list):
+        return next((w for i, v in enumerate(obj) if (w := _non_finite(v, f"{where}[{i}]"))), None)
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return where or "(the value)"
+    return None
+
+
 def summarize(dataset: str, workspace=None) -> dict:
-    """Rebuild and write the comparison file from the dataset's finished run folders; returns it."""
+    """Rebuild and write the comparison file from the dataset's finished run folders; returns it.
+
+    Only complete, comparable runs enter ``results`` (docs/design.md §7): every patient a fold for every seed,
+    and every fold trained on this dataset's preparation, from one feature store identity per seed and with one
+    set of settings. Other runs are listed under ``incomplete``, ``inconsistent`` or ``foreign`` with the reason.
+    """
     ws = Workspace.resolve(workspace)
     ds = ws.open_dataset(dataset)
-    runs: dict[str, dict] = {}
+    found: dict[str, list] = {}
+    foreign = []
     for rd in ws.runs(dataset):
         if not rd.is_finished():
             continue
         cfg, m = rd.read_config(), rd.read_metrics()
-        key = run_key(cfg["encoder"], cfg["mode"], cfg["run"])
-        entry = runs.setdefault(key, _new_entry(cfg))
-        entry["fold_results"][f"test_{cfg['fold']}"] = _fold_result(m, rd.path.relative_to(ws.root))
-        entry["_settings"].append(_settings(cfg))
-        for g, v in m["per_gene"].items():
-            entry["_per_gene"].setdefault(g, []).append(v["pcc"])
-    if not runs:
+        rel = str(rd.path.relative_to(ws.root))
+        bad = _non_finite(m)
+        if bad:
+            raise FeatcacheError(
+                f"{rd.file('metrics.json')} holds a non-finite value at {bad!r}; a finished run's metrics are finite "
+                "numbers or null. Delete the run folder and train it again (or restore the file)."
+            )
+        if cfg.get("dataset_fingerprint") != ds.fingerprint:
+            foreign.append(
+                {
+                    "run_dir": rel,
+                    "dataset_fingerprint": cfg.get("dataset_fingerprint"),
+                    "reason": f"trained on another preparation of the data (dataset fingerprint "
+                    f"{str(cfg.get('dataset_fingerprint'))[:12]}, not {ds.fingerprint[:12]} of dataset {dataset!r} "
+                    "now): never merged",
+                }
+            )
+            continue
+        found.setdefault(run_key(cfg["encoder"], cfg["mode"], cfg["run"]), []).append((cfg, m, rel))
+    if not found and not foreign:
         raise FeatcacheError(
             f"no finished run folders under {ws.runs_dir(dataset)}; train with `train loocv` (or copy "
             "run folders there) first."
         )
-    for entry in runs.values():
-        _finish(entry)
+    runs, incomplete, inconsistent = {}, {}, {}
+    for key, folds in sorted(found.items()):
+        problem = _inconsistency(folds)
+        if problem:
+            inconsistent[key] = _listed(folds, problem)
+            continue
+        missing = _missing(folds, list(ds.patients))
+        if missing:
+            incomplete[key] = _listed(folds, missing)
+            continue
+        runs[key] = _entry(folds)
+    scored = [k for k in runs if runs[k]["pcc_gene"]["mean"] is not None]
+    best = max(scored, key=lambda k: runs[k]["pcc_gene"]["mean"]) if scored else None
     out = {
         "title": f"Encoder comparison, leave-one-patient-out, dataset {dataset}",
         "date": datetime.now(timezone.utc).date().isoformat(),
         "summary": _reference_summary(runs),
         "methodology": methodology(ds, runs),
-        "results": dict(sorted(runs.items())),
+        "results": runs,
+        "incomplete": incomplete,
+        "inconsistent": inconsistent,
+        "foreign": foreign,
         "about": {
             "dataset": dataset,
+            "dataset_fingerprint": ds.fingerprint,
             "runs": sorted(runs),
             "patients": list(ds.patients),
-            "best_by_pcc_gene": max(runs, key=lambda k: runs[k]["pcc_gene"]["mean"] or -9),
+            "best_by_pcc_gene": best,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     }
@@ -114,55 +161,156 @@ def summarize(dataset: str, workspace=None) -> dict:
     return out
 
 
-def _new_entry(cfg: dict) -> dict:
-    enc, mode = cfg["encoder"], cfg["mode"]
+def _lr_chosen(folds: list) -> list:
+    """One trial per (fold, seed): with an lr grid, the trial with the best validation pcc_gene."""
+    by: dict[tuple, list] = {}
+    for f in folds:
+        by.setdefault((f[0]["fold"], f[0].get("seed", 0)), []).append(f)
+
+    def score(f):
+        val = f[1].get("val_pcc_gene")
+        return (-9.0 if val is None else val, -(f[0].get("lr") or 0))  # ties: the smaller lr
+
+    return [max(t, key=score) for t in by.values()]
+
+
+def _weights(cfg: dict):
+    return (cfg.get("features") or {}).get("identity", {}).get("weights") or cfg.get("encoder_weights")
+
+
+def _settings(cfg: dict) -> dict:
+    """What every fold and seed of one run must share: the settings and the inputs' identity, less what differs
+    by design (fold, seed, a random encoder's seed, the lr of an lr-grid trial)."""
+    out = {k: v for k, v in cfg.items() if k not in PER_FOLD and k not in ("genes", "features", "seed")}
+    ident = dict((cfg.get("features") or {}).get("identity") or {})
+    if str(ident.get("weights", "")).startswith("random:"):
+        ident.pop("weights")
+    if str(out.get("encoder_weights", "")).startswith("random:"):
+        out.pop("encoder_weights")
+    if cfg.get("lr_grid"):
+        out.pop("lr", None)
+    return {**out, "features_identity": ident}
+
+
+def _inconsistency(folds: list) -> str | None:
+    """Why the folds of one key are not one run (or None): duplicate folds, differing settings or stores."""
+    seen: dict[tuple, str] = {}
+    for cfg, _, rel in folds:
+        k = (cfg["fold"], cfg.get("seed", 0), cfg["lr"] if cfg.get("lr_grid") else None)
+        if k in seen:
+            return f"fold {k[0]} seed {k[1]} has two run folders ({seen[k]}, {rel}); delete one and summarize again"
+        seen[k] = rel
+    first = _settings(folds[0][0])
+    for cfg, _, rel in folds[1:]:
+        other = _settings(cfg)
+        if other != first:
+            diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            return f"{rel} was trained with other settings or inputs than {folds[0][2]} ({', '.join(diff[:5])})"
+    by_seed: dict[int, set] = {}
+    for cfg, _, _ in folds:
+        by_seed.setdefault(cfg.get("seed", 0), set()).add(str(_weights(cfg)))
+    for seed, weights in sorted(by_seed.items()):
+        if len(weights) > 1:
+            return f"the folds of seed {seed} read different weights ({', '.join(sorted(weights))})"
+    return None
+
+
+def _missing(folds: list, patients: list[str]) -> str | None:
+    """Why the run is not complete (or None): every patient must be a fold of every seed (and lr trial)."""
+    grid = folds[0][0].get("lr_grid") or [None]
+    for seed in sorted({cfg.get("seed", 0) for cfg, _, _ in folds}):
+        for lr in grid:
+            have = {c["fold"] for c, _, _ in folds if c.get("seed", 0) == seed and (lr is None or c["lr"] == lr)}
+            lack = [p for p in patients if p not in have]
+            if lack:
+                trial = f" lr {lr:g}" if lr is not None else ""
+                return (
+                    f"seed {seed}{trial} has {len(have)} of {len(patients)} folds (missing {', '.join(lack)}); "
+                    "train them (`train loocv` trains every fold) to enter results"
+                )
+    return None
+
+
+def _listed(folds: list, reason: str) -> dict:
     return {
-        "encoder": REFERENCE.get(enc, (enc, enc))[1],
-        "encoder_name": enc,
-        "mode": mode,
-        "run": cfg["run"],
-        "frozen": mode != "finetune",
-        "default_protocol": cfg["run"] == mode,
-        "fold_results": {},
-        "_settings": [],
-        "_per_gene": {},
+        "reason": reason,
+        "folds": sorted({c["fold"] for c, _, _ in folds}),
+        "seeds": sorted({c.get("seed", 0) for c, _, _ in folds}),
+        "run_dirs": sorted(rel for _, _, rel in folds),
     }
 
 
-def _fold_result(m: dict, run_dir) -> dict:
-    out = {k: m.get(src) for k, src in FOLD_KEYS.items()}
+def _entry(folds: list) -> dict:
+    """A complete run: per fold the mean over seeds (each seed's entry under ``per_seed``); over folds mean and
+    std of the fold values; over seeds the std of each seed's LOOCV mean."""
+    chosen = _lr_chosen(folds)
+    cfg0 = chosen[0][0]
+    enc, mode = cfg0["encoder"], cfg0["mode"]
+    seeds = sorted({c.get("seed", 0) for c, _, _ in chosen})
+    fold_results, per_gene = {}, {}
+    for fold in sorted({c["fold"] for c, _, _ in chosen}):
+        entries = sorted(
+            (_fold_result(c, m, rel) for c, m, rel in chosen if c["fold"] == fold), key=lambda e: e["seed"]
+        )
+        merged = {k: _stat(e[k] for e in entries)["mean"] for k in FOLD_KEYS}
+        merged.update({k: entries[0][k] for k in ("run_dir", "test_samples", "noise_ceiling_pcc_gene")})
+        merged.update({k: entries[0][k] for k in ("baseline_mean_mse", "features_weights")})
+        merged["per_seed"] = entries
+        if cfg0.get("lr_grid"):
+            merged["lr_selected"] = [e["lr"] for e in entries]
+        fold_results[f"test_{fold}"] = merged
+        for c, m, _ in chosen:
+            if c["fold"] == fold:
+                for g, v in m["per_gene"].items():
+                    per_gene.setdefault(g, {}).setdefault(fold, []).append(v["pcc"])
+    entry = {
+        "encoder": REFERENCE.get(enc, (enc, enc))[1],
+        "encoder_name": enc,
+        "mode": mode,
+        "run": cfg0["run"],
+        "frozen": mode != "finetune",
+        "default_protocol": cfg0["run"] == mode,
+        "seeds": seeds,
+        "fold_results": fold_results,
+    }
+    for k in FOLD_KEYS:
+        entry[k] = _stat(f[k] for f in fold_results.values())
+        by_seed = [
+            _stat(e[k] for f in fold_results.values() for e in f["per_seed"] if e["seed"] == s)["mean"] for s in seeds
+        ]
+        entry[k]["std_over_seeds"] = _stat(by_seed)["std"] if len(seeds) > 1 else None
+        entry[k]["n_seeds"] = len(seeds)
+    entry["noise_ceiling_pcc_gene"] = _stat(f["noise_ceiling_pcc_gene"] for f in fold_results.values())
+    entry["per_gene_pcc"] = {
+        g: _stat(_stat(v)["mean"] for v in by_fold.values())["mean"] for g, by_fold in per_gene.items()
+    }
+    settings = _settings(cfg0)
+    settings.pop("features_identity")
+    entry["settings"] = {**settings, "seeds": seeds}
+    entry["settings_consistent_across_folds"] = True  # inconsistent runs are listed under ``inconsistent``
+    weights = sorted({str(_weights(c)) for c, _, _ in chosen})
+    entry["encoder_weights"] = weights[0] if len(weights) == 1 else weights
+    return entry
+
+
+def _fold_result(cfg: dict, m: dict, run_dir: str) -> dict:
+    out = {"seed": cfg.get("seed", 0), **{k: m.get(src) for k, src in FOLD_KEYS.items()}}
     ceiling = m.get("noise_ceiling") or {}
     out.update(
         {
             "selected_epoch": m.get("selected_epoch"),
-            "run_dir": str(run_dir),
+            "run_dir": run_dir,
             "test_samples": m.get("test_samples"),
             "noise_ceiling_pcc_gene": ceiling.get("pcc_gene"),
             "baseline_mean_mse": m["baselines"]["per_gene_mean"]["mse"],
             "genes_constant_in_truth": len(m.get("genes_constant_in_truth", [])),
             "genes_constant_prediction": len(m.get("genes_constant_prediction", [])),
             "features_weights": m.get("features_weights"),
+            "val_pcc_gene": m.get("val_pcc_gene"),
+            "lr": cfg.get("lr"),
         }
     )
     return out
-
-
-def _settings(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in PER_FOLD and k not in ("genes", "features")}
-
-
-def _finish(entry: dict) -> None:
-    folds = entry["fold_results"] = dict(sorted(entry["fold_results"].items()))
-    for k in FOLD_KEYS:
-        entry[k] = _stat(f[k] for f in folds.values())
-    entry["noise_ceiling_pcc_gene"] = _stat(f["noise_ceiling_pcc_gene"] for f in folds.values())
-    entry["per_gene_pcc"] = {g: _stat(v)["mean"] for g, v in entry.pop("_per_gene").items()}
-    settings = entry.pop("_settings")
-    digests = {hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12] for s in settings}
-    entry["settings"] = settings[0]
-    entry["settings_consistent_across_folds"] = len(digests) == 1
-    if entry["mode"] == "random":
-        entry["encoder_weights"] = next(iter(folds.values()))["features_weights"]
 
 
 def _reference_summary(runs: dict) -> dict:
@@ -184,11 +332,14 @@ def methodology(ds, runs: dict) -> dict:
         "cross_validation": f"leave-one-patient-out over {len(ds.patients)} patients ({', '.join(ds.patients)}); a "
         "fold tests on every section of its patient and trains on no section of it",
         "model_selection": "the epoch with the best pcc_gene on a validation region drawn from the training patients "
-        "only (a compact region of 64×64-bin blocks per training section, with a one-patch buffer left out of "
-        "training); the test patient is scored once. The reference study selected its epoch on the test patient.",
+        "only (a compact region of 64×64-bin blocks per training section; training patches within one patch width, "
+        "32 bins edge to edge, of it are left out of training); with an lr grid, the learning rate is chosen the "
+        "same way per fold and seed (lr_selected). The test patient is scored once. The reference study selected "
+        "its epoch on the test patient.",
         "target_transform": {
             "log1p-cp10k": "log1p(counts per 10k Gene Expression UMIs of the bin), z-scored per gene "
-            "with training-patient statistics",
+            "with statistics of every in-tissue bin of the training patients (the validation region included, so a "
+            "fold's truth is the same for every seed); the test patient never contributes",
             "log1p-counts": "log1p(raw counts), the reference pipeline's targets (runs named *-counts)",
         },
         "scored_bins": {
@@ -200,6 +351,9 @@ def methodology(ds, runs: dict) -> dict:
             "rule": genes.get("rule", genes.get("spec")),
             "n_genes": len(genes["ids"]),
             "test_patient_in_panel_choice": genes.get("spec", "").startswith("top-mean:"),
+            "note": "a top-mean panel is chosen once over every sample of the dataset, the test patients included; "
+            "training_only_panel_overlap says per fold how many of its genes a panel chosen from that fold's "
+            "training patients alone would share",
             "training_only_panel_overlap": ds.panel_overlap_per_fold(),
         },
         "metrics": {
@@ -215,5 +369,13 @@ def methodology(ds, runs: dict) -> dict:
             "noise_ceiling_pcc_gene": "synthetic data only: E[target | true rates] scored as a prediction, pcc_gene "
             "corrected for the Monte Carlo noise's bias (its Monte Carlo error in each fold's metrics.json)",
         },
-        "std": "population standard deviation over folds (ddof 0), as the reference study reported",
+        "std": f"population standard deviation (ddof {STD_DDOF}), as the reference study reported: ``std`` over the "
+        "folds' values (each the mean over seeds), ``std_over_seeds`` over the seeds' leave-one-patient-out means",
+        "std_ddof": STD_DDOF,
+        "seeds": "each seed is its own run folder (split, initialisation, shuffling and, for random-init, the random "
+        "encoder's weights random:<seed>); a fold's value is the mean over seeds, each seed under per_seed",
+        "runs_in_results": "only complete, comparable runs: every patient a fold for every seed, every fold on this "
+        "dataset's preparation (fingerprint), one feature store identity per seed and one set of settings; the "
+        "others are listed under incomplete, inconsistent or foreign with the reason and are never in summary or "
+        "best_by_pcc_gene",
     }

@@ -19,6 +19,7 @@ only once its marker exists.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,14 +57,18 @@ def all_finite(block: np.ndarray) -> bool:
     return int(np.bitwise_and(block.view(kind), kind(exponent)).max()) != exponent
 
 
-def store_name(encoder: str, random: bool) -> str:
-    """The store's name in the workspace: ``<encoder>`` for pretrained weights, ``<encoder>-random`` else."""
-    return f"{encoder}{RANDOM_SUFFIX}" if random else encoder
+def store_name(encoder: str, random: bool, seed: int = 0) -> str:
+    """The store's name in the workspace (docs/design.md §7): ``<encoder>`` for pretrained weights,
+    ``<encoder>-random`` for ``random:0`` and ``<encoder>-random-s<seed>`` for the other seeds."""
+    if not random:
+        return encoder
+    return f"{encoder}{RANDOM_SUFFIX}" + (f"-s{seed}" if seed else "")
 
 
-def split_store_name(name: str) -> tuple[str, bool]:
-    """``uni2h-random`` -> (``uni2h``, True)."""
-    return (name.removesuffix(RANDOM_SUFFIX), True) if name.endswith(RANDOM_SUFFIX) else (name, False)
+def split_store_name(name: str) -> tuple[str, bool, int]:
+    """``uni2h-random`` -> (uni2h, True, 0); ``uni2h-random-s2`` -> (uni2h, True, 2); ``uni2h`` -> (uni2h, False, 0)."""
+    m = re.fullmatch(rf"(.+){RANDOM_SUFFIX}(?:-s(\d+))?", name)
+    return (m[1], True, int(m[2] or 0)) if m else (name, False, 0)
 
 
 def chunk_patches_for(grid: int, dim: int) -> int:
@@ -208,9 +213,11 @@ class FeatureStore:
         dataset: str | None = None,
         encoder: str | None = None,
         random: bool | None = None,
+        seed: int = 0,
     ):
         self.loc = Location(location, storage_options)
         self.dataset, self.encoder, self.random = dataset, encoder, random  # known for workspace stores
+        self.seed = seed  # the random-init seed of a workspace store
 
     @property
     def make_hint(self) -> str:
@@ -218,7 +225,7 @@ class FeatureStore:
         if self.dataset is None:
             return "featcache extract --dataset DATASET --encoder ENCODER --output " + str(self.loc)
         return f"featcache extract --dataset {self.dataset} --encoder {self.encoder}" + (
-            " --weights random" if self.random else ""
+            (f" --weights random:{self.seed}" if self.seed else " --weights random") if self.random else ""
         )
 
     def __str__(self) -> str:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from featcache.errors import FeatcacheError
@@ -41,6 +42,11 @@ class Results:
         return res
 
     def write_comparison(self, comparison: dict) -> Path:
+        """Strict JSON only (no NaN or Infinity tokens): a non-finite value is refused before anything is written."""
+        try:
+            json.dumps(comparison, allow_nan=False)
+        except ValueError:
+            raise FeatcacheError("the comparison holds a non-finite number; it is not written.") from None
         write_json(self.comparison_path, comparison)
         return self.comparison_path
 

@@ -3,10 +3,10 @@
 The root is ``--workspace``, else ``$FEATCACHE_WORKSPACE``, else ``./featcache-data``::
 
     datasets/<dataset>/                         Dataset     (featcache/stores/dataset.py)
-    features/<dataset>/<encoder>[-random].zarr  FeatureStore (featcache/stores/features.py); or, with
-                                                --features-root / $FEATCACHE_FEATURES_ROOT, under that
+    features/<dataset>/<encoder>[-random[-s<seed>]].zarr  FeatureStore (featcache/stores/features.py); or,
+                                                with --features-root / $FEATCACHE_FEATURES_ROOT, under that
                                                 path or fsspec URL (s3://, gs://, a shared file system)
-    runs/<dataset>/<encoder>/<run>/fold-<fold>  RunDir      (featcache/stores/runs.py)
+    runs/<dataset>/<encoder>/<run>/fold-<fold>[-seed<seed>]  RunDir (featcache/stores/runs.py)
     results/<dataset>/                          Results     (featcache/stores/results.py)
     predictions/<run>/<slide>/                  PredictionDir (featcache/stores/predictions.py)
     raw/, weights/                              the demo's synthetic input and stand-in weights
@@ -137,7 +137,7 @@ class Workspace:
         return [Dataset(p) for p in found if (p / "dataset.json").is_file()]
 
     # ------------------------------------------------------------------ feature stores
-    def feature_store(self, dataset: str, encoder: str, random: bool = False) -> FeatureStore:
+    def feature_store(self, dataset: str, encoder: str, random: bool = False, seed: int = 0) -> FeatureStore:
         """The feature store of an encoder over a dataset (it may not exist yet: see ``exists``).
 
         Parameters
@@ -145,16 +145,23 @@ class Workspace:
         dataset, encoder : str
             Names as in ``featcache extract --dataset D --encoder E``.
         random : bool
-            The random-init store ``<encoder>-random`` instead of the pretrained one.
+            The random-init store instead of the pretrained one.
+        seed : int
+            The random-init store's seed: ``<encoder>-random`` holds ``random:0``, ``<encoder>-random-s<seed>``
+            the other seeds (docs/design.md §7).
 
         Returns
         -------
         FeatureStore
         """
         check_name(dataset, "dataset")
-        name = check_name(store_name(check_name(encoder, "encoder"), random), "feature store")
+        name = check_name(store_name(check_name(encoder, "encoder"), random, seed), "feature store")
         return FeatureStore(
-            f"{self.features_dir(dataset)}/{name}.zarr", dataset=dataset, encoder=encoder, random=random
+            f"{self.features_dir(dataset)}/{name}.zarr",
+            dataset=dataset,
+            encoder=encoder,
+            random=random,
+            seed=seed,
         )
 
     def features_dir(self, dataset: str | None = None) -> str:
@@ -190,8 +197,9 @@ class Workspace:
                 )
 
     # ------------------------------------------------------------------ runs and results
-    def run(self, dataset: str, encoder: str, run: str, fold: str) -> RunDir:
-        """One run folder, ``runs/<dataset>/<encoder>/<run>/fold-<fold>/`` (it may not exist yet).
+    def run(self, dataset: str, encoder: str, run: str, fold: str, seed: int = 0, lr: float | None = None) -> RunDir:
+        """One run folder, ``runs/<dataset>/<encoder>/<run>/fold-<fold>[-seed<seed>][-lr<lr>]/`` (it may not exist
+        yet): seed 0 has no suffix, every other seed is its own folder beside it, as is each trial of an lr grid.
 
         Parameters
         ----------
@@ -200,13 +208,18 @@ class Workspace:
             The run's name: the mode, then its variant suffixes (e.g. ``frozen``, ``random-counts-allbins``).
         fold : str
             The test patient.
+        seed : int
+            The training seed.
+        lr : float, optional
+            The learning rate of one trial of an lr grid.
 
         Returns
         -------
         RunDir
         """
         parts = [check_name(dataset, "dataset"), check_name(encoder, "encoder"), check_name(run, "run name")]
-        return RunDir(self.root / "runs" / Path(*parts) / f"{FOLD_PREFIX}{check_name(fold, 'fold')}")
+        tail = (f"-seed{seed}" if seed else "") + (f"-lr{lr:g}" if lr is not None else "")
+        return RunDir(self.root / "runs" / Path(*parts) / f"{FOLD_PREFIX}{check_name(fold, 'fold')}{tail}")
 
     def runs_dir(self, dataset: str) -> Path:
         return self.root / "runs" / check_name(dataset, "dataset")
