@@ -61,7 +61,7 @@ def fold_task(cfg, workspace, runtime: dict, threads: int | None) -> dict:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     report = TaskReport(label(cfg), worker=_where())
-    run = Workspace.resolve(workspace).run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold)
+    run = Workspace.resolve(workspace).run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold, cfg.seed, cfg.trial_lr)
     report.resumed = run.file("train_state.pt").is_file()
     try:
         import dask
