@@ -67,11 +67,14 @@ def demo(
     on_step=None,
 ) -> DemoResult:
     """The whole pipeline on a small synthetic 3-patient dataset; ``on_step(line)`` hears each finished step."""
+    from analysis.compare import pair_line, paired_comparison
     from analysis.figures import draw_all
     from featcache.encoders import get_spec
     from featcache.extract import ExtractionConfig, extract
     from featcache.prepare import prepare_dataset
+    from featcache.pretrain import shipped_weights
     from featcache.synth import SynthConfig, synthesize
+    from train.summary import run_key
 
     t0 = time.perf_counter()
     say = on_step or (lambda line: None)
@@ -79,6 +82,8 @@ def demo(
     spec = get_spec(encoder)
     if epochs < 1 or finetune_epochs < 1:
         raise FeatcacheError("--epochs and --finetune-epochs must be at least 1.")
+    shipped = shipped_weights(encoder) if weights is None else None  # featcache's own pretrained weights
+    note = _pretrained_note(encoder, seed) if shipped is not None else None  # refuses the pretraining cohort's seed
     raw = ws.raw_dir(f"demo-seed{seed}")
     missing = [n for n in DEMO_SAMPLES if not (raw / n / "outs").is_dir()]
     if missing:
@@ -89,7 +94,10 @@ def demo(
         f"[bold]1/4 prepared[/] dataset 'demo': {sum(res.patches.values())} patches "
         f"({', '.join(f'{k} {v}' for k, v in res.patches.items())}), {res.genes} genes"
     )
-    if weights is None:
+    if shipped is not None:
+        weights = str(shipped)
+        say(note)
+    elif weights is None:
         weights = str(_standin_weights(ws, spec))
         say(
             f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a seeded "
@@ -112,15 +120,38 @@ def demo(
     say("[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
     figures = draw_all("demo", "P5", workspace=ws.root)
     say(f"[bold]4/4 drew[/] {len(figures)} figure files")
+    paired = paired_comparison("demo", [run_key(encoder, m, m) for m in ("random", "frozen")], ws.root, seed=seed)
+    say(f"[bold]analysis compare[/] (95 % block-bootstrap interval): {pair_line(paired['pairs'][0])}")
     places = {
         "Space Ranger-style input": raw,
         "patches and targets": res.path,
         "feature stores": ws.features_dir("demo"),
         "run folders": ws.runs_dir("demo"),
         "comparison file": Path(comparison["_path"]),
+        "paired comparison": Path(paired["_path"]),
         "figures": ws.results("demo").figures_dir,
     }
     return DemoResult(time.perf_counter() - t0, comparison, places=places)
+
+
+def _pretrained_note(encoder: str, seed: int) -> str:
+    """What the demo says about the shipped weights its 'frozen' and 'finetune' runs start from."""
+    from featcache.pretrain import shipped_record
+
+    rec = shipped_record(encoder)
+    cohort = rec["cohort"]
+    if seed == cohort["seed"]:
+        raise FeatcacheError(
+            f"--seed {seed} is the seed of the synthetic cohort {encoder}'s shipped weights were trained on; the "
+            "demo's data must be other data: choose another seed."
+        )
+    return (
+        f"  'frozen' and 'finetune' start from featcache's own pretrained {encoder} ({rec['weights']['file']}, "
+        f"sha256 {rec['weights']['sha256'][:12]}…): trained to tell each bin's tissue compartment in synthetic "
+        f"patients {', '.join(cohort['trained_on'])} (seed {cohort['seed']}), none of them the demo's, and never "
+        "shown expression. 'random' is the same network, randomly initialised. A small CNN on synthetic tissue: "
+        "it says nothing about the real foundation models (pass --encoder/--weights for one)."
+    )
 
 
 def _standin_weights(ws: Workspace, spec) -> Path:
