@@ -42,12 +42,19 @@ def compare(
     workspace: WorkspaceOpt = None,
 ):
     """Paired statistics for every pair of runs: per-gene differences, Wilcoxon, block-bootstrap interval."""
-    from analysis.compare import comparison_figure, pair_line, paired_comparison
+    from analysis.compare import comparison_figure, paired_comparison
     from featcache.stores import Workspace
 
     res = paired_comparison(dataset, split_list(runs) if runs else None, workspace, n_boot=bootstrap, seed=seed)
     for p in res["pairs"]:
-        out.print(pair_line(p), soft_wrap=True, highlight=False)
+        w = p["wilcoxon"]
+        out.print(
+            f"{p['b']} − {p['a']}: Δ pcc_gene {p['mean_pcc_gene_difference']:+.4f} "
+            f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; {p['genes_favouring_b']}/{p['n_genes']} genes favour "
+            f"{p['b']}" + (f"; Wilcoxon p = {w['p_value']:.3g}" if w else ""),
+            soft_wrap=True,
+            highlight=False,
+        )
     figures = comparison_figure(res, Workspace.resolve(workspace).results(dataset).figures_dir)
     out.print(f"written: {res['_path']} and {figures[0]}", soft_wrap=True)
 

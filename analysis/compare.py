@@ -98,16 +98,6 @@ def paired_comparison(
     return out
 
 
-def pair_line(p: dict) -> str:
-    """One pair of :func:`paired_comparison` in words: B − A, its 95 % interval, genes favouring B, Wilcoxon."""
-    w = p["wilcoxon"]
-    return (
-        f"{p['b']} − {p['a']}: Δ pcc_gene {p['mean_pcc_gene_difference']:+.4f} "
-        f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]; {p['genes_favouring_b']}/{p['n_genes']} genes favour "
-        f"{p['b']}" + (f"; Wilcoxon p = {w['p_value']:.3g}" if w else "")
-    )
-
-
 def _pair(a: str, b: str, ta: dict, tb: dict, n_boot: int, rng) -> dict:
     folds = sorted(set(ta) & set(tb))
     if not folds:

@@ -271,9 +271,19 @@ def record(cfg: PretrainConfig, full: dict, quick: dict | None) -> dict:
         },
         "weights": full,
         "quick_rebuild": None if quick is None else {"settings": asdict(cfg.quick()), **quick},
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": cfg.threads},
+        "machine": {"cpu": _cpu_name(), "torch_threads": cfg.threads},
         "libraries": library_versions(),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
