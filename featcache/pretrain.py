@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -53,7 +54,7 @@ class PretrainConfig:
     stride: int = 16  # bins between patch origins (overlapping patches: more views of the same tissue)
     # the training
     seed: int = 0  # weight initialisation, batch order and augmentation draws
-    epochs: int = 6
+    epochs: int = 2
     batch_size: int = 16
     lr: float = 2e-3  # Adam, cosine decay to 5 % over the run
     threads: int = 2
@@ -271,7 +272,12 @@ def record(cfg: PretrainConfig, full: dict, quick: dict | None) -> dict:
         },
         "weights": full,
         "quick_rebuild": None if quick is None else {"settings": asdict(cfg.quick()), **quick},
-        "machine": {"cpu": _cpu_name(), "torch_threads": cfg.threads},
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": cfg.threads,
+            "load_average_1min": round(os.getloadavg()[0], 1),  # the seconds above are wall time on a shared machine
+        },
         "libraries": library_versions(),
     }
 
