@@ -17,6 +17,9 @@ from featcache.errors import FeatcacheError
 from featcache.stores import Workspace
 
 DEMO_SAMPLES = ("P1", "P2", "P5")
+# The demo's fine-tuning: the decoder's steps as in the frozen run (same lr, batch, epochs, no augmentation, one
+# forward pass per batch so BatchNorm sees the frozen run's batches) and the encoder moving 10× more slowly.
+FINETUNE_BUDGET = {"encoder_lr": 1e-4, "micro_batch": 8, "augment": False}
 
 
 def loocv(
@@ -76,7 +79,7 @@ def demo(
     encoder: str = "tiny-cnn",
     weights: str | None = None,
     epochs: int = 15,
-    finetune_epochs: int = 3,
+    finetune_epochs: int = 15,
     on_step=None,
     n_seeds: int = 2,
 ) -> DemoResult:
@@ -84,11 +87,14 @@ def demo(
 
     Every run is trained with ``n_seeds`` training seeds (``seed``, ``seed + 1``, ...), each its own run folder and,
     for random-init, its own random encoder."""
+    from analysis.compare import paired_comparison
     from analysis.figures import draw_all
     from featcache.encoders import get_spec
     from featcache.extract import ExtractionConfig, extract
     from featcache.prepare import prepare_dataset
+    from featcache.pretrain import shipped_weights
     from featcache.synth import SynthConfig, synthesize
+    from train.summary import run_key
 
     t0 = time.perf_counter()
     say = on_step or (lambda line: None)
@@ -97,6 +103,8 @@ def demo(
     if epochs < 1 or finetune_epochs < 1 or n_seeds < 1:
         raise FeatcacheError("--epochs, --finetune-epochs and --n-seeds must be at least 1.")
     seeds = list(range(seed, seed + n_seeds))
+    shipped = shipped_weights(encoder) if weights is None else None  # featcache's own pretrained weights
+    note = _pretrained_note(encoder, seed) if shipped is not None else None  # refuses the pretraining cohort's seed
     raw = ws.raw_dir(f"demo-seed{seed}")
     missing = [n for n in DEMO_SAMPLES if not (raw / n / "outs").is_dir()]
     if missing:
@@ -107,7 +115,10 @@ def demo(
         f"[bold]1/4 prepared[/] dataset 'demo': {sum(res.patches.values())} patches "
         f"({', '.join(f'{k} {v}' for k, v in res.patches.items())}), {res.genes} genes"
     )
-    if weights is None:
+    if shipped is not None:
+        weights = str(shipped)
+        say(note)
+    elif weights is None:
         weights = str(_standin_weights(ws, spec))
         say(
             f"  no pretrained weights for {encoder} can be downloaded here: 'frozen' and 'finetune' use a seeded "
@@ -123,22 +134,55 @@ def demo(
         "demo",
         [encoder],
         ["finetune"],
-        {**common, "epochs": finetune_epochs, "weights": weights, "encoder_lr": 1e-4, "micro_batch": 4},
+        {**common, "epochs": finetune_epochs, "weights": weights, **FINETUNE_BUDGET},
         workspace=ws.root,
         overwrite=True,
     )
     say(f"[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned × {n_seeds} seed(s)")
     figures = draw_all("demo", "P5", workspace=ws.root)
     say(f"[bold]4/4 drew[/] {len(figures)} figure files")
+    paired = paired_comparison("demo", [run_key(encoder, m, m) for m in ("random", "frozen")], ws.root, seed=seed)
+    say(_paired_line(paired["pairs"][0]))
     places = {
         "Space Ranger-style input": raw,
         "patches and targets": res.path,
         "feature stores": ws.features_dir("demo"),
         "run folders": ws.runs_dir("demo"),
         "comparison file": Path(comparison["_path"]),
+        "paired comparison": Path(paired["_path"]),
         "figures": ws.results("demo").figures_dir,
     }
     return DemoResult(time.perf_counter() - t0, comparison, places=places)
+
+
+def _paired_line(p: dict) -> str:
+    """`analysis compare`'s frozen vs random-init pair in one line: the difference and its 95 % interval."""
+    lo, hi = p["ci95"]
+    verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0: no difference shown"
+    return (
+        f"[bold]analysis compare[/] {p['b']} − {p['a']}: Δ pcc_gene {p['mean_pcc_gene_difference']:+.4f}, "
+        f"95 % interval (spatial blocks and seeds) [{lo:+.4f}, {hi:+.4f}] ({verdict})"
+    )
+
+
+def _pretrained_note(encoder: str, seed: int) -> str:
+    """What the demo says about the shipped weights its 'frozen' and 'finetune' runs start from."""
+    from featcache.pretrain import shipped_record
+
+    rec = shipped_record(encoder)
+    cohort = rec["cohort"]
+    if seed == cohort["seed"]:
+        raise FeatcacheError(
+            f"--seed {seed} is the seed of the synthetic cohort {encoder}'s shipped weights were trained on; the "
+            "demo's data must be other data: choose another seed."
+        )
+    return (
+        f"  'frozen' and 'finetune' start from featcache's own pretrained {encoder} ({rec['weights']['file']}, "
+        f"sha256 {rec['weights']['sha256'][:12]}…): trained to tell each bin's tissue compartment in synthetic "
+        f"patients {', '.join(cohort['trained_on'])} (seed {cohort['seed']}), none of them the demo's, and never "
+        "shown expression. 'random' is the same network, randomly initialised. A small CNN on synthetic tissue: "
+        "it says nothing about the real foundation models (pass --encoder/--weights for one)."
+    )
 
 
 def _standin_weights(ws: Workspace, spec) -> Path:

@@ -70,12 +70,12 @@ def demo(
     weights: Annotated[
         Optional[str],
         typer.Option(
-            help="Pretrained weights for --encoder [default: a seeded "
-            "random stand-in, since none can be downloaded here]."
+            help="Pretrained weights for --encoder [default: tiny-cnn's, which featcache ships "
+            "(featcache/pretrain.py); a seeded random stand-in for other encoders]."
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of the frozen and random-init runs.")] = 15,
-    finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tune runs.")] = 3,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tune runs.")] = 15,
     n_seeds: Annotated[
         int, typer.Option(help="Training seeds per run (--seed, --seed+1, ...): each its own run folder.")
     ] = 2,
