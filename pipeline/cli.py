@@ -40,6 +40,7 @@ from train.cli import (
     Score,
     Seed,
     Target,
+    TensorBoardOpt,
     ValFrac,
     Weights,
     _default,
@@ -179,6 +180,7 @@ def loocv(
     device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
     overwrite: OverwriteOpt = False,
+    tensorboard: TensorBoardOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Every fold (each patient as the test patient) of every encoder and mode; then the comparison file.
@@ -212,6 +214,7 @@ def loocv(
             device=device,
             in_memory=in_memory,
             overwrite=overwrite,
+            tensorboard=tensorboard,
         )
     )
 

@@ -31,9 +31,19 @@ FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def reported(tiny_cnn_features):
+def workspace(tiny_cnn_features, tmp_path_factory):
+    """A copy of the session workspace's dataset and features: the runs here leave the other tests' runs alone."""
+    src, _ = tiny_cnn_features
+    ws = tmp_path_factory.mktemp("report-ws")
+    for part in ("datasets", "features"):
+        shutil.copytree(src / part, ws / part)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def reported(workspace):
     """Two linear-decoder runs over both folds, summarized, and the report written through the command line."""
-    ws, _ = tiny_cnn_features
+    ws = workspace
     for fold in ("P1", "P2"):
         for name in (None, "b"):
             run_fold(
@@ -78,17 +88,17 @@ def test_training_curves_png_shows_both_panels(reported):
     assert img.shape[1] > 2 * img.shape[0] * 0.9 and img.std() > 5
 
 
-def test_a_dataset_without_results_is_refused(prepared):
-    ws, _ = prepared
+def test_a_dataset_without_results_is_refused(workspace):
+    ws = workspace
     res = CliRunner().invoke(analysis_app, ["report", "--dataset", "nothing", "--workspace", str(ws)])
     assert res.exit_code != 0 and "no results file" in res.output and "train loocv" in res.output
     assert not Workspace.resolve(ws).results("nothing").report_path.exists()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_chromium_renders_the_page_offline_with_the_comparison_numbers(reported, tmp_path):
     from playwright.sync_api import sync_playwright
 
+    assert CHROMIUM, "this test needs Debian's Chromium: apt-get install -y chromium (as .ci/run does)"
     ws, path = reported
     comparison = json.loads(Workspace.resolve(ws).results("tiny").comparison_path.read_text())
     failed, requests, errors = [], [], []
@@ -147,3 +157,22 @@ def test_incomplete_runs_are_listed_apart(reported, tmp_path):
     table, rest = page.split("</table>", 1)
     assert "tiny-cnn_frozen-linear" not in table and "tiny-cnn_frozen-linear" in rest.split("id='figures'")[0]
     assert "missing_folds" in rest
+
+
+def test_tensorboard_events_hold_the_log(workspace):
+    """`train decoder --tensorboard`: event files in the run folder with the log.jsonl numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.cli import train_app
+
+    args = ["decoder", "--dataset", "tiny", "--encoder", "tiny-cnn", "--fold", "P1", "--mode", "random"]
+    args += ["--decoder", "linear", "--epochs", "2", "--batch-size", "4", "--val-fraction", "0", "--name", "tb"]
+    res = CliRunner().invoke(train_app, [*args, "--tensorboard", "--device", "cpu", "--workspace", str(workspace)])
+    assert res.exit_code == 0, res.output
+    run = Workspace.resolve(workspace).run("tiny", "tiny-cnn", "random-linear-tb", "P1")
+    assert list(run.tensorboard_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run.tensorboard_dir))
+    events.Reload()
+    logged, log = events.Scalars("train/loss"), run.read_log()
+    assert [s.step for s in logged] == [r["epoch"] for r in log] == [0, 1]
+    assert [s.value for s in logged] == pytest.approx([r["train_loss"] for r in log], rel=1e-6)

@@ -52,6 +52,7 @@ def run_loocv(
     in_memory: str = "auto",
     overwrite: bool = False,
     show_progress: bool = True,
+    tensorboard: bool = False,
 ) -> dict:
     """Train every fold of every (encoder, mode) and write the comparison file.
 
@@ -73,6 +74,7 @@ def run_loocv(
         "in_memory": in_memory,
         "overwrite": overwrite,
         "show_progress": show_progress and jobs == 1,
+        "tensorboard": tensorboard,
     }
     tasks = [(cfg, str(ws.root), runtime, jobs) for cfg in configs]
     if jobs > 1:
