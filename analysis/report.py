@@ -151,10 +151,11 @@ def _comparison_section(res: dict) -> str:
 
 
 def _figures_section(figures: Path, paired: dict | None) -> str:
-    out = ["<section id='figures'><h2>Comparison figures</h2>"]
+    out = ["<section id='figures'><h2>Comparison figures</h2><div class='figs'>"]
     for n in COMPARISON_FIGURES + ("params_vs_pcc",):
         if (figures / f"{n}.png").is_file():
             out.append(_img(figures / f"{n}.png", n.replace("_", " ")))
+    out.append("</div>")
     if paired and paired.get("pairs"):
         out.append("<h3>Paired comparisons (<code>analysis compare</code>)</h3>")
         head = ["a", "b", "Δ pcc_gene (b − a)", "95 % interval", "genes favouring b", "Wilcoxon p"]
@@ -214,8 +215,9 @@ def _curves_section(results, curves: dict) -> str:
         "the ring marks the epoch the run kept. Also written as <code>figures/training_curves_&lt;run&gt;.png"
         "</code>.</p>",
     ]
-    for name in curves:
-        out.append(f"<h3>{_e(name)}</h3>" + _img(results.training_curves_path(name), f"training curves of {name}"))
+    out.append("<div class='figs'>")
+    out += [_img(results.training_curves_path(name), f"training curves of {name}") for name in curves]
+    out.append("</div>")
     if not curves:
         out.append("<p>No run folder of the comparison file is in this workspace.</p>")
     out.append("</section>")
@@ -230,7 +232,7 @@ def _qc_section(ds) -> str:
     ]
     pictures = [(s, ds.qc_path(s)) for s in ds.samples] if ds is not None else []
     pictures = [(s, p) for s, p in pictures if p.is_file()]
-    out += [_img(p, f"sample {s}", cls="qc") for s, p in pictures]
+    out += ["<div class='figs'>", *(_img(p, f"sample {s}", cls="qc") for s, p in pictures), "</div>"]
     if not pictures:
         out.append("<p>No QC pictures (the dataset was prepared before they were drawn).</p>")
     out.append("</section>")
@@ -408,15 +410,18 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; ma
 h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { border-bottom: 2px solid #0072B2; padding-bottom: 0.2rem; }
 nav a { color: #0072B2; } .meta { color: #555; }
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; white-space: nowrap; }
-th { background: #f2f5f8; cursor: pointer; user-select: none; position: sticky; top: 0; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.45rem; text-align: left; white-space: nowrap; }
+th { background: #f2f5f8; cursor: pointer; user-select: none; position: sticky; top: 0; white-space: normal;
+     vertical-align: bottom; }
+td code { white-space: normal; font-size: 0.75rem; }
 th[aria-sort='ascending']::after { content: ' \\25B2'; } th[aria-sort='descending']::after { content: ' \\25BC'; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tbody tr:nth-child(even) { background: #fafafa; }
 .wide { overflow-x: auto; max-height: 70vh; }
 figure { margin: 0.8rem 0; } figure img { max-width: 100%; border: 1px solid #eee; }
-figure.qc img { max-width: 48%; } figcaption { color: #555; font-size: 0.85rem; }
-pre { background: #f6f6f6; padding: 0.6rem; overflow-x: auto; font-size: 0.8rem; }
+.figs { display: flex; flex-wrap: wrap; gap: 0 1.2rem; align-items: flex-start; }
+.figs figure { max-width: 660px; } figcaption { color: #555; font-size: 0.85rem; }
+pre { background: #f6f6f6; padding: 0.6rem; white-space: pre-wrap; font-size: 0.8rem; }
 dt { font-weight: 600; margin-top: 0.5rem; } dd { margin-left: 1rem; }
 """
 

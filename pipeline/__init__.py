@@ -112,6 +112,10 @@ def demo(
     say("[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned")
     figures = draw_all("demo", "P5", workspace=ws.root)
     say(f"[bold]4/4 drew[/] {len(figures)} figure files")
+    from analysis.report import write_report
+
+    report = write_report("demo", workspace=ws.root)
+    say(f"[bold]report[/] (opens offline, double-click it): {report}")
     places = {
         "Space Ranger-style input": raw,
         "patches and targets": res.path,
@@ -119,6 +123,7 @@ def demo(
         "run folders": ws.runs_dir("demo"),
         "comparison file": Path(comparison["_path"]),
         "figures": ws.results("demo").figures_dir,
+        "report": report,
     }
     return DemoResult(time.perf_counter() - t0, comparison, places=places)
 

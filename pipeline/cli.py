@@ -96,6 +96,7 @@ def demo(
     out.print(f"done in {res.seconds:.0f} s. Where things are:", soft_wrap=True)
     for label, path in res.places.items():
         out.print(f"  {label:26s} {path}", soft_wrap=True)
+    out.print(f"open the report in a browser: {res.places['report']}", soft_wrap=True)
 
 
 @featcache_app.command()
