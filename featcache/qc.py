@@ -18,7 +18,7 @@ from featcache.geometry import GEOMETRY
 from featcache.slide import Slide
 from featcache.tissue import thumbnail
 
-MAX_SIDE = 1600  # thumbnail pixels along the slide's longer side (at most)
+MAX_SIDE = 1000  # thumbnail pixels along the slide's longer side, at most (a PNG of about a megabyte)
 OUTLINE = (0, 255, 255)  # cyan: no H&E stain is this colour
 BIN_TINT = (0, 160, 60)  # green, blended lightly over the in-tissue bins ...
 BIN_EDGE = (0, 110, 40)  # ... whose outer edge is drawn in full
@@ -41,6 +41,11 @@ def qc_picture(
     with Slide(image_path) as slide:
         h, w = slide.levels[0].shape[:2]
         thumb, scale = thumbnail(slide, max(1.0, max(h, w) / MAX_SIDE))
+    j = -(-max(thumb.shape[:2]) // MAX_SIDE)  # the pyramid's levels may leave it larger: bin it further, exactly
+    if j > 1:
+        rows, cols = thumb.shape[0] // j, thumb.shape[1] // j
+        block = thumb[: rows * j, : cols * j].astype(np.float32).reshape(rows, j, cols, j, 3).mean(axis=(1, 3))
+        thumb, scale = np.rint(block).astype(np.uint8), scale / j
     out = thumb.astype(np.float32)
     # every thumbnail pixel back through the inverse map onto the bin lattice: tinted where that bin is in tissue
     inverse = registration.global_map.matrix_inverse()
