@@ -329,9 +329,8 @@ def _fmt(v, digits: int = 4) -> str:
 def _seeds(r: dict) -> str:
     seeds = r.get("seeds")
     if seeds is None:
-        seeds = sorted(
-            {s["seed"] for s in r.get("per_seed", {}).values()} if isinstance(r.get("per_seed"), dict) else []
-        )
+        per_seed = r.get("per_seed")
+        seeds = sorted(map(str, per_seed)) if isinstance(per_seed, dict) else []
     if not seeds and (r.get("settings") or {}).get("seed") is not None:
         seeds = [r["settings"]["seed"]]
     return ", ".join(map(str, seeds)) if isinstance(seeds, list) else str(seeds)
