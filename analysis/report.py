@@ -404,12 +404,12 @@ def _img(path: Path, caption: str, cls: str = "") -> str:
 
 
 STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1400px;
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0 auto; max-width: 1600px;
        padding: 1rem 2rem 4rem; color: #222; background: #fff; line-height: 1.4; }
 h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { border-bottom: 2px solid #0072B2; padding-bottom: 0.2rem; }
 nav a { color: #0072B2; } .meta { color: #555; }
-table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
-th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.45rem; text-align: left; white-space: nowrap; }
+table { border-collapse: collapse; font-size: 0.8rem; margin: 0.5rem 0 1rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.2rem 0.35rem; text-align: left; white-space: nowrap; }
 th { background: #f2f5f8; cursor: pointer; user-select: none; position: sticky; top: 0; white-space: normal;
      vertical-align: bottom; }
 td code { white-space: normal; font-size: 0.75rem; }
