@@ -96,6 +96,23 @@ def export(
     out.print(f"wrote {adata.n_obs} × {adata.n_vars} AnnData: {path}", soft_wrap=True)
 
 
+@app.command()
+@user_errors
+def report(
+    dataset: DatasetOpt = "demo",
+    genes: Annotated[
+        Optional[str],
+        typer.Option(help="Genes of the spatial maps [default: up to 3 of the default markers in the panel]."),
+    ] = None,
+    workspace: WorkspaceOpt = None,
+):
+    """The whole benchmark on one page: results/<dataset>/report/index.html (self-contained, opens offline)."""
+    from analysis.report import write_report
+
+    path = write_report(dataset, split_list(genes) if genes else None, workspace)
+    out.print(f"report: {path}", soft_wrap=True)
+
+
 @app.callback()
 def _root() -> None:
     """Stage 3 of featcache: figures and xarray views (`import analysis` in a notebook)."""

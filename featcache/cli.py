@@ -169,6 +169,8 @@ def prepare(
 
     d = Dataset(res.path)
     out.print(f"  {d.patches_path}\n  {d.targets_path}\n  {d.meta_path}")
+    for sample, path in res.qc.items():
+        out.print(f"QC picture of {sample} (slide, in-tissue bins, patch outlines): {path}", soft_wrap=True)
     for note in res.notes:
         out.print(f"[yellow]note:[/] {note}", soft_wrap=True, highlight=False)
 

@@ -26,6 +26,7 @@ from featcache.errors import FeatcacheError
 from featcache.geometry import GEOMETRY, gather_windows
 from featcache.progress import progress
 from featcache.provenance import library_versions
+from featcache.qc import OUTLINE, png_bytes, qc_picture
 from featcache.slide import Slide, render_patch
 from featcache.stores import Workspace, check_name
 from featcache.stores.dataset import DATASET_FORMAT, IMAGE_CHUNK, TARGET_CHUNK, DatasetBuilder
@@ -280,6 +281,7 @@ class PrepareResult:
     genes: int
     seconds: float
     notes: list[str] = field(default_factory=list)  # what a user should know (conversions, genes left out)
+    qc: dict[str, Path] = field(default_factory=dict)  # sample -> its QC picture (slide, bins, patch outlines)
 
 
 def prepare_dataset(
@@ -323,7 +325,9 @@ def prepare_dataset(
         old = target.meta if target.exists() else None
         if old is not None and old.get("inputs_sha256") == key:
             n = {k: v["n_patches"] for k, v in old["samples"].items()}
-            return PrepareResult(dataset, target.path, True, n, len(old["genes"]["ids"]), time.perf_counter() - t_start)
+            qc = {k: target.qc_path(k) for k in n if target.qc_path(k).is_file()}
+            took = time.perf_counter() - t_start
+            return PrepareResult(dataset, target.path, True, n, len(old["genes"]["ids"]), took, qc=qc)
         if not overwrite:
             what = "different inputs" if old is not None else "no dataset.json (an unknown or damaged folder)"
             raise FeatcacheError(
@@ -391,6 +395,7 @@ def prepare_dataset(
         len(panel.ids),
         time.perf_counter() - t_start,
         notes,
+        {k: target.qc_path(k) for k in report},
     )
 
 
@@ -454,8 +459,11 @@ def _write_sample(s: VisiumHDSample, cut, panel: Panel, library, builder: Datase
     _write_targets(origins, in_tissue, column, counts, library.astype(np.int32), arrays)
     del counts
     _render_images(s, origins, arrays.image, bar, workers)
+    picture, scale = qc_picture(s.image_path, s.registration, in_tissue, origins, s.name)
+    builder.write_qc(s.name, png_bytes(picture))
     return {
         "n_patches": int(len(origins)),
+        "qc": {"picture": f"qc/{s.name}.png", "scale": scale, "outline": list(OUTLINE)},
         "in_tissue_bins": int(in_tissue.sum()),
         "bins_in_matrix": int(s.matrix.n_bins),
         **s.describe(),

@@ -34,6 +34,11 @@ class BinMap:
         w = m[2, 0] * rows + m[2, 1] * cols + m[2, 2]
         return (m[0, 0] * rows + m[0, 1] * cols + m[0, 2]) / w, (m[1, 0] * rows + m[1, 1] * cols + m[1, 2]) / w
 
+    def matrix_inverse(self) -> BinMap:
+        """The inverse map, (pxl_row, pxl_col) → (array_row, array_col), as a BinMap."""
+        m = np.linalg.inv(self.matrix)
+        return BinMap(m / m[2, 2])
+
     def jacobian(self, row: float, col: float) -> np.ndarray:
         """d(pxl_row, pxl_col) / d(array_row, array_col) at one point (2 × 2)."""
         m = self.matrix

@@ -143,6 +143,10 @@ def demo(
     say(f"[bold]4/4 drew[/] {len(figures)} figure files")
     paired = paired_comparison("demo", [run_key(encoder, m, m) for m in ("random", "frozen")], ws.root, seed=seed)
     say(_paired_line(paired["pairs"][0]))
+    from analysis.report import write_report
+
+    report = write_report("demo", workspace=ws.root)
+    say(f"[bold]report[/] (opens offline, double-click it): {report}")
     places = {
         "Space Ranger-style input": raw,
         "patches and targets": res.path,
@@ -151,6 +155,7 @@ def demo(
         "comparison file": Path(comparison["_path"]),
         "paired comparison": Path(paired["_path"]),
         "figures": ws.results("demo").figures_dir,
+        "report": report,
     }
     return DemoResult(time.perf_counter() - t0, comparison, places=places)
 

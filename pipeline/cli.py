@@ -42,6 +42,7 @@ from train.cli import (
     Seed,
     Seeds,
     Target,
+    TensorBoardOpt,
     ValFrac,
     Weights,
     _default,
@@ -102,6 +103,7 @@ def demo(
     out.print(f"done in {res.seconds:.0f} s. Where things are:", soft_wrap=True)
     for label, path in res.places.items():
         out.print(f"  {label:26s} {path}", soft_wrap=True)
+    out.print(f"open the report in a browser: {res.places['report']}", soft_wrap=True)
 
 
 @featcache_app.command()
@@ -216,6 +218,7 @@ def loocv(
     device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
     overwrite: OverwriteOpt = False,
+    tensorboard: TensorBoardOpt = False,
     workspace: WorkspaceOpt = None,
     features_root: FeaturesRootOpt = None,
 ):
@@ -263,6 +266,7 @@ def loocv(
         overwrite=overwrite,
         scheduler=scheduler,
         slurm=slurm,
+        tensorboard=tensorboard,
     )
     print_comparison(comparison)
     out.print("[bold]where the folds ran[/] (fold, worker, seconds):")

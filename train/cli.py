@@ -83,6 +83,9 @@ Target = Annotated[
     str,
     typer.Option(help="log1p-cp10k (ours: CP10k, log1p, z-score per gene) or log1p-counts (the reference pipeline)."),
 ]
+TensorBoardOpt = Annotated[
+    bool, typer.Option("--tensorboard", help="Also write TensorBoard event files into each run folder (tensorboard/).")
+]
 Score = Annotated[
     str, typer.Option(help="Bins in loss and metrics: in-tissue (ours) or all-bins (the reference pipeline).")
 ]
@@ -115,6 +118,7 @@ def decoder(
     device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
     overwrite: OverwriteOpt = False,
+    tensorboard: TensorBoardOpt = False,
     workspace: WorkspaceOpt = None,
     features_root: FeaturesRootOpt = None,
 ):
@@ -146,7 +150,10 @@ def decoder(
             score=score,
             name=name,
         )
-        _report(enc, fold, train_fold(cfg, workspace, device=device, in_memory=in_memory, overwrite=overwrite))
+        res = train_fold(
+            cfg, workspace, device=device, in_memory=in_memory, overwrite=overwrite, tensorboard=tensorboard
+        )
+        _report(enc, fold, res)
 
 
 def _report(encoder: str, fold: str, res) -> None:
@@ -194,6 +201,7 @@ def finetune(
     name: Name = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    tensorboard: TensorBoardOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Fine-tune encoder + decoder end to end from image patches (no feature cache) for one fold."""
@@ -221,7 +229,8 @@ def finetune(
             score=score,
             name=name,
         )
-        _report(encoder, fold, train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite))
+        res = train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite, tensorboard=tensorboard)
+        _report(encoder, fold, res)
 
 
 @app.command()

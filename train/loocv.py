@@ -62,6 +62,7 @@ def run_loocv(
     scheduler: str | None = None,
     slurm: dict | None = None,
     runner: FoldRunner | None = None,
+    tensorboard: bool = False,
 ) -> dict:
     """Train every fold of every (encoder, mode) and write the comparison file.
 
@@ -82,7 +83,13 @@ def run_loocv(
     for (e, mode, seed), cfg in stores.items():
         store = ws.feature_store(dataset, e, mode == "random", seed)
         check_store_mode(cfg, store, FoldInputs(ds, store).identity)
-    runtime = {"device": device, "in_memory": in_memory, "overwrite": overwrite, "show_progress": show_progress}
+    runtime = {
+        "device": device,
+        "in_memory": in_memory,
+        "overwrite": overwrite,
+        "show_progress": show_progress,
+        "tensorboard": tensorboard,
+    }
     if runner is None:
         with FoldRunner(jobs, scheduler, slurm, device) as own:
             reports = own.run(configs, ws, runtime, show_progress)

@@ -16,6 +16,7 @@ from featcache.progress import progress
 from featcache.stores import RunDir
 from train.config import TrainConfig
 from train.data import Batches, FoldInputs, load_targets, read_tokens
+from train.events import TensorBoard
 from train.metrics import per_gene_pearson
 
 
@@ -219,9 +220,13 @@ def fit(
     dev,
     targets_for=None,
     show_progress: bool = True,
+    tensorboard: bool = False,
 ) -> Best:
-    """Train for cfg.epochs, resuming from the run folder's state; returns the best validation epoch."""
+    """Train for cfg.epochs, resuming from the run folder's state; returns the best validation epoch.
+
+    ``tensorboard``: each epoch's log row also goes to TensorBoard event files in the run folder."""
     start, best, log = resume(model, opt, run, ddp)
+    events = TensorBoard(run) if tensorboard and ddp.main else None
     saver = Checkpointer(run, ddp.main)
     n_batches = -(-train_b.n // cfg.batch_size)
     usable = n_batches // ddp.world * ddp.world  # every rank takes the same number of steps
@@ -250,6 +255,10 @@ def fit(
             saver.after_epoch(epoch, time.perf_counter() - t0, model, opt, log, best, last=epoch == cfg.epochs - 1)
             if ddp.main:
                 run.append_log(row)
+            if events is not None:
+                events.epoch(row)
             shown = f"{val_pcc:.3f}" if val_pcc is not None else "—"
             bar.update(task, advance=1, rate=f"loss {row['train_loss'] or float('nan'):.3f} val pcc {shown}")
+    if events is not None:
+        events.close()
     return best

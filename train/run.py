@@ -42,6 +42,7 @@ def train_fold(
     in_memory: str = "auto",
     overwrite: bool = False,
     show_progress: bool = True,
+    tensorboard: bool = False,
 ) -> FoldResult:
     """Train and score one fold; an unfinished run with the same settings resumes, a finished one is reused."""
     cfg.validate()
@@ -69,7 +70,7 @@ def _train_held(cfg: TrainConfig, run, inputs, encoder, record, device, in_memor
         run.write_config({**record, "provenance": {**provenance, "torch_threads": torch.get_num_threads()}})
     ddp.barrier()
     step = Stepper(ddp.wrap(model, dev), opt, dev, cfg)
-    best = fit(model, opt, step, cfg, run, ddp, data.train, data.val, dev, data.targets_for, show_progress)
+    best = fit(model, opt, step, cfg, run, ddp, data.train, data.val, dev, data.targets_for, show_progress, tensorboard)
 
     ddp.barrier()
     metrics = _test_and_write(cfg, record, run, data, model, best, encoder, dev) if ddp.main else {}

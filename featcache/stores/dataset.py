@@ -9,6 +9,7 @@
     targets.zarr/<sample>/mask          bool  (patch, row, col)   bin is in tissue (and in the matrix)
     targets.zarr/<sample>/{gene, gene_id, origin}                 coordinates
     dataset.json                        samples, gene panel, geometry, source fingerprints
+    qc/<sample>.png                     the slide, its in-tissue bins and the kept patches through the registration
 
 A dataset is built in a hidden folder beside its final place (:class:`DatasetBuilder`) and moved
 there only when complete, so an interrupted run never leaves a half-written dataset that looks
@@ -79,6 +80,14 @@ class Dataset:
 
     def exists(self) -> bool:
         return self.meta_path.is_file()
+
+    @property
+    def qc_dir(self) -> Path:
+        return self.path / "qc"
+
+    def qc_path(self, sample: str) -> Path:
+        """The sample's QC picture (``featcache prepare`` draws it): slide, in-tissue bins, patch outlines."""
+        return self.qc_dir / f"{sample}.png"
 
     @cached_property
     def meta(self) -> dict:
@@ -348,6 +357,12 @@ class DatasetBuilder:
             totals=np.asarray(totals, np.float64),
             n_bins=np.asarray(n_bins, np.int64),
         )
+
+    def write_qc(self, sample: str, png: bytes) -> Path:
+        """The sample's QC picture, in the staged folder; returns where it will be once committed."""
+        (self.partial / "qc").mkdir(exist_ok=True)
+        (self.partial / "qc" / f"{sample}.png").write_bytes(png)
+        return self.dataset.qc_path(sample)
 
     def commit(self, meta: dict) -> None:
         for store in ("patches.zarr", "targets.zarr"):

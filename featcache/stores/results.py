@@ -4,7 +4,8 @@
 
     encoder_loocv_comparison.json   every run's summary over folds, in the reference study's schema
     paired_comparison.json          paired statistics between runs (``analysis compare``)
-    figures/                        the comparison figures and spatial rows (PNG and PDF)
+    figures/                        the comparison figures and spatial rows (PNG and PDF), training curves (PNG)
+    report/index.html               the whole benchmark on one self-contained page (``analysis report``)
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ class Results:
     @property
     def figures_dir(self) -> Path:
         return self.path / "figures"
+
+    def training_curves_path(self, run: str) -> Path:
+        """``figures/training_curves_<run>.png``: training loss and validation pcc_gene per epoch of every fold."""
+        return self.figures_dir / f"training_curves_{run}.png"
+
+    @property
+    def report_path(self) -> Path:
+        """``report/index.html``: the page ``analysis report`` writes (figures inline, opened offline)."""
+        return self.path / "report" / "index.html"
+
+    def read_paired(self) -> dict | None:
+        return read_json(self.paired_path)
 
     def read_comparison(self, required: bool = False) -> dict | None:
         res = read_json(self.comparison_path)

@@ -9,6 +9,7 @@
     checkpoint.pt      the selected decoder (and encoder, when fine-tuned) with the target transform
     predictions.zarr   pred, truth, mask (patch, gene, row, col) of the test patient, origins as coords
     metrics.json       the test metrics
+    tensorboard/       TensorBoard event files of the epochs (training with ``--tensorboard``)
 
 Every ``.pt`` file holds tensors and plain data only and is read with ``weights_only=True``: a
 run folder can come from anywhere (a shared workspace, an archive), so nothing in it may run code.
@@ -142,6 +143,11 @@ class RunDir:
         """One dict per finished epoch: train_loss, val_loss, val_pcc_gene, seconds."""
         path = self.file("log.jsonl")
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard event files of the log rows (``--tensorboard``): ``tensorboard --logdir runs/<dataset>``."""
+        return self.file("tensorboard")
 
     def append_log(self, row: dict) -> None:
         append_line(self.file("log.jsonl"), json.dumps(row))
