@@ -52,10 +52,12 @@ def train_fold(
     inputs, encoder, record = _inputs(ws, cfg)
     run = ws.run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold, cfg.seed, cfg.trial_lr)
     with run.writer(take=Distributed.is_main(cfg.finetune)):  # one writer per run folder; under torchrun, rank 0
-        return _train_held(cfg, run, inputs, encoder, record, device, in_memory, overwrite, show_progress)
+        return _train_held(cfg, run, inputs, encoder, record, device, in_memory, overwrite, show_progress, tensorboard)
 
 
-def _train_held(cfg: TrainConfig, run, inputs, encoder, record, device, in_memory, overwrite, show_progress):
+def _train_held(
+    cfg: TrainConfig, run, inputs, encoder, record, device, in_memory, overwrite, show_progress, tensorboard
+):
     """The fold in its run folder, which this process holds: reuse, resume or start; train, test and write."""
     hint = f", or --name NAME to train a variant beside it (runs/{cfg.dataset}/{cfg.encoder}/{cfg.run_name}-NAME/)"
     if run.claim(record, overwrite, hint) == "done":
