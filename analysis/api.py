@@ -88,12 +88,10 @@ def open_run(run_dir) -> xr.Dataset:
         are in ``attrs["metrics"]`` and ``attrs["config"]``.
     """
     run = RunDir(Path(run_dir))
-    ds = run.open_predictions()
+    ds = run.open_predictions()  # refused unless config.json and the predictions are of one run
     if run.is_finished():
         ds.attrs["metrics"] = run.read_metrics()
-    config = run.read_config()
-    if config is not None:
-        ds.attrs["config"] = config
+    ds.attrs["config"] = run.verified_config()
     return ds
 
 

@@ -686,3 +686,122 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- run folders: verified before use
+@pytest.fixture(scope="module")
+def runs_ws(tiny_cnn_features, tmp_path_factory):
+    """A workspace with two finished random-init linear runs of both folds and their comparison file."""
+    from conftest import run_fold
+
+    from train.summary import summarize
+
+    src, _ = tiny_cnn_features
+    ws = tmp_path_factory.mktemp("runs-ws")
+    for sub in ("datasets", "features"):
+        shutil.copytree(src / sub, ws / sub)
+    for fold in ("P1", "P2"):
+        for name in (None, "b"):  # two runs to compare
+            run_fold(
+                "tiny",
+                "tiny-cnn",
+                fold,
+                mode="random",
+                decoder="linear",
+                epochs=1,
+                batch_size=2,
+                workspace=ws,
+                name=name,
+            )
+    summarize("tiny", ws)
+    return ws
+
+
+@pytest.fixture
+def run_ws(runs_ws, tmp_path):
+    """A copy of ``runs_ws`` a test may damage; (workspace, P1's run folder)."""
+    ws = tmp_path / "rws"
+    shutil.copytree(runs_ws, ws, symlinks=True)
+    return ws, ws / "runs" / "tiny" / "tiny-cnn" / "random-linear" / "fold-P1"
+
+
+def edit_json(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def rehash(cfg: dict) -> None:
+    from featcache.stores.runs import config_digest
+
+    cfg["config_sha256"] = config_digest(cfg)
+
+
+CONFIG_EDITS = {
+    "weights": lambda c: c["features"]["identity"].update(weights="random:7"),
+    "gene_ids": lambda c: c["gene_ids"].reverse(),
+    "encoder": lambda c: c.update(encoder="densenet121"),
+    "mode": lambda c: c.update(mode="frozen"),
+}
+
+
+def run_commands(ws: Path, run_dir: Path, synth_dir: Path) -> dict:
+    image = synth_dir / "P1" / "P1_tissue_image.btf"
+    predict = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P1")]
+    return {
+        "predict": (featcache_app, [*predict, "--device", "cpu"]),
+        "summarize": (train_app, ["summarize", "--dataset", "tiny"]),
+        "compare": (analysis_app(), ["compare", "--dataset", "tiny", "--bootstrap", "100"]),
+        "export": (analysis_app(), ["export", "--run", str(run_dir)]),
+        "figures": (analysis_app(), ["figures", "--dataset", "tiny", "--sample", "P1"]),
+    }
+
+
+def check_cmd(ws: Path, command: tuple, *needles) -> str:
+    app, args = command
+    return check(app, ws, args, *needles)
+
+
+def analysis_app():
+    from analysis.cli import app
+
+    return app
+
+
+@pytest.mark.parametrize("edit", sorted(CONFIG_EDITS))
+def test_an_edited_config_json_is_refused_by_every_reader(run_ws, synth_dir, edit):
+    ws, run_dir = run_ws
+    edit_json(run_dir / "config.json", CONFIG_EDITS[edit])
+    for name, (app, args) in run_commands(ws, run_dir, synth_dir).items():
+        message = check(app, ws, args, "config.json", "config_sha256")
+        assert str(run_dir / "config.json") in message, (name, message)
+
+
+def test_a_config_json_edited_and_rehashed_is_refused_by_the_files_beside_it(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    config = (run_dir / "config.json").read_bytes()
+    edit_json(run_dir / "config.json", lambda c: (c["gene_ids"].reverse(), rehash(c)))
+    commands = run_commands(ws, run_dir, synth_dir)
+    check_cmd(ws, commands["predict"], "metrics.json", "another run")
+    check_cmd(ws, commands["summarize"], "metrics.json", "another run")
+    # a checkpoint of another run beside a consistent config.json and metrics.json
+    (run_dir / "config.json").write_bytes(config)
+    shutil.copy(run_dir.parent / "fold-P2" / "checkpoint.pt", run_dir / "checkpoint.pt")
+    check_cmd(ws, commands["predict"], "checkpoint.pt", "another run")
+
+
+def test_a_run_folder_copied_into_another_folds_place_is_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    shutil.rmtree(run_dir.parent / "fold-P2")
+    shutil.copytree(run_dir, run_dir.parent / "fold-P2")
+    for name in ("summarize", "compare", "figures"):
+        check_cmd(ws, run_commands(ws, run_dir, synth_dir)[name], "records fold 'P1'", "fold-P1")
+
+
+def test_predictions_of_another_run_or_unreadable_are_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    commands = run_commands(ws, run_dir, synth_dir)
+    zarr_json = run_dir / "predictions.zarr" / "zarr.json"
+    zarr_json.write_text("{ not json")
+    for name in ("compare", "export", "figures"):
+        check_cmd(ws, commands[name], "cannot read", "predictions.zarr")

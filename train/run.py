@@ -51,8 +51,11 @@ def train_fold(
     inputs, encoder, record = _inputs(ws, cfg)
     run = ws.run(cfg.dataset, cfg.encoder, cfg.run_name, cfg.fold)
     hint = f", or --name NAME to train a variant beside it (runs/{cfg.dataset}/{cfg.encoder}/{cfg.run_name}-NAME/)"
-    if run.claim(record, overwrite, hint) == "done":
+    state = run.claim(record, overwrite, hint)
+    if state == "done":
         return FoldResult(run.path, run.read_metrics(), reused=True)
+    if state == "resume":
+        run.verified_config()  # a config.json edited since it was written is not resumed into
     dev = resolve_device(device)
     ddp = Distributed(cfg.finetune, dev)
     data = FoldData(inputs, cfg, in_memory, ddp.world)
