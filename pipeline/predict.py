@@ -60,11 +60,12 @@ class Lattice:
         }
 
 
-def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_tissue: float) -> Lattice:
+def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_tissue: float, slide: Slide) -> Lattice:
     """A Space Ranger sample's own lattice, cut as ``prepare`` cuts it."""
     from featcache.visium import open_sample
 
-    s = open_sample(name, positions, image, counts=False)
+    s = open_sample(name, positions, image, counts=False)  # refuses bins outside the image's extent
+    _check_on_tissue(s, slide)
     in_tissue, _, origins = s.plan_patches(stride, min_tissue)
     return Lattice(
         name,
@@ -75,6 +76,24 @@ def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_
         s.microns_per_pixel,
         f"Space Ranger positions ({s.bin_dir})",
     )
+
+
+def _check_on_tissue(s, slide: Slide) -> None:
+    """Refuse positions whose in-tissue bins do not sit on this image's tissue (another slide's positions)."""
+    from featcache.tissue import MIN_AGREEMENT, positions_agreement, thumbnail, tissue_mask
+
+    thumb, scale = thumbnail(slide, s.registration.px_per_bin / 2)
+    p = s.positions
+    inside, outside = positions_agreement(
+        tissue_mask(thumb), scale, p.pxl_row_in_fullres, p.pxl_col_in_fullres, p.in_tissue
+    )
+    if inside - outside < MIN_AGREEMENT:
+        raise FeatcacheError(
+            f"the positions of {s.bin_dir} do not belong to {slide.path}: {inside:.0%} of their in-tissue bins and "
+            f"{outside:.0%} of the others lie on this image's tissue (a slide's own positions: most of the first, "
+            "few of the second). Pass the Space Ranger output of this slide with --positions, or leave --positions "
+            "out to predict on a lattice of the image itself."
+        )
 
 
 def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min_tissue: float) -> tuple[Lattice, dict]:
@@ -211,7 +230,7 @@ def predict(
     with Slide(image) as slide:
         slide.probe()
         if opts.positions is not None:
-            lattice = positions_lattice(slide_name, Path(opts.positions), image, stride, min_tissue)
+            lattice = positions_lattice(slide_name, Path(opts.positions), image, stride, min_tissue, slide)
             how = {"microns_per_pixel_source": "Space Ranger scale factors"}
         else:
             lattice, how = virtual_lattice(slide_name, slide, opts.mpp, stride, min_tissue)

@@ -805,3 +805,24 @@ def test_predictions_of_another_run_or_unreadable_are_refused(run_ws, synth_dir)
     zarr_json.write_text("{ not json")
     for name in ("compare", "export", "figures"):
         check_cmd(ws, commands[name], "cannot read", "predictions.zarr")
+
+
+def test_verify_reads_the_origins_and_names_a_missing_array(full_ws):
+    store = full_ws / "features" / "tiny" / "tiny-cnn-random.zarr"
+    corrupt(store / "P2" / "origin" / "c" / "0" / "0")
+    r = CliRunner().invoke(featcache_app, ["verify", str(store)])
+    assert r.exit_code == 1 and "P2/origin: corrupted" in r.output, r.output
+    shutil.rmtree(store / "P1" / "tokens")
+    r = CliRunner().invoke(featcache_app, ["verify", str(store)])
+    assert r.exit_code == 1 and "P1/tokens: array missing" in r.output and "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    r = CliRunner().invoke(featcache_app, ["verify", "--dataset", "tiny", "--workspace", str(full_ws)])
+    assert r.exit_code == 1 and "P1/tokens: array missing" in r.output and "P2/origin: corrupted" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+
+
+def test_positions_of_another_slide_are_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    image = synth_dir / "P1" / "P1_tissue_image.btf"
+    args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P2")]
+    check(featcache_app, ws, [*args, "--device", "cpu"], "do not belong to", "in-tissue bins")

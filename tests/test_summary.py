@@ -12,6 +12,7 @@ from conftest import SMALL, run_fold
 from typer.testing import CliRunner
 
 from featcache.stores import Workspace
+from featcache.stores.runs import config_digest
 from featcache.synth import synthesize
 from pipeline.cli import train_app as app
 from train.metrics import evaluate
@@ -61,23 +62,22 @@ def finished_run(ws, encoder: str, mode: str, fold: str, seed: int) -> dict:
         }
     )
     run = Workspace(ws).run("trio", encoder, mode, fold)
-    run.write_config(
-        {
-            "dataset": "trio",
-            "encoder": encoder,
-            "mode": mode,
-            "run": mode,
-            "fold": fold,
-            "epochs": 200,
-            "batch_size": 64,
-            "lr": 1e-4,
-            "seed": 0,
-            "target": "log1p-cp10k",
-            "score": "in-tissue",
-            "train_samples": [p for p in ("P1", "P2", "P5") if p != fold],
-            "config_sha256": str(seed),
-        }
-    )
+    config = {
+        "dataset": "trio",
+        "encoder": encoder,
+        "mode": mode,
+        "run": mode,
+        "fold": fold,
+        "epochs": 200,
+        "batch_size": 64,
+        "lr": 1e-4,
+        "seed": 0,
+        "target": "log1p-cp10k",
+        "score": "in-tissue",
+        "train_samples": [p for p in ("P1", "P2", "P5") if p != fold],
+    }
+    m["config_sha256"] = config["config_sha256"] = config_digest(config)  # a consistent run folder
+    run.write_config(config)
     run.write_metrics(m)
     return m
 
