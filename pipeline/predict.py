@@ -13,6 +13,7 @@ to featcache/stores/predictions.py.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -223,7 +224,7 @@ def predict(
         min_tissue = opts.min_tissue
     else:
         min_tissue = patching.get("min_tissue", 0.5) if opts.positions is not None else VIRTUAL_MIN_TISSUE
-    slide_name = check_name(image.name.split(".")[0].replace(" ", "_") or "slide", "slide")
+    slide_name = slide_name_of(image)
     ws = Workspace.resolve(workspace)
     target = ws.prediction_dir(run.label, slide_name) if output is None else _output_dir(ws, output)
     target.claim(rt.overwrite)
@@ -261,6 +262,12 @@ def predict(
         )
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def slide_name_of(image: Path) -> str:
+    """A safe name for a slide from any file name: ``my slide (2).ome.tif`` → ``my_slide_2``."""
+    stem = re.sub(r"[^A-Za-z0-9_+-]+", "_", image.name.split(".")[0]).strip("_+-")
+    return check_name(stem[:100] or "slide", "slide")
 
 
 def _output_dir(ws: Workspace, output):

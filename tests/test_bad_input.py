@@ -826,3 +826,52 @@ def test_positions_of_another_slide_are_refused(run_ws, synth_dir):
     image = synth_dir / "P1" / "P1_tissue_image.btf"
     args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P2")]
     check(featcache_app, ws, [*args, "--device", "cpu"], "do not belong to", "in-tissue bins")
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if ".partial-" in p.name or ".old-" in p.name or ".tmp" in p.name)
+
+
+def test_a_slide_file_name_with_spaces_and_brackets_predicts_correctly(run_ws, synth_dir, tmp_path):
+    import xarray as xr
+
+    ws, run_dir = run_ws
+    image = tmp_path / "my slide (2).btf"
+    image.symlink_to(synth_dir / "P1" / "P1_tissue_image.btf")
+    base = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P1")]
+    theirs = xr.open_zarr(run_dir / "predictions.zarr").pred.values
+    for extra, out in (
+        ([], ws / "predictions" / "tiny-tiny-cnn-random-linear-fold-P1" / "my_slide_2"),
+        (["--output", str(tmp_path / "out")], tmp_path / "out"),
+    ):
+        r = CliRunner().invoke(featcache_app, [*base, *extra, "--device", "cpu", "--workspace", str(ws)])
+        assert r.exit_code == 0, r.output
+        z = xr.open_zarr(out / "predictions.zarr").z.values.astype(np.float32)
+        assert np.allclose(z, theirs, atol=2e-3 * np.abs(theirs).max() + 1e-3)  # the run's own test predictions
+        assert json.loads((out / "prediction.json").read_text())["lattice"]["name"] == "my_slide_2"
+    assert leftovers(ws) == [] and leftovers(tmp_path) == []
+
+
+def test_a_killed_prediction_is_cleaned_by_the_rerun(run_ws, synth_dir, tmp_path):
+    import signal
+    import time
+
+    ws, run_dir = run_ws
+    out = tmp_path / "pred"
+    args = ["predict", "--run", str(run_dir), "--image", str(synth_dir / "P1" / "P1_tissue_image.btf")]
+    args += ["--positions", str(synth_dir / "P1"), "--output", str(out), "--device", "cpu", "--workspace", str(ws)]
+    args += ["--batch-size", "1", "--workers", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featcache", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".pred.partial-*/predictions.zarr")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "predict never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    assert leftovers(tmp_path) and not out.exists()  # what the kill left
+    r = CliRunner().invoke(featcache_app, args)
+    assert r.exit_code == 0, r.output
+    assert leftovers(tmp_path) == [] and (out / "prediction.json").is_file()
