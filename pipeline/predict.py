@@ -112,6 +112,11 @@ def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min
     else:
         how = "--mpp"
     if not 0.05 <= mpp <= 2.0:
+        if how != "--mpp":
+            raise FeatcacheError(
+                f"{slide.path}: its {how} say {mpp:.4g} µm per pixel, which no microscope image has (0.05 to 2): "
+                "the metadata is a placeholder. Pass the scan's --mpp (e.g. --mpp 0.25 for a 40× scan)."
+            )
         raise FeatcacheError(f"--mpp {mpp}: a microscope image has 0.05 to 2 µm per pixel.")
     pitch = BIN_UM / mpp
     need = GEOMETRY.px_per_bin / 1.25

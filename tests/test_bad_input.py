@@ -875,3 +875,16 @@ def test_a_killed_prediction_is_cleaned_by_the_rerun(run_ws, synth_dir, tmp_path
     r = CliRunner().invoke(featcache_app, args)
     assert r.exit_code == 0, r.output
     assert leftovers(tmp_path) == [] and (out / "prediction.json").is_file()
+
+
+def test_grayscale_png_and_placeholder_tiff_resolution_get_their_own_messages(run_ws, synth_dir, tmp_path):
+    ws, run_dir = run_ws
+    rgb = sample_image(synth_dir / "P1")[:800, :800]
+    grey = tmp_path / "grey.png"
+    Image.fromarray(rgb[..., 0]).save(grey)
+    base = ["predict", "--run", str(run_dir), "--device", "cpu", "--image"]
+    check(featcache_app, ws, [*base, str(grey), "--mpp", "0.5"], "single-channel", "RGB")
+    tagged = tmp_path / "tagged.tif"
+    tifffile.imwrite(tagged, rgb, photometric="rgb", resolution=(72, 72), resolutionunit="CENTIMETER")
+    message = check(featcache_app, ws, [*base, str(tagged)], "TIFF resolution tags", "138.9", "Pass the scan's --mpp")
+    assert "--mpp 138.9" not in message
