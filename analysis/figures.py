@@ -260,16 +260,21 @@ def spatial_figures(
     dataset: str, sample: str, run_dirs: dict[str, Path], genes, out: Path, workspace=None
 ) -> list[Path]:
     """Rows H&E | truth | one panel per run for each gene, on the stitched test section; one colour scale."""
-    runs = _open_runs(run_dirs, sample, genes)
+    runs, genes = _open_runs(run_dirs, sample, genes)
     with _style():
         return _spatial_figures(dataset, sample, runs, genes, out, workspace)
 
 
-def _open_runs(run_dirs: dict[str, Path], sample: str, genes) -> dict:
-    """The runs testing on ``sample``, each verified and opened, refused unless every gene is in their panel."""
+def _open_runs(run_dirs: dict[str, Path], sample: str, genes) -> tuple[dict, list[str]]:
+    """The runs testing on ``sample``, verified, their maps of ``genes`` read (a damaged chunk fails here, before
+    anything is drawn); every gene must be in their panel [default: those of DEFAULT_GENES that are]."""
     runs = {name: open_run(d) for name, d in run_dirs.items()}
     if not runs:
         raise FeatcacheError(f"no finished runs with sample {sample} as a test section.")
+    if genes is None:
+        panel = {str(g) for g in next(iter(runs.values())).gene.values}
+        genes = [g for g in DEFAULT_GENES if g in panel]
+    genes = list(genes)
     for name, ds in runs.items():
         panel = {str(g) for g in ds.gene.values}
         unknown = [g for g in genes if g not in panel]
@@ -278,7 +283,15 @@ def _open_runs(run_dirs: dict[str, Path], sample: str, genes) -> dict:
                 f"--genes: {', '.join(unknown)} not in the panel of run {name} "
                 f"(e.g. {', '.join(sorted(panel)[:5])}); nothing was drawn."
             )
-    return runs
+        source = ds.encoding.get("source", str(run_dirs[name]))
+        try:
+            runs[name] = ds.sel(gene=genes).load()
+        except Exception as exc:  # checksum, decompression or a missing chunk file
+            raise FeatcacheError(
+                f"cannot read pred of {source} ({type(exc).__name__}: {str(exc)[:100]}); the predictions are "
+                "damaged. Train the run again with --overwrite."
+            ) from None
+    return runs, genes
 
 
 def _spatial_figures(dataset, sample, runs: dict, genes, out: Path, workspace) -> list[Path]:
@@ -366,12 +379,7 @@ def draw_all(dataset: str, sample: str | None = None, genes=None, workspace=None
             )
         return comparison_figures(results.comparison_path, results.figures_dir)
     sample = sample or sorted(by_section)[-1]
-    if genes:
-        opened = _open_runs(by_section[sample], sample, list(genes))
-    else:
-        opened = _open_runs(by_section[sample], sample, [])
-        panel = {str(g) for g in next(iter(opened.values())).gene.values}
-        genes = [g for g in DEFAULT_GENES if g in panel]
+    opened, genes = _open_runs(by_section[sample], sample, genes)
     written = comparison_figures(results.comparison_path, results.figures_dir)
     with _style():
-        return written + _spatial_figures(dataset, sample, opened, list(genes), results.figures_dir, ws.root)
+        return written + _spatial_figures(dataset, sample, opened, genes, results.figures_dir, ws.root)

@@ -888,3 +888,20 @@ def test_grayscale_png_and_placeholder_tiff_resolution_get_their_own_messages(ru
     tifffile.imwrite(tagged, rgb, photometric="rgb", resolution=(72, 72), resolutionunit="CENTIMETER")
     message = check(featcache_app, ws, [*base, str(tagged)], "TIFF resolution tags", "138.9", "Pass the scan's --mpp")
     assert "--mpp 138.9" not in message
+
+
+def test_a_damaged_predictions_chunk_is_one_message(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    corrupt(run_dir / "predictions.zarr" / "pred" / "c" / "0" / "0" / "0" / "0")
+    commands = run_commands(ws, run_dir, synth_dir)
+    for name in ("compare", "export", "figures"):
+        check_cmd(ws, commands[name], "cannot read pred of", "predictions.zarr", "damaged")
+
+
+def test_figures_refuse_genes_outside_the_panel_and_a_missing_comparison_file_before_writing(run_ws):
+    ws, _ = run_ws
+    app = analysis_app()
+    check(app, ws, ["figures", "--dataset", "tiny", "--genes", "FOO,BAR"], "FOO, BAR not in the panel")
+    check(app, ws, ["figures", "--dataset", "tiny", "--sample", "P9"], "--sample P9")
+    (ws / "results" / "tiny" / "encoder_loocv_comparison.json").unlink()
+    check(app, ws, ["figures", "--dataset", "tiny"], "no results file", "train summarize")

@@ -309,6 +309,7 @@ class RunDir:
             ) from None
         if missing:
             raise FeatcacheError(f"{path} has no {', '.join(missing)} array; the predictions are damaged.")
+        ds.encoding["source"] = str(path)  # named by readers whose lazy reads fail (a damaged chunk)
         if config.get("genes") is not None and genes != list(config["genes"]):
             raise FeatcacheError(
                 f"{path} holds another gene panel than {self.file('config.json')}: the predictions come from "
