@@ -905,3 +905,15 @@ def test_figures_refuse_genes_outside_the_panel_and_a_missing_comparison_file_be
     check(app, ws, ["figures", "--dataset", "tiny", "--sample", "P9"], "--sample P9")
     (ws / "results" / "tiny" / "encoder_loocv_comparison.json").unlink()
     check(app, ws, ["figures", "--dataset", "tiny"], "no results file", "train summarize")
+
+
+def test_an_edited_config_json_is_not_resumed_or_reused(full_ws):
+    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny"]
+    args += ["--decoder", "linear", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0"]
+    r = CliRunner().invoke(train_app, [*args, "--workspace", str(full_ws)])
+    assert r.exit_code == 0, r.output
+    run_dir = full_ws / "runs" / "tiny" / "tiny-cnn" / "random-linear" / "fold-P1"
+    edit_json(run_dir / "config.json", CONFIG_EDITS["gene_ids"])  # the same config_sha256, other settings
+    check(train_app, full_ws, args, "config.json", "config_sha256")  # a finished run is not reused
+    (run_dir / "metrics.json").unlink()
+    check(train_app, full_ws, args, "config.json", "config_sha256")  # nor an unfinished one resumed
