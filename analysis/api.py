@@ -91,12 +91,10 @@ def open_run(run_dir) -> xr.Dataset:
         are in ``attrs["metrics"]`` and ``attrs["config"]``.
     """
     run = RunDir(Path(run_dir))
-    ds = run.open_predictions()
+    ds = run.open_predictions()  # refused unless config.json and the predictions are of one run
     if run.is_finished():
         ds.attrs["metrics"] = run.read_metrics()
-    config = run.read_config()
-    if config is not None:
-        ds.attrs["config"] = config
+    ds.attrs["config"] = run.verified_config()
     return ds
 
 
@@ -134,7 +132,7 @@ def stitch(run: xr.Dataset, gene: str, var: str = "pred", sample: str | None = N
             if sample not in sections:
                 raise FeatcacheError(f"section {sample!r} is not in this run (it has {', '.join(sections)}).")
             run = run.isel(patch=np.flatnonzero(run["sample"].values == sample))
-    values = run[var].sel(gene=gene).values if "gene" in run[var].dims else run[var].values
+    values = _read(run, var, run[var].sel(gene=gene) if "gene" in run[var].dims else None)
     sums = BinSums(run.origin.values, values)
     image = sums.grid()
     (r0, c0), (rows, cols) = sums.top_left, image.shape
@@ -154,15 +152,28 @@ def section_bins(run: xr.Dataset, scored_only: bool = True, unnamed: str = ""):
     fraction (bins,)); ``scored_only`` keeps the bins the metrics scored, else every bin of every
     patch. A run without a ``sample`` coordinate has one section, named ``unnamed``.
     """
-    samples = run["sample"].values if "sample" in run.coords else np.full(run.sizes["patch"], unnamed)
+    samples = _read(run, "sample") if "sample" in run.coords else np.full(run.sizes["patch"], unnamed)
     for s in np.unique(samples):
         k = np.flatnonzero(samples == s)
-        origins, mask = run["origin"].values[k], run["mask"].values[k]
+        origins, mask = _read(run, "origin")[k], _read(run, "mask")[k]
         keep = mask if scored_only else np.ones(mask.shape, bool)
-        coords, pred = bin_table(origins, run["pred"].values[k], keep)
-        _, truth = bin_table(origins, run["truth"].values[k], keep)
+        coords, pred = bin_table(origins, _read(run, "pred")[k], keep)
+        _, truth = bin_table(origins, _read(run, "truth")[k], keep)
         _, tissue = bin_table(origins, mask.astype(np.float32), keep)
         yield str(s), coords, pred, truth, tissue
+
+
+def _read(run: xr.Dataset, name: str, array: xr.DataArray | None = None) -> np.ndarray:
+    """One variable of a run's predictions (or ``array``, a selection of it), read; a damaged chunk is one
+    message naming the store."""
+    try:
+        return (run[name] if array is None else array).values
+    except Exception as exc:  # checksum, decompression or a missing chunk file: zarr and numcodecs raise several
+        where = run.encoding.get("source", "the run's predictions.zarr")
+        raise FeatcacheError(
+            f"cannot read {name} of {where} ({type(exc).__name__}: {str(exc)[:100]}); the predictions are "
+            "damaged. Train the run again with --overwrite."
+        ) from None
 
 
 def stitch_image(dataset: str, sample: str, px_per_bin: int = 2, workspace=None) -> np.ndarray:

@@ -29,13 +29,18 @@ def figures(
     sample: Annotated[
         Optional[str], typer.Option(help="Test patient of the spatial rows [default: the last fold].")
     ] = None,
-    genes: Annotated[str, typer.Option(help="Genes of the spatial rows.")] = "EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12",
+    genes: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Genes of the spatial rows, all in the panel [default: EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12 where in it]."
+        ),
+    ] = None,
     workspace: WorkspaceOpt = None,
 ):
     """Draw the comparison figures and spatial maps (PNG and PDF) into results/<dataset>/figures/."""
     from analysis.figures import draw_all
 
-    written = draw_all(dataset, sample, split_list(genes), workspace)
+    written = draw_all(dataset, sample, split_list(genes) if genes else None, workspace)
     folder = written[0].parent if written else None
     out.print(f"wrote {len(written)} files to {folder}", soft_wrap=True)
 

@@ -48,9 +48,10 @@ def run_anndata(run_dir, workspace=None):
     """
     ws = Workspace.resolve(workspace)
     run = RunDir(Path(run_dir))
-    config = run.read_config()
-    if config is None or not run.is_finished():
+    if run.read_config() is None or not run.is_finished():
         raise FeatcacheError(f"{run.path} is not a finished run folder.")
+    run.read_metrics()  # config.json and metrics.json of one run, or refused
+    config = run.verified_config()
     ds = run.open_predictions()
     parts = []
     for s, coords, pred, truth, tissue in section_bins(ds, scored_only=False, unnamed=config["fold"]):
@@ -120,7 +121,7 @@ def export_h5ad(
     ws = Workspace.resolve(workspace)
     if run_dir is not None:
         adata = run_anndata(run_dir, ws)
-        config = RunDir(Path(run_dir)).read_config()
+        config = RunDir(Path(run_dir)).verified_config()
         name = f"{config['encoder']}-{config['run']}-fold-{config['fold']}.h5ad"
         results = ws.results(config["dataset"])
     else:

@@ -260,14 +260,41 @@ def spatial_figures(
     dataset: str, sample: str, run_dirs: dict[str, Path], genes, out: Path, workspace=None
 ) -> list[Path]:
     """Rows H&E | truth | one panel per run for each gene, on the stitched test section; one colour scale."""
+    runs, genes = _open_runs(run_dirs, sample, genes)
     with _style():
-        return _spatial_figures(dataset, sample, run_dirs, genes, out, workspace)
+        return _spatial_figures(dataset, sample, runs, genes, out, workspace)
 
 
-def _spatial_figures(dataset, sample, run_dirs, genes, out: Path, workspace) -> list[Path]:
+def _open_runs(run_dirs: dict[str, Path], sample: str, genes) -> tuple[dict, list[str]]:
+    """The runs testing on ``sample``, verified, their maps of ``genes`` read (a damaged chunk fails here, before
+    anything is drawn); every gene must be in their panel [default: those of DEFAULT_GENES that are]."""
     runs = {name: open_run(d) for name, d in run_dirs.items()}
     if not runs:
         raise FeatcacheError(f"no finished runs with sample {sample} as a test section.")
+    if genes is None:
+        panel = {str(g) for g in next(iter(runs.values())).gene.values}
+        genes = [g for g in DEFAULT_GENES if g in panel]
+    genes = list(genes)
+    for name, ds in runs.items():
+        panel = {str(g) for g in ds.gene.values}
+        unknown = [g for g in genes if g not in panel]
+        if unknown:
+            raise FeatcacheError(
+                f"--genes: {', '.join(unknown)} not in the panel of run {name} "
+                f"(e.g. {', '.join(sorted(panel)[:5])}); nothing was drawn."
+            )
+        source = ds.encoding.get("source", str(run_dirs[name]))
+        try:
+            runs[name] = ds.sel(gene=genes).load()
+        except Exception as exc:  # checksum, decompression or a missing chunk file
+            raise FeatcacheError(
+                f"cannot read pred of {source} ({type(exc).__name__}: {str(exc)[:100]}); the predictions are "
+                "damaged. Train the run again with --overwrite."
+            ) from None
+    return runs, genes
+
+
+def _spatial_figures(dataset, sample, runs: dict, genes, out: Path, workspace) -> list[Path]:
     first = next(iter(runs.values()))
     fold = first.attrs.get("metrics", {}).get("fold", sample)
     space = first.attrs.get("units", "z-scored log1p(CP10k)")
@@ -279,8 +306,6 @@ def _spatial_figures(dataset, sample, run_dirs, genes, out: Path, workspace) -> 
             k: m.get(k) for k in ("pcc_gene", "pcc_global", "spearman_gene", "spearman_global", "ssim_st", "mse")
         }
     for gene in genes:
-        if gene not in first.gene.values:
-            continue
         truth = stitch(first, gene, "truth", sample=sample)
         mask = stitch(first, gene, "mask", sample=sample)
         inside = truth.values[np.isfinite(truth.values) & (mask.values > 0.5)]
@@ -325,23 +350,36 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def draw_all(dataset: str, sample: str | None = None, genes=DEFAULT_GENES, workspace=None) -> list[Path]:
-    """Every comparison figure, and the spatial rows of test section ``sample`` [default: the last one]."""
+def draw_all(dataset: str, sample: str | None = None, genes=None, workspace=None) -> list[Path]:
+    """Every comparison figure, and the spatial rows of test section ``sample`` [default: the last one].
+
+    ``genes`` [default: those of DEFAULT_GENES in the panel] must all be in the runs' panel. The comparison
+    file, every run folder it lists, the sample and the genes are checked before anything is written.
+    """
+    from featcache.stores import RunDir
+
     ws = Workspace.resolve(workspace)
     results = ws.results(dataset)
-    written = comparison_figures(results.comparison_path, results.figures_dir)
     runs = load_results(results.comparison_path)["results"]
     by_section: dict[str, dict[str, Path]] = {}
     for name, r in runs.items():
         for f in r.get("fold_results", {}).values():
             if f.get("run_dir") and (ws.root / f["run_dir"]).is_dir():
+                RunDir(ws.root / f["run_dir"]).read_metrics()  # config.json and metrics.json of one run, or refused
                 for s in f.get("test_samples") or []:
                     by_section.setdefault(s, {})[name] = ws.root / f["run_dir"]
+    if sample is not None and sample not in by_section:
+        have = ", ".join(sorted(by_section)) or "none: it lists no run folder of this workspace"
+        raise FeatcacheError(f"--sample {sample}: no run of the comparison file tests on it (have: {have}).")
     if not by_section:
-        return written
+        if genes:
+            raise FeatcacheError(
+                f"--genes: the comparison file {results.comparison_path} lists no run folder of this workspace, "
+                "so there is no map to draw them on."
+            )
+        return comparison_figures(results.comparison_path, results.figures_dir)
     sample = sample or sorted(by_section)[-1]
-    if sample not in by_section:
-        raise FeatcacheError(
-            f"--sample {sample}: no run of the comparison file tests on it (have: {', '.join(sorted(by_section))})."
-        )
-    return written + spatial_figures(dataset, sample, by_section[sample], genes, results.figures_dir, workspace=ws.root)
+    opened, genes = _open_runs(by_section[sample], sample, genes)
+    written = comparison_figures(results.comparison_path, results.figures_dir)
+    with _style():
+        return written + _spatial_figures(dataset, sample, opened, genes, results.figures_dir, ws.root)

@@ -142,7 +142,7 @@ class Slide:
                         f"{self.path.name}: {im.width} × {im.height} px read whole (Pillow's pixel limit "
                         f"raised to {PIL_PIXEL_LIMIT:,} for this whole-slide image)"
                     )
-                arr = np.asarray(im.convert("RGB") if im.mode not in ("RGB", "I;16", "F") else im)
+                arr = np.asarray(_as_rgb(im, self.path))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise FeatcacheError(f"cannot read {self.path} as an image ({str(exc)[:120]}).") from None
         finally:
@@ -250,6 +250,13 @@ class Slide:
             if um and per_unit > 0:
                 return um / per_unit, "TIFF resolution tags"
         return None
+
+
+def _as_rgb(im, path: Path):
+    """A Pillow image as RGB; a grayscale one is refused as the grayscale TIFF is (not converted to gray RGB)."""
+    if im.mode in ("1", "L", "LA", "I", "I;16", "F") or (im.mode == "P" and im.palette and im.palette.mode == "L"):
+        raise FeatcacheError(f"{path} is a single-channel image; an RGB H&E image is needed.")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def patch_coordinates(bin_map, r0: int, c0: int, geom: PatchGeometry = GEOMETRY) -> tuple[np.ndarray, np.ndarray]:

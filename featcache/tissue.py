@@ -79,3 +79,16 @@ def bins_in_tissue(mask: np.ndarray, scale: float, pitch_px: float, rows: int, c
     area = np.maximum((r1 - r0) * (c1 - c0), 1)
     inside = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
     return inside / area >= 0.5
+
+
+MIN_AGREEMENT = 0.7  # the lowest (in-tissue bins on tissue) − (other bins on tissue) of a slide's own positions
+
+
+def positions_agreement(mask: np.ndarray, scale: float, pxl_row, pxl_col, in_tissue) -> tuple[float, float]:
+    """(fraction of the in-tissue bins, fraction of the other bins) whose centres fall on the tissue ``mask`` of a
+    thumbnail ``scale``× the full image: a slide's own Space Ranger positions have most of the first and little of
+    the second; another slide's positions do not (their difference falls far below :data:`MIN_AGREEMENT`)."""
+    r = np.clip(np.rint(np.asarray(pxl_row) * scale).astype(int), 0, mask.shape[0] - 1)
+    c = np.clip(np.rint(np.asarray(pxl_col) * scale).astype(int), 0, mask.shape[1] - 1)
+    on, t = mask[r, c], np.asarray(in_tissue, bool)
+    return float(on[t].mean()) if t.any() else 0.0, float(on[~t].mean()) if (~t).any() else 0.0

@@ -13,6 +13,7 @@ to featcache/stores/predictions.py.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -60,11 +61,12 @@ class Lattice:
         }
 
 
-def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_tissue: float) -> Lattice:
+def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_tissue: float, slide: Slide) -> Lattice:
     """A Space Ranger sample's own lattice, cut as ``prepare`` cuts it."""
     from featcache.visium import open_sample
 
-    s = open_sample(name, positions, image, counts=False)
+    s = open_sample(name, positions, image, counts=False)  # refuses bins outside the image's extent
+    _check_on_tissue(s, slide)
     in_tissue, _, origins = s.plan_patches(stride, min_tissue)
     return Lattice(
         name,
@@ -75,6 +77,24 @@ def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_
         s.microns_per_pixel,
         f"Space Ranger positions ({s.bin_dir})",
     )
+
+
+def _check_on_tissue(s, slide: Slide) -> None:
+    """Refuse positions whose in-tissue bins do not sit on this image's tissue (another slide's positions)."""
+    from featcache.tissue import MIN_AGREEMENT, positions_agreement, thumbnail, tissue_mask
+
+    thumb, scale = thumbnail(slide, s.registration.px_per_bin / 2)
+    p = s.positions
+    inside, outside = positions_agreement(
+        tissue_mask(thumb), scale, p.pxl_row_in_fullres, p.pxl_col_in_fullres, p.in_tissue
+    )
+    if inside - outside < MIN_AGREEMENT:
+        raise FeatcacheError(
+            f"the positions of {s.bin_dir} do not belong to {slide.path}: {inside:.0%} of their in-tissue bins and "
+            f"{outside:.0%} of the others lie on this image's tissue (a slide's own positions: most of the first, "
+            "few of the second). Pass the Space Ranger output of this slide with --positions, or leave --positions "
+            "out to predict on a lattice of the image itself."
+        )
 
 
 def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min_tissue: float) -> tuple[Lattice, dict]:
@@ -92,6 +112,11 @@ def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min
     else:
         how = "--mpp"
     if not 0.05 <= mpp <= 2.0:
+        if how != "--mpp":
+            raise FeatcacheError(
+                f"{slide.path}: its {how} say {mpp:.4g} µm per pixel, which no microscope image has (0.05 to 2): "
+                "the metadata is a placeholder. Pass the scan's --mpp (e.g. --mpp 0.25 for a 40× scan)."
+            )
         raise FeatcacheError(f"--mpp {mpp}: a microscope image has 0.05 to 2 µm per pixel.")
     pitch = BIN_UM / mpp
     need = GEOMETRY.px_per_bin / 1.25
@@ -204,14 +229,14 @@ def predict(
         min_tissue = opts.min_tissue
     else:
         min_tissue = patching.get("min_tissue", 0.5) if opts.positions is not None else VIRTUAL_MIN_TISSUE
-    slide_name = check_name(image.name.split(".")[0].replace(" ", "_") or "slide", "slide")
+    slide_name = slide_name_of(image)
     ws = Workspace.resolve(workspace)
     target = ws.prediction_dir(run.label, slide_name) if output is None else _output_dir(ws, output)
     target.claim(rt.overwrite)
     with Slide(image) as slide:
         slide.probe()
         if opts.positions is not None:
-            lattice = positions_lattice(slide_name, Path(opts.positions), image, stride, min_tissue)
+            lattice = positions_lattice(slide_name, Path(opts.positions), image, stride, min_tissue, slide)
             how = {"microns_per_pixel_source": "Space Ranger scale factors"}
         else:
             lattice, how = virtual_lattice(slide_name, slide, opts.mpp, stride, min_tissue)
@@ -242,6 +267,12 @@ def predict(
         )
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def slide_name_of(image: Path) -> str:
+    """A safe name for a slide from any file name: ``my slide (2).ome.tif`` → ``my_slide_2``."""
+    stem = re.sub(r"[^A-Za-z0-9_+-]+", "_", image.name.split(".")[0]).strip("_+-")
+    return check_name(stem[:100] or "slide", "slide")
 
 
 def _output_dir(ws: Workspace, output):

@@ -124,9 +124,12 @@ def test_hand_made_reference_file_can_be_drawn(tmp_path):
 def test_spatial_rows_and_summary(finished_run):
     ws, run_dir = finished_run
     out = ws / "figs"
-    written = spatial_figures(
-        "tiny", "P2", {"tiny-cnn/random-linear": run_dir}, ["EPCAM", "DES", "NOT_IN_PANEL"], out, workspace=ws
-    )
+    with pytest.raises(FeatcacheError, match="NOT_IN_PANEL not in the panel"):  # checked before anything is drawn
+        spatial_figures(
+            "tiny", "P2", {"tiny-cnn/random-linear": run_dir}, ["EPCAM", "DES", "NOT_IN_PANEL"], out, workspace=ws
+        )
+    assert not out.exists()
+    written = spatial_figures("tiny", "P2", {"tiny-cnn/random-linear": run_dir}, ["EPCAM", "DES"], out, workspace=ws)
     names = {p.name for p in written}
     assert {"epithelial_EPCAM_P2.png", "muscle_DES_P2.pdf", "metrics_summary_P2.json"} <= names
     assert all(p.stat().st_size > 5000 for p in written if p.suffix in (".png", ".pdf"))

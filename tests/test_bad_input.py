@@ -686,3 +686,234 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- run folders: verified before use
+@pytest.fixture(scope="module")
+def runs_ws(tiny_cnn_features, tmp_path_factory):
+    """A workspace with two finished random-init linear runs of both folds and their comparison file."""
+    from conftest import run_fold
+
+    from train.summary import summarize
+
+    src, _ = tiny_cnn_features
+    ws = tmp_path_factory.mktemp("runs-ws")
+    for sub in ("datasets", "features"):
+        shutil.copytree(src / sub, ws / sub)
+    for fold in ("P1", "P2"):
+        for name in (None, "b"):  # two runs to compare
+            run_fold(
+                "tiny",
+                "tiny-cnn",
+                fold,
+                mode="random",
+                decoder="linear",
+                epochs=1,
+                batch_size=2,
+                workspace=ws,
+                name=name,
+            )
+    summarize("tiny", ws)
+    return ws
+
+
+@pytest.fixture
+def run_ws(runs_ws, tmp_path):
+    """A copy of ``runs_ws`` a test may damage; (workspace, P1's run folder)."""
+    ws = tmp_path / "rws"
+    shutil.copytree(runs_ws, ws, symlinks=True)
+    return ws, ws / "runs" / "tiny" / "tiny-cnn" / "random-linear" / "fold-P1"
+
+
+def edit_json(path: Path, change) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def rehash(cfg: dict) -> None:
+    from featcache.stores.runs import config_digest
+
+    cfg["config_sha256"] = config_digest(cfg)
+
+
+CONFIG_EDITS = {
+    "weights": lambda c: c["features"]["identity"].update(weights="random:7"),
+    "gene_ids": lambda c: c["gene_ids"].reverse(),
+    "encoder": lambda c: c.update(encoder="densenet121"),
+    "mode": lambda c: c.update(mode="frozen"),
+}
+
+
+def run_commands(ws: Path, run_dir: Path, synth_dir: Path) -> dict:
+    image = synth_dir / "P1" / "P1_tissue_image.btf"
+    predict = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P1")]
+    return {
+        "predict": (featcache_app, [*predict, "--device", "cpu"]),
+        "summarize": (train_app, ["summarize", "--dataset", "tiny"]),
+        "compare": (analysis_app(), ["compare", "--dataset", "tiny", "--bootstrap", "100"]),
+        "export": (analysis_app(), ["export", "--run", str(run_dir)]),
+        "figures": (analysis_app(), ["figures", "--dataset", "tiny", "--sample", "P1"]),
+    }
+
+
+def check_cmd(ws: Path, command: tuple, *needles) -> str:
+    app, args = command
+    return check(app, ws, args, *needles)
+
+
+def analysis_app():
+    from analysis.cli import app
+
+    return app
+
+
+@pytest.mark.parametrize("edit", sorted(CONFIG_EDITS))
+def test_an_edited_config_json_is_refused_by_every_reader(run_ws, synth_dir, edit):
+    ws, run_dir = run_ws
+    edit_json(run_dir / "config.json", CONFIG_EDITS[edit])
+    for name, (app, args) in run_commands(ws, run_dir, synth_dir).items():
+        message = check(app, ws, args, "config.json", "config_sha256")
+        assert str(run_dir / "config.json") in message, (name, message)
+
+
+def test_a_config_json_edited_and_rehashed_is_refused_by_the_files_beside_it(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    config = (run_dir / "config.json").read_bytes()
+    edit_json(run_dir / "config.json", lambda c: (c["gene_ids"].reverse(), rehash(c)))
+    commands = run_commands(ws, run_dir, synth_dir)
+    check_cmd(ws, commands["predict"], "metrics.json", "another run")
+    check_cmd(ws, commands["summarize"], "metrics.json", "another run")
+    # a checkpoint of another run beside a consistent config.json and metrics.json
+    (run_dir / "config.json").write_bytes(config)
+    shutil.copy(run_dir.parent / "fold-P2" / "checkpoint.pt", run_dir / "checkpoint.pt")
+    check_cmd(ws, commands["predict"], "checkpoint.pt", "another run")
+
+
+def test_a_run_folder_copied_into_another_folds_place_is_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    shutil.rmtree(run_dir.parent / "fold-P2")
+    shutil.copytree(run_dir, run_dir.parent / "fold-P2")
+    for name in ("summarize", "compare", "figures"):
+        check_cmd(ws, run_commands(ws, run_dir, synth_dir)[name], "records fold 'P1'", "fold-P1")
+
+
+def test_predictions_of_another_run_or_unreadable_are_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    commands = run_commands(ws, run_dir, synth_dir)
+    zarr_json = run_dir / "predictions.zarr" / "zarr.json"
+    zarr_json.write_text("{ not json")
+    for name in ("compare", "export", "figures"):
+        check_cmd(ws, commands[name], "cannot read", "predictions.zarr")
+
+
+def test_verify_reads_the_origins_and_names_a_missing_array(full_ws):
+    store = full_ws / "features" / "tiny" / "tiny-cnn-random.zarr"
+    corrupt(store / "P2" / "origin" / "c" / "0" / "0")
+    r = CliRunner().invoke(featcache_app, ["verify", str(store)])
+    assert r.exit_code == 1 and "P2/origin: corrupted" in r.output, r.output
+    shutil.rmtree(store / "P1" / "tokens")
+    r = CliRunner().invoke(featcache_app, ["verify", str(store)])
+    assert r.exit_code == 1 and "P1/tokens: array missing" in r.output and "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    r = CliRunner().invoke(featcache_app, ["verify", "--dataset", "tiny", "--workspace", str(full_ws)])
+    assert r.exit_code == 1 and "P1/tokens: array missing" in r.output and "P2/origin: corrupted" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+
+
+def test_positions_of_another_slide_are_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    image = synth_dir / "P1" / "P1_tissue_image.btf"
+    args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P2")]
+    check(featcache_app, ws, [*args, "--device", "cpu"], "do not belong to", "in-tissue bins")
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*") if ".partial-" in p.name or ".old-" in p.name or ".tmp" in p.name)
+
+
+def test_a_slide_file_name_with_spaces_and_brackets_predicts_correctly(run_ws, synth_dir, tmp_path):
+    import xarray as xr
+
+    ws, run_dir = run_ws
+    image = tmp_path / "my slide (2).btf"
+    image.symlink_to(synth_dir / "P1" / "P1_tissue_image.btf")
+    base = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P1")]
+    theirs = xr.open_zarr(run_dir / "predictions.zarr").pred.values
+    for extra, out in (
+        ([], ws / "predictions" / "tiny-tiny-cnn-random-linear-fold-P1" / "my_slide_2"),
+        (["--output", str(tmp_path / "out")], tmp_path / "out"),
+    ):
+        r = CliRunner().invoke(featcache_app, [*base, *extra, "--device", "cpu", "--workspace", str(ws)])
+        assert r.exit_code == 0, r.output
+        z = xr.open_zarr(out / "predictions.zarr").z.values.astype(np.float32)
+        assert np.allclose(z, theirs, atol=2e-3 * np.abs(theirs).max() + 1e-3)  # the run's own test predictions
+        assert json.loads((out / "prediction.json").read_text())["lattice"]["name"] == "my_slide_2"
+    assert leftovers(ws) == [] and leftovers(tmp_path) == []
+
+
+def test_a_killed_prediction_is_cleaned_by_the_rerun(run_ws, synth_dir, tmp_path):
+    import signal
+    import time
+
+    ws, run_dir = run_ws
+    out = tmp_path / "pred"
+    args = ["predict", "--run", str(run_dir), "--image", str(synth_dir / "P1" / "P1_tissue_image.btf")]
+    args += ["--positions", str(synth_dir / "P1"), "--output", str(out), "--device", "cpu", "--workspace", str(ws)]
+    args += ["--batch-size", "1", "--workers", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "featcache", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".pred.partial-*/predictions.zarr")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "predict never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    assert leftovers(tmp_path) and not out.exists()  # what the kill left
+    r = CliRunner().invoke(featcache_app, args)
+    assert r.exit_code == 0, r.output
+    assert leftovers(tmp_path) == [] and (out / "prediction.json").is_file()
+
+
+def test_grayscale_png_and_placeholder_tiff_resolution_get_their_own_messages(run_ws, synth_dir, tmp_path):
+    ws, run_dir = run_ws
+    rgb = sample_image(synth_dir / "P1")[:800, :800]
+    grey = tmp_path / "grey.png"
+    Image.fromarray(rgb[..., 0]).save(grey)
+    base = ["predict", "--run", str(run_dir), "--device", "cpu", "--image"]
+    check(featcache_app, ws, [*base, str(grey), "--mpp", "0.5"], "single-channel", "RGB")
+    tagged = tmp_path / "tagged.tif"
+    tifffile.imwrite(tagged, rgb, photometric="rgb", resolution=(72, 72), resolutionunit="CENTIMETER")
+    message = check(featcache_app, ws, [*base, str(tagged)], "TIFF resolution tags", "138.9", "Pass the scan's --mpp")
+    assert "--mpp 138.9" not in message
+
+
+def test_a_damaged_predictions_chunk_is_one_message(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    corrupt(run_dir / "predictions.zarr" / "pred" / "c" / "0" / "0" / "0" / "0")
+    commands = run_commands(ws, run_dir, synth_dir)
+    for name in ("compare", "export", "figures"):
+        check_cmd(ws, commands[name], "cannot read pred of", "predictions.zarr", "damaged")
+
+
+def test_figures_refuse_genes_outside_the_panel_and_a_missing_comparison_file_before_writing(run_ws):
+    ws, _ = run_ws
+    app = analysis_app()
+    check(app, ws, ["figures", "--dataset", "tiny", "--genes", "FOO,BAR"], "FOO, BAR not in the panel")
+    check(app, ws, ["figures", "--dataset", "tiny", "--sample", "P9"], "--sample P9")
+    (ws / "results" / "tiny" / "encoder_loocv_comparison.json").unlink()
+    check(app, ws, ["figures", "--dataset", "tiny"], "no results file", "train summarize")
+
+
+def test_an_edited_config_json_is_not_resumed_or_reused(full_ws):
+    args = ["decoder", "--fold", "P1", "--encoder", "tiny-cnn", "--mode", "random", "--dataset", "tiny"]
+    args += ["--decoder", "linear", "--epochs", "1", "--batch-size", "2", "--val-fraction", "0"]
+    r = CliRunner().invoke(train_app, [*args, "--workspace", str(full_ws)])
+    assert r.exit_code == 0, r.output
+    run_dir = full_ws / "runs" / "tiny" / "tiny-cnn" / "random-linear" / "fold-P1"
+    edit_json(run_dir / "config.json", CONFIG_EDITS["gene_ids"])  # the same config_sha256, other settings
+    check(train_app, full_ws, args, "config.json", "config_sha256")  # a finished run is not reused
+    (run_dir / "metrics.json").unlink()
+    check(train_app, full_ws, args, "config.json", "config_sha256")  # nor an unfinished one resumed

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from analysis.cli import app
 from featcache.errors import FeatcacheError
 from featcache.stores import Workspace
+from featcache.stores.runs import config_digest
 from train.metrics import evaluate
 from train.summary import summarize
 
@@ -42,11 +43,12 @@ def write_runs(ws, side: int = 256) -> None:
             noise = smooth(rng.normal(size=truth.shape))
             pred = truth + sigma * noise / noise.std()
             rd = w.run("tiny", "synthetic", name, fold)
-            rd.write_config(
-                {"dataset": "tiny", "encoder": "synthetic", "mode": "frozen", "run": name, "fold": fold}
-                | {"dataset_fingerprint": w.open_dataset("tiny").fingerprint}  # this dataset's runs only
-            )
+            config = {"dataset": "tiny", "encoder": "synthetic", "mode": "frozen", "run": name, "fold": fold}
+            config["dataset_fingerprint"] = w.open_dataset("tiny").fingerprint  # this dataset's runs only
+            config["config_sha256"] = config_digest(config)  # a consistent run folder (RunDir.verified_config)
+            rd.write_config(config)
             m = evaluate(pred, truth, mask, np.zeros(len(GENES)), GENES)
+            m["config_sha256"] = config["config_sha256"]
             rd.write_metrics({**m, "baselines": {"per_gene_mean": {"mse": 1.0}}, "test_samples": [fold]})
             rd.write_predictions(pred, truth, mask, origins, np.full(64, fold), GENES, GENES, {"fold": fold})
 

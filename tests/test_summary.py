@@ -12,7 +12,7 @@ from conftest import SMALL, run_fold
 from typer.testing import CliRunner
 
 from featcache.stores import Workspace
-from featcache.stores.runs import RunDir
+from featcache.stores.runs import RunDir, config_digest
 from featcache.synth import synthesize
 from pipeline.cli import train_app as app
 from train.metrics import evaluate
@@ -84,6 +84,9 @@ def finished_run(ws, encoder: str, mode: str, fold: str, draw: int, seed: int = 
             **config,
         }
     )
+    config = run.read_config()  # made consistent, as RunDir.verified_config requires: its own hash, and the metrics'
+    m["config_sha256"] = config["config_sha256"] = config_digest(config)
+    run.write_config(config)
     run.write_metrics(m)
     return m
 

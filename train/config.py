@@ -9,13 +9,12 @@ resumed only by a config with the same hash.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from featcache.errors import FeatcacheError
 from featcache.stores import check_name
+from featcache.stores.runs import config_digest
 
 MODES = ("frozen", "random", "finetune")
 DECODERS = ("unet", "linear")
@@ -191,5 +190,5 @@ class TrainConfig:
             "scored_bins": SCORE_TEXT[self.score],
             **inputs,
         }
-        record["config_sha256"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        record["config_sha256"] = config_digest(record)
         return record

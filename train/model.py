@@ -80,13 +80,13 @@ def load_run(run_dir: str | Path, weights: str | None = None, dev: torch.device 
     from featcache.encoders import build_model, get_spec
 
     run = RunDir(Path(run_dir))
-    config = run.read_config()
-    if config is None or not run.is_finished():
+    if run.read_config() is None or not run.is_finished():
         raise FeatcacheError(
             f"{run.path} is not a finished run folder (config.json, checkpoint.pt and metrics.json); "
             "train it first with `train decoder` or `train loocv`."
         )
-    ck = run.load_checkpoint()
+    run.read_metrics()  # config.json, metrics.json and checkpoint.pt of one run, or refused
+    config, ck = run.verified_config(), run.load_checkpoint()
     spec = get_spec(config["encoder"])
     if config["mode"] == "finetune":  # the run's own encoder, from its checkpoint
         model = assemble(config["decoder"], int(ck["c_in"]), len(ck["genes"]), GridEncoder(spec, build_model(spec)))

@@ -60,8 +60,11 @@ def _train_held(
 ):
     """The fold in its run folder, which this process holds: reuse, resume or start; train, test and write."""
     hint = f", or --name NAME to train a variant beside it (runs/{cfg.dataset}/{cfg.encoder}/{cfg.run_name}-NAME/)"
-    if run.claim(record, overwrite, hint) == "done":
+    state = run.claim(record, overwrite, hint)
+    if state == "done":
         return FoldResult(run.path, run.read_metrics(), reused=True)
+    if state == "resume":
+        run.verified_config()  # a config.json edited since it was written is not resumed into
     dev = resolve_device(device)
     ddp = Distributed(cfg.finetune, dev)
     data = FoldData(inputs, cfg, in_memory, ddp.world)

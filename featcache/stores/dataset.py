@@ -262,6 +262,9 @@ class Dataset:
                     problems.append(f"{store}/{sample}: group missing")
                     continue
                 for name in names:
+                    if name not in root[sample]:
+                        problems.append(f"{store}/{sample}/{name}: array missing")
+                        continue
                     arr = root[sample][name]
                     for key in missing_chunks(arr, self.path / store / sample / name):
                         problems.append(f"{store}/{sample}/{name}: chunk file {key} is missing")

@@ -469,13 +469,32 @@ class FeatureStore:
                 continue
             done = self.done_chunks(sample)
             for name in ("tokens", "pooled"):
+                if name not in root[sample]:
+                    report.problems.append(f"{sample}/{name}: array missing (extract the store again with --overwrite)")
+                    continue
                 self._verify_array(report, root[sample][name], sample, name, n, chunk, done, ident)
+            self._verify_origin(report, root[sample], sample, n)
         if repair:
             for sample, chunks in report.bad_chunks.items():
                 for c in chunks:
                     self.unmark(sample, c)
                     report.repaired += 1
         return report
+
+    def _verify_origin(self, report, group, sample: str, n: int) -> None:
+        """The patch origins (written whole with the store's skeleton): present, readable, (n, 2)."""
+        fix = "extract the store again with --overwrite"
+        if "origin" not in group:
+            report.problems.append(f"{sample}/origin: array missing ({fix})")
+            return
+        try:
+            origin = np.asarray(group["origin"][:])
+            report.checked += 1
+        except Exception as exc:  # noqa: BLE001 - checksum or decompression failure
+            report.problems.append(f"{sample}/origin: corrupted ({type(exc).__name__}: {str(exc)[:80]}; {fix})")
+            return
+        if origin.shape != (n, 2):
+            report.problems.append(f"{sample}/origin: shape {origin.shape}, identity says {(n, 2)} ({fix})")
 
     def _verify_array(self, report, arr, sample, name, n, chunk, done, ident) -> None:
         sizes = {"row": ident["grid"][0], "col": ident["grid"][1], "channel": ident["dim"]}

@@ -17,6 +17,7 @@ run folder can come from anywhere (a shared workspace, an archive), so nothing i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -45,7 +46,28 @@ from featcache.stores.files import (
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
 
 FOLD_PREFIX = "fold-"
+
+
+def fold_folder(fold: str, seed: int = 0, lr: float | None = None) -> str:
+    """A fold's folder name: ``fold-<fold>``, then ``-seed<seed>`` for seeds other than 0 and ``-lr<lr>`` for a
+    trial of an lr grid (docs/design.md §7)."""
+    return f"{FOLD_PREFIX}{fold}" + (f"-seed{seed}" if seed else "") + (f"-lr{lr:g}" if lr is not None else "")
+
+
+def _config_folder(config: dict) -> str:
+    """The fold folder a run's config.json puts it in."""
+    lr = config.get("lr") if config.get("lr_grid") else None
+    return fold_folder(str(config.get("fold")), int(config.get("seed") or 0), lr)
+
+
 LOCK = ".writer.lock"  # the process writing the folder now: {"pid", "host", "since"} (RunDir.writer)
+UNHASHED = ("config_sha256", "provenance")  # config.json keys outside its hash: the hash itself, where it ran
+
+
+def config_digest(config: dict) -> str:
+    """The sha256 a run's settings are known by: config.json without its hash and provenance, keys sorted."""
+    body = {k: v for k, v in config.items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def save_torch(obj, path: Path) -> None:
@@ -107,6 +129,49 @@ class RunDir:
         """``config.json`` (None when the folder has none yet): the TrainConfig fields, the seed, the
         feature store's or encoder's identity, the dataset fingerprint, patching and panel gene ids."""
         return read_json(self.file("config.json"))
+
+    def verified_config(self) -> dict:
+        """``config.json``, once the folder is shown to agree with itself: the settings hash to the recorded
+        ``config_sha256`` (nothing was edited after training) and the folder sits where those settings put it.
+
+        Every reader of a run folder (predict, summarize, compare, export, figures, resume) goes through this
+        (directly or through :meth:`read_metrics`, :meth:`load_checkpoint`, :meth:`open_predictions`), so a
+        folder copied from elsewhere is used only when it is internally consistent.
+        """
+        path = self.file("config.json")
+        config = self.read_config()
+        if config is None:
+            raise FeatcacheError(
+                f"{path} is missing: {self.path} is not a featcache run folder. Train it with `train decoder` "
+                "or `train loocv`."
+            )
+        if config.get("config_sha256") != config_digest(config):
+            raise FeatcacheError(
+                f"{path} was changed after the run was trained: its settings no longer hash to its config_sha256, "
+                "so the checkpoint and metrics beside it were made with other settings. Restore the original "
+                "config.json, or train the run again with --overwrite."
+            )
+        self._check_place(config)
+        return config
+
+    def _check_place(self, config: dict) -> None:
+        """A fold folder's name is its fold; inside a workspace's ``runs/`` its parents name the run, the encoder
+        and the dataset (a folder copied elsewhere under another name is still the same run)."""
+        p = self.path
+        if not p.name.startswith(FOLD_PREFIX):
+            return
+        pairs = [("fold folder", p.name, _config_folder(config))]
+        if len(p.parents) > 3 and p.parents[3].name == "runs":
+            pairs += [("run", p.parent.name, config.get("run")), ("encoder", p.parents[1].name, config.get("encoder"))]
+            pairs += [("dataset", p.parents[2].name, config.get("dataset"))]
+        for what, found, recorded in pairs:
+            if found != str(recorded):
+                raise FeatcacheError(
+                    f"{self.file('config.json')} records {what} {recorded!r}, but the folder says {found!r}: the "
+                    "run folder was moved or copied into the wrong place. Put it at "
+                    f"runs/{config.get('dataset')}/{config.get('encoder')}/{config.get('run')}/"
+                    f"{_config_folder(config)}/."
+                )
 
     def claim(self, config: dict, overwrite: bool, variant_hint: str = "") -> str:
         """Take the folder for ``config``: ``new``, ``resume`` (same settings, unfinished) or ``done``.
@@ -200,10 +265,30 @@ class RunDir:
         save_torch(checkpoint, self.file("checkpoint.pt"))
 
     def load_checkpoint(self) -> dict:
+        """``checkpoint.pt``, refused unless it was trained with this folder's ``config.json`` (its recorded
+        ``config_sha256``, mode, decoder and gene panel)."""
+        config = self.verified_config()
         path = self.file("checkpoint.pt")
         if not path.is_file():
             raise FeatcacheError(f"{self.path} has no checkpoint.pt: the run is not finished.")
-        return load_torch(path)
+        ck = load_torch(path)
+        if not isinstance(ck, dict) or ck.get("config_sha256") != config["config_sha256"]:
+            raise FeatcacheError(
+                f"{path} was not trained with the settings of {self.file('config.json')} (its config_sha256 "
+                "differs): the checkpoint comes from another run. Copy the whole run folder, or train it again "
+                "with --overwrite."
+            )
+        for key, want in (
+            ("mode", config.get("mode")),
+            ("decoder", config.get("decoder")),
+            ("genes", config.get("genes")),
+        ):
+            if want is not None and ck.get(key) != want:
+                raise FeatcacheError(
+                    f"{path} holds {key} {str(ck.get(key))[:60]!r} but {self.file('config.json')} says "
+                    f"{str(want)[:60]!r}; the run folder is inconsistent. Train it again with --overwrite."
+                )
+        return ck
 
     def is_finished(self) -> bool:
         return self.file("metrics.json").is_file()
@@ -212,9 +297,19 @@ class RunDir:
         """``metrics.json``: pcc_gene, pcc_global, spearman_gene, spearman_global, mse, ssim_st, per-gene
         values, the per-gene-mean baseline and (synthetic data) the noise ceiling. Raises FeatcacheError
         when the run has not finished."""
-        m = read_json(self.file("metrics.json"))
+        path = self.file("metrics.json")
+        m = read_json(path)
         if m is None:
-            raise FeatcacheError(f"{self.path} has no metrics.json: the run is not finished.")
+            raise FeatcacheError(
+                f"{self.path} has no metrics.json: the run is not finished. Finish it with the same `train` "
+                "command (it resumes), or delete the folder."
+            )
+        config = self.verified_config()
+        if m.get("config_sha256") != config["config_sha256"]:
+            raise FeatcacheError(
+                f"{path} was not written by the run of {self.file('config.json')} (its config_sha256 differs): "
+                "the metrics come from another run. Copy the whole run folder, or train it again with --overwrite."
+            )
         return m
 
     def write_metrics(self, metrics: dict) -> None:
@@ -246,9 +341,28 @@ class RunDir:
             ``pred`` and ``truth`` float32 (patch, gene, row, col) in the run's target space, ``mask``
             bool (patch, row, col) of the scored bins, ``origin`` and each patch's ``sample``.
         """
-        if not self.predictions_path.exists():
-            raise FeatcacheError(f"predictions of run not found: {self.predictions_path}")
-        return xr.open_zarr(self.predictions_path, consolidated=False)
+        config = self.verified_config()
+        path = self.predictions_path
+        if not path.exists():
+            raise FeatcacheError(f"predictions of run not found: {path}")
+        try:
+            ds = xr.open_zarr(path, consolidated=False)
+            genes = [str(g) for g in ds["gene"].values]
+            missing = [v for v in ("pred", "truth", "mask", "origin") if v not in ds.variables]
+        except Exception as exc:  # a damaged store fails in zarr, numcodecs or xarray, each its own way
+            raise FeatcacheError(
+                f"cannot read {path} ({type(exc).__name__}: {str(exc)[:120]}); the predictions are damaged. "
+                "Train the run again with --overwrite."
+            ) from None
+        if missing:
+            raise FeatcacheError(f"{path} has no {', '.join(missing)} array; the predictions are damaged.")
+        ds.encoding["source"] = str(path)  # named by readers whose lazy reads fail (a damaged chunk)
+        if config.get("genes") is not None and genes != list(config["genes"]):
+            raise FeatcacheError(
+                f"{path} holds another gene panel than {self.file('config.json')}: the predictions come from "
+                "another run. Copy the whole run folder, or train it again with --overwrite."
+            )
+        return ds
 
 
 def _ours(name: str) -> bool:

@@ -28,7 +28,7 @@ from featcache.stores.features import FeatureStore, split_store_name, store_name
 from featcache.stores.location import Location, is_url, local_path
 from featcache.stores.predictions import PredictionDir
 from featcache.stores.results import Results
-from featcache.stores.runs import FOLD_PREFIX, RunDir
+from featcache.stores.runs import FOLD_PREFIX, RunDir, fold_folder
 
 ENV_VAR = "FEATCACHE_WORKSPACE"
 FEATURES_ENV_VAR = "FEATCACHE_FEATURES_ROOT"
@@ -218,8 +218,7 @@ class Workspace:
         RunDir
         """
         parts = [check_name(dataset, "dataset"), check_name(encoder, "encoder"), check_name(run, "run name")]
-        tail = (f"-seed{seed}" if seed else "") + (f"-lr{lr:g}" if lr is not None else "")
-        return RunDir(self.root / "runs" / Path(*parts) / f"{FOLD_PREFIX}{check_name(fold, 'fold')}{tail}")
+        return RunDir(self.root / "runs" / Path(*parts) / fold_folder(check_name(fold, "fold"), seed, lr))
 
     def runs_dir(self, dataset: str) -> Path:
         return self.root / "runs" / check_name(dataset, "dataset")
