@@ -148,20 +148,11 @@ class Draws:
         return np.where((i >= 0)[None, :, None], self.values[:, np.maximum(i, 0)], self.zero)
 
 
-def expected_values(
-    path: str,
-    kind: str,
-    origins: np.ndarray,
-    panel: tuple[str, ...],
-    key: str,
-    draws: int = DRAWS,
-    groups: int = GROUPS,
-):
-    """E[target values | rates] of every bin of the given patches: (patch, gene, row, col), unscaled.
-
-    ``key`` seeds the draws (the dataset fingerprint and sample in :func:`noise_ceiling`).
+def expected_values(*args, **kwargs):
+    """E[target values | rates] of every bin of the given patches: (patch, gene, row, col), unscaled; the arguments
+    of :func:`expected_draws` (``key`` seeds the draws: the dataset fingerprint and sample in :func:`noise_ceiling`).
     """
-    out = expected_draws(path, kind, origins, panel, key, draws, groups)
+    out = expected_draws(*args, **kwargs)
     return None if out is None else out.patch_maps()
 
 

@@ -142,35 +142,15 @@ class Dataset:
             )
 
     def patches(self, sample: str) -> xr.Dataset:
-        """One sample's image patches, lazily (Dask-backed).
-
-        Parameters
-        ----------
-        sample : str
-
-        Returns
-        -------
-        xarray.Dataset
-            ``image`` uint8 (patch, y, x, rgb), 448 × 448 × 3 each, with ``origin`` (patch, axis): the
-            array (row, col) of each patch's bin (0, 0).
-        """
+        """One sample's image patches as a lazy (Dask-backed) xarray.Dataset: ``image`` uint8 (patch, y, x, rgb),
+        448 × 448 × 3 each, with ``origin`` (patch, axis), the array (row, col) of each patch's bin (0, 0)."""
         self._check_sample(sample)
         return open_lazy(self.patches_path, sample)
 
     def targets(self, sample: str) -> xr.Dataset:
-        """One sample's per-bin targets, lazily (Dask-backed).
-
-        Parameters
-        ----------
-        sample : str
-
-        Returns
-        -------
-        xarray.Dataset
-            ``counts`` int32 (patch, gene, row, col) raw UMIs of the panel genes (``gene`` and
-            ``gene_id`` coordinates), ``library_size`` int32 (patch, row, col) UMIs of all genes,
-            ``mask`` bool (patch, row, col) in-tissue bins, and ``origin``.
-        """
+        """One sample's per-bin targets as a lazy (Dask-backed) xarray.Dataset: ``counts`` int32 (patch, gene, row,
+        col) raw UMIs of the panel genes (``gene`` and ``gene_id`` coordinates), ``library_size`` int32 (patch, row,
+        col) UMIs of all genes, ``mask`` bool (patch, row, col) in-tissue bins, and ``origin``."""
         self._check_sample(sample)
         return open_lazy(self.targets_path, sample)
 
