@@ -790,6 +790,20 @@ def test_a_config_json_edited_and_rehashed_is_refused_by_the_files_beside_it(run
     check_cmd(ws, commands["predict"], "checkpoint.pt", "another run")
 
 
+def test_a_copied_run_folder_with_one_genes_score_edited_is_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    metrics = run_dir / "metrics.json"
+    gene = sorted(json.loads(metrics.read_text())["per_gene"])[0]
+    edit_json(metrics, lambda m: m["per_gene"][gene].update(pcc=0.9))  # config_sha256 and metrics_sha256 kept
+    comparison = (ws / "results" / "tiny" / "encoder_loocv_comparison.json").read_bytes()
+    readers = run_commands(ws, run_dir, synth_dir)
+    readers.pop("compare")  # it scores the predictions themselves, never metrics.json
+    for name, (app, args) in readers.items():
+        message = check(app, ws, args, str(metrics), "metrics_sha256", "--overwrite")
+        assert "config_sha256" not in message, (name, message)
+    assert (ws / "results" / "tiny" / "encoder_loocv_comparison.json").read_bytes() == comparison
+
+
 def test_a_run_folder_copied_into_another_folds_place_is_refused(run_ws, synth_dir):
     ws, run_dir = run_ws
     shutil.rmtree(run_dir.parent / "fold-P2")
