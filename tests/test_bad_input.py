@@ -7,6 +7,7 @@ the workspace, the stores (missing, corrupt or foreign chunks), and run folders 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -802,6 +803,30 @@ def test_a_copied_run_folder_with_one_genes_score_edited_is_refused(run_ws, synt
         message = check(app, ws, args, str(metrics), "metrics_sha256", "--overwrite")
         assert "config_sha256" not in message, (name, message)
     assert (ws / "results" / "tiny" / "encoder_loocv_comparison.json").read_bytes() == comparison
+
+
+def test_export_failing_mid_write_leaves_nothing_beside_its_output_and_keeps_the_old_one(run_ws, monkeypatch):
+    import anndata
+
+    ws, run_dir = run_ws
+    out = ws / "exports" / "run.h5ad"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier export")
+    write = anndata.AnnData.write_h5ad
+
+    def disk_fills(self, filename, *args, **kwargs):  # the file is written, then its last flush finds the disk full
+        write(self, filename, *args, **kwargs)
+        assert Path(filename).is_file() and Path(filename).parent == out.parent
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", disk_fills)
+    check(analysis_app(), ws, ["export", "--run", str(run_dir), "--output", str(out), "--overwrite"], "disk is full")
+    assert [p.name for p in out.parent.iterdir()] == ["run.h5ad"] and out.read_bytes() == b"an earlier export"
+    monkeypatch.undo()  # an --output that is a folder: refused by its name before anything is written
+    folder = ws / "exports" / "folder.h5ad"
+    (folder / "inside").mkdir(parents=True)
+    args = ["export", "--run", str(run_dir), "--output", str(folder), "--overwrite"]
+    assert ".partial" not in check(analysis_app(), ws, args, f"{folder} is a folder", "--output")
 
 
 def test_a_run_folder_copied_into_another_folds_place_is_refused(run_ws, synth_dir):
