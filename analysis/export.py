@@ -128,6 +128,11 @@ def export_h5ad(
         adata = features_anndata(dataset, features, ws)
         name, results = f"{features}-pooled.h5ad", ws.results(dataset)
     path = Path(output) if output is not None else results.path / "exports" / name
+    if path.is_dir():
+        raise FeatcacheError(
+            f"{path} is a folder; --output names the .h5ad file to write (e.g. {path / name}), and a folder is never "
+            "replaced by one."
+        )
     if path.exists() and not overwrite:
         raise FeatcacheError(f"{path} exists; pass --overwrite to replace it, or choose another --output.")
     with staged_file(path) as tmp:

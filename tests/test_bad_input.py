@@ -7,6 +7,7 @@ the workspace, the stores (missing, corrupt or foreign chunks), and run folders 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -788,6 +789,44 @@ def test_a_config_json_edited_and_rehashed_is_refused_by_the_files_beside_it(run
     (run_dir / "config.json").write_bytes(config)
     shutil.copy(run_dir.parent / "fold-P2" / "checkpoint.pt", run_dir / "checkpoint.pt")
     check_cmd(ws, commands["predict"], "checkpoint.pt", "another run")
+
+
+def test_a_copied_run_folder_with_one_genes_score_edited_is_refused(run_ws, synth_dir):
+    ws, run_dir = run_ws
+    metrics = run_dir / "metrics.json"
+    gene = sorted(json.loads(metrics.read_text())["per_gene"])[0]
+    edit_json(metrics, lambda m: m["per_gene"][gene].update(pcc=0.9))  # config_sha256 and metrics_sha256 kept
+    comparison = (ws / "results" / "tiny" / "encoder_loocv_comparison.json").read_bytes()
+    readers = run_commands(ws, run_dir, synth_dir)
+    readers.pop("compare")  # it scores the predictions themselves, never metrics.json
+    for name, (app, args) in readers.items():
+        message = check(app, ws, args, str(metrics), "metrics_sha256", "--overwrite")
+        assert "config_sha256" not in message, (name, message)
+    assert (ws / "results" / "tiny" / "encoder_loocv_comparison.json").read_bytes() == comparison
+
+
+def test_export_failing_mid_write_leaves_nothing_beside_its_output_and_keeps_the_old_one(run_ws, monkeypatch):
+    import anndata
+
+    ws, run_dir = run_ws
+    out = ws / "exports" / "run.h5ad"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier export")
+    write = anndata.AnnData.write_h5ad
+
+    def disk_fills(self, filename, *args, **kwargs):  # the file is written, then its last flush finds the disk full
+        write(self, filename, *args, **kwargs)
+        assert Path(filename).is_file() and Path(filename).parent == out.parent
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", disk_fills)
+    check(analysis_app(), ws, ["export", "--run", str(run_dir), "--output", str(out), "--overwrite"], "disk is full")
+    assert [p.name for p in out.parent.iterdir()] == ["run.h5ad"] and out.read_bytes() == b"an earlier export"
+    monkeypatch.undo()  # an --output that is a folder: refused by its name before anything is written
+    folder = ws / "exports" / "folder.h5ad"
+    (folder / "inside").mkdir(parents=True)
+    args = ["export", "--run", str(run_dir), "--output", str(folder), "--overwrite"]
+    assert ".partial" not in check(analysis_app(), ws, args, f"{folder} is a folder", "--output")
 
 
 def test_a_run_folder_copied_into_another_folds_place_is_refused(run_ws, synth_dir):

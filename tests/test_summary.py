@@ -303,8 +303,9 @@ def test_non_finite_metrics_are_refused_and_nothing_is_written(trio, tmp_path):
     shutil.copytree(trio / "datasets", ws / "datasets")
     for j, f in enumerate(("P1", "P2", "P5")):
         finished_run(ws, "uni2h", "frozen", f, j)
-    metrics = Workspace(ws).run("trio", "uni2h", "frozen", "P2").file("metrics.json")
-    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "pcc_gene": float("nan")}))  # a NaN token
+    rd = Workspace(ws).run("trio", "uni2h", "frozen", "P2")  # a NaN token the writer recorded, and hashed
+    rd.write_metrics({**rd.read_metrics(), "pcc_gene": float("nan")})  # (a hand-edited one: metrics_sha256)
+    assert "NaN" in rd.file("metrics.json").read_text()
     r = CliRunner().invoke(app, ["summarize", "--dataset", "trio", "--workspace", str(ws)])
     assert r.exit_code != 0 and r.output.count("error:") == 1 and "Traceback" not in r.output
     assert "non-finite" in r.output and "pcc_gene" in r.output and "fold-P2" in r.output

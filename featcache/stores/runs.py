@@ -8,7 +8,7 @@
     best-<epoch>.pt    the best validation epoch's weights at that state (for resuming)
     checkpoint.pt      the selected decoder (and encoder, when fine-tuned) with the target transform
     predictions.zarr   pred, truth, mask (patch, gene, row, col) of the test patient, origins as coords
-    metrics.json       the test metrics
+    metrics.json       the test metrics, and their own sha256 (``metrics_sha256``)
     tensorboard/       TensorBoard event files of the epochs (training with ``--tensorboard``)
 
 Every ``.pt`` file holds tensors and plain data only and is read with ``weights_only=True``: a
@@ -67,6 +67,12 @@ UNHASHED = ("config_sha256", "provenance")  # config.json keys outside its hash:
 def config_digest(config: dict) -> str:
     """The sha256 a run's settings are known by: config.json without its hash and provenance, keys sorted."""
     body = {k: v for k, v in config.items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def metrics_digest(metrics: dict) -> str:
+    """The sha256 metrics.json records of itself: every entry but ``metrics_sha256``, keys sorted."""
+    body = {k: v for k, v in metrics.items() if k != "metrics_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -296,7 +302,8 @@ class RunDir:
     def read_metrics(self) -> dict:
         """``metrics.json``: pcc_gene, pcc_global, spearman_gene, spearman_global, mse, ssim_st, per-gene
         values, the per-gene-mean baseline and (synthetic data) the noise ceiling. Raises FeatcacheError
-        when the run has not finished."""
+        when the run has not finished, or when the file was written by another run or edited since (its values
+        no longer hash to its ``metrics_sha256``)."""
         path = self.file("metrics.json")
         m = read_json(path)
         if m is None:
@@ -310,10 +317,18 @@ class RunDir:
                 f"{path} was not written by the run of {self.file('config.json')} (its config_sha256 differs): "
                 "the metrics come from another run. Copy the whole run folder, or train it again with --overwrite."
             )
+        if m.get("metrics_sha256") != metrics_digest(m):
+            raise FeatcacheError(
+                f"{path} was changed after the run wrote it (or has no metrics_sha256): its values no longer hash to "
+                "its metrics_sha256, so they are not the scores of the predictions beside it. Restore the original "
+                "metrics.json, or train the run again with --overwrite."
+            )
         return m
 
     def write_metrics(self, metrics: dict) -> None:
-        write_json(self.file("metrics.json"), metrics)
+        """``metrics.json`` with its own sha256 (``metrics_sha256``), which :meth:`read_metrics` checks."""
+        metrics = {k: v for k, v in metrics.items() if k != "metrics_sha256"}
+        write_json(self.file("metrics.json"), {**metrics, "metrics_sha256": metrics_digest(metrics)})
 
     @property
     def predictions_path(self) -> Path:
