@@ -833,8 +833,8 @@ def test_a_run_folder_copied_into_another_folds_place_is_refused(run_ws, synth_d
     ws, run_dir = run_ws
     shutil.rmtree(run_dir.parent / "fold-P2")
     shutil.copytree(run_dir, run_dir.parent / "fold-P2")
-    for name in ("summarize", "compare", "figures"):
-        check_cmd(ws, run_commands(ws, run_dir, synth_dir)[name], "records fold 'P1'", "fold-P1")
+    for name in ("summarize", "compare", "figures"):  # refused, the copy named beside the fold it holds
+        check_cmd(ws, run_commands(ws, run_dir, synth_dir)[name], "fold-P1", "fold-P2")
 
 
 def test_predictions_of_another_run_or_unreadable_are_refused(run_ws, synth_dir):

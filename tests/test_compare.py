@@ -144,7 +144,7 @@ def test_seed_sets_of_one_setup_are_significant_no_more_often_than_stated():
 
 def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp_path):
     """Two runs of one setup, three seeds each, listed per seed as the comparison file lists them: folders are
-    identified by their config.json (the folder names say nothing), compared on the folds and seeds both have,
+    identified by their config.json (where the workspace puts each seed), compared on the folds and seeds both have,
     with training variance in the interval; the interval covers 0."""
     from analysis.compare import paired_comparison
 
@@ -153,7 +153,7 @@ def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp
     origins = np.array([[r, c] for r in range(0, 128, 32) for c in range(0, 128, 32)])
     smooth = lambda a: ndimage.gaussian_filter(a, (0, 0, 1.5, 1.5))  # noqa: E731
     unit = lambda a: a / a.std()  # noqa: E731
-    results, k = {}, 0
+    results = {}
     plan = {"A": {"P1": [0, 1, 2], "P2": [0, 1, 2]}, "B": {"P1": [0, 1, 2], "P2": [0, 1], "P3": [0]}}
     truths = {f: unit(smooth(rng.normal(size=(16, 8, 32, 32)))) for f in ("P1", "P2", "P3")}
     for run, folds in plan.items():
@@ -161,11 +161,13 @@ def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp
         for fold, seeds in folds.items():
             per_seed = []
             for seed in seeds:
-                k += 1
                 truth = truths[fold] * (1 + seed) + seed  # another seed's z-score statistics: an affine change
                 pred = truths[fold] + 1.2 * (1 + 0.1 * rng.normal()) * unit(smooth(rng.normal(size=truth.shape)))
-                rd = w.run("tiny", "synthetic", f"folder{k}", fold)
-                rd.write_config({"encoder": "synthetic", "mode": "frozen", "run": run, "fold": fold, "seed": seed})
+                rd = w.run("tiny", "synthetic", run, fold, seed)
+                config = {"dataset": "tiny", "encoder": "synthetic", "mode": "frozen", "run": run, "fold": fold}
+                config["seed"] = seed
+                config["config_sha256"] = config_digest(config)  # a consistent run folder
+                rd.write_config(config)
                 rd.write_predictions(
                     pred,
                     truth,
