@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test lint install clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -c .ci/constraints.txt  # the resolved versions: no walk back
 	touch $@
 
 install: $(VENV)/.installed

@@ -54,7 +54,7 @@ def reported(workspace):
             decoder="linear",
             epochs=2,
             batch_size=4,
-            seed=1 if name is None else 2,
+            seed=0,  # the random-init store the fixture extracted is random:0
             name=name,
             workspace=ws,
             overwrite=True,
