@@ -95,7 +95,9 @@ def bomb_png(path, side: int = 45_000) -> None:
 
 def test_an_image_too_large_to_decode_is_refused_before_decoding(tiny_cnn_features, tmp_path):
     ws, _ = tiny_cnn_features
-    run = run_fold("tiny", "tiny-cnn", "P2", mode="random", workspace=ws, decoder="linear", epochs=1, batch_size=4, name="bomb")
+    run = run_fold(
+        "tiny", "tiny-cnn", "P2", mode="random", workspace=ws, decoder="linear", epochs=1, batch_size=4, name="bomb"
+    )
     image = tmp_path / "huge.png"
     bomb_png(image)
     assert image.stat().st_size < 4 << 20
