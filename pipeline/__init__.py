@@ -141,7 +141,8 @@ def demo(
     say(f"[bold]3/4 trained[/] leave-one-patient-out: 3 folds × frozen, random-init, fine-tuned × {n_seeds} seed(s)")
     figures = draw_all("demo", "P5", workspace=ws.root)
     say(f"[bold]4/4 drew[/] {len(figures)} figure files")
-    paired = paired_comparison("demo", [run_key(encoder, m, m) for m in ("random", "frozen")], ws.root, seed=seed)
+    keys = [run_key(encoder, m, m) for m in ("random", "frozen")]  # 32-bin blocks: a demo section holds ~11-16 patches
+    paired = paired_comparison("demo", keys, ws.root, seed=seed, block_bins=32)
     say(_paired_line(paired["pairs"][0]))
     from analysis.report import write_report
 
