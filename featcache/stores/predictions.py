@@ -86,25 +86,16 @@ class PredictionWriter:
         root.attrs.update(attrs)
         g, b = len(genes), int(attrs.get("bins_per_patch", 32))
         per_bin = dict(dims=("patch", "row", "col"), attributes={"coordinates": "origin"})
+        per_gene = dict(
+            shape=(n, g, b, b),
+            chunks=(CHUNK, g, b, b),
+            dtype="float16",
+            dims=("patch", "gene", "row", "col"),
+            attributes={"coordinates": "origin gene_id"},
+        )
         self.arrays = {
-            "z": create_array(
-                root,
-                "z",
-                shape=(n, g, b, b),
-                chunks=(CHUNK, g, b, b),
-                dtype="float16",
-                dims=("patch", "gene", "row", "col"),
-                attributes={"coordinates": "origin gene_id"},
-            ),
-            "expression": create_array(
-                root,
-                "expression",
-                shape=(n, g, b, b),
-                chunks=(CHUNK, g, b, b),
-                dtype="float16",
-                dims=("patch", "gene", "row", "col"),
-                attributes={"coordinates": "origin gene_id"},
-            ),
+            "z": create_array(root, "z", **per_gene),
+            "expression": create_array(root, "expression", **per_gene),
             "in_tissue": create_array(
                 root, "in_tissue", shape=(n, b, b), chunks=(CHUNK, b, b), dtype="bool", fill_value=False, **per_bin
             ),
