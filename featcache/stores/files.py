@@ -111,7 +111,7 @@ def replace_dir(partial: Path, target: Path) -> None:
 PARTIAL = ".partial-"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -134,7 +134,7 @@ def remove_stale_partials(folder: Path, name: str) -> None:
     prefix = f".{name}{PARTIAL}"
     for p in Path(folder).glob(glob.escape(prefix) + "*"):
         pid = p.name[len(prefix) :].split("-", 1)[0]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not process_alive(int(pid)):
             _remove(p)
     for p in Path(folder).glob(glob.escape(f".{name}.old-") + "*"):
         _remove(p)

@@ -33,10 +33,10 @@ import xarray as xr
 
 from featcache.errors import FeatcacheError
 from featcache.stores.files import (
-    _alive,
     append_line,
     create_exclusive,
     is_temporary,
+    process_alive,
     read_json,
     staged_dir,
     write_bytes,
@@ -433,7 +433,7 @@ class RunLock:
         pid = holder.get("pid")
         if not isinstance(pid, int):
             return True
-        return holder.get("host") == socket.gethostname() and not _alive(pid)
+        return holder.get("host") == socket.gethostname() and not process_alive(pid)
 
     def _busy(self, holder: dict) -> str:
         host = holder.get("host")
