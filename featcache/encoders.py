@@ -20,7 +20,7 @@ from featcache.geometry import GEOMETRY
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_PX = GEOMETRY.patch_px  # 448: a 32 × 32 token grid for patch-14 ViTs
+INPUT_PX = GEOMETRY.patch_px  # 448: a 32 × 32 token grid for patch-14 ViTs (and the default rendering)
 
 
 def _swiglu_packed():
@@ -35,7 +35,7 @@ class EncoderSpec:
     arch: str  # timm architecture name
     kind: str  # "vit" (token grid) or "cnn" (feature map)
     dim: int  # channels of a grid cell
-    grid: int  # grid side at 448 px
+    grid: int  # grid side at the encoder's input size (32 × px_per_bin px)
     pooled: str  # "cls", "cls+mean" or "mean"
     params: float  # parameters without a head (checked by a test)
     kwargs: dict = field(default_factory=dict)
@@ -48,6 +48,15 @@ class EncoderSpec:
     # A CNN whose grid is taken before its final activation: the dotted name of the norm layer whose
     # ``act`` is dropped (DenseNet-121: torchvision's ``features``, the grid Img2ST-Net decodes).
     pre_activation: str | None = None
+    # Pixels per 8 µm bin of the rendering the encoder reads: its patch size (ViTs) or stride (CNN grids),
+    # so that one token is one bin (docs/design.md §2). 14 reads patches.zarr's ``image`` (448 px);
+    # 16 reads ``image_16px`` (512 px, rendered by ``prepare --px-per-bin 14,16``).
+    px_per_bin: int = GEOMETRY.px_per_bin
+
+    @property
+    def input_px(self) -> int:
+        """Side of the encoder's input patch in pixels: 32 bins × px_per_bin."""
+        return GEOMETRY.bins * self.px_per_bin
 
     @property
     def pooled_dim(self) -> int:
@@ -71,7 +80,7 @@ class EncoderSpec:
             "pooled": self.pooled,
             "mean": list(self.mean),
             "std": list(self.std),
-            "input_px": INPUT_PX,
+            "input_px": self.input_px,  # the pixels per bin are in the store identity's geometry
         }
         if self.pre_activation:
             out["grid_before_activation_of"] = self.pre_activation
