@@ -2,12 +2,14 @@
 # Every GPU figure of benchmarks/RESULTS.md, measured in one go on a GPU machine.
 #
 #   bash benchmarks/gpu_wheels.sh            # once, on a machine with pip: wheels the GPU image lacks -> .whl/
-#   bash benchmarks/gpu.sh [all|extract|train|predict] [OUT]
+#   bash benchmarks/gpu.sh [all|encoders|extract|train|predict] [OUT]
 #
 # With the device tool: carry [".whl"], command "bash benchmarks/gpu.sh extract" then
 # "bash benchmarks/gpu.sh train" (each phase fits in one 10-minute call; the dataset built by the
 # first is reused by the second while the machine stays warm, and rebuilt otherwise).
 #
+#   encoders every registered encoder at full size, each at its own input (448 or 512 px): parameters,
+#            model-forward tiles/s (bf16, batch 64) and peak memory (benchmarks/encoders.py; ~2 min).
 #   extract  four encoders, model-only forward vs `featcache extract` end to end, same run, batch 64;
 #            UNI2-h again with --compile; the writer-side probes; a py-spy profile of UNI2-h's
 #            extraction when its ratio falls below 0.9 (the host side, by thread).
@@ -45,6 +47,11 @@ if [ ! -f "$ws/datasets/bench/dataset.json" ]; then
     python3 -m featcache synth "$ws/raw" --samples P1,P2,P5 --rows 288 --cols 288 --seed 0 >>"$out/gpu.log" 2>&1 || exit 1
     python3 -m featcache prepare -w "$ws" --dataset bench --stride 16 --workers 12 \
         --sample P1="$ws/raw/P1" --sample P2="$ws/raw/P2" --sample P5="$ws/raw/P5" >>"$out/gpu.log" 2>&1 || exit 1
+fi
+
+if [ "$phase" = all ] || [ "$phase" = encoders ]; then
+    log "every registered encoder: model forward at its own pixels per bin"
+    python3 benchmarks/encoders.py --device cuda --batch-size 64 --iters 10 --out "$out/encoders.jsonl" 2>>"$out/gpu.log"
 fi
 
 if [ "$phase" = all ] || [ "$phase" = extract ]; then
