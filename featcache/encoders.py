@@ -301,7 +301,7 @@ register(
         mean=(0.707223, 0.578729, 0.703617),
         std=(0.211883, 0.230117, 0.177517),
         hf_repo="bioptimus/H-optimus-1",
-        licence="other (gated; non-commercial terms on the model card)",
+        licence="other (academic research only; gated, see the model card)",
         note="H-optimus-1, ViT-g/14 (DINOv2), 4 register tokens; same architecture and mean/std as H-optimus-0 (model"
         " card, TRIDENT's HOptimus1InferenceEncoder); pooled = cls (global_pool='token')",
     )
