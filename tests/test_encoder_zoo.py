@@ -253,6 +253,7 @@ def test_extract_from_hub_checkpoint_equals_timm_forward(name, prepared, tmp_pat
         worst = max(worst, assert_fp16_close(stored, tokens))
         np.testing.assert_allclose(feats.pooled.values, pooled, rtol=1e-4, atol=1e-4)
     assert worst > 0  # the comparison saw real values
+    print(f"{name}: max |stored - timm| = {worst:.2e} over {res.patches_total} patches")
 
 
 def test_midnight_conversion_is_sensitive_to_query_key_order(tmp_path):
@@ -296,7 +297,8 @@ def test_patch16_vit_from_hub_checkpoint_equals_timm_forward(name, tmp_path):
         tokens, pooled = GridEncoder(spec, model)(torch.from_numpy(x))
     ref_tokens, ref_pooled = timm_forward(spec, ref, x)
     assert tokens.shape == (2, 32, 32, spec.dim)
-    assert_fp16_close(tokens.numpy().astype(np.float16), ref_tokens)
+    worst = assert_fp16_close(tokens.numpy().astype(np.float16), ref_tokens)
+    print(f"{name}: max |float16 tokens - timm| = {worst:.2e}")
     np.testing.assert_allclose(pooled.numpy(), ref_pooled, rtol=1e-4, atol=1e-4)
 
 
@@ -324,7 +326,8 @@ def test_resnet50_layer3_grid_equals_tridents_features_only_model(tmp_path):
         tokens, pooled = GridEncoder(spec, model)(torch.from_numpy(x))
         ref = trident(norm)[0]
     assert tokens.shape == (1, 32, 32, 1024)
-    assert_fp16_close(tokens.numpy().astype(np.float16), ref.permute(0, 2, 3, 1).numpy())
+    worst = assert_fp16_close(tokens.numpy().astype(np.float16), ref.permute(0, 2, 3, 1).numpy())
+    print(f"resnet50: max |float16 tokens - TRIDENT's layer3| = {worst:.2e}")
     np.testing.assert_allclose(pooled.numpy(), ref.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-4)
 
 
