@@ -2,10 +2,12 @@
 
 Each entry says how to build the network with timm (architecture and keyword arguments), how to
 normalise its input, how its output becomes a token grid and a pooled embedding, and where its
-gated weights live on the Hugging Face hub. ViTs are built at 224 px with
-``dynamic_img_size=True`` and fed 448 px patches: position embeddings are interpolated and the
-grid is 32 × 32, one token per 8 µm bin. Prefix (class and register) tokens are dropped using the
-model's own ``num_prefix_tokens``.
+gated weights live on the Hugging Face hub, under which licence, and how that checkpoint's keys map
+onto timm's (``checkpoint_layout``). ViTs are built at their checkpoint's size (224 px for most) with
+``dynamic_img_size=True`` and fed 32 bins × ``px_per_bin`` pixels, their patch size: 448 px for
+patch-14 models, 512 px for patch-16 ones and the stride-16 ResNet-50. Position embeddings are
+interpolated and the grid is 32 × 32, one token per 8 µm bin. Prefix (class and register) tokens are
+dropped using the model's own ``num_prefix_tokens``.
 """
 
 from __future__ import annotations
