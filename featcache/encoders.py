@@ -258,7 +258,8 @@ register(
         px_per_bin=16,
         note="CONCH v1.5 vision tower: the trunk of TRIDENT's CONCHVisionTower (iBOT ViT-L/16, layer scale, qkv bias,"
         " LayerNorm eps 1e-6: timm's vit_large_patch16_224 key for key under trunk.), ImageNet mean/std as TRIDENT;"
-        " built at 448 px, TRIDENT's default size. Deviation: TRIDENT's embedding is the contrastive attentional"
+        " built at 448 px, TRIDENT's default size for it (TRIDENT resamples the checkpoint's pos_embed onto a 224 px"
+        " trunk at load; here a pos_embed of another length is refused with a shape message). Deviation: TRIDENT's embedding is the contrastive attentional"
         " pooler (attn_pool_contrast + ln_contrast, 768-d); it is not part of the token grid, so its keys are dropped"
         " on load (listed in the provenance) and pooled here is the trunk's cls token (1024)",
     )
@@ -364,7 +365,9 @@ register(
         note="kaiko Midnight-12k, ViT-g/14 (DINOv2 giant: SwiGLU, layer scale), 1 cls token, distributed as a"
         " transformers Dinov2Model whose keys are renamed to timm's on load (q, k, v packed into qkv); mean/std 0.5"
         " and pooled = cls ⊕ patch mean (3072) as kaiko's card (TRIDENT: cls by default, cls+mean as an option)."
-        " Position embeddings are interpolated by timm, not by transformers' Dinov2 (a slightly different bicubic)",
+        " Built at 224 px, the card's input size (the hub config's image_size was not readable here; another"
+        " position-embedding length is refused with a shape message). Position embeddings are interpolated by timm,"
+        " not by transformers' Dinov2 (a slightly different bicubic)",
     )
 )
 # Small random-weight stand-ins that run on a CPU in tests; never part of a comparison.
