@@ -2,10 +2,12 @@
 
 Each entry says how to build the network with timm (architecture and keyword arguments), how to
 normalise its input, how its output becomes a token grid and a pooled embedding, and where its
-gated weights live on the Hugging Face hub. ViTs are built at 224 px with
-``dynamic_img_size=True`` and fed 448 px patches: position embeddings are interpolated and the
-grid is 32 × 32, one token per 8 µm bin. Prefix (class and register) tokens are dropped using the
-model's own ``num_prefix_tokens``.
+gated weights live on the Hugging Face hub, under which licence, and how that checkpoint's keys map
+onto timm's (``checkpoint_layout``). ViTs are built at their checkpoint's size (224 px for most) with
+``dynamic_img_size=True`` and fed 32 bins × ``px_per_bin`` pixels, their patch size: 448 px for
+patch-14 models, 512 px for patch-16 ones and the stride-16 ResNet-50. Position embeddings are
+interpolated and the grid is 32 × 32, one token per 8 µm bin. Prefix (class and register) tokens are
+dropped using the model's own ``num_prefix_tokens``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ class EncoderSpec:
     # so that one token is one bin (docs/design.md §2). 14 reads patches.zarr's ``image`` (448 px);
     # 16 reads ``image_16px`` (512 px, rendered by ``prepare --px-per-bin 14,16``).
     px_per_bin: int = GEOMETRY.px_per_bin
+    # The model's licence as its hub page states it (SPDX id where there is one): `featcache encoders` shows it.
+    licence: str = ""
+    # The checkpoint file of ``hf_repo`` when it is not model.safetensors / pytorch_model.bin (CONCH v1.5's
+    # pytorch_model_vision.bin).
+    hf_filename: str | None = None
+    # How the hub checkpoint's keys map onto the timm network: a name in featcache.weights.CHECKPOINT_LAYOUTS
+    # ("timm": as they are; "transformers-dinov2": a transformers Dinov2Model; "conch-vision": CONCH v1.5's
+    # vision tower). Conversion is a pure renaming (plus q, k, v packed into qkv); loading stays strict.
+    checkpoint_layout: str = "timm"
+    # Submodules of the timm network that the encoder does not use (ResNet-50's layer4: TRIDENT's truncation after
+    # layer3). They are replaced by Identity when built, and their keys in a checkpoint are dropped like a head's.
+    drop_modules: tuple[str, ...] = ()
 
     @property
     def input_px(self) -> int:
@@ -84,6 +98,10 @@ class EncoderSpec:
         }
         if self.pre_activation:
             out["grid_before_activation_of"] = self.pre_activation
+        if self.drop_modules:  # (only where set, so that the identities of existing stores are unchanged)
+            out["dropped_modules"] = list(self.drop_modules)
+        if self.checkpoint_layout != "timm":
+            out["checkpoint_layout"] = self.checkpoint_layout
         return out
 
 
@@ -117,6 +135,7 @@ register(
         pooled="mean",
         params=6.95e6,
         hf_repo="timm/densenet121.tv_in1k",
+        licence="BSD-3-Clause",
         pre_activation="features.norm5",
         note="ImageNet CNN; 14×14 map at 448 px (stride 32), before the final ReLU (torchvision's features)",
     )
@@ -144,6 +163,7 @@ register(
         ),
         callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
         hf_repo="MahmoodLab/UNI2-h",
+        licence="CC-BY-NC-ND-4.0",
         note="pathology ViT-g/14, 8 register tokens",
     )
 )
@@ -161,6 +181,7 @@ register(
         ),
         callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
         hf_repo="paige-ai/Virchow2",
+        licence="CC-BY-NC-ND-4.0",
         note="pathology ViT-H/14, 4 register tokens; pooled = cls ⊕ mean (2560)",
     )
 )
@@ -177,7 +198,176 @@ register(
         mean=(0.707223, 0.578729, 0.703617),
         std=(0.211883, 0.230117, 0.177517),
         hf_repo="bioptimus/H-optimus-0",
+        licence="Apache-2.0",
         note="pathology ViT-g/14 (DINOv2), 4 register tokens",
+    )
+)
+# ---- Issue #20: the encoders HEST-Benchmark and TRIDENT compare in 2026 (docs/design.md §4 gives the sources). ----
+# Patch-16 models (and the stride-16 CNN) read the 16 px-per-bin rendering (512 px); patch-14 models the 448 px one.
+# Every one of them is built at its hub size with dynamic_img_size=True, so a checkpoint loads strictly and the
+# position embeddings are interpolated by timm to the 32 × 32 grid.
+register(
+    EncoderSpec(
+        name="resnet50",
+        arch="resnet50",
+        kind="cnn",
+        dim=1024,
+        grid=32,
+        pooled="mean",
+        params=8.543e6,
+        hf_repo="timm/resnet50.tv_in1k",
+        licence="BSD-3-Clause",
+        drop_modules=("layer4",),
+        px_per_bin=16,
+        note="ImageNet ResNet-50 truncated after layer3 (TRIDENT/HEST's CNN baseline: features_only, out_indices=[3]);"
+        " stride 16, so 32×32 at 512 px. Pooled = global mean of the layer3 map (TRIDENT's AdaptiveAvgPool2d); the"
+        " checkpoint's layer4 and fc are dropped on load",
+    )
+)
+register(
+    EncoderSpec(
+        name="uni",
+        arch="vit_large_patch16_224",
+        kind="vit",
+        dim=1024,
+        grid=32,
+        pooled="cls",
+        params=303.35e6,
+        kwargs=dict(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
+        hf_repo="MahmoodLab/UNI",
+        licence="CC-BY-NC-ND-4.0",
+        px_per_bin=16,
+        note="UNI v1, ViT-L/16 (DINOv2-trained), 1 cls token; kwargs as the model card and TRIDENT's UNIInferenceEncoder;"
+        " pooled = cls (the card's model(x))",
+    )
+)
+register(
+    EncoderSpec(
+        name="conch15",
+        arch="vit_large_patch16_224",
+        kind="vit",
+        dim=1024,
+        grid=32,
+        pooled="cls",
+        params=303.95e6,
+        kwargs=dict(img_size=448, patch_size=16, init_values=1.0, dynamic_img_size=True),
+        hf_repo="MahmoodLab/conchv1_5",
+        hf_filename="pytorch_model_vision.bin",
+        checkpoint_layout="conch-vision",
+        licence="CC-BY-NC-ND-4.0",
+        px_per_bin=16,
+        note="CONCH v1.5 vision tower: the trunk of TRIDENT's CONCHVisionTower (iBOT ViT-L/16, layer scale, qkv bias,"
+        " LayerNorm eps 1e-6: timm's vit_large_patch16_224 key for key under trunk.), ImageNet mean/std as TRIDENT;"
+        " built at 448 px, TRIDENT's default size for it (TRIDENT resamples the checkpoint's pos_embed onto a 224 px"
+        " trunk at load; here a pos_embed of another length is refused with a shape message). Deviation: TRIDENT's embedding is the contrastive attentional"
+        " pooler (attn_pool_contrast + ln_contrast, 768-d); it is not part of the token grid, so its keys are dropped"
+        " on load (listed in the provenance) and pooled here is the trunk's cls token (1024)",
+    )
+)
+register(
+    EncoderSpec(
+        name="gigapath",
+        arch="vit_giant_patch14_dinov2",
+        kind="vit",
+        dim=1536,
+        grid=32,
+        pooled="cls",
+        params=1135.0e6,
+        kwargs=dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=1536,
+            depth=40,
+            num_heads=24,
+            init_values=1e-5,
+            mlp_ratio=5.33334,
+            dynamic_img_size=True,
+        ),
+        hf_repo="prov-gigapath/prov-gigapath",
+        licence="Apache-2.0",
+        px_per_bin=16,
+        note="Prov-GigaPath tile encoder: timm vit_giant_patch14_dinov2 (SwiGLU, SiLU, layer scale) with patch_size 16,"
+        " as its hub timm config and TRIDENT; 1 cls token; pooled = cls (the card's model(x)). TRIDENT pins timm"
+        " 0.9.16; the layout is the same in timm 1.x",
+    )
+)
+register(
+    EncoderSpec(
+        name="hoptimus1",
+        arch="vit_giant_patch14_reg4_dinov2",
+        kind="vit",
+        dim=1536,
+        grid=32,
+        pooled="cls",
+        params=1134.8e6,
+        kwargs=dict(img_size=224, init_values=1e-5, dynamic_img_size=True),
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        hf_repo="bioptimus/H-optimus-1",
+        licence="other (academic research only; gated, see the model card)",
+        note="H-optimus-1, ViT-g/14 (DINOv2), 4 register tokens; same architecture and mean/std as H-optimus-0 (model"
+        " card, TRIDENT's HOptimus1InferenceEncoder); pooled = cls (global_pool='token')",
+    )
+)
+register(
+    EncoderSpec(
+        name="h0mini",
+        arch="vit_base_patch14_reg4_dinov2",
+        kind="vit",
+        dim=768,
+        grid=32,
+        pooled="cls+mean",
+        params=71.57e6,
+        kwargs=dict(img_size=224, dynamic_img_size=True),
+        callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        hf_repo="bioptimus/H0-mini",
+        licence="CC-BY-NC-ND-4.0",
+        note="H0-mini, ViT-B/14 distilled from H-optimus-0, 4 register tokens, SwiGLU + SiLU (the card passes"
+        " mlp_layer=SwiGLUPacked, act_layer=SiLU) at timm's default MLP ratio 4 (the hub config.json could not be"
+        " read here: another ratio is refused on load with a shape message); H-optimus mean/std. Pooled = cls ⊕"
+        " patch mean (1536), as the model card's example; TRIDENT defaults to cls only (768), cls+mean optional",
+    )
+)
+register(
+    EncoderSpec(
+        name="virchow",
+        arch="vit_huge_patch14_224",
+        kind="vit",
+        dim=1280,
+        grid=32,
+        pooled="cls+mean",
+        params=631.2e6,
+        kwargs=dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, global_pool="", dynamic_img_size=True),
+        callable_kwargs={"mlp_layer": _swiglu_packed, "act_layer": _silu},
+        hf_repo="paige-ai/Virchow",
+        licence="Apache-2.0",
+        note="Virchow v1, ViT-H/14, SwiGLU + SiLU, 1 cls token and no register tokens (model card, TRIDENT);"
+        " pooled = cls ⊕ patch mean (2560), as the card",
+    )
+)
+register(
+    EncoderSpec(
+        name="midnight12k",
+        arch="vit_giant_patch14_dinov2",
+        kind="vit",
+        dim=1536,
+        grid=32,
+        pooled="cls+mean",
+        params=1134.8e6,
+        kwargs=dict(img_size=224, dynamic_img_size=True),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        hf_repo="kaiko-ai/midnight",
+        checkpoint_layout="transformers-dinov2",
+        licence="MIT",
+        note="kaiko Midnight-12k, ViT-g/14 (DINOv2 giant: SwiGLU, layer scale), 1 cls token, distributed as a"
+        " transformers Dinov2Model whose keys are renamed to timm's on load (q, k, v packed into qkv); mean/std 0.5"
+        " and pooled = cls ⊕ patch mean (3072) as kaiko's card (TRIDENT: cls by default, cls+mean as an option)."
+        " Built at 224 px, the card's input size (the hub config's image_size was not readable here; another"
+        " position-embedding length is refused with a shape message). Position embeddings are interpolated by timm,"
+        " not by transformers' Dinov2 (a slightly different bicubic)",
     )
 )
 # Small random-weight stand-ins that run on a CPU in tests; never part of a comparison.
@@ -194,6 +384,7 @@ register(
             img_size=224, patch_size=14, embed_dim=48, depth=2, num_heads=3, reg_tokens=2, dynamic_img_size=True
         ),
         test_only=True,
+        licence="n/a (random weights)",
         note="test-only: 2-block ViT/14, 2 register tokens",
     )
 )
@@ -207,6 +398,7 @@ register(
         pooled="mean",
         params=0.3727e6,
         test_only=True,
+        licence="project licence (demo weights pretrained here)",
         note="test-only: timm's test_resnet, 14×14 map at 448 px",
     )
 )
@@ -224,6 +416,9 @@ def build_model(spec: EncoderSpec, device: str | torch.device = "cpu", **overrid
 
     with torch.device(device):
         model = timm.create_model(spec.arch, pretrained=False, **{**spec.timm_kwargs(), **overrides})
+        for name in spec.drop_modules:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, torch.nn.Identity())
     return model.eval()
 
 

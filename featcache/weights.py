@@ -91,12 +91,17 @@ def _file_in_dir(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _hf_cache_file(repo: str) -> Path | None:
+def hub_filenames(spec: EncoderSpec) -> tuple[str, ...]:
+    """The checkpoint file names tried in the encoder's hub repository: its own first (CONCH v1.5), then the usual."""
+    return ((spec.hf_filename,) if spec.hf_filename else ()) + PREFERRED
+
+
+def _hf_cache_file(repo: str, names: tuple[str, ...] = PREFERRED) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    for name in PREFERRED:
+    for name in names:
         hit = try_to_load_from_cache(repo, name)
         if isinstance(hit, str) and Path(hit).is_file():
             _drop_if_not_checkpoint(
@@ -196,7 +201,7 @@ def _download_failure(repo: str, name: str, page: str, host: str, exc: BaseExcep
     return f"could not download {repo} from {page} ({type(root).__name__}: {reason}); run again, or {offline}."
 
 
-def _download(repo: str) -> Path:
+def _download(repo: str, names: tuple[str, ...] = PREFERRED) -> Path:
     """The model's checkpoint downloaded from the hub into the Hugging Face cache; one clear error otherwise."""
     from huggingface_hub import errors, hf_hub_download
 
@@ -204,7 +209,7 @@ def _download(repo: str) -> Path:
     host = (endpoint or "https://huggingface.co").rstrip("/")
     page = f"{host}/{repo}"
     missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
-    for name in PREFERRED:
+    for name in names:
         try:
             path = Path(hf_hub_download(repo, name, endpoint=endpoint))
         except errors.GatedRepoError:
@@ -225,9 +230,7 @@ def _download(repo: str) -> Path:
             raise FeatcacheError(_download_failure(repo, name, page, host, exc)) from None
         _drop_if_not_checkpoint(path, f"{name} downloaded from {page}", "Run the same command again")
         return path
-    raise FeatcacheError(
-        f"{repo} on the hub has none of {', '.join(PREFERRED)}; pass the checkpoint with --weights FILE."
-    )
+    raise FeatcacheError(f"{repo} on the hub has none of {', '.join(names)}; pass the checkpoint with --weights FILE.")
 
 
 def resolve_weights(spec: EncoderSpec, weights: str | None, download: bool = True) -> WeightsSource:
@@ -255,11 +258,12 @@ def resolve_weights(spec: EncoderSpec, weights: str | None, download: bool = Tru
         if f is not None:
             return WeightsSource("file", f, found_via=f"${ENV_VAR}")
     if spec.hf_repo:
-        f = _hf_cache_file(spec.hf_repo)
+        f = _hf_cache_file(spec.hf_repo, hub_filenames(spec))
         if f is not None:
             return WeightsSource("file", f, found_via="Hugging Face cache")
         if download and not _offline():
-            return WeightsSource("file", _download(spec.hf_repo), found_via="downloaded from the Hugging Face hub")
+            path = _download(spec.hf_repo, hub_filenames(spec))
+            return WeightsSource("file", path, found_via="downloaded from the Hugging Face hub")
     raise FeatcacheError(
         f"no weights found for encoder {spec.name!r}"
         + (" (HF_HUB_OFFLINE is set, so nothing is downloaded)" if spec.hf_repo and _offline() else "")
@@ -301,15 +305,103 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _match_keys(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Strip a common wrapper prefix when that makes keys match, and drop classifier heads."""
+_HF_DINOV2_BLOCK = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.output.dense": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1": "mlp.fc1",  # a plain MLP
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.fc1",  # SwiGLU: transformers' weights_in is timm's packed fc1 (gate half first)
+    "mlp.weights_out": "mlp.fc2",
+}
+_HF_DINOV2_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+
+
+def _from_transformers_dinov2(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A transformers ``Dinov2Model`` state dict in timm's ViT names. Query, key and value are packed into ``qkv``
+    (timm's order); ``embeddings.mask_token`` (masked-image training only) is dropped. A key no rule names is kept
+    as it is, so that strict matching reports it."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    dropped = []
+    for key, value in state.items():
+        key = key.removeprefix("dinov2.")  # a Dinov2 task model's backbone
+        if key == "embeddings.mask_token":
+            dropped.append(key)
+            continue
+        if key in _HF_DINOV2_TOP:
+            out[_HF_DINOV2_TOP[key]] = value
+            continue
+        parts = key.split(".")
+        if len(parts) > 3 and parts[0] == "encoder" and parts[1] == "layer" and parts[2].isdigit():
+            block, rest = f"blocks.{parts[2]}", ".".join(parts[3:])
+            stem, _, leaf = rest.rpartition(".")
+            if stem in ("attention.attention.query", "attention.attention.key", "attention.attention.value"):
+                qkv.setdefault((block, leaf), {})[stem.rsplit(".", 1)[1]] = value
+                continue
+            for hf, timm_name in _HF_DINOV2_BLOCK.items():
+                if rest == hf or rest.startswith(hf + "."):
+                    out[f"{block}.{timm_name}{rest[len(hf) :]}"] = value
+                    break
+            else:
+                out[key] = value
+            continue
+        out[key] = value
+    for (block, leaf), parts in qkv.items():
+        if set(parts) == {"query", "key", "value"}:
+            out[f"{block}.attn.qkv.{leaf}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+        else:  # an incomplete triple stays visible under its own names (strict matching refuses it)
+            out.update({f"{block}.attention.attention.{n}.{leaf}": v for n, v in parts.items()})
+    return out, dropped
+
+
+def _from_conch_vision(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """CONCH v1.5's ``pytorch_model_vision.bin`` (TRIDENT's CONCHVisionTower): ``trunk.*`` is timm's ViT-L/16 key for
+    key; the contrastive pooler (``attn_pool_contrast.*``, ``ln_contrast.*``) is not part of the token grid and is
+    dropped."""
+    head = ("attn_pool_contrast.", "ln_contrast.")
+    dropped = [k for k in state if k.startswith(head)]
+    return {k.removeprefix("trunk."): v for k, v in state.items() if not k.startswith(head)}, dropped
+
+
+# How a hub checkpoint's keys become the timm network's (EncoderSpec.checkpoint_layout); each returns
+# (renamed state, keys dropped on purpose). Renaming only: strict matching follows.
+CHECKPOINT_LAYOUTS = {
+    "timm": lambda state: (state, []),
+    "transformers-dinov2": _from_transformers_dinov2,
+    "conch-vision": _from_conch_vision,
+}
+
+
+def convert_checkpoint(spec: EncoderSpec, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    if spec.checkpoint_layout not in CHECKPOINT_LAYOUTS:
+        raise FeatcacheError(f"encoder {spec.name!r}: unknown checkpoint layout {spec.checkpoint_layout!r}.")
+    return CHECKPOINT_LAYOUTS[spec.checkpoint_layout](state)
+
+
+def _match_keys(
+    state: dict[str, torch.Tensor], expected: set[str], unused: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip a common wrapper prefix when that makes keys match, and drop classifier heads and the keys of the
+    submodules the encoder does not use (``unused``: EncoderSpec.drop_modules)."""
     for prefix in ("",) + STRIP_PREFIXES:
         if prefix and not all(k.startswith(prefix) for k in state):
             continue
         renamed = {k[len(prefix) :]: v for k, v in state.items()}
         if len(expected & renamed.keys()) >= len(expected & state.keys()):
             state = renamed
-    dropped = [k for k in state if k not in expected and k.startswith(HEAD_PREFIXES)]
+    drop = HEAD_PREFIXES + tuple(f"{m}." for m in unused)
+    dropped = [k for k in state if k not in expected and k.startswith(drop)]
     return {k: v for k, v in state.items() if k not in dropped}, dropped
 
 
@@ -320,9 +412,10 @@ def load_encoder(spec: EncoderSpec, source: WeightsSource, device="cpu") -> tupl
         model = build_model(spec, "cpu")
         return model.to(device), {"weights": source.identity(), "found_via": source.found_via}
     model = build_model(spec, "cpu")
-    state = read_state_dict(source.path)
+    state, converted_away = convert_checkpoint(spec, read_state_dict(source.path))
     expected = set(model.state_dict().keys())
-    state, dropped = _match_keys(state, expected)
+    state, dropped = _match_keys(state, expected, spec.drop_modules)
+    dropped = converted_away + dropped
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing or unexpected:

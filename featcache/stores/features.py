@@ -4,7 +4,7 @@
 
     zarr.json                root attributes: ``identity`` (what determines the values) and ``provenance``
     <sample>/tokens          float16, (patch, channel, row, col) by default; NaN where not yet written
-    <sample>/pooled          float32 (patch, channel)
+    <sample>/pooled          float32 (patch, channel), (patch, pooled_channel) where pooled is cls ⊕ mean
     <sample>/origin          int32 (patch, axis), copied from the dataset's patches.zarr
     <sample>/_done/<chunk>   empty marker, written after the chunk's tokens and pooled are stored
 
@@ -112,6 +112,8 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
     sizes = {"row": identity["grid"][0], "col": identity["grid"][1], "channel": identity["dim"]}
     shape = [sizes[d] for d in dims[1:]]
     pooled_dim = 2 * identity["dim"] if identity["pooled"] == "cls+mean" else identity["dim"]
+    # xarray needs one size per dimension name: a pooled vector wider than a token (cls ⊕ mean) has its own.
+    pooled_dims = ("patch", "channel" if pooled_dim == identity["dim"] else "pooled_channel")
     with tempfile.TemporaryDirectory(prefix="featcache-skeleton-") as tmp:
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for sample, n in identity["samples"].items():
@@ -133,7 +135,7 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
                 shape=(n, pooled_dim),
                 chunks=(chunk, pooled_dim),
                 dtype="float32",
-                dims=("patch", "channel"),
+                dims=pooled_dims,
                 fill_value=float("nan"),
                 attributes={"coordinates": "origin"},
             )
