@@ -242,17 +242,27 @@ def extract(
     chunk_patches: Annotated[
         Optional[int], typer.Option(help="Patches per stored chunk [default: ~8 MB chunks].")
     ] = None,
+    layers: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Also store the grids after these blocks (ViT) or stage outputs (CNN), counted from 1, e.g. 16,24: "
+            "arrays tokens_16, tokens_24 (`featcache encoders --json` lists each encoder's layers)."
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
     features_root: FeaturesRootOpt = None,
 ):
-    """Run an encoder once over a dataset's patches and cache its token grids."""
+    """Run an encoder once over a dataset's patches and cache its token grids (and, with --layers, intermediate ones)."""
+    from featcache.encoders import parse_layers
     from featcache.extract import extract_each, extraction_configs
     from featcache.stores import Workspace
 
     extract_each(
         dataset,
-        extraction_configs(encoder, weights=weights, precision=precision, chunk_patches=chunk_patches),
+        extraction_configs(
+            encoder, weights=weights, precision=precision, chunk_patches=chunk_patches, layers=parse_layers(layers)
+        ),
         workspace=Workspace.resolve(workspace, features_root),
         output=output,
         on_result=_report_extraction,
