@@ -386,11 +386,13 @@ def parse_layers(text: str | Iterable[int] | None) -> tuple[int, ...]:
     if text is None or text == "":
         return ()
     parts = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else list(text)
+    if not parts and not isinstance(text, str):
+        return ()
     try:
         layers = [int(p) for p in parts]
     except (TypeError, ValueError):
         raise FeatcacheError(f"--layers {text!r}: write block numbers counted from 1, e.g. --layers 16,24.") from None
-    if not layers or any(n < 1 for n in layers) or any(str(p).strip() != str(n) for p, n in zip(parts, layers)):
+    if not layers or any(n < 1 for n in layers) or any(isinstance(p, (bool, float)) for p in parts):
         raise FeatcacheError(
             f"--layers {text!r}: block numbers are counted from 1 (the first block is 1), e.g. --layers 16,24."
         )

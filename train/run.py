@@ -89,7 +89,7 @@ def _inputs(ws: Workspace, cfg: TrainConfig):
     ds = ws.open_dataset(cfg.dataset)
     random = cfg.mode == "random"
     store = None if cfg.finetune else ws.feature_store(cfg.dataset, cfg.encoder, random, cfg.seed if random else 0)
-    inputs = FoldInputs(ds, store)
+    inputs = FoldInputs(ds, store, cfg.layer)
     if store is not None:
         check_store_mode(cfg, store, inputs.identity)
     inputs.check_fold(cfg.fold)

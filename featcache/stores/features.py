@@ -133,6 +133,26 @@ def stored_layers(identity: dict) -> list[int]:
     return [int(v["layer"]) for v in layer_arrays(identity).values()]
 
 
+def array_dims(identity: dict, name: str) -> tuple[str, ...]:
+    """The dimension names of a token-grid array: the layout's, except that a layer whose grid or width is not the
+    final grid's (a CNN's earlier stage) names those dimensions ``<dim>_<N>`` (one xarray Dataset has one size per
+    dimension name). :func:`token_dims` names them back."""
+    dims = tuple(identity["layout"])
+    if name == "tokens":
+        return dims
+    grids = token_arrays(identity)
+    (h, w), c = grids[name]
+    (h0, w0), c0 = grids["tokens"]
+    own, final = {"row": h, "col": w, "channel": c}, {"row": h0, "col": w0, "channel": c0}
+    layer = layer_arrays(identity)[name]["layer"]
+    return tuple(d if d == "patch" or own[d] == final[d] else f"{d}_{layer}" for d in dims)
+
+
+def token_dims(arr: xr.DataArray) -> xr.DataArray:
+    """A layer's grid with the plain dimension names (patch, channel, row, col), whatever the store called them."""
+    return arr.rename({d: re.sub(r"_\d+$", "", d) for d in arr.dims if re.fullmatch(r"(row|col|channel)_\d+", d)})
+
+
 def token_arrays(identity: dict) -> dict[str, tuple[list[int], int]]:
     """Every token-grid array: name -> (grid [h, w], channels); ``tokens`` first."""
     out = {"tokens": (list(identity["grid"]), int(identity["dim"]))}
@@ -157,7 +177,7 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
                     shape=(n, *shape),
                     chunks=(chunk, *shape),
                     dtype="float16",
-                    dims=dims,
+                    dims=array_dims(identity, name),
                     fill_value=float("nan"),
                     attributes={"coordinates": "origin"},
                     codec=identity["codec"],
@@ -482,7 +502,7 @@ class FeatureStore:
         """
         self.check_layer(layer)
         name = "tokens" if layer is None else f"tokens_{layer}"
-        return self.open_sample(sample)[name].transpose(*order)
+        return token_dims(self.open_sample(sample)[name]).transpose(*order)
 
     def check_layer(self, layer: int | None, hint: str | None = None) -> None:
         """Refuse a layer the store was not extracted with, naming the command that extracts it."""
