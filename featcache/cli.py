@@ -264,7 +264,7 @@ def extract(
         Optional[str],
         typer.Option(
             help="Also store the grids after these blocks (ViT) or stage outputs (CNN), counted from 1, e.g. 16,24: "
-            "arrays tokens_16, tokens_24 (`featcache encoders --json` lists each encoder's layers)."
+            "arrays tokens_16, tokens_24 (an out-of-range number is refused with the encoder's layers listed)."
         ),
     ] = None,
     overwrite: OverwriteOpt = False,

@@ -211,7 +211,10 @@ def _plugin_specs(registry: Registry) -> list[tuple[EncoderSpec, str]]:
 
     out: list[tuple[EncoderSpec, str]] = []
     seen: dict[str, str] = {}
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+    unique = {}  # a distribution found twice on sys.path (an install and a source folder) counts once
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        unique.setdefault((_distribution(ep).split(" ")[0], ep.name, ep.value), ep)
+    for ep in sorted(unique.values(), key=lambda e: (e.name, e.value)):
         source = _distribution(ep)
         where = f"entry point {ep.name!r} ({ep.value}) of {source} in group {ENTRY_POINT_GROUP!r}"
         try:

@@ -223,6 +223,14 @@ def test_layer_refusals_and_the_config_of_a_run_without_a_layer(layered, tiny_cn
          "--workspace", str(ws), "--device", "cpu"],
     )  # fmt: skip
     assert r.exit_code == 2 and "--layers 3,4,5 --overwrite" in flat(r.output)
+    # train loocv: the layer reaches every cached run; fine-tune runs train the final grid
+    from train.loocv import loocv_configs
+
+    cfgs = loocv_configs("tiny", ["tiny-vit"], ["random", "finetune"], ["P1", "P2"], {"layer": 2, "epochs": 1})
+    assert {(c.mode, c.layer, c.run_name) for c in cfgs} == {
+        ("random", 2, "random-layer2"),
+        ("finetune", None, "finetune"),
+    }
     # without --layer a run's config (and so its hash) is what it always was
     base = TrainConfig("tiny", "tiny-vit", "P2")
     assert "layer" not in base.record({}) and base.run_name == "frozen"
