@@ -404,3 +404,22 @@ def test_encoder_overview_has_every_column_of_the_table():
     for header in ("patch", "px/bin", "grid", "token", "pooled", "params", "licence", "hub", "weights", "source"):
         assert header in r.output
     assert "MahmoodLab/UNI2-h" in r.output and "stride 32" in r.output
+
+
+def test_a_store_whose_pooled_width_differs_from_its_tokens_opens_in_xarray(layered, tmp_path, monkeypatch):
+    """cls ⊕ mean (Virchow2's pooled output) is twice the token width: its dimension has its own name."""
+    from dataclasses import replace
+
+    from featcache.encoders import REGISTRY
+
+    ws, _, _ = layered
+    monkeypatch.setitem(
+        REGISTRY, "tiny-vit-clsmean", replace(get_spec("tiny-vit"), name="tiny-vit-clsmean", pooled="cls+mean")
+    )
+    res = extract(
+        "tiny", ExtractionConfig("tiny-vit-clsmean", "random:0", layers=(1,)), workspace=ws,
+        output=str(tmp_path / "cm.zarr"), show_progress=False,
+    )  # fmt: skip
+    feats = FeatureStore(res.store).open_sample("P1")
+    assert feats.pooled.dims == ("patch", "pooled_channel") and feats.pooled.shape[1] == 96
+    assert feats.tokens.sizes["channel"] == 48 and feats.tokens_1.dims == feats.tokens.dims

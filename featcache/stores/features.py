@@ -5,7 +5,7 @@
     zarr.json                root attributes: ``identity`` (what determines the values) and ``provenance``
     <sample>/tokens          float16, (patch, channel, row, col) by default; NaN where not yet written
     <sample>/tokens_<N>      float16, as ``tokens``: the grid after block N (``extract --layers N``), only when asked
-    <sample>/pooled          float32 (patch, channel)
+    <sample>/pooled          float32 (patch, channel); (patch, pooled_channel) where its width is not the tokens'
     <sample>/origin          int32 (patch, axis), copied from the dataset's patches.zarr
     <sample>/_done/<chunk>   empty marker, written after the chunk's tokens and pooled are stored
 
@@ -188,7 +188,9 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
                 shape=(n, pooled_dim),
                 chunks=(chunk, pooled_dim),
                 dtype="float32",
-                dims=("patch", "channel"),
+                # a pooled width other than the tokens' (cls ⊕ mean: twice) has its own name: one xarray Dataset
+                # has one size per dimension name, and open_sample reads both arrays
+                dims=("patch", "channel" if pooled_dim == identity["dim"] else "pooled_channel"),
                 fill_value=float("nan"),
                 attributes={"coordinates": "origin"},
             )
