@@ -304,17 +304,24 @@ def _featcache(plugin_dir: Path, *args):
 
 def test_a_plugin_is_listed_with_its_source_and_extracts(plugin_dir, layered, tmp_path):
     ws, _, _ = layered
-    r = _featcache(plugin_dir, "encoders", "--json")
+    # one interpreter for both listings: the table, then --json
+    script = (
+        "from typer.testing import CliRunner; from pipeline.cli import featcache_app as app; "
+        "print(CliRunner().invoke(app, ['encoders']).output); print('@@'); "
+        "print(CliRunner().invoke(app, ['encoders', '--json']).output)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_dir), str(REPO)])}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    rows = {row["encoder"]: row for row in json.loads(r.stdout)}
+    table, listed = r.stdout.split("@@")
+    rows = {row["encoder"]: row for row in json.loads(listed)}
     mine = rows["plugin-vit"]
     assert mine["source"] == "fc-plugin-demo 0.3.1" and rows["uni2h"]["source"] == "built-in"
     assert (mine["patch_size"], mine["px_per_bin"], mine["grid"], mine["dim"], mine["pooled_dim"]) == (
         14, 14, "32×32", 32, 32
     )  # fmt: skip
     assert mine["licence"] == "MIT" and mine["hf_repo"] == "example/plugin-vit" and mine["weights_local"] is False
-    table = _featcache(plugin_dir, "encoders")
-    assert table.returncode == 0 and "plugin-vit" in table.stdout and "0.3.1" in table.stdout, table.stdout
+    assert "plugin-vit" in table and "0.3.1" in table, table
     out = tmp_path / "plugin.zarr"
     r = _featcache(
         plugin_dir, "extract", "--encoder", "plugin-vit", "--weights", "random", "--dataset", "tiny", "--layers", "3",
