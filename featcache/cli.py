@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from featcache.cli_common import (
@@ -200,25 +201,44 @@ def datasets(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Opti
 @app.command()
 @user_errors
 def encoders(as_json: Annotated[bool, typer.Option("--json")] = False):
-    """List the registered encoders: parameters, grid at 448 px, channels, weights availability."""
+    """List the registered encoders (built-in and plugins): patch, pixels per bin, grid, widths, parameters, licence,
+    hub repository, whether the weights are on this machine, and where each entry comes from."""
     from featcache.weights import encoder_overview
 
     rows = encoder_overview()
     if as_json:
         out.print_json(data=rows)
         return
-    table = Table(title="encoders (grid at 448 px)")
-    for col in ("encoder", "timm arch", "params", "grid", "dim", "pooled", "weights"):
-        table.add_column(col, no_wrap=True)
-    for r in rows:
-        name = r["encoder"] + (" (test)" if r["test_only"] else "")
-        table.add_row(name, r["arch"], f"{r['params_m']:g} M", r["grid"], str(r["dim"]), r["pooled"], r["weights"])
-    out.print(table)
+    listing = out if out.is_terminal else Console(width=200)  # piped: wide enough for every column unfolded
+    listing.print(encoder_table(rows))
     out.print(
         "weights: --weights FILE|DIR, $FEATCACHE_WEIGHTS/<encoder>/, or the Hugging Face cache; "
         "--weights random[:SEED] for random-init features.",
         soft_wrap=True,
     )
+
+
+def encoder_table(rows: list[dict]) -> Table:
+    """``featcache encoders``' table of :func:`featcache.weights.encoder_overview`'s rows."""
+    table = Table(title="encoders")
+    cols = ("encoder", "patch", "px/bin", "grid", "token", "pooled", "params", "licence", "hub", "weights", "source")
+    for col in cols:
+        table.add_column(col, no_wrap=col not in ("licence", "hub", "weights", "source"), overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["encoder"] + (" (test)" if r["test_only"] else ""),
+            str(r["patch_size"]) if r["patch_size"] else f"stride {r['stride']}",
+            str(r["px_per_bin"]),
+            r["grid"],
+            str(r["dim"]),
+            str(r["pooled_dim"]) + (f" ({r['pooled']})" if r["pooled"] != "cls" else ""),
+            f"{r['params_m']:g} M",
+            r["licence"] or "—",
+            r["hf_repo"] or "—",
+            r["weights"],
+            r["source"],
+        )
+    return table
 
 
 @app.command()
@@ -242,17 +262,27 @@ def extract(
     chunk_patches: Annotated[
         Optional[int], typer.Option(help="Patches per stored chunk [default: ~8 MB chunks].")
     ] = None,
+    layers: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Also store the grids after these blocks (ViT) or stage outputs (CNN), counted from 1, e.g. 16,24: "
+            "arrays tokens_16, tokens_24 (an out-of-range number is refused with the encoder's layers listed)."
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
     features_root: FeaturesRootOpt = None,
 ):
-    """Run an encoder once over a dataset's patches and cache its token grids."""
+    """Run an encoder once over a dataset's patches and cache its token grids (and, with --layers, intermediate ones)."""
+    from featcache.encoders import parse_layers
     from featcache.extract import extract_each, extraction_configs
     from featcache.stores import Workspace
 
     extract_each(
         dataset,
-        extraction_configs(encoder, weights=weights, precision=precision, chunk_patches=chunk_patches),
+        extraction_configs(
+            encoder, weights=weights, precision=precision, chunk_patches=chunk_patches, layers=parse_layers(layers)
+        ),
         workspace=Workspace.resolve(workspace, features_root),
         output=output,
         on_result=_report_extraction,

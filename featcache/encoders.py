@@ -8,11 +8,23 @@ onto timm's (``checkpoint_layout``). ViTs are built at their checkpoint's size (
 patch-14 models, 512 px for patch-16 ones and the stride-16 ResNet-50. Position embeddings are
 interpolated and the grid is 32 × 32, one token per 8 µm bin. Prefix (class and register) tokens are
 dropped using the model's own ``num_prefix_tokens``.
+
+Intermediate layers (``featcache extract --layers``) are numbered from 1, as timm's
+``forward_intermediates`` lists them (its 0-based ``indices`` plus one): layer N of a ViT is the
+output of its N-th block (``blocks[N-1]``, before the final norm; the last block is layer
+``depth``, and ``tokens`` is that block's output after the final norm); layer N of a CNN is the
+N-th entry of its ``feature_info`` (timm's stage outputs, the stem first). See
+:func:`layer_levels`.
+
+Encoders from other packages register through the entry-point group ``featcache.encoders``
+(:data:`ENTRY_POINT_GROUP`): each entry point loads to an :class:`EncoderSpec`, or to a callable
+returning one or a list of them. They are loaded once, the first time the registry is consulted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +80,21 @@ class EncoderSpec:
     drop_modules: tuple[str, ...] = ()
 
     @property
+    def patch_size(self) -> int | None:
+        """A ViT's patch side in pixels (its kwargs, else its timm architecture name); None for a CNN."""
+        if self.kind != "vit":
+            return None
+        if "patch_size" in self.kwargs:
+            return int(self.kwargs["patch_size"])
+        m = re.search(r"patch(\d+)", self.arch)
+        return int(m[1]) if m else None
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per grid cell: the patch size of a ViT, the output stride of a CNN."""
+        return self.input_px // self.grid
+
+    @property
     def input_px(self) -> int:
         """Side of the encoder's input patch in pixels: 32 bins × px_per_bin."""
         return GEOMETRY.bins * self.px_per_bin
@@ -117,12 +144,141 @@ def _silu():
     return torch.nn.SiLU
 
 
-REGISTRY: dict[str, EncoderSpec] = {}
+ENTRY_POINT_GROUP = "featcache.encoders"
+BUILT_IN = "built-in"
+
+
+class Registry(dict):
+    """name -> EncoderSpec: the built-in entries, and those of installed packages' ``featcache.encoders`` entry
+    points, loaded once, the first time the registry is read (:meth:`load_plugins`). ``sources`` says where each
+    entry came from: ``built-in`` or the distribution's name and version."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources: dict[str, str] = {}
+        self._plugins_loaded = False
+
+    def add(self, spec: EncoderSpec, source: str = BUILT_IN) -> EncoderSpec:
+        dict.__setitem__(self, spec.name, spec)
+        self.sources[spec.name] = source
+        return spec
+
+    def load_plugins(self) -> None:
+        """Every ``featcache.encoders`` entry point, all or none: a broken plugin or a name clash is one
+        FeatcacheError naming the package (and the registry is tried again the next time it is read)."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True  # set first: a plugin that reads the registry while it loads sees the built-ins
+        try:
+            found = _plugin_specs(self)
+        except BaseException:
+            self._plugins_loaded = False
+            raise
+        for spec, source in found:
+            self.add(spec, source)
+
+    def source(self, name: str) -> str:
+        self.load_plugins()
+        return self.sources.get(name, BUILT_IN)
+
+    # every read goes through the plugins first
+    def __getitem__(self, key):
+        self.load_plugins()
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.load_plugins()
+        return super().__contains__(key)
+
+    def __iter__(self):
+        self.load_plugins()
+        return super().__iter__()
+
+    def __len__(self):
+        self.load_plugins()
+        return super().__len__()
+
+    def get(self, key, default=None):
+        self.load_plugins()
+        return super().get(key, default)
+
+    def keys(self):
+        self.load_plugins()
+        return super().keys()
+
+    def values(self):
+        self.load_plugins()
+        return super().values()
+
+    def items(self):
+        self.load_plugins()
+        return super().items()
+
+
+def _distribution(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else f"the module {ep.value.split(':')[0]}"
+
+
+def _plugin_specs(registry: Registry) -> list[tuple[EncoderSpec, str]]:
+    """(spec, source) of every entry point of the group, checked: specs, valid names, no clash."""
+    from importlib.metadata import entry_points
+
+    from featcache.stores.workspace import check_name
+
+    out: list[tuple[EncoderSpec, str]] = []
+    seen: dict[str, str] = {}
+    unique = {}  # a distribution found twice on sys.path (an install and a source folder) counts once
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        unique.setdefault((_distribution(ep).split(" ")[0], ep.name, ep.value), ep)
+    for ep in sorted(unique.values(), key=lambda e: (e.name, e.value)):
+        source = _distribution(ep)
+        where = f"entry point {ep.name!r} ({ep.value}) of {source} in group {ENTRY_POINT_GROUP!r}"
+        try:
+            obj = ep.load()
+            if not isinstance(obj, EncoderSpec) and callable(obj):
+                obj = obj()
+        except Exception as exc:  # noqa: BLE001 - a plugin fails in any way; we say which plugin
+            raise FeatcacheError(
+                f"encoder plugin {where} failed to load ({type(exc).__name__}: {exc}); fix or uninstall "
+                f"{source.split(' ')[0]}."
+            ) from exc
+        specs = [obj] if isinstance(obj, EncoderSpec) else list(obj) if isinstance(obj, (list, tuple)) else None
+        if specs is None or not specs or not all(isinstance(s, EncoderSpec) for s in specs):
+            raise FeatcacheError(
+                f"encoder plugin {where} gave {type(obj).__name__}, not an EncoderSpec, a list of them or a callable "
+                f"returning one; fix or uninstall {source.split(' ')[0]}."
+            )
+        for spec in specs:
+            try:
+                check_name(spec.name, "encoder")
+            except FeatcacheError as exc:
+                raise FeatcacheError(f"encoder plugin {where}: {exc}") from None
+            if spec.kind not in ("vit", "cnn"):
+                raise FeatcacheError(
+                    f"encoder plugin {where}: encoder {spec.name!r} has kind {spec.kind!r}, not 'vit' or 'cnn'."
+                )
+            if dict.__contains__(registry, spec.name):
+                raise FeatcacheError(
+                    f"encoder plugin {where} registers {spec.name!r}, a name featcache already has "
+                    f"({registry.sources.get(spec.name, BUILT_IN)}); the plugin must use another name."
+                )
+            if spec.name in seen:
+                raise FeatcacheError(
+                    f"encoder {spec.name!r} is registered twice: by {seen[spec.name]} and by {where}; "
+                    "uninstall one of them."
+                )
+            seen[spec.name] = where
+            out.append((spec, source))
+    return out
+
+
+REGISTRY = Registry()
 
 
 def register(spec: EncoderSpec) -> EncoderSpec:
-    REGISTRY[spec.name] = spec
-    return spec
+    """A built-in entry (other packages use the ``featcache.encoders`` entry point instead)."""
+    return REGISTRY.add(spec)
 
 
 register(
@@ -304,7 +460,7 @@ register(
         mean=(0.707223, 0.578729, 0.703617),
         std=(0.211883, 0.230117, 0.177517),
         hf_repo="bioptimus/H-optimus-1",
-        licence="other (academic research only; gated, see the model card)",
+        licence="other (research only; see card)",
         note="H-optimus-1, ViT-g/14 (DINOv2), 4 register tokens; same architecture and mean/std as H-optimus-0 (model"
         " card, TRIDENT's HOptimus1InferenceEncoder); pooled = cls (global_pool='token')",
     )
@@ -384,7 +540,7 @@ register(
             img_size=224, patch_size=14, embed_dim=48, depth=2, num_heads=3, reg_tokens=2, dynamic_img_size=True
         ),
         test_only=True,
-        licence="n/a (random weights)",
+        licence="n/a (random)",
         note="test-only: 2-block ViT/14, 2 register tokens",
     )
 )
@@ -398,7 +554,7 @@ register(
         pooled="mean",
         params=0.3727e6,
         test_only=True,
-        licence="project licence (demo weights pretrained here)",
+        licence="ours (demo weights)",
         note="test-only: timm's test_resnet, 14×14 map at 448 px",
     )
 )
@@ -422,30 +578,138 @@ def build_model(spec: EncoderSpec, device: str | torch.device = "cpu", **overrid
     return model.eval()
 
 
+def parse_layers(text: str | Iterable[int] | None) -> tuple[int, ...]:
+    """``--layers 16,24`` -> (16, 24): distinct block numbers counted from 1, ascending; None or "" -> ()."""
+    if text is None or text == "":
+        return ()
+    parts = [p.strip() for p in text.split(",") if p.strip()] if isinstance(text, str) else list(text)
+    if not parts and not isinstance(text, str):
+        return ()
+    try:
+        layers = [int(p) for p in parts]
+    except (TypeError, ValueError):
+        raise FeatcacheError(f"--layers {text!r}: write block numbers counted from 1, e.g. --layers 16,24.") from None
+    if not layers or any(n < 1 for n in layers) or any(isinstance(p, (bool, float)) for p in parts):
+        raise FeatcacheError(
+            f"--layers {text!r}: block numbers are counted from 1 (the first block is 1), e.g. --layers 16,24."
+        )
+    return tuple(sorted(set(layers)))
+
+
+def layer_name(layer: int | None) -> str:
+    """The feature store's array of a layer: ``tokens`` (the final grid) or ``tokens_<N>``."""
+    return "tokens" if layer is None else f"tokens_{layer}"
+
+
+def layer_levels(spec: EncoderSpec, model: torch.nn.Module | None = None) -> list[dict]:
+    """What ``--layers`` can name, in order (layer N is entry N-1): timm's ``feature_info`` of the network
+    (a ViT: one entry per block; a CNN: its stage outputs, the stem first), each with ``module``, ``num_chs``
+    and ``reduction``. ``model=None`` builds the network on the meta device (no memory, no weights)."""
+    model = model if model is not None else build_model(spec, "meta")
+    if not callable(getattr(model, "forward_intermediates", None)):
+        raise FeatcacheError(
+            f"encoder {spec.name!r} ({spec.arch}) has no timm forward_intermediates, so featcache cannot take "
+            "its intermediate layers; extract it without --layers."
+        )
+    info = getattr(model, "feature_info", None)
+    levels = list(info) if isinstance(info, (list, tuple)) else None
+    if not levels:
+        if spec.kind == "vit" and hasattr(model, "blocks"):
+            return [
+                {"module": f"blocks.{i}", "num_chs": spec.dim, "reduction": spec.stride}
+                for i in range(len(model.blocks))
+            ]
+        raise FeatcacheError(
+            f"encoder {spec.name!r} ({spec.arch}) does not list its feature levels (timm feature_info); "
+            "extract it without --layers."
+        )
+    return [dict(level) for level in levels]
+
+
+def _describe_levels(spec: EncoderSpec, levels: list[dict]) -> str:
+    if spec.kind == "vit":
+        return f"{len(levels)} blocks: --layers 1 to {len(levels)} ({len(levels)} is the last block, before the final norm)"
+    names = ", ".join(
+        f"{i} {lv['module']} (stride {lv['reduction']}, {lv['num_chs']} ch)" for i, lv in enumerate(levels, 1)
+    )
+    return f"{len(levels)} stage outputs: {names}"
+
+
+def check_layers(spec: EncoderSpec, layers: Iterable[int], model: torch.nn.Module | None = None) -> dict[int, dict]:
+    """Each asked layer's grid and width at the encoder's input size, after checking it against the network's
+    depth: {layer: {"grid": [h, w], "dim": channels, "module": timm's name}}; one clear error otherwise."""
+    layers = tuple(layers)
+    if not layers:
+        return {}
+    levels = layer_levels(spec, model)
+    bad = [n for n in layers if not 1 <= n <= len(levels)]
+    if bad:
+        raise FeatcacheError(
+            f"--layers {','.join(map(str, layers))}: encoder {spec.name!r} has {_describe_levels(spec, levels)}; "
+            f"{', '.join(map(str, bad))} is out of range (layers are counted from 1)."
+        )
+    out = {}
+    for n in layers:
+        lv = levels[n - 1]
+        side = [spec.grid, spec.grid] if spec.kind == "vit" else [-(-spec.input_px // int(lv["reduction"]))] * 2
+        out[n] = {"grid": side, "dim": spec.dim if spec.kind == "vit" else int(lv["num_chs"]), "module": lv["module"]}
+    return out
+
+
 class GridEncoder(torch.nn.Module):
     """Wraps a timm model: normalises uint8 NHWC input and returns (tokens, pooled).
 
     tokens: (batch, grid, grid, dim), row i / column j = bin (r0 + i, c0 + j) for a ViT/14;
-    pooled: (batch, pooled_dim) as each model's authors define it.
+    pooled: (batch, pooled_dim) as each model's authors define it. With ``layer`` (counted from 1, see the
+    module docstring), ``tokens`` is that layer's grid instead (what a run trained on ``tokens_<layer>``
+    reads), computed by a forward that stops after it; pooled is then None.
+    :meth:`features` returns the final grid, pooled and any layers' grids of one forward pass.
     """
 
-    def __init__(self, spec: EncoderSpec, model: torch.nn.Module):
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, layer: int | None = None):
         super().__init__()
         self.spec = spec
         self.model = model
+        self.layer = layer
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
         if spec.pre_activation:  # the grid before the final activation; pooled applies it (torchvision's forward)
             model.get_submodule(spec.pre_activation).act = torch.nn.Identity()
+        if layer is not None:
+            check_layers(spec, (layer,), model)
 
     @property
     def num_prefix_tokens(self) -> int:
         return int(getattr(self.model, "num_prefix_tokens", 0))
 
-    def forward(self, images_u8_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalise(self, images_u8_nhwc: torch.Tensor) -> torch.Tensor:
         x = images_u8_nhwc.permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
-        out = self.model.forward_features(x)
+        return (x - self.mean) / self.std
+
+    def forward(self, images_u8_nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._normalise(images_u8_nhwc)
+        if self.layer is not None:
+            (grid,) = self.model.forward_intermediates(
+                x, indices=[self.layer - 1], norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True
+            )
+            return grid.permute(0, 2, 3, 1), None
+        return self._grid_and_pooled(self.model.forward_features(x))
+
+    def features(
+        self, images_u8_nhwc: torch.Tensor, layers: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(tokens, pooled, [grid of each layer, ascending]) of one forward pass; the grids (batch, h, w, c)
+        are the blocks' (or stages') outputs, without the final norm, prefix tokens dropped by timm with the
+        model's own ``num_prefix_tokens``. Without layers this is ``forward`` and an empty list."""
+        x = self._normalise(images_u8_nhwc)
+        if not layers:
+            return (*self._grid_and_pooled(self.model.forward_features(x)), [])
+        out, grids = self.model.forward_intermediates(
+            x, indices=[n - 1 for n in sorted(layers)], norm=False, output_fmt="NCHW", intermediates_only=False
+        )
+        return (*self._grid_and_pooled(out), [g.permute(0, 2, 3, 1) for g in grids])
+
+    def _grid_and_pooled(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.spec.kind == "cnn":
             tokens = out.permute(0, 2, 3, 1)  # (B, H, W, C)
             pooled = (torch.relu(out) if self.spec.pre_activation else out).mean(dim=(2, 3))
@@ -463,3 +727,16 @@ class GridEncoder(torch.nn.Module):
             else:
                 pooled = patch.mean(dim=1)
         return tokens, pooled
+
+
+class LayerRunner(torch.nn.Module):
+    """``GridEncoder.features`` as a module's forward (what extraction compiles): (tokens, pooled, *grids)."""
+
+    def __init__(self, encoder: GridEncoder, layers: tuple[int, ...]):
+        super().__init__()
+        self.encoder = encoder
+        self.layers = tuple(layers)
+
+    def forward(self, images_u8_nhwc: torch.Tensor):
+        tokens, pooled, grids = self.encoder.features(images_u8_nhwc, self.layers)
+        return (tokens, pooled, *grids)

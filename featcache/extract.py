@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from featcache.device import resolve_device
-from featcache.encoders import REGISTRY, GridEncoder, get_spec
+from featcache.encoders import REGISTRY, GridEncoder, LayerRunner, check_layers, get_spec, parse_layers
 from featcache.errors import FeatcacheError
 from featcache.progress import progress
 from featcache.provenance import library_versions
 from featcache.stores import FeatureStore, Workspace
-from featcache.stores.features import DEFAULT_LAYOUT, chunk_patches_for, make_identity
+from featcache.stores.features import DEFAULT_LAYOUT, chunk_patches_for, layer_arrays, make_identity
 from featcache.stores.zarrio import DEFAULT_TOKEN_CODEC
 from featcache.streams import ChunkWriter, Prefetcher
 from featcache.weights import load_encoder, resolve_weights
@@ -110,8 +110,11 @@ class ExtractionConfig:
     codec: str = DEFAULT_TOKEN_CODEC
     layout: str = DEFAULT_LAYOUT
     chunk_patches: int | None = None  # patches per stored chunk; None: about 8 MB chunks
+    # intermediate layers also stored (tokens_<N>), counted from 1 as featcache/encoders.py says; () none
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "layers", parse_layers(self.layers))
         if self.precision not in PRECISIONS:
             raise FeatcacheError(f"--precision {self.precision!r}: use auto, bf16 or fp32.")
         if self.chunk_patches is not None and self.chunk_patches < 1:
@@ -171,7 +174,9 @@ def extract_each(
         )
     ExtractionRuntime(**runtime)  # a bad runtime choice is refused before weights are looked for
     for config in configs:
-        resolve_weights(get_spec(config.encoder), config.weights)
+        spec = get_spec(config.encoder)
+        check_layers(spec, config.layers)  # on the meta device: an impossible --layers is refused before any work
+        resolve_weights(spec, config.weights)
     results = []
     for config in configs:
         results.append(
@@ -219,6 +224,7 @@ def extract(
         model, prov = load_encoder(spec, source, dev)
     else:
         prov = {"weights": source.identity(), "found_via": "caller"}
+    layers = check_layers(spec, config.layers, model)
     identity = make_identity(
         spec=spec.describe(),
         weights=source.identity(),
@@ -228,6 +234,7 @@ def extract(
         prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)) if spec.kind == "vit" else 0,
         chunk=config.chunk_patches or chunk_patches_for(spec.grid, spec.dim),
         compute={"precision": precision, "autocast": precision == "bf16"},
+        layers=layers,
     )
     provenance = {
         **prov,
@@ -245,7 +252,7 @@ def extract(
     n_todo = sum(g.p1 - g.p0 for g in todo)
     seconds = 0.0
     if todo:
-        runner = GridEncoder(spec, model).to(dev).eval()
+        runner = LayerRunner(GridEncoder(spec, model), config.layers).to(dev).eval()
         job = _Extraction(
             torch.compile(runner) if rt.compile else runner,
             dev,
@@ -284,6 +291,12 @@ def _dataset_with_patches(ws: Workspace, dataset: str):
     for s in ds.samples:
         ds.check_chunks(s, ("image",))
     return ds
+
+
+def _layer_shapes(identity: dict) -> list[tuple[str, tuple[int, int, int]]]:
+    """(array name, (h, w, channels)) of each intermediate layer the store holds, ascending."""
+    out = [(name, (*v["grid"], v["dim"])) for name, v in layer_arrays(identity).items()]
+    return sorted(out, key=lambda item: int(item[0].rsplit("_", 1)[1]))
 
 
 class BufferPool:
@@ -326,6 +339,7 @@ class _Batch:
     pooled: torch.Tensor
     flags: torch.Tensor  # (non-finite count, beyond-float16 count)
     event: object
+    layers: tuple = ()  # pinned buffers of the intermediate layers' grids, in the order of _layer_shapes
 
 
 class _Extraction:
@@ -339,7 +353,9 @@ class _Extraction:
         self.readers, self.writers = readers, writers
         self.stop = threading.Event()
         self.images: dict = {}
-        self.outputs: dict = {}  # sample -> (tokens, pooled) arrays, opened once
+        self.outputs: dict = {}  # sample -> (tokens, pooled, *layer arrays), opened once
+        self.layer_names = [name for name, _ in _layer_shapes(store.identity)]
+        self.layer_shapes = dict(_layer_shapes(store.identity))
         self.in_pool: BufferPool | None = None
         self.out_pools: dict[str, BufferPool] = {}  # made once the first batch's output shapes are known
 
@@ -349,7 +365,10 @@ class _Extraction:
         # every chunk written is real data: no per-chunk "all fill value?" pass (a runtime setting that the
         # opened array does not inherit from create_array; on float16 it cost a third of a core)
         self.outputs = {
-            s: tuple(self.root[s][name].with_config({"write_empty_chunks": True}) for name in ("tokens", "pooled"))
+            s: tuple(
+                self.root[s][name].with_config({"write_empty_chunks": True})
+                for name in ("tokens", "pooled", *self.layer_names)
+            )
             for s in self.images
         }
         most = max(g.p1 - g.p0 for g in todo)
@@ -388,27 +407,46 @@ class _Extraction:
         n = g.p1 - g.p0
         x = host_in[:n].to(self.dev, non_blocking=True)
         self.in_pool.give(host_in, _event(self.cuda))  # reusable once the copy has finished
-        tokens, pooled = [], []
+        outs: list[list[torch.Tensor]] = []  # per output: tokens, pooled, then each layer's grid
         with (
             torch.inference_mode(),
             torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"),
         ):
-            for i in range(0, n, self.batch_size):
-                t, p = self.enc(x[i : i + self.batch_size])
-                tokens.append(t.float())
-                pooled.append(p.float())
-        tok, pol = torch.cat(tokens), torch.cat(pooled)
-        flags = torch.stack([(~torch.isfinite(tok)).sum() + (~torch.isfinite(pol)).sum(), (tok.abs() > FP16_MAX).sum()])
+            for i in range(0, n, self.batch_size):  # one forward pass gives the final grid and every layer's
+                got = self.enc(x[i : i + self.batch_size])
+                outs = outs or [[] for _ in got]
+                for part, t in zip(outs, got):
+                    part.append(t.float())
+        tok, pol, *grids = (torch.cat(part) for part in outs)
+        for name, grid in zip(self.layer_names, grids):
+            if tuple(grid.shape[1:]) != tuple(self.layer_shapes[name]):
+                raise RuntimeError(
+                    f"{name}: the encoder gave grids of {tuple(grid.shape[1:])}, the store's identity says "
+                    f"{tuple(self.layer_shapes[name])}"
+                )
+        grids_all = (tok, *grids)
+        flags = torch.stack(
+            [
+                sum((~torch.isfinite(t)).sum() for t in (*grids_all, pol)),
+                sum((t.abs() > FP16_MAX).sum() for t in grids_all),
+            ]
+        )
         if self.channel_first:  # transpose on the device, so the writers read contiguous memory
-            tok = tok.permute(0, 3, 1, 2)
-        tok = tok.half()
+            grids_all = tuple(t.permute(0, 3, 1, 2) for t in grids_all)
+        grids_all = tuple(t.half() for t in grids_all)
+        names = ("tokens", *self.layer_names)
         if not self.out_pools:
-            for name, t, dtype in (("tokens", tok, torch.float16), ("pooled", pol, torch.float32)):
+            for name, t, dtype in (
+                *((nm, t, torch.float16) for nm, t in zip(names, grids_all)),
+                ("pooled", pol, torch.float32),
+            ):
                 self.out_pools[name] = BufferPool(self.writers + 2, (most, *t.shape[1:]), dtype, self.cuda, self.stop)
-        tok_buf, pool_buf = self.out_pools["tokens"].take(), self.out_pools["pooled"].take()
-        tok_buf[:n].copy_(tok, non_blocking=self.cuda)
+        bufs = [self.out_pools[name].take() for name in names]
+        for buf, t in zip(bufs, grids_all):
+            buf[:n].copy_(t, non_blocking=self.cuda)
+        pool_buf = self.out_pools["pooled"].take()
         pool_buf[:n].copy_(pol, non_blocking=self.cuda)
-        return _Batch(g, tok_buf, pool_buf, flags.to("cpu", non_blocking=self.cuda), _event(self.cuda))
+        return _Batch(g, bufs[0], pool_buf, flags.to("cpu", non_blocking=self.cuda), _event(self.cuda), tuple(bufs[1:]))
 
     def write(self, b: _Batch) -> None:
         g, n = b.group, b.group.p1 - b.group.p0
@@ -422,15 +460,18 @@ class _Extraction:
                     f"and {overflow} beyond float16's range (±65504); nothing was stored for them. Check the weights, "
                     "or run with --precision fp32."
                 )
-            tok_arr, pool_arr = self.outputs[g.sample]
-            tok_np, k = b.tokens[:n].numpy(), tok_arr.chunks[0]
-            for c in g.chunks:  # chunk by chunk: zarr then encodes our buffer without copying it first
-                a, e = c * k, min((c + 1) * k, tok_arr.shape[0])
-                tok_arr[a:e] = tok_np[a - g.p0 : e - g.p0]
+            tok_arr, pool_arr, *layer_arrs = self.outputs[g.sample]
+            for arr, buf in ((tok_arr, b.tokens), *zip(layer_arrs, b.layers)):
+                tok_np, k = buf[:n].numpy(), arr.chunks[0]
+                for c in g.chunks:  # chunk by chunk: zarr then encodes our buffer without copying it first
+                    a, e = c * k, min((c + 1) * k, arr.shape[0])
+                    arr[a:e] = tok_np[a - g.p0 : e - g.p0]
             pool_arr[g.p0 : g.p1] = b.pooled[:n].numpy()
         finally:
             self.out_pools["tokens"].give(b.tokens)
             self.out_pools["pooled"].give(b.pooled)
+            for name, buf in zip(self.layer_names, b.layers):
+                self.out_pools[name].give(buf)
         for c in g.chunks:
             self.store.mark_done(g.sample, c)  # only now does the chunk count as done
 

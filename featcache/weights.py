@@ -443,24 +443,37 @@ def load_encoder(spec: EncoderSpec, source: WeightsSource, device="cpu") -> tupl
 
 
 def encoder_overview() -> list[dict]:
-    """Every registered encoder as ``featcache encoders`` lists it, with where its weights would be found now
-    (never downloading: a gated model's weights count as missing until they are on this machine)."""
+    """Every registered encoder as ``featcache encoders`` lists it (docs/design.md §4): patch size (a CNN: its
+    stride), pixels per bin, grid, token and pooled widths, parameters, licence, hub repository, whether its weights
+    are found on this machine now (never downloading: a gated model's weights count as missing until they are
+    here) and where the entry came from (``built-in``, or the plugin's distribution and version)."""
     rows = []
     for spec in REGISTRY.values():
         try:
-            weights = f"yes ({resolve_weights(spec, None, download=False).found_via})"
+            found = resolve_weights(spec, None, download=False).found_via
         except FeatcacheError:
-            weights = "random only" if spec.test_only else "no"
+            found = None
+        weights = f"yes ({found})" if found else "random only" if spec.test_only else "no"
         rows.append(
             {
                 "encoder": spec.name,
                 "arch": spec.arch,
+                "kind": spec.kind,
+                "patch_size": spec.patch_size,
+                "stride": spec.stride,
+                "px_per_bin": spec.px_per_bin,
+                "input_px": spec.input_px,
                 "params_m": round(spec.params / 1e6, 2),
                 "grid": f"{spec.grid}×{spec.grid}",
                 "dim": spec.dim,
                 "pooled": spec.pooled,
+                "pooled_dim": spec.pooled_dim,
+                "licence": spec.licence,
+                "hf_repo": spec.hf_repo,
                 "test_only": spec.test_only,
                 "weights": weights,
+                "weights_local": found is not None,
+                "source": REGISTRY.source(spec.name),
                 "note": spec.note,
             }
         )

@@ -51,7 +51,8 @@ def loocv(
             for e in encoders:
                 for seed in seeds:  # random-init features are drawn per seed: <encoder>-random[-s<seed>]
                     if not ws.feature_store(dataset, e, random=True, seed=seed).exists():
-                        random = ExtractionConfig(e, weights=f"random:{seed}")
+                        layers = (options["layer"],) if options.get("layer") else ()  # the run's layer too
+                        random = ExtractionConfig(e, weights=f"random:{seed}", layers=layers)
                         extract(dataset, random, workspace=ws, device=device, show_progress=show_progress)
         return run_loocv(
             dataset,

@@ -86,6 +86,13 @@ Target = Annotated[
 TensorBoardOpt = Annotated[
     bool, typer.Option("--tensorboard", help="Also write TensorBoard event files into each run folder (tensorboard/).")
 ]
+LayerOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Train on this intermediate layer of the feature store (tokens_N, from `featcache extract --layers N`; "
+        "counted from 1): a variant, runs *-layerN."
+    ),
+]
 Score = Annotated[
     str, typer.Option(help="Bins in loss and metrics: in-tissue (ours) or all-bins (the reference pipeline).")
 ]
@@ -114,6 +121,7 @@ def decoder(
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
+    layer: LayerOpt = None,
     name: Name = None,
     device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
@@ -148,6 +156,7 @@ def decoder(
             val_fraction=val_fraction,
             target=target,
             score=score,
+            layer=layer,
             name=name,
         )
         res = train_fold(

@@ -53,6 +53,7 @@ class TrainConfig:
     score: str = "in-tissue"  # bins in loss and metrics: in-tissue | all-bins (the reference pipeline)
     name: str | None = None  # a variant's name: runs/<dataset>/<encoder>/<run>-<name>/ beside the default run
     lr_grid: tuple[float, ...] | None = None  # an lr-grid trial: lr is one of these, chosen per fold on validation
+    layer: int | None = None  # cached runs: train on the store's tokens_<layer> (extract --layers), not the final grid
     # fine-tune mode only
     weights: str | None = None  # file, folder or random[:SEED]; recorded by identity, never by path
     encoder_lr: float = 1e-5
@@ -80,9 +81,10 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """The run folder's name: the mode, then what differs from the default protocol (fine-tuning from random
-        weights, decoder, control, target, scoring, augmentation), then the variant name (docs/design.md §7)."""
+        weights, an intermediate layer, decoder, control, target, scoring, augmentation), then the variant name (docs/design.md §7)."""
         parts = [
             self.mode,
+            f"layer{self.layer}" if self.layer is not None else None,
             "randomweights" if self.finetune and str(self.weights).startswith("random") else None,
             self.decoder if self.decoder != "unet" else None,
             self.control,
@@ -149,6 +151,14 @@ class TrainConfig:
                 )
         if self.seed < 0:
             raise FeatcacheError(f"--seed {self.seed}: must be 0 or more.")
+        if self.layer is not None:
+            if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+                raise FeatcacheError(f"--layer {self.layer}: a block number counted from 1 (as extract --layers).")
+            if self.finetune:
+                raise FeatcacheError(
+                    "--layer trains on an intermediate layer of a feature store (frozen or random mode); fine-tuning "
+                    "trains the whole encoder on its final grid."
+                )
         if not (math.isfinite(self.colour_jitter) and 0 <= self.colour_jitter < 1):
             raise FeatcacheError(f"--colour-jitter {self.colour_jitter}: must be at least 0 and below 1.")
         if self.augment and not self.finetune:
@@ -165,8 +175,10 @@ class TrainConfig:
         """config.json: the settings, descriptions of the fixed choices, the inputs' identity, its sha256."""
         settings = {k: v for k, v in asdict(self).items() if self.finetune or k not in FINETUNE_ONLY}
         settings.pop("weights", None)  # a path; the weights' identity is in ``inputs``
+        if self.layer is None:
+            settings.pop("layer")  # runs on the final grid keep the config (and hash) they always had
         if self.lr_grid is None:
-            settings.pop("lr_grid")  # runs without a grid keep the config (and hash) they always had
+            settings.pop("lr_grid")  # likewise runs without a grid
         else:
             settings["lr_grid"] = sorted(self.lr_grid)
         if self.finetune:

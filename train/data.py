@@ -25,7 +25,7 @@ import xarray as xr
 from featcache.errors import FeatcacheError
 from featcache.geometry import GEOMETRY
 from featcache.stores import Dataset, FeatureStore
-from featcache.stores.features import CHANNEL_FIRST, all_finite
+from featcache.stores.features import CHANNEL_FIRST, all_finite, token_dims
 from featcache.stores.zarrio import missing_chunks
 from featcache.streams import Prefetcher
 from train.config import BLOCK_BINS
@@ -47,7 +47,7 @@ class SampleArrays:
         sample = self.sample
         inputs = self.source
         if name == "tokens" and not inputs.images:
-            return inputs.store.read_error(sample, "tokens", idx, exc)
+            return inputs.store.read_error(sample, inputs.token_name, idx, exc)
         stored = {"tokens": "image", "library": "library_size"}.get(name, name)
         return inputs.dataset.read_error(sample, stored, idx, exc)
 
@@ -55,14 +55,16 @@ class SampleArrays:
 class FoldInputs:
     """A dataset's model inputs and targets, checked for consistency.
 
-    The inputs are the cached token grids of ``store``, or, with ``store=None`` (fine-tuning),
-    the image patches themselves.
+    The inputs are the cached token grids of ``store`` (its final ``tokens``, or with ``layer`` its
+    ``tokens_<layer>``), or, with ``store=None`` (fine-tuning), the image patches themselves.
     """
 
-    def __init__(self, dataset: Dataset, store: FeatureStore | None):
+    def __init__(self, dataset: Dataset, store: FeatureStore | None, layer: int | None = None):
         self.dataset = dataset
         self.meta = dataset.meta
         self.store = store
+        self.layer = layer
+        self.token_name = "tokens" if layer is None else f"tokens_{layer}"
         self.images = store is None
         self.identity = (
             {"source": "patches.zarr", "dataset_fingerprint": dataset.fingerprint}
@@ -88,7 +90,7 @@ class FoldInputs:
                         f"{store} and the targets of {s} list different patches; re-extract the "
                         "features with --overwrite."
                     )
-                x, chunk = f.tokens.transpose(*CHANNEL_FIRST), self.identity["chunk_patches"]
+                x, chunk = token_dims(f[self.token_name]).transpose(*CHANNEL_FIRST), self.identity["chunk_patches"]
             target_chunk = int(t.counts.encoding.get("chunks", (1,))[0])
             self.arrays[s] = SampleArrays(
                 x, t.counts, t.library_size, t.mask, t.origin.values, int(chunk), target_chunk, s, self
@@ -108,6 +110,7 @@ class FoldInputs:
                 f"feature store {store} is incomplete (chunks done: {missing}). Finish it by rerunning "
                 f"`{store.make_hint}`."
             )
+        store.check_layer(self.layer)
         if status.identity.get("dataset_fingerprint") != self.dataset.fingerprint:
             raise FeatcacheError(
                 f"feature store {store} was extracted from other patches than dataset {self.dataset.name!r} now holds "
@@ -117,6 +120,8 @@ class FoldInputs:
 
     @property
     def channels(self) -> int:
+        if self.layer is not None:
+            return int(self.identity["layers"][self.token_name]["dim"])
         return int(self.identity["dim"])
 
     def check_fold(self, fold: str) -> None:
@@ -273,8 +278,9 @@ def read_tokens(arrays: SampleArrays, sample: str, idx: np.ndarray) -> np.ndarra
         if store is not None:
             where = str(store.loc)
             if store.path is not None:  # a deleted chunk file reads as NaN (the fill value): name the file
-                files = missing_chunks(store.group("r")[sample]["tokens"], store.path / sample / "tokens")
-                gone = f" (chunk file(s) missing: {', '.join(f'{sample}/tokens/{k}' for k in files[:3])})" * bool(files)
+                name = arrays.source.token_name
+                files = missing_chunks(store.group("r")[sample][name], store.path / sample / name)
+                gone = f" (chunk file(s) missing: {', '.join(f'{sample}/{name}/{k}' for k in files[:3])})" * bool(files)
         raise FeatcacheError(
             f"non-finite features in sample {sample}, patches {bad[:5]}{' ...' if len(bad) > 5 else ''}{gone}. The "
             f"feature store is damaged: run `featcache verify --repair {where}`, then rerun `featcache extract`."

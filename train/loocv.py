@@ -36,9 +36,18 @@ def loocv_configs(
     lrs = sorted(grid) if grid else [options.pop("lr", TrainConfig.lr)]
     options.pop("lr", None)
     extra = {"lr_grid": tuple(sorted(grid))} if grid else {}
+    layer = options.pop("layer", None)  # cached runs only: fine-tune runs train the encoder's final grid
     return [
         TrainConfig.from_options(
-            dataset=dataset, encoder=e, mode=m, fold=f, seed=s, lr=lr, **extra, **options
+            dataset=dataset,
+            encoder=e,
+            mode=m,
+            fold=f,
+            seed=s,
+            lr=lr,
+            layer=None if m == "finetune" else layer,
+            **extra,
+            **options,
         ).validate()
         for e in encoders
         for m in modes
@@ -82,7 +91,7 @@ def run_loocv(
     stores = {(c.encoder, c.mode, c.seed if c.mode == "random" else 0): c for c in configs if not c.finetune}
     for (e, mode, seed), cfg in stores.items():
         store = ws.feature_store(dataset, e, mode == "random", seed)
-        check_store_mode(cfg, store, FoldInputs(ds, store).identity)
+        check_store_mode(cfg, store, FoldInputs(ds, store, cfg.layer).identity)
     runtime = {
         "device": device,
         "in_memory": in_memory,

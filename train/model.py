@@ -4,7 +4,8 @@ A frozen or random run trains the decoder (docs/design.md §5) alone on cached t
 trains :class:`EncoderDecoder`, encoder and decoder together, on uint8 image patches. :func:`load_run` turns
 either kind of finished run back into an :class:`EncoderDecoder` that takes image patches: the settings come
 from ``config.json``, the weights from ``checkpoint.pt``, and a frozen run's encoder weights must have the
-identity its feature cache recorded (docs/design.md §7).
+identity its feature cache recorded (docs/design.md §7). A run trained on an intermediate layer (``--layer``)
+gets an encoder whose grid is that layer's, computed by a forward that stops after it.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def load_run(run_dir: str | Path, weights: str | None = None, dev: torch.device 
         identity = f"fine-tuned in {run.path.name} from {config.get('encoder_weights')}"
     else:
         net, identity = _recorded_encoder(spec, config["features"]["identity"]["weights"], weights)
-        model = assemble(config["decoder"], int(ck["c_in"]), len(ck["genes"]), GridEncoder(spec, net), cached=True)
+        grid = GridEncoder(spec, net, layer=config.get("layer"))  # the grid the run was trained on
+        model = assemble(config["decoder"], int(ck["c_in"]), len(ck["genes"]), grid, cached=True)
         model.decoder.load_state_dict(ck["state_dict"])
     ids = config.get("gene_ids") or list(ck["genes"])
     return TrainedRun(

@@ -89,7 +89,7 @@ def _inputs(ws: Workspace, cfg: TrainConfig):
     ds = ws.open_dataset(cfg.dataset)
     random = cfg.mode == "random"
     store = None if cfg.finetune else ws.feature_store(cfg.dataset, cfg.encoder, random, cfg.seed if random else 0)
-    inputs = FoldInputs(ds, store)
+    inputs = FoldInputs(ds, store, cfg.layer)
     if store is not None:
         check_store_mode(cfg, store, inputs.identity)
     inputs.check_fold(cfg.fold)
@@ -114,7 +114,8 @@ def check_store_mode(cfg: TrainConfig, store, identity: dict) -> None:
             f"feature store {store.name!r} holds {weights} features, but a seed-{cfg.seed} random-init run reads "
             f"random:{cfg.seed} ones (the random encoder is drawn per seed). Make them with "
             f"`featcache extract --dataset {cfg.dataset} --encoder {cfg.encoder} --weights random:{cfg.seed} "
-            "--overwrite` (`train loocv` extracts missing ones itself)."
+            + (f"--layers {cfg.layer} " if cfg.layer is not None else "")
+            + "--overwrite` (`train loocv` extracts missing ones itself)."
         )
 
 

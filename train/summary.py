@@ -270,6 +270,7 @@ def _entry(folds: list) -> dict:
         "run": cfg0["run"],
         "frozen": mode != "finetune",
         "default_protocol": cfg0["run"] == mode,
+        **({"layer": cfg0["layer"]} if cfg0.get("layer") is not None else {}),  # trained on tokens_<layer>
         "seeds": seeds,
         "fold_results": fold_results,
     }

@@ -4,13 +4,16 @@
 
     zarr.json                root attributes: ``identity`` (what determines the values) and ``provenance``
     <sample>/tokens          float16, (patch, channel, row, col) by default; NaN where not yet written
-    <sample>/pooled          float32 (patch, channel), (patch, pooled_channel) where pooled is cls ⊕ mean
+    <sample>/tokens_<N>      float16, as ``tokens``: the grid after block N (``extract --layers N``), only when asked
+    <sample>/pooled          float32 (patch, channel); (patch, pooled_channel) where its width is not the tokens'
     <sample>/origin          int32 (patch, axis), copied from the dataset's patches.zarr
     <sample>/_done/<chunk>   empty marker, written after the chunk's tokens and pooled are stored
 
 The identity names the encoder and its kwargs, the weights (sha256 or ``random:<seed>``), input
 size, normalisation, stored dtype, compute precision, prefix tokens dropped, geometry, dataset
-fingerprint, layout, codec and chunking. A store is created by writing its root ``zarr.json``
+fingerprint, layout, codec and chunking, and (only when ``--layers`` was given) the intermediate
+layers it holds: ``layers`` = {"tokens_<N>": {"layer": N, "grid": [h, w], "dim": c, "module": timm's name}}. A store
+extracted with other layers is another identity: adding a layer means ``--overwrite`` (or another ``--output``). A store is created by writing its root ``zarr.json``
 with the identity in one exclusive step, so a folder either is a featcache store (it has the
 identity) or is not one; only the former is ever resumed or removed. A chunk counts as done
 only once its marker exists.
@@ -77,9 +80,19 @@ def chunk_patches_for(grid: int, dim: int) -> int:
 
 
 def make_identity(
-    *, spec: dict, weights: str, prefix_tokens: int, dataset: dict, chunk: int, compute: dict, codec: str, layout: str
+    *,
+    spec: dict,
+    weights: str,
+    prefix_tokens: int,
+    dataset: dict,
+    chunk: int,
+    compute: dict,
+    codec: str,
+    layout: str,
+    layers: dict[int, dict] | None = None,
 ) -> dict:
-    """Everything that determines a store's values (``spec`` is the encoder's ``describe()``)."""
+    """Everything that determines a store's values (``spec`` is the encoder's ``describe()``; ``layers`` the
+    intermediate layers' shapes, ``encoders.check_layers``: absent when none, so older stores keep their identity)."""
     if codec not in TOKEN_CODECS:
         raise FeatcacheError(f"unknown codec {codec!r}; one of {', '.join(TOKEN_CODECS)}.")
     if layout not in LAYOUTS:
@@ -101,16 +114,55 @@ def make_identity(
                 "dataset": dataset["dataset"],
                 "dataset_fingerprint": dataset["fingerprint"],
                 "samples": {s: v["n_patches"] for s, v in dataset["samples"].items()},
+                **(
+                    {"layers": {f"tokens_{n}": {"layer": n, **shape} for n, shape in sorted(layers.items())}}
+                    if layers
+                    else {}
+                ),
             }
         )
     )
 
 
+def layer_arrays(identity: dict) -> dict[str, dict]:
+    """The store's intermediate-layer arrays: {"tokens_<N>": {"layer", "grid", "dim", "module"}}; {} when none."""
+    return dict(identity.get("layers") or {})
+
+
+def stored_layers(identity: dict) -> list[int]:
+    return [int(v["layer"]) for v in layer_arrays(identity).values()]
+
+
+def array_dims(identity: dict, name: str) -> tuple[str, ...]:
+    """The dimension names of a token-grid array: the layout's, except that a layer whose grid or width is not the
+    final grid's (a CNN's earlier stage) names those dimensions ``<dim>_<N>`` (one xarray Dataset has one size per
+    dimension name). :func:`token_dims` names them back."""
+    dims = tuple(identity["layout"])
+    if name == "tokens":
+        return dims
+    grids = token_arrays(identity)
+    (h, w), c = grids[name]
+    (h0, w0), c0 = grids["tokens"]
+    own, final = {"row": h, "col": w, "channel": c}, {"row": h0, "col": w0, "channel": c0}
+    layer = layer_arrays(identity)[name]["layer"]
+    return tuple(d if d == "patch" or own[d] == final[d] else f"{d}_{layer}" for d in dims)
+
+
+def token_dims(arr: xr.DataArray) -> xr.DataArray:
+    """A layer's grid with the plain dimension names (patch, channel, row, col), whatever the store called them."""
+    return arr.rename({d: re.sub(r"_\d+$", "", d) for d in arr.dims if re.fullmatch(r"(row|col|channel)_\d+", d)})
+
+
+def token_arrays(identity: dict) -> dict[str, tuple[list[int], int]]:
+    """Every token-grid array: name -> (grid [h, w], channels); ``tokens`` first."""
+    out = {"tokens": (list(identity["grid"]), int(identity["dim"]))}
+    out.update({name: (list(v["grid"]), int(v["dim"])) for name, v in layer_arrays(identity).items()})
+    return out
+
+
 def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes]:
     """The files of an empty store of this identity (all but the root zarr.json): relative path -> bytes."""
     chunk, dims = identity["chunk_patches"], tuple(identity["layout"])
-    sizes = {"row": identity["grid"][0], "col": identity["grid"][1], "channel": identity["dim"]}
-    shape = [sizes[d] for d in dims[1:]]
     pooled_dim = 2 * identity["dim"] if identity["pooled"] == "cls+mean" else identity["dim"]
     # xarray needs one size per dimension name: a pooled vector wider than a token (cls ⊕ mean) has its own.
     pooled_dims = ("patch", "channel" if pooled_dim == identity["dim"] else "pooled_channel")
@@ -118,17 +170,20 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
         root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         for sample, n in identity["samples"].items():
             g = root.create_group(sample)
-            create_array(
-                g,
-                "tokens",
-                shape=(n, *shape),
-                chunks=(chunk, *shape),
-                dtype="float16",
-                dims=dims,
-                fill_value=float("nan"),
-                attributes={"coordinates": "origin"},
-                codec=identity["codec"],
-            )
+            for name, (grid, dim) in token_arrays(identity).items():  # every grid: one layout, dtype and chunking
+                sizes = {"row": grid[0], "col": grid[1], "channel": dim}
+                shape = [sizes[d] for d in dims[1:]]
+                create_array(
+                    g,
+                    name,
+                    shape=(n, *shape),
+                    chunks=(chunk, *shape),
+                    dtype="float16",
+                    dims=array_dims(identity, name),
+                    fill_value=float("nan"),
+                    attributes={"coordinates": "origin"},
+                    codec=identity["codec"],
+                )
             create_array(
                 g,
                 "pooled",
@@ -147,6 +202,11 @@ def _skeleton(identity: dict, origins: dict[str, np.ndarray]) -> dict[str, bytes
             for p in sorted(base.rglob("*"))
             if p.is_file() and p.relative_to(base) != Path("zarr.json")
         }
+
+
+def _layers_text(identity: dict) -> str:
+    layers = stored_layers(identity)
+    return f"intermediate layers {', '.join(map(str, layers))}" if layers else "no intermediate layers"
 
 
 def _n_chunks(identity: dict, sample: str) -> int:
@@ -291,6 +351,14 @@ class FeatureStore:
                     "Choose another --output."
                 )
             if old != identity:
+                if not overwrite and old.get("layers") != identity.get("layers"):
+                    raise FeatcacheError(
+                        f"feature store {self.loc} holds {_layers_text(old)}, and this extraction asks for "
+                        f"{_layers_text(identity)}. The layers are part of a store's identity: pass --overwrite to "
+                        "extract the store again with these layers (every array is recomputed), give the store's "
+                        f"own --layers to resume it ({','.join(map(str, stored_layers(old))) or 'none'}), or write "
+                        "elsewhere with --output."
+                    )
                 if not overwrite:
                     diff = "; ".join(_differences(old, identity)[:3])
                     raise FeatcacheError(
@@ -417,7 +485,7 @@ class FeatureStore:
         store = zarr_store(self.loc.raw, self.loc.storage_options, read_only=True)
         return xr.open_zarr(store, group=sample, consolidated=False, mask_and_scale=False)
 
-    def tokens(self, sample: str, order=CHANNEL_FIRST) -> xr.DataArray:
+    def tokens(self, sample: str, order=CHANNEL_FIRST, layer: int | None = None) -> xr.DataArray:
         """One sample's token grids, lazily (Dask-backed).
 
         Parameters
@@ -426,13 +494,28 @@ class FeatureStore:
         order : tuple of str
             Dimension order wanted, e.g. ``("patch", "row", "col", "channel")``; the stored order is
             read whichever this is (xarray transposes lazily).
+        layer : int, optional
+            An intermediate layer the store was extracted with (``tokens_<layer>``); None: the final grid.
 
         Returns
         -------
         xarray.DataArray
             float16 token grids with the patch origins as a coordinate.
         """
-        return self.open_sample(sample).tokens.transpose(*order)
+        self.check_layer(layer)
+        name = "tokens" if layer is None else f"tokens_{layer}"
+        return token_dims(self.open_sample(sample)[name]).transpose(*order)
+
+    def check_layer(self, layer: int | None, hint: str | None = None) -> None:
+        """Refuse a layer the store was not extracted with, naming the command that extracts it."""
+        if layer is None or f"tokens_{layer}" in layer_arrays(self.identity):
+            return
+        have = stored_layers(self.identity)
+        make = self.make_hint + f" --layers {','.join(map(str, sorted({*have, layer})))} --overwrite"
+        raise FeatcacheError(
+            f"feature store {self.loc} has no layer {layer} (tokens_{layer}); it holds "
+            f"{_layers_text(self.identity)}. Extract it with `{hint or make}`."
+        )
 
     def read_error(self, sample: str, name: str, idx, exc: Exception) -> FeatcacheError:
         """The error for a damaged chunk of this store, naming the store, array and chunk, and the repair."""
@@ -470,7 +553,7 @@ class FeatureStore:
                 report.problems.append(f"{sample}: group missing")
                 continue
             done = self.done_chunks(sample)
-            for name in ("tokens", "pooled"):
+            for name in ("tokens", *layer_arrays(ident), "pooled"):
                 if name not in root[sample]:
                     report.problems.append(f"{sample}/{name}: array missing (extract the store again with --overwrite)")
                     continue
@@ -499,8 +582,13 @@ class FeatureStore:
             report.problems.append(f"{sample}/origin: shape {origin.shape}, identity says {(n, 2)} ({fix})")
 
     def _verify_array(self, report, arr, sample, name, n, chunk, done, ident) -> None:
-        sizes = {"row": ident["grid"][0], "col": ident["grid"][1], "channel": ident["dim"]}
-        expect = (n, *(sizes[d] for d in ident["layout"][1:])) if name == "tokens" else (n,)
+        grids = token_arrays(ident)
+        if name in grids:
+            (h, w), dim = grids[name]
+            sizes = {"row": h, "col": w, "channel": dim}
+            expect = (n, *(sizes[d] for d in ident["layout"][1:]))
+        else:
+            expect = (n,)
         if arr.shape[: len(expect)] != tuple(expect):
             report.problems.append(f"{sample}/{name}: shape {arr.shape}, identity says {tuple(expect)}")
             return
