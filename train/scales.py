@@ -57,12 +57,21 @@ def _blocks(a: np.ndarray, k: int) -> np.ndarray:
     return a.reshape(*lead, r // k, k, c // k, k).sum(axis=(-3, -1))
 
 
+def _scaled(transform, log: np.ndarray) -> np.ndarray:
+    """The run's z-score (or none) in float64: a prediction that varies little across blocks keeps its digits."""
+    if not transform.zscored:
+        return log
+    return (log - transform.mean[None, :, None, None]) / transform.std[None, :, None, None]
+
+
 def coarse_truth(counts: np.ndarray, library: np.ndarray, mask: np.ndarray, transform, k: int) -> np.ndarray:
-    """Target-space truth of k × k blocks: counts and library sizes summed over the block's scored bins, transformed."""
+    """Target-space truth of k × k blocks: counts and library sizes summed over the block's scored bins, then the
+    run's transform (train.data.target_values' formula, in float64)."""
     m = mask.astype(np.int64)
-    c = _blocks(counts.astype(np.int64) * m[:, None], k)
+    c = _blocks(counts.astype(np.int64) * m[:, None], k).astype(np.float64)
     lib = _blocks(np.asarray(library, dtype=np.float64) * m, k)
-    return transform(c, lib)
+    log = np.log1p(c) if transform.kind == "log1p-counts" else np.log1p(c * (1e4 / np.maximum(lib, 1.0))[:, None])
+    return _scaled(transform, log)
 
 
 def coarse_prediction(pred: np.ndarray, mask: np.ndarray, transform, k: int) -> np.ndarray:
@@ -77,7 +86,7 @@ def coarse_prediction(pred: np.ndarray, mask: np.ndarray, transform, k: int) -> 
         n = _blocks(mask.astype(np.float64), k)[:, None]
         with np.errstate(invalid="ignore", divide="ignore"):
             value = np.log1p(np.where(n > 0, total / np.maximum(n, 1), 0.0))
-    return transform.scale(value.astype(np.float32)) if transform.zscored else value.astype(np.float32)
+    return _scaled(transform, value)
 
 
 def _averaged(pred: np.ndarray, origins: np.ndarray, samples: np.ndarray) -> np.ndarray:
