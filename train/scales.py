@@ -10,8 +10,8 @@ Every head (unet, linear, ridge) reports them beside the 8 µm metrics, from the
   patch. The truth is the block's raw counts summed over its scored bins (and their library sizes
   summed), then the run's own target transform (CP10k, log1p, the z-score with the training
   patients' 8 µm statistics: a per-gene affine map, so it changes no Pearson r). The prediction:
-  each bin's prediction is taken back to expression (``expm1`` of the un-z-scored value, clipped at
-  0: CP10k for ``log1p-cp10k``, counts for ``log1p-counts``), aggregated over the block's scored
+  each bin's prediction is taken back to expression (``expm1`` of the un-z-scored value, clipped to
+  [0, e^80]: CP10k for ``log1p-cp10k``, counts for ``log1p-counts``), aggregated over the block's scored
   bins as the truth aggregates them (counts: summed; CP10k: averaged, the unweighted mean because
   the prediction may not use the measured library sizes), then transformed again. A block counts
   when it holds a scored bin; where patches overlap each block counts once, with predictions
@@ -30,6 +30,7 @@ from train.metrics import columnwise_pearson, per_gene_pearson
 
 FACTORS = {"pcc_gene_16um": 2, "pcc_gene_32um": 4}  # bins per block side (8 µm bins)
 PATCH_UM = 256  # a patch is 32 × 32 bins of 8 µm: the scale of pcc_gene_patch
+MAX_LOG = 80.0  # predictions are taken back to expression with expm1 of at most this (finite sums in float64)
 
 
 def _nanmean(v) -> float:
@@ -78,7 +79,8 @@ def coarse_prediction(pred: np.ndarray, mask: np.ndarray, transform, k: int) -> 
     """Target-space prediction of k × k blocks: per-bin expression (CP10k or counts) aggregated as the truth is."""
     z = pred.astype(np.float64)
     log = z * transform.std[None, :, None, None] + transform.mean[None, :, None, None] if transform.zscored else z
-    expr = np.maximum(np.expm1(log), 0.0) * mask[:, None]
+    # clipped to [0, e^80]: a wild prediction (a ridge head extrapolating far) stays finite, and unscored bins are 0
+    expr = np.where(mask[:, None], np.maximum(np.expm1(np.minimum(log, MAX_LOG)), 0.0), 0.0)
     total = _blocks(expr, k)
     if transform.kind == "log1p-counts":
         value = np.log1p(total)
