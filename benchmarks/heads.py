@@ -31,7 +31,7 @@ HEADS = {  # label -> TrainConfig options
     "linear": {"decoder": "linear"},
     "unet": {"decoder": "unet"},
 }
-METRICS = ("pcc_gene", "pcc_gene_16um", "pcc_gene_32um", "pcc_gene_patch", "pcc_global", "mse")
+METRICS = ("pcc_gene", "pcc_gene_16um", "pcc_gene_32um", "pcc_gene_patch", "pearson_r", "mse")
 
 
 def prepare_demo(ws: Workspace, encoder: str, device: str) -> None:
@@ -94,7 +94,8 @@ def main() -> None:
             "run": key,
             "encoder": args.encoder,
             "epochs": args.epochs if HEADS[label]["decoder"] != "ridge" else None,
-            "loocv_seconds": seconds[label],
+            "loocv_seconds": seconds[label],  # this invocation's (finished folds are reused)
+            "fold_seconds": _fold_seconds(ws, r),
             "device": args.device,
             "alpha_per_fold": {f: e["per_seed"][0].get("ridge_alpha") for f, e in r["fold_results"].items()},
             **{m: {"mean": r[m]["mean"], "std": r[m]["std"]} for m in METRICS},
@@ -107,6 +108,21 @@ def main() -> None:
             args.figure.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(tmp) / "pcc_vs_bin_size.png", args.figure)
         print(f"figure: {args.figure}")
+
+
+def _fold_seconds(ws: Workspace, run: dict) -> dict:
+    """Per fold, the seconds its run folder records: the ridge fit and scoring, or the sum of the epochs."""
+    import json
+
+    out = {}
+    for fold, f in run["fold_results"].items():
+        folder = ws.root / f["run_dir"]
+        log = folder / "log.jsonl"
+        if log.is_file():
+            out[fold] = round(sum(json.loads(line)["seconds"] for line in log.read_text().splitlines() if line), 1)
+        else:
+            out[fold] = json.loads((folder / "metrics.json").read_text())["ridge"]["seconds"]
+    return out
 
 
 def _run_name(head: dict) -> str:
