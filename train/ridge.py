@@ -217,12 +217,12 @@ def fit_ridge_fold(cfg: TrainConfig, record: dict, run, inputs) -> dict:
     t0 = time.perf_counter()
     train = inputs.train_samples(cfg.fold)
     whole = {s: np.arange(len(inputs.arrays[s].origin)) for s in inputs.samples}
-    targets = {s: load_targets(inputs.arrays[s], whole[s]) for s in train}
-    transform = TargetTransform.fit(targets.values(), cfg.target)  # the training patients' bins, as every head
+    # the training patients' bins, as every head, one section in memory at a time
+    transform = TargetTransform.fit((load_targets(inputs.arrays[s], whole[s]) for s in train), cfg.target)
     every = cfg.score == "all-bins"
     xs, ys, origins, patients = [], [], [], []
     for s in train:
-        counts, library, mask = targets[s]
+        counts, library, mask = load_targets(inputs.arrays[s], whole[s])
         scored = np.ones(mask.shape, bool) if every else mask.astype(bool)
         keep = scored.reshape(len(scored), -1).any(axis=1)  # a patch without a scored bin has no patch mean
         xs.append(patch_features(inputs, s)[keep])

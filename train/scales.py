@@ -30,6 +30,7 @@ from train.metrics import columnwise_pearson, per_gene_pearson
 
 FACTORS = {"pcc_gene_16um": 2, "pcc_gene_32um": 4}  # bins per block side (8 µm bins)
 PATCH_UM = 256  # a patch is 32 × 32 bins of 8 µm: the scale of pcc_gene_patch
+CHUNK = 256  # patches per step of the coarse scores
 MAX_LOG = 80.0  # predictions are taken back to expression with expm1 of at most this (finite sums in float64)
 
 
@@ -128,8 +129,16 @@ def scale_scores(pred, counts, library, mask, origins, samples, transform) -> di
     out = {"pcc_gene_patch": _nanmean(r), "n_patches_scored": int(mask.reshape(len(mask), -1).any(axis=1).sum())}
     averaged = _averaged(np.asarray(pred, np.float32), origins, samples)
     for name, k in FACTORS.items():
-        truth = coarse_truth(counts, library, mask, transform, k)
-        guess = coarse_prediction(averaged, mask, transform, k)
+        parts = []  # in chunks of patches: the float64 bin-level intermediates stay small
+        for a in range(0, len(mask), CHUNK):
+            b = slice(a, a + CHUNK)
+            parts.append(
+                (
+                    coarse_prediction(averaged[b], mask[b], transform, k),
+                    coarse_truth(counts[b], library[b], mask[b], transform, k),
+                )
+            )
+        guess, truth = (np.concatenate([p[i] for p in parts]) for i in range(2))
         scored = (_blocks(mask.astype(np.int64), k) > 0) & _first_blocks(origins, samples, k, mask.shape[-1])
         out[name] = _nanmean(per_gene_pearson(guess, truth, scored))
         out[f"n_blocks_{name.rsplit('_', 1)[1]}"] = int(scored.sum())
