@@ -119,7 +119,8 @@ def _key_metric(res: dict) -> str:
 
 
 def comparison_figures(results_path, out: Path, params: dict[str, float] | None = None) -> list[Path]:
-    """encoder_comparison, encoder_comparison_grouped, encoder_simple, params_vs_pcc, per_fold_consistency."""
+    """encoder_comparison, encoder_comparison_grouped, encoder_simple, params_vs_pcc, per_fold_consistency,
+    pcc_vs_bin_size."""
     with _style():
         res = load_results(results_path)
         key = _key_metric(res)
@@ -145,6 +146,7 @@ def comparison_figures(results_path, out: Path, params: dict[str, float] | None 
         written += _all_runs(runs, key, out)
         written += _params(main, encoders, key, out, params)
         written += _per_fold(runs, key, out)
+        written += bin_size_figure(runs, out)
         return written
 
 
@@ -254,6 +256,49 @@ def _per_fold(runs: dict, key: str, out: Path) -> list[Path]:
     ax.set_title("Per-fold consistency")
     _legend_outside(ax)
     return _save(fig, out, "per_fold_consistency")
+
+
+# PCC at each scale: the 8 µm bin, 2 × 2 and 4 × 4 blocks, and the whole patch (HEST-Benchmark's unit)
+SCALES = (("pcc_gene", 8), ("pcc_gene_16um", 16), ("pcc_gene_32um", 32), ("pcc_gene_patch", 256))
+
+
+def bin_size_figure(runs: dict, out: Path) -> list[Path]:
+    """pcc_gene against bin size (8, 16, 32 µm and the 256 µm patch) per run, mean ± std over folds."""
+    fig, ax = _figure(6.5, 3.8)
+    drawn = 0
+    for i, (name, r) in enumerate(sorted(runs.items())):
+        vals = [_metric(r, k) for k, _ in SCALES]
+        if not np.isfinite([v for v, _ in vals[1:]]).any():
+            continue  # a run scored before the coarse scales existed
+        ax.errorbar(
+            [um for _, um in SCALES],
+            [v for v, _ in vals],
+            yerr=[sd for _, sd in vals],
+            marker="o",
+            capsize=3,
+            label=name,
+            color=OKABE_ITO[i % len(OKABE_ITO)],
+            ls="--" if r.get("mode") == "random" else "-",
+        )
+        drawn += 1
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([um for _, um in SCALES], ["8 µm", "16 µm", "32 µm", "patch\n(256 µm, HEST)"])
+    ax.minorticks_off()
+    ax.set_xlabel("bin size (counts pooled before the transform)")
+    ax.set_ylabel(LABELS["pcc_gene"])
+    ax.set_title("PCC against bin size")
+    if drawn:
+        _legend_outside(ax)
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no run reports 16 / 32 µm scores yet\n(train the runs again)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    return _save(fig, out, "pcc_vs_bin_size")
 
 
 def spatial_figures(

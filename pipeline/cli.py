@@ -30,6 +30,7 @@ from featcache.cli_common import (
 )
 from train import cli as train_cli
 from train.cli import (
+    AlphaOpt,
     Batch,
     DecoderOpt,
     EncoderLr,
@@ -177,6 +178,7 @@ def loocv(
     micro_batch: MicroBatch = _default("micro_batch"),
     dataset: DatasetOpt = "demo",
     decoder_kind: DecoderOpt = _default("decoder"),
+    alpha: AlphaOpt = None,
     jobs: Annotated[
         int,
         typer.Option(
@@ -233,6 +235,7 @@ def loocv(
 
     options = dict(
         decoder=decoder_kind,
+        alpha=alpha,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,

@@ -67,7 +67,19 @@ ValFrac = Annotated[
 ]
 InMemory = Annotated[str, typer.Option(help="auto (load the training set when it fits 40 % of RAM), yes, no.")]
 DecoderOpt = Annotated[
-    str, typer.Option("--decoder", help="unet (Img2ST-Net MiniUNet) or linear (per-token 1×1 baseline).")
+    str,
+    typer.Option(
+        "--decoder",
+        help="unet (Img2ST-Net MiniUNet), linear (per-token 1×1 baseline) or ridge (HEST-Benchmark's head: "
+        "pooled embedding → PCA → ridge, fitted in closed form; no epochs).",
+    ),
+]
+AlphaOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Ridge head only: cv (inner leave-one-patient-out over a grid, the default), hest (HEST-Benchmark's "
+        "fixed 100 / (components × genes)) or a number."
+    ),
 ]
 Weights = Annotated[
     Optional[str], typer.Option(help="Pretrained weights of fine-tune runs (file, folder), or random[:SEED].")
@@ -110,6 +122,7 @@ def decoder(
         str, typer.Option(help="frozen (pretrained features) or random (random-init features).")
     ] = "frozen",
     decoder_kind: DecoderOpt = _default("decoder"),
+    alpha: AlphaOpt = None,
     control: Annotated[
         Optional[str], typer.Option(help="'shuffled': train on targets shuffled across patches (a control).")
     ] = None,
@@ -148,6 +161,7 @@ def decoder(
             fold=fold,
             mode=mode,
             decoder=decoder_kind,
+            alpha=alpha,
             control=control,
             epochs=epochs,
             batch_size=batch_size,
@@ -172,8 +186,14 @@ def _report(encoder: str, fold: str, res) -> None:
     ceil = (m.get("noise_ceiling") or {}).get("pcc_gene")
     out.print(
         f"{encoder} {m['run']} fold {fold}{' (already done)' if res.reused else ''}: pcc_gene {m['pcc_gene']:.3f}, "
-        f"pcc_global {m['pcc_global']:.3f}, ssim {m['ssim_st']:.3f}, mse {m['mse']:.3f} "
-        f"(epoch {m['selected_epoch']}; per-gene-mean mse {m['baselines']['per_gene_mean']['mse']:.3f}"
+        f"pcc_global {m['pcc_global']:.3f}, ssim {m['ssim_st']:.3f}, mse {m['mse']:.3f}"
+        + (f", pcc_gene_patch {m['pcc_gene_patch']:.3f}" if m.get("pcc_gene_patch") is not None else "")
+        + (
+            f" (ridge α {m['ridge']['alpha']:.4g}, {m['ridge']['alpha_rule']}"
+            if m.get("ridge")
+            else f" (epoch {m['selected_epoch']}"
+        )
+        + f"; per-gene-mean mse {m['baselines']['per_gene_mean']['mse']:.3f}"
         + (f"; noise ceiling pcc_gene {ceil:.3f}" if ceil is not None else "")
         + ")",
         soft_wrap=True,

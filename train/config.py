@@ -17,7 +17,7 @@ from featcache.stores import check_name
 from featcache.stores.runs import config_digest
 
 MODES = ("frozen", "random", "finetune")
-DECODERS = ("unet", "linear")
+DECODERS = ("unet", "linear", "ridge")  # ridge: HEST-Benchmark's patch-level head (train/ridge.py)
 CONTROLS = ("shuffled",)
 TARGETS = ("log1p-cp10k", "log1p-counts")  # ours (z-scored per gene) | the reference pipeline's
 SCORES = ("in-tissue", "all-bins")  # ours | the reference pipeline's (every bin of the patch)
@@ -31,6 +31,7 @@ SCORE_TEXT = {
     "in-tissue": "in-tissue bins only (loss, selection and metrics)",
     "all-bins": "every bin of each patch, in tissue or not (the reference pipeline's scoring)",
 }
+RIDGE_UNUSED = ("epochs", "batch_size", "lr", "lr_grid", "control")  # options the ridge head has no use for
 FINETUNE_ONLY = ("weights", "encoder_lr", "micro_batch", "grad_checkpointing", "augment", "colour_jitter")
 
 
@@ -54,6 +55,8 @@ class TrainConfig:
     name: str | None = None  # a variant's name: runs/<dataset>/<encoder>/<run>-<name>/ beside the default run
     lr_grid: tuple[float, ...] | None = None  # an lr-grid trial: lr is one of these, chosen per fold on validation
     layer: int | None = None  # cached runs: train on the store's tokens_<layer> (extract --layers), not the final grid
+    alpha: str | None = None  # ridge only: "cv" (inner leave-one-patient-out over ALPHA_GRID, the default), "hest"
+    # (HEST-Benchmark's fixed 100 / (components × genes)) or a positive number
     # fine-tune mode only
     weights: str | None = None  # file, folder or random[:SEED]; recorded by identity, never by path
     encoder_lr: float = 1e-5
@@ -87,6 +90,7 @@ class TrainConfig:
             f"layer{self.layer}" if self.layer is not None else None,
             "randomweights" if self.finetune and str(self.weights).startswith("random") else None,
             self.decoder if self.decoder != "unet" else None,
+            self.alpha_tag,
             self.control,
             "counts" if self.target == "log1p-counts" else None,
             "allbins" if self.score == "all-bins" else None,
@@ -95,6 +99,22 @@ class TrainConfig:
             self.name,
         ]
         return "-".join(p for p in parts if p)
+
+    @property
+    def ridge(self) -> bool:
+        return self.decoder == "ridge"
+
+    @property
+    def ridge_alpha(self) -> str:
+        """The ridge head's α rule: "cv", "hest" or a number (as text)."""
+        return "cv" if self.alpha is None else str(self.alpha)
+
+    @property
+    def alpha_tag(self) -> str | None:
+        """The run name's α part: none for the default (cv), ``hestalpha`` for HEST's, ``alpha<value>`` for a number."""
+        if not self.ridge or self.ridge_alpha == "cv":
+            return None
+        return "hestalpha" if self.ridge_alpha == "hest" else f"alpha{float(self.ridge_alpha):g}"
 
     @property
     def trial_lr(self) -> float | None:
@@ -159,6 +179,7 @@ class TrainConfig:
                     "--layer trains on an intermediate layer of a feature store (frozen or random mode); fine-tuning "
                     "trains the whole encoder on its final grid."
                 )
+        self._validate_ridge()
         if not (math.isfinite(self.colour_jitter) and 0 <= self.colour_jitter < 1):
             raise FeatcacheError(f"--colour-jitter {self.colour_jitter}: must be at least 0 and below 1.")
         if self.augment and not self.finetune:
@@ -171,6 +192,41 @@ class TrainConfig:
             )
         return self
 
+    def _validate_ridge(self) -> None:
+        """--alpha belongs to the ridge head; the ridge head has no epochs, batches, learning rate or validation
+        region (α comes from inner folds), so those options are refused unless left at their defaults."""
+        if not self.ridge:
+            if self.alpha is not None:
+                raise FeatcacheError(f"--alpha {self.alpha}: only the ridge head has an α; add --decoder ridge.")
+            return
+        a = self.ridge_alpha
+        if a not in ("cv", "hest"):
+            try:
+                ok = math.isfinite(float(a)) and float(a) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise FeatcacheError(
+                    f"--alpha {a!r}: use cv (inner folds), hest (HEST-Benchmark's) or a positive number."
+                )
+        if self.mode == "finetune":
+            raise FeatcacheError("--decoder ridge fits on cached pooled features: use it with --mode frozen or random.")
+        defaults = {f.name: f.default for f in fields(self)}
+        if self.layer is not None:
+            raise FeatcacheError(
+                f"--layer {self.layer}: the ridge head reads the store's pooled embeddings, which come from the final "
+                "layer; train a unet or linear decoder on an intermediate layer."
+            )
+        unused = [n for n in RIDGE_UNUSED if getattr(self, n) != defaults[n]]
+        if self.val_fraction not in (defaults["val_fraction"], 0):
+            unused.append("val_fraction")
+        if unused:
+            names = ", ".join("--" + n.replace("_", "-") for n in unused)
+            raise FeatcacheError(
+                f"{names}: no effect with --decoder ridge (PCA + ridge regression in closed form, α chosen by inner "
+                "folds over the training patients); leave them out."
+            )
+
     def record(self, inputs: dict) -> dict:
         """config.json: the settings, descriptions of the fixed choices, the inputs' identity, its sha256."""
         settings = {k: v for k, v in asdict(self).items() if self.finetune or k not in FINETUNE_ONLY}
@@ -181,6 +237,15 @@ class TrainConfig:
             settings.pop("lr_grid")  # likewise runs without a grid
         else:
             settings["lr_grid"] = sorted(self.lr_grid)
+        settings.pop("alpha")  # the ridge head records its own settings below; other runs keep their hash
+        if self.ridge:
+            from train.ridge import ridge_record
+
+            for name in (*RIDGE_UNUSED, "val_fraction"):
+                settings.pop(name, None)
+            record = {**settings, "run": self.run_name, **ridge_record(self), **inputs}
+            record["config_sha256"] = config_digest(record)
+            return record
         if self.finetune:
             settings.update(
                 {

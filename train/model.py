@@ -86,6 +86,12 @@ def load_run(run_dir: str | Path, weights: str | None = None, dev: torch.device 
             f"{run.path} is not a finished run folder (config.json, checkpoint.pt and metrics.json); "
             "train it first with `train decoder` or `train loocv`."
         )
+    if run.read_config().get("decoder") == "ridge":
+        raise FeatcacheError(
+            f"{run.path} is a ridge run (HEST-Benchmark's head on pooled embeddings): it has no decoder checkpoint to "
+            "apply to slides; its fitted PCA and ridge are plain arrays in ridge.npz (train.ridge.load_params). "
+            "Predict slides with a unet or linear run."
+        )
     run.read_metrics()  # config.json, metrics.json and checkpoint.pt of one run, or refused
     config, ck = run.verified_config(), run.load_checkpoint()
     spec = get_spec(config["encoder"])

@@ -25,6 +25,7 @@ from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load
 from train.loop import Distributed, Stepper, fit, predict
 from train.metrics import evaluate
 from train.model import assemble
+from train.scales import test_scale_scores
 
 
 @dataclass
@@ -63,6 +64,10 @@ def _train_held(
     state = run.claim(record, overwrite, hint)
     if state == "done":
         return FoldResult(run.path, run.read_metrics(), reused=True)
+    if cfg.ridge:  # HEST-Benchmark's head: closed form, no epochs (train/ridge.py)
+        from train.ridge import fit_ridge_fold
+
+        return FoldResult(run.path, fit_ridge_fold(cfg, record, run, inputs))
     if state == "resume":
         run.verified_config()  # a config.json edited since it was written is not resumed into
     dev = resolve_device(device)
@@ -308,6 +313,7 @@ def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, data: FoldData, b
     mean = data.transform.target_mean
     name = f"run {cfg.dataset}/{cfg.encoder}/{cfg.run_name} fold {cfg.fold}"
     metrics = evaluate(pred, truth, points, mean, inputs.genes, ssim_mask=maps, run=name)
+    metrics.update(test_scale_scores(inputs, test, data.transform, cfg.score == "all-bins"))  # train/scales.py
     ceiling = noise_ceiling(inputs, test, data.transform, points, maps)
     # the floor: every metric of predicting each gene's training mean everywhere
     floor = evaluate(

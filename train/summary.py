@@ -51,6 +51,9 @@ FOLD_KEYS = {
     "mse": "mse",
     "pcc_gene": "pcc_gene",
     "spearman_gene": "spearman_gene",
+    "pcc_gene_patch": "pcc_gene_patch",  # HEST-Benchmark's patch-level metric (train/scales.py)
+    "pcc_gene_16um": "pcc_gene_16um",
+    "pcc_gene_32um": "pcc_gene_32um",
 }
 # settings that differ between the folds of one run by design
 PER_FOLD = {"fold", "train_samples", "test_samples", "config_sha256", "provenance"}
@@ -308,6 +311,7 @@ def _fold_result(cfg: dict, m: dict, run_dir: str) -> dict:
             "genes_constant_prediction": len(m.get("genes_constant_prediction", [])),
             "features_weights": m.get("features_weights"),
             "val_pcc_gene": m.get("val_pcc_gene"),
+            "ridge_alpha": (m.get("ridge") or {}).get("alpha"),
             "lr": cfg.get("lr"),
         }
     )
@@ -336,7 +340,8 @@ def methodology(ds, runs: dict) -> dict:
         "only (a compact region of 64×64-bin blocks per training section; training patches within one patch width, "
         "32 bins edge to edge, of it are left out of training); with an lr grid, the learning rate is chosen the "
         "same way per fold and seed (lr_selected). The test patient is scored once. The reference study selected "
-        "its epoch on the test patient.",
+        "its epoch on the test patient. Ridge runs (HEST-Benchmark's head) have no epochs: their α comes from "
+        "inner leave-one-patient-out folds over the training patients (settings.selection; per fold ridge_alpha).",
         "target_transform": {
             "log1p-cp10k": "log1p(counts per 10k Gene Expression UMIs of the bin), z-scored per gene "
             "with statistics of every in-tissue bin of the training patients (the validation region included, so a "
@@ -363,6 +368,12 @@ def methodology(ds, runs: dict) -> dict:
             "pcc_gene": "primary: Pearson per gene over scored test bins, mean over genes; genes constant in the "
             "truth left out, a constant prediction scores 0",
             "spearman_gene": "as pcc_gene, on ranks",
+            "pcc_gene_patch": "HEST-Benchmark's metric: per-gene Pearson across test patches of the patch means (over "
+            "scored bins) of prediction and truth, mean over genes",
+            "pcc_gene_16um": "pcc_gene over 2×2-bin blocks: truth from counts and library sizes summed over the "
+            "block's scored bins, then the run's transform; prediction: per-bin predictions back to CP10k (averaged) "
+            "or counts (summed), then the transform (docs/design.md §6)",
+            "pcc_gene_32um": "as pcc_gene_16um over 4×4-bin blocks",
             "ssim_st": "2-D SSIM of each gene's 32×32 map per patch (7×7 uniform window, K1 0.01, K2 0.03), averaged "
             "over the windows centred on scored bins; the reference code's ssim_st was a clipped correlation, so the "
             "two are not comparable",

@@ -10,6 +10,8 @@
     predictions.zarr   pred, truth, mask (patch, gene, row, col) of the test patient, origins as coords
     metrics.json       the test metrics, and their own sha256 (``metrics_sha256``)
     tensorboard/       TensorBoard event files of the epochs (training with ``--tensorboard``)
+    ridge.npz          ``--decoder ridge`` only, instead of log, state and checkpoint: the fitted scaler, PCA and
+                       ridge as plain arrays, the α grid and inner scores, the config's sha256 (train/ridge.py)
 
 Every ``.pt`` file holds tensors and plain data only and is read with ``weights_only=True``: a
 run folder can come from anywhere (a shared workspace, an archive), so nothing in it may run code.
