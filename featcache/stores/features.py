@@ -9,8 +9,9 @@
     <sample>/_done/<chunk>   empty marker, written after the chunk's tokens and pooled are stored
 
 The identity names the encoder and its kwargs, the weights (sha256 or ``random:<seed>``), input
-size, normalisation, stored dtype, compute precision, prefix tokens dropped, geometry, dataset
-fingerprint, layout, codec and chunking. A store is created by writing its root ``zarr.json``
+size, normalisation, stored dtype, compute precision, prefix tokens dropped, geometry (with the pixels
+per bin and patch size of the rendering the encoder read), dataset fingerprint, layout, codec and
+chunking. A store is created by writing its root ``zarr.json``
 with the identity in one exclusive step, so a folder either is a featcache store (it has the
 identity) or is not one; only the former is ever resumed or removed. A chunk counts as done
 only once its marker exists.
@@ -29,6 +30,7 @@ import xarray as xr
 import zarr
 
 from featcache.errors import FeatcacheError
+from featcache.geometry import GEOMETRY, geometry_for
 from featcache.stores.files import create_exclusive, is_temporary, write_bytes
 from featcache.stores.location import Location, is_url, local_path, zarr_store
 from featcache.stores.zarrio import TOKEN_CODECS, create_array, read_error, write_origins
@@ -77,9 +79,22 @@ def chunk_patches_for(grid: int, dim: int) -> int:
 
 
 def make_identity(
-    *, spec: dict, weights: str, prefix_tokens: int, dataset: dict, chunk: int, compute: dict, codec: str, layout: str
+    *,
+    spec: dict,
+    weights: str,
+    prefix_tokens: int,
+    dataset: dict,
+    chunk: int,
+    compute: dict,
+    codec: str,
+    layout: str,
+    px_per_bin: int = GEOMETRY.px_per_bin,
 ) -> dict:
-    """Everything that determines a store's values (``spec`` is the encoder's ``describe()``)."""
+    """Everything that determines a store's values (``spec`` is the encoder's ``describe()``).
+
+    The geometry is the dataset's patching (bins per patch, stride, min tissue) at the rendering the encoder
+    read: ``px_per_bin`` and ``patch_px`` are the encoder's (14 and 448, or 16 and 512), so a store of a 14 px
+    encoder has the identity it always had."""
     if codec not in TOKEN_CODECS:
         raise FeatcacheError(f"unknown codec {codec!r}; one of {', '.join(TOKEN_CODECS)}.")
     if layout not in LAYOUTS:
@@ -97,7 +112,7 @@ def make_identity(
                 "layout": list(LAYOUTS[layout]),
                 "chunk_patches": chunk,
                 "codec": codec,
-                "geometry": dataset["geometry"],
+                "geometry": {**dataset["geometry"], **geometry_for(px_per_bin).to_json()},
                 "dataset": dataset["dataset"],
                 "dataset_fingerprint": dataset["fingerprint"],
                 "samples": {s: v["n_patches"] for s, v in dataset["samples"].items()},
