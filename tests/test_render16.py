@@ -26,6 +26,7 @@ from featcache.stores import FeatureStore, Workspace
 from featcache.visium import open_sample
 from featcache.weights import load_encoder, resolve_weights
 from pipeline.cli import featcache_app as app
+from pipeline.predict import PredictOptions
 
 VIT16 = ExtractionConfig("tiny-vit16", "random:0", chunk_patches=2)
 
@@ -125,9 +126,10 @@ def test_a_16px_encoder_is_refused_without_image_16px_and_reads_it_once_added(sy
 
 @pytest.fixture(scope="module")
 def both(synth_dir, tmp_path_factory):
-    """P2 (rotated and flipped) prepared at 14 and 16 px per bin in one go."""
+    """P1 and P2 (rotated and flipped) prepared at 14 and 16 px per bin in one go."""
     ws = tmp_path_factory.mktemp("render16-both")
-    prepare_dataset("both", {"P2": str(synth_dir / "P2")}, workspace=ws, show_progress=False, px_per_bin="14,16")
+    samples = {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}
+    prepare_dataset("both", samples, workspace=ws, show_progress=False, px_per_bin="14,16")
     return Workspace(ws).open_dataset("both")
 
 
@@ -229,3 +231,38 @@ def test_predict_renders_a_new_slide_at_the_encoders_px_per_bin(synth_dir):
         assert len(lattice.origins)
         with pytest.raises(FeatcacheError, match="rendering 16 px per bin .* needs at least 12.8"):
             virtual_lattice("P1", slide, 0.65, 32, 0.01, 16)  # ... not for 16
+
+
+def test_a_patch_16_encoder_fine_tunes_on_image_16px_and_predicts_a_slide_at_16_px(both, prepared, synth_dir, tmp_path):
+    """Fine-tuning reads the encoder's rendering (refused, naming the command, without it); `featcache predict`
+    renders the new slide at the run's 16 px per bin and reproduces the run's own test predictions."""
+    from conftest import run_fold
+
+    from pipeline.predict import predict
+    from train.data import FoldInputs
+
+    with pytest.raises(FeatcacheError, match="which fine-tuning reads.*--px-per-bin 14,16"):
+        FoldInputs(Workspace(prepared[0]).open_dataset("tiny"), None, 16)  # the session's 14 px dataset
+    assert FoldInputs(both, None, 16).arrays["P1"].tokens.shape[1:] == (512, 512, 3)
+    ws = both.path.parent.parent
+    ft = dict(mode="finetune", weights="random:0", decoder="linear", epochs=1, batch_size=4, micro_batch=2)
+    res = run_fold("both", "tiny-vit16", "P2", workspace=ws, **ft)
+    cfg = json.loads((res.run_dir / "config.json").read_text())
+    assert cfg["patching"]["px_per_bin"] == 16 and cfg["features"]["identity"]["source"] == "patches.zarr/image_16px"
+    out = tmp_path / "pred"
+    pos = str(synth_dir / "P2")
+    p = predict(
+        res.run_dir,
+        synth_dir / "P2" / "P2_tissue_image.btf",
+        PredictOptions(positions=pos),
+        workspace=ws,
+        output=out,
+        device="cpu",
+        show_progress=False,
+    )
+    mine = xr.open_zarr(out / "predictions.zarr")
+    theirs = xr.open_zarr(res.run_dir / "predictions.zarr")
+    assert p.patches == len(theirs.patch) and np.array_equal(mine.origin.values, theirs.origin.values)
+    z, pred = mine.z.values.astype(np.float32), theirs.pred.values
+    assert np.allclose(z, pred, atol=2e-3 * np.abs(pred).max() + 1e-3)  # the same pixels went in
+    assert json.loads((out / "prediction.json").read_text())["rendering"]["patch_px"] == 512
