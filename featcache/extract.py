@@ -161,8 +161,8 @@ def extract_each(
 ) -> list[ExtractResult]:
     """Several stores one after the other; ``on_result(result)`` hears each as it is finished.
 
-    Every encoder's weights are found before any work, so that a missing checkpoint does not stop
-    the command half-way.
+    Every encoder's weights, and the rendering each reads (its pixels per bin), are found before any
+    work, so that a missing checkpoint or a dataset without ``image_16px`` does not stop the command half-way.
     """
     if output and len(configs) > 1:
         raise FeatcacheError(
@@ -172,6 +172,10 @@ def extract_each(
     ExtractionRuntime(**runtime)  # a bad runtime choice is refused before weights are looked for
     for config in configs:
         resolve_weights(get_spec(config.encoder), config.weights)
+    ds = Workspace.resolve(workspace).dataset(dataset)
+    if ds.exists():  # (a missing dataset is refused by extract itself)
+        for spec in {s.px_per_bin: s for s in map(get_spec, (c.encoder for c in configs))}.values():
+            ds.image_name(spec.px_per_bin, reader=f"{spec.name} ({spec.px_per_bin} px per bin, {spec.input_px} px)")
     results = []
     for config in configs:
         results.append(

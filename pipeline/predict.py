@@ -239,6 +239,12 @@ def predict(
     else:
         min_tissue = patching.get("min_tissue", 0.5) if opts.positions is not None else VIRTUAL_MIN_TISSUE
     px_per_bin = run.px_per_bin
+    if patching.get("px_per_bin", px_per_bin) != px_per_bin:
+        raise FeatcacheError(
+            f"{run.run.path} was trained on patches at {patching['px_per_bin']} px per bin, but encoder "
+            f"{run.config['encoder']} now reads {px_per_bin} px per bin (its registry entry changed); predict with "
+            "the featcache version that trained the run, or train it again."
+        )
     slide_name = slide_name_of(image)
     ws = Workspace.resolve(workspace)
     target = ws.prediction_dir(run.label, slide_name) if output is None else _output_dir(ws, output)
