@@ -2,6 +2,7 @@
 
     import analysis
     feats = analysis.open_features("demo", "uni2h", "P5")      # (patch, row, col, channel)
+    patches = analysis.open_patches("demo", "P5", px_per_bin=16)  # image_16px (patch, y, x, rgb)
     run = analysis.open_run("featcache-data/runs/demo/uni2h/frozen/fold-P5")
     slide = analysis.stitch(run, "EPCAM")                      # the whole test slide, one map
     res = analysis.open_results("demo")                        # metrics over (encoder, mode, fold, seed, gene)
@@ -73,6 +74,28 @@ def open_targets(dataset: str, sample: str, workspace=None) -> xr.Dataset:
         gene names, feature ids and patch origins as coordinates.
     """
     return Workspace.resolve(workspace).open_dataset(dataset).targets(sample)
+
+
+def open_patches(dataset: str, sample: str, px_per_bin: int = GEOMETRY.px_per_bin, workspace=None) -> xr.Dataset:
+    """One sample's image patches at one rendering, lazily.
+
+    Parameters
+    ----------
+    dataset, sample : str
+        A prepared dataset of the workspace and one of its samples.
+    px_per_bin : int
+        The rendering: 14 (``image``, 448 × 448 px, patch-14 ViTs and DenseNet) or 16 (``image_16px``,
+        512 × 512 px, patch-16 encoders; made by ``featcache prepare --px-per-bin 14,16``).
+    workspace : path, optional
+        Workspace root.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``image`` (or ``image_16px``) uint8 (patch, y, x, rgb) and ``origin`` (patch, axis); pixel block
+        (i, j) of side ``px_per_bin`` is bin (origin_row + i, origin_col + j).
+    """
+    return Workspace.resolve(workspace).open_dataset(dataset).patches(sample, px_per_bin)
 
 
 def open_run(run_dir) -> xr.Dataset:

@@ -305,6 +305,7 @@ def _commands(dataset: str, ds, configs: dict) -> list[str]:
         lines.append(
             f"featcache prepare --dataset {dataset} {samples} {patients} --genes {meta['genes'].get('spec')} "
             f"--stride {geometry.get('stride_bins')} --min-tissue {geometry.get('min_tissue')}".replace("  ", " ")
+            + (f" --px-per-bin {','.join(map(str, ds.renderings))}" if len(ds.renderings) > 1 else "")
         )
     for cfgs in configs.values():
         for c in cfgs:

@@ -138,10 +138,20 @@ def prepare(
         float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")
     ] = 0.5,
     workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: up to 4].")] = None,
+    px_per_bin: Annotated[
+        str,
+        typer.Option(
+            "--px-per-bin",
+            help="Renderings of each patch, in pixels per 8 µm bin: 14 (448 px, patch-14 ViTs, DenseNet) is always "
+            "made; 14,16 also renders 512 px patches (image_16px) for patch-16 encoders. On an up-to-date dataset "
+            "only a missing rendering is added.",
+        ),
+    ] = "14",
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
 ):
-    """Cut bin-aligned 448 px patches and per-bin targets into Zarr stores."""
+    """Cut bin-aligned 448 px patches (and 512 px ones with --px-per-bin 14,16) and per-bin targets into Zarr
+    stores."""
     from featcache.prepare import inputs_from_options, prepare_dataset
 
     inputs = inputs_from_options(sample, image, patient, manifest)
@@ -156,9 +166,17 @@ def prepare(
         overwrite=overwrite,
         workers=workers,
         patients=inputs.patients,
+        px_per_bin=px_per_bin,
     )
     if res.up_to_date:
         out.print(f"dataset {dataset!r} is up to date at {res.path}; nothing to do.")
+        return
+    if res.added:
+        out.print(
+            f"dataset {dataset!r}: added the {', '.join(map(str, res.added))} px per bin rendering(s) in "
+            f"{res.seconds:.1f} s (targets, other renderings and fingerprint unchanged); it holds "
+            f"{', '.join(map(str, res.renderings))} px per bin."
+        )
         return
     total = sum(res.patches.values())
     out.print(
@@ -191,10 +209,11 @@ def datasets(workspace: WorkspaceOpt = None, as_json: Annotated[bool, typer.Opti
         out.print(f"no prepared datasets in {ws.root}")
         return
     table = Table(title=f"datasets in {ws.root}")
-    for col in ("dataset", "patches per sample", "genes", "path"):
+    for col in ("dataset", "patches per sample", "genes", "px per bin", "path"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["dataset"], ", ".join(f"{k} {v}" for k, v in r["samples"].items()), str(r["genes"]), r["path"])
+        samples = ", ".join(f"{k} {v}" for k, v in r["samples"].items())
+        table.add_row(r["dataset"], samples, str(r["genes"]), ", ".join(map(str, r["px_per_bin"])), r["path"])
     out.print(table)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY
+from featcache.geometry import GEOMETRY, PatchGeometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -95,9 +95,14 @@ class EncoderSpec:
         return self.input_px // self.grid
 
     @property
+    def geometry(self) -> PatchGeometry:
+        """The rendering the encoder reads: 32 × 32 bins at its px_per_bin (featcache/geometry.py)."""
+        return PatchGeometry(px_per_bin=self.px_per_bin)
+
+    @property
     def input_px(self) -> int:
         """Side of the encoder's input patch in pixels: 32 bins × px_per_bin."""
-        return GEOMETRY.bins * self.px_per_bin
+        return self.geometry.patch_px
 
     @property
     def pooled_dim(self) -> int:
@@ -542,6 +547,22 @@ register(
         test_only=True,
         licence="n/a (random)",
         note="test-only: 2-block ViT/14, 2 register tokens",
+    )
+)
+register(
+    EncoderSpec(
+        name="tiny-vit16",
+        arch="vit_tiny_patch16_224",
+        kind="vit",
+        dim=48,
+        grid=32,
+        pooled="cls",
+        params=0.1031e6,
+        kwargs=dict(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3, dynamic_img_size=True),
+        test_only=True,
+        px_per_bin=16,
+        licence="n/a (random)",
+        note="test-only: 2-block ViT/16 at 16 px per bin (512 px, patches.zarr's image_16px)",
     )
 )
 register(

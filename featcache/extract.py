@@ -164,8 +164,8 @@ def extract_each(
 ) -> list[ExtractResult]:
     """Several stores one after the other; ``on_result(result)`` hears each as it is finished.
 
-    Every encoder's weights are found before any work, so that a missing checkpoint does not stop
-    the command half-way.
+    Every encoder's weights, and the rendering each reads (its pixels per bin), are found before any
+    work, so that a missing checkpoint or a dataset without ``image_16px`` does not stop the command half-way.
     """
     if output and len(configs) > 1:
         raise FeatcacheError(
@@ -177,6 +177,10 @@ def extract_each(
         spec = get_spec(config.encoder)
         check_layers(spec, config.layers)  # on the meta device: an impossible --layers is refused before any work
         resolve_weights(spec, config.weights)
+    ds = Workspace.resolve(workspace).dataset(dataset)
+    if ds.exists():  # (a missing dataset is refused by extract itself)
+        for spec in {s.px_per_bin: s for s in map(get_spec, (c.encoder for c in configs))}.values():
+            ds.image_name(spec.px_per_bin, reader=f"{spec.name} ({spec.px_per_bin} px per bin, {spec.input_px} px)")
     results = []
     for config in configs:
         results.append(
@@ -207,7 +211,7 @@ def extract(
     rt = ExtractionRuntime(**runtime)
     spec = get_spec(config.encoder)
     ws = Workspace.resolve(workspace)
-    ds = _dataset_with_patches(ws, dataset)
+    ds = _dataset_with_patches(ws, dataset, spec)
     source = resolve_weights(spec, config.weights)
     shard_k, shard_n = parse_shard(rt.shard)
     dev = resolve_device(rt.device)
@@ -229,6 +233,7 @@ def extract(
         spec=spec.describe(),
         weights=source.identity(),
         dataset=ds.meta,
+        px_per_bin=spec.px_per_bin,
         codec=config.codec,
         layout=config.layout,
         prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)) if spec.kind == "vit" else 0,
@@ -263,6 +268,7 @@ def extract(
             root,
             rt.readers,
             rt.writers or min(8, os.cpu_count() or 1),
+            spec.px_per_bin,
         )
         with progress(disable=not rt.show_progress) as bar:
             task = bar.add_task(store.name, total=n_todo, rate="")
@@ -280,8 +286,11 @@ def extract(
     )
 
 
-def _dataset_with_patches(ws: Workspace, dataset: str):
+def _dataset_with_patches(ws: Workspace, dataset: str, spec):
+    """The dataset, refused when it lacks the rendering the encoder reads (its px per bin: ``image`` at 14,
+    ``image_16px`` at 16; the message names the ``prepare`` command that adds it) or any of its chunks."""
     ds = ws.open_dataset(dataset)
+    name = ds.image_name(spec.px_per_bin, reader=f"{spec.name} ({spec.px_per_bin} px per bin, {spec.input_px} px)")
     empty = [s for s in ds.samples if ds.n_patches(s) == 0]
     if empty:
         raise FeatcacheError(
@@ -289,7 +298,7 @@ def _dataset_with_patches(ws: Workspace, dataset: str):
             "with a lower --min-tissue."
         )
     for s in ds.samples:
-        ds.check_chunks(s, ("image",))
+        ds.check_chunks(s, (name,))
     return ds
 
 
@@ -345,8 +354,9 @@ class _Batch:
 class _Extraction:
     """Reads, computes and writes the groups of one extraction: read → compute → store."""
 
-    def __init__(self, enc, dev, precision, batch_size, dataset, store, root, readers, writers):
+    def __init__(self, enc, dev, precision, batch_size, dataset, store, root, readers, writers, px_per_bin=14):
         self.enc, self.dev, self.precision, self.batch_size = enc, dev, precision, batch_size
+        self.px_per_bin = px_per_bin  # the rendering the encoder reads (docs/design.md §2)
         self.cuda = dev.type == "cuda"
         self.channel_first = store.identity["layout"][1] == "channel"
         self.dataset, self.store, self.root = dataset, store, root
@@ -361,7 +371,7 @@ class _Extraction:
 
     def run(self, todo: list[Group], on_progress) -> float:
         """Every group through the pipeline; returns the seconds spent."""
-        self.images = {g.sample: self.dataset.image_array(g.sample) for g in todo}
+        self.images = {g.sample: self.dataset.image_array(g.sample, self.px_per_bin) for g in todo}
         # every chunk written is real data: no per-chunk "all fill value?" pass (a runtime setting that the
         # opened array does not inherit from create_array; on float16 it cost a third of a core)
         self.outputs = {
@@ -399,7 +409,8 @@ class _Extraction:
             block = np.ascontiguousarray(self.images[g.sample][g.p0 : g.p1])
         except Exception as exc:  # noqa: BLE001 - zarr reports checksum and decompression failures as plain errors
             self.in_pool.give(buf)
-            raise self.dataset.read_error(g.sample, "image", np.arange(g.p0, g.p1), exc) from None
+            name = self.dataset.image_name(self.px_per_bin)
+            raise self.dataset.read_error(g.sample, name, np.arange(g.p0, g.p1), exc) from None
         buf[: g.p1 - g.p0].copy_(torch.from_numpy(block))
         return buf
 

@@ -1,7 +1,11 @@
 """Patch geometry (docs/design.md §2): the one place that knows 32 bins × 14 px = 448 px and 8 µm bins.
 
 A patch is 32 × 32 bins of 8 µm rendered at 448 × 448 px, 14 px per bin, so a patch-14 ViT's
-32 × 32 token grid sits exactly on the bins: token (i, j) is bin (r0 + i, c0 + j).
+32 × 32 token grid sits exactly on the bins: token (i, j) is bin (r0 + i, c0 + j). Encoders with
+16 px patches (or a stride-16 CNN grid) read the same patches rendered at 16 px per bin, 512 × 512
+px (``PatchGeometry(px_per_bin=16)``), so that their token (i, j) is bin (r0 + i, c0 + j) too. Each
+rendering is its own array of the dataset (:func:`image_array_name`), resampled from the
+full-resolution slide through the same bin map, never resized from another rendering.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featcache.errors import FeatcacheError
+
 BIN_UM = 8.0  # Visium HD's 8 µm bins
 
 
 @dataclass(frozen=True)
 class PatchGeometry:
-    """32 × 32 bins of 8 µm per patch, 14 px per bin: 448 px, one ViT-14 token per bin."""
+    """32 × 32 bins of 8 µm per patch at ``px_per_bin`` px per bin: 14 (448 px, one ViT-14 token per bin) by
+    default; ``PatchGeometry(px_per_bin=16)`` is the 16 px rendering (512 px, 0.5 µm/px, one ViT-16 token per bin)."""
 
     bins: int = 32
     px_per_bin: int = 14
@@ -39,6 +46,35 @@ class PatchGeometry:
 
 
 GEOMETRY = PatchGeometry()
+# The renderings a dataset can hold, by pixels per bin: 14 (``image``, always) and 16 (``image_16px``).
+RENDERINGS = (14, 16)
+
+
+def geometry_for(px_per_bin: int) -> PatchGeometry:
+    """The patch geometry of one rendering: 32 × 32 bins at ``px_per_bin`` px per bin."""
+    if px_per_bin not in RENDERINGS:
+        raise FeatcacheError(
+            f"{px_per_bin} px per bin: featcache renders patches at {' or '.join(map(str, RENDERINGS))} px per bin."
+        )
+    return PatchGeometry(px_per_bin=px_per_bin)
+
+
+def image_array_name(px_per_bin: int) -> str:
+    """The patches.zarr array of a rendering: ``image`` at 14 px per bin, ``image_<p>px`` at any other."""
+    return "image" if px_per_bin == GEOMETRY.px_per_bin else f"image_{px_per_bin}px"
+
+
+def parse_renderings(text: str | int | list | tuple) -> tuple[int, ...]:
+    """``"14,16"`` (or ``"16"``, ``[16]``) -> (14, 16): the renderings asked for, 14 always among them (the
+    dataset's ``image``, which every other reader of patches uses), sorted."""
+    items = str(text).replace(" ", "").split(",") if isinstance(text, (str, int)) else [str(v) for v in text]
+    try:
+        values = {int(v) for v in items if v}
+    except ValueError:
+        raise FeatcacheError(f"--px-per-bin {text!r}: expected pixels per bin, e.g. --px-per-bin 14,16") from None
+    for v in values:
+        geometry_for(v)
+    return tuple(sorted(values | {GEOMETRY.px_per_bin}))
 
 
 def patch_origins(in_tissue: np.ndarray, stride: int, min_tissue: float, bins: int = GEOMETRY.bins) -> np.ndarray:

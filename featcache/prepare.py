@@ -2,9 +2,15 @@
 
 Reads each sample (featcache/visium.py), chooses the gene panel among the Gene Expression
 features every sample has, finds the patch origins on the 8 µm grid, gathers each patch's
-32 × 32 targets and renders its 448 px image through the sample's bin map, and writes the dataset
-through the store layer (featcache/stores/dataset.py holds the format). Samples are grouped into
-patients (``--patient`` or ``--manifest``): a fold of the evaluation is a patient.
+32 × 32 targets and renders its 448 px image through the sample's bin map (and, with
+``--px-per-bin 14,16``, its 512 px image for patch-16 encoders through the same map), and writes the
+dataset through the store layer (featcache/stores/dataset.py holds the format). Samples are grouped
+into patients (``--patient`` or ``--manifest``): a fold of the evaluation is a patient.
+
+Asking an up-to-date dataset for a rendering it lacks (the same inputs, another ``--px-per-bin``)
+adds that rendering alone, staged (:class:`~featcache.stores.dataset.RenderingAdder`): the renderings
+are not inputs of the targets, so the dataset's fingerprint, its targets and its other arrays stay as
+they are, and every feature store made from it stays valid.
 """
 
 from __future__ import annotations
@@ -23,13 +29,21 @@ import numpy as np
 from featcache import __version__
 from featcache import spaceranger as sr
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY, gather_windows
+from featcache.geometry import GEOMETRY, gather_windows, geometry_for, parse_renderings
 from featcache.progress import progress
 from featcache.provenance import library_versions
 from featcache.qc import OUTLINE, png_bytes, qc_picture
 from featcache.slide import Slide, render_patch
 from featcache.stores import Workspace, check_name
-from featcache.stores.dataset import DATASET_FORMAT, IMAGE_CHUNK, TARGET_CHUNK, DatasetBuilder
+from featcache.stores.dataset import (
+    DATASET_FORMAT,
+    IMAGE_CHUNK,
+    TARGET_CHUNK,
+    Dataset,
+    DatasetBuilder,
+    RenderingAdder,
+    rendering_record,
+)
 from featcache.streams import Prefetcher
 from featcache.visium import GENE_EXPRESSION, VisiumHDSample, open_sample
 
@@ -282,6 +296,8 @@ class PrepareResult:
     seconds: float
     notes: list[str] = field(default_factory=list)  # what a user should know (conversions, genes left out)
     qc: dict[str, Path] = field(default_factory=dict)  # sample -> its QC picture (slide, bins, patch outlines)
+    renderings: list[int] = field(default_factory=lambda: [GEOMETRY.px_per_bin])  # px per bin the dataset holds
+    added: list[int] = field(default_factory=list)  # renderings added to an existing dataset by this call
 
 
 def prepare_dataset(
@@ -296,19 +312,23 @@ def prepare_dataset(
     workers: int | None = None,
     show_progress: bool = True,
     patients: dict[str, str] | None = None,
+    px_per_bin: str | int | tuple | list = (GEOMETRY.px_per_bin,),
 ) -> PrepareResult:
     """Prepare (or confirm up to date) dataset ``dataset`` from Space Ranger outputs ``{sample: folder}``.
 
-    ``patients`` maps samples to patients (default: each sample is its own patient).
+    ``patients`` maps samples to patients (default: each sample is its own patient); ``px_per_bin`` lists the
+    renderings of the patches (``"14,16"``: also ``image_16px`` for patch-16 encoders; 14 is always made). A
+    dataset that is up to date but lacks a rendering asked for gets that rendering added, nothing else.
     """
     t_start = time.perf_counter()
     images, given = images or {}, patients or {}
     check_name(dataset, "dataset")
     _check_options(samples, images, given, stride, min_tissue, workers)
+    renderings = parse_renderings(px_per_bin)
     patients = {s: given.get(s, s) for s in samples}
     ws = Workspace.resolve(workspace)
     target = ws.dataset(dataset)
-    opened = [open_sample(n, p, images.get(n)) for n, p in samples.items()]
+    opened = [open_sample(n, p, images.get(n), px_per_bin=max(renderings)) for n, p in samples.items()]
     files = {s.name: {k: file_fingerprint(p) for k, p in _sample_files(s).items()} for s in opened}
     _refuse_duplicates(opened, files)
     params = {
@@ -324,10 +344,23 @@ def prepare_dataset(
     if target.path.exists():
         old = target.meta if target.exists() else None
         if old is not None and old.get("inputs_sha256") == key:
+            missing = [p for p in renderings if not target.has_rendering(p)]
+            if missing:
+                _add_renderings(target, opened, missing, stride, min_tissue, workers, show_progress)
             n = {k: v["n_patches"] for k, v in old["samples"].items()}
             qc = {k: target.qc_path(k) for k in n if target.qc_path(k).is_file()}
             took = time.perf_counter() - t_start
-            return PrepareResult(dataset, target.path, True, n, len(old["genes"]["ids"]), took, qc=qc)
+            return PrepareResult(
+                dataset,
+                target.path,
+                not missing,
+                n,
+                len(old["genes"]["ids"]),
+                took,
+                qc=qc,
+                renderings=target.renderings,
+                added=missing,
+            )
         if not overwrite:
             what = "different inputs" if old is not None else "no dataset.json (an unknown or damaged folder)"
             raise FeatcacheError(
@@ -357,7 +390,8 @@ def prepare_dataset(
     }
     with target.builder(store_attrs) as builder, progress(disable=not show_progress) as bar:
         report = {
-            s.name: _write_sample(s, cut[s.name], panel, libraries[s.name], builder, bar, workers) for s in opened
+            s.name: _write_sample(s, cut[s.name], panel, libraries[s.name], builder, bar, workers, renderings)
+            for s in opened
         }
         builder.write_gene_totals(
             panel.shared_ids, [s.name for s in opened], panel.shared_totals, [s.matrix.n_bins for s in opened]
@@ -371,6 +405,7 @@ def prepare_dataset(
                 "fingerprint": fingerprint,
                 "inputs_sha256": key,
                 "geometry": {**GEOMETRY.to_json(), "stride_bins": stride, "min_tissue": min_tissue},
+                "renderings": [rendering_record(p) for p in renderings],
                 "genes": panel.describe(),
                 "patients": _by_patient(patients),
                 "samples": {
@@ -396,7 +431,27 @@ def prepare_dataset(
         time.perf_counter() - t_start,
         notes,
         {k: target.qc_path(k) for k in report},
+        list(renderings),
     )
+
+
+def _add_renderings(
+    target: Dataset, opened: list[VisiumHDSample], missing: list[int], stride, min_tissue, workers, show_progress
+) -> None:
+    """Render the ``missing`` renderings of an up-to-date dataset from its slides, at its own origins, and add them
+    (staged: :class:`RenderingAdder`); its targets, other arrays and fingerprint are left as they are."""
+    with RenderingAdder(target, missing) as adder, progress(disable=not show_progress) as bar:
+        for s in opened:
+            _, _, origins = s.plan_patches(stride, min_tissue)  # fits each patch's bin map, as when it was made
+            stored = target.origins(s.name)
+            if not np.array_equal(origins, stored):
+                raise FeatcacheError(
+                    f"dataset {target.name!r}: sample {s.name}'s patches cut now ({len(origins)}) are not the ones it "
+                    f"holds ({len(stored)}); it was made by another featcache version ("
+                    f"{target.meta.get('featcache_version', '?')}). Prepare it again with --overwrite."
+                )
+            _render_images(s, origins, adder.add_sample(s.name, len(origins)), bar, workers)
+        adder.commit()
 
 
 def _by_patient(patients: dict[str, str]) -> dict[str, list[str]]:
@@ -438,7 +493,9 @@ def _refuse_duplicates(opened: list[VisiumHDSample], files: dict) -> None:
             seen[key] = s.name
 
 
-def _write_sample(s: VisiumHDSample, cut, panel: Panel, library, builder: DatasetBuilder, bar, workers) -> dict:
+def _write_sample(
+    s: VisiumHDSample, cut, panel: Panel, library, builder: DatasetBuilder, bar, workers, renderings
+) -> dict:
     in_tissue, column, origins = cut
     arrays = builder.add_sample(
         s.name,
@@ -453,12 +510,13 @@ def _write_sample(s: VisiumHDSample, cut, panel: Panel, library, builder: Datase
             "image": str(s.image_path),
             "image_shape": list(s.image_shape),
         },
+        renderings,
     )
     ge = _gene_expression_ids(s)
     counts = s.matrix.gather(np.array([ge[fid] for fid in panel.ids]))  # bins × genes, one pass over the matrix
     _write_targets(origins, in_tissue, column, counts, library.astype(np.int32), arrays)
     del counts
-    _render_images(s, origins, arrays.image, bar, workers)
+    _render_images(s, origins, arrays.images, bar, workers)
     picture, scale = qc_picture(s.image_path, s.registration, in_tissue, origins, s.name)
     builder.write_qc(s.name, png_bytes(picture))
     return {
@@ -483,14 +541,20 @@ def _write_targets(origins, in_tissue, column, panel_counts, library, arrays) ->
         arrays.mask[start:stop] = gather_windows(in_tissue, part) & present
 
 
-def _render_images(s: VisiumHDSample, origins, image, bar, workers) -> None:
-    """Render every patch (in worker threads, two chunks ahead) and store them chunk by chunk."""
+def _render_images(s: VisiumHDSample, origins, images: dict, bar, workers) -> None:
+    """Render every patch at each rendering of ``images`` (px per bin -> its array), in worker threads two chunks
+    ahead, each from the full-resolution slide through the patch's own bin map, and store them chunk by chunk."""
     n = len(origins)
-    task = bar.add_task(f"{s.name}: rendering patches", total=n, rate="")
+    geoms = [geometry_for(p) for p in images]
+    task = bar.add_task(f"{s.name}: rendering patches ({', '.join(map(str, images))} px per bin)", total=n, rate="")
     t0 = time.perf_counter()
     with Slide(s.image_path) as slide:
         reg = s.registration
-        render = lambda rc: render_patch(slide, reg.map_for(*rc), int(rc[0]), int(rc[1]))  # noqa: E731
+
+        def render(rc):
+            bin_map = reg.map_for(*rc)
+            return [render_patch(slide, bin_map, int(rc[0]), int(rc[1]), g) for g in geoms]
+
         rendered = iter(
             Prefetcher(
                 render,
@@ -502,8 +566,9 @@ def _render_images(s: VisiumHDSample, origins, image, bar, workers) -> None:
         )
         try:
             for k in range(0, n, IMAGE_CHUNK):
-                block = np.stack([next(rendered) for _ in range(min(IMAGE_CHUNK, n - k))])
-                image[k : k + len(block)] = block
+                block = [next(rendered) for _ in range(min(IMAGE_CHUNK, n - k))]
+                for j, image in enumerate(images.values()):
+                    image[k : k + len(block)] = np.stack([patch[j] for patch in block])
                 done = k + len(block)
                 bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.1f} patches/s")
         finally:

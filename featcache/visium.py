@@ -36,7 +36,8 @@ from featcache.spaceranger import BIN_DIR, GENE_EXPRESSION, NOT_MICROSCOPE, POSI
 
 IMAGE_SUFFIXES = (".btf", ".tif", ".tiff", ".svs", ".jpg", ".jpeg", ".png")
 MPP_TOLERANCE = 0.01  # µm/px against the fitted bin pitch, and against the spot diameter
-MAX_UPSAMPLING = 1.25  # the image needs ≥ 14 / 1.25 = 11.2 native px per 8 µm bin
+MAX_UPSAMPLING = 1.25  # the image needs ≥ p / 1.25 native px per 8 µm bin for the finest rendering p asked for
+# (11.2 for the 14 px rendering, 12.8 for the 16 px one)
 BLOCK_NNZ = 1_000_000  # non-zeros read per block of bins (~30 MB of temporaries)
 
 
@@ -429,10 +430,14 @@ class VisiumHDSample:
         }
 
 
-def open_sample(name: str, path: str | Path, image: str | Path | None = None, counts: bool = True) -> VisiumHDSample:
+def open_sample(
+    name: str, path: str | Path, image: str | Path | None = None, counts: bool = True, px_per_bin: int | None = None
+) -> VisiumHDSample:
     """Open and check one sample; the image is probed, the count matrix's header read (its counts are not).
 
     ``counts=False`` (predicting on a sample's lattice): positions, scale factors and image only.
+    ``px_per_bin``: the finest rendering that will be made of it (default 14); an image too coarse for it is
+    refused (:data:`MAX_UPSAMPLING`).
     """
     bin_dir = find_bin_dir(Path(path))
     spatial = bin_dir / sr.SPATIAL
@@ -444,7 +449,7 @@ def open_sample(name: str, path: str | Path, image: str | Path | None = None, co
         raise FeatcacheError(f"image for sample {name} not found: {image_path}")
     reg = register(name, *(positions[c] for c in POSITION_COLUMNS[2:]), positions.in_tissue)
     mpp, source = _check_scale(name, sf, spatial, reg)
-    image_shape, info = _check_image(name, image_path, positions, reg, sf)
+    image_shape, info = _check_image(name, image_path, positions, reg, px_per_bin or GEOMETRY.px_per_bin)
     sample = VisiumHDSample(name, bin_dir, image_path, positions, sf, mpp, source, reg, image_shape, info, matrix)
     if matrix is None:
         return sample
@@ -488,15 +493,16 @@ def _check_scale(name: str, sf: dict, spatial: Path, reg: Registration) -> tuple
     return mpp, source
 
 
-def _check_image(name: str, path: Path, positions: Positions, reg: Registration, sf: dict) -> tuple[tuple, dict]:
-    """Open and probe the image; refuse one that does not cover the tissue or is too coarse to render."""
+def _check_image(name: str, path: Path, positions: Positions, reg: Registration, px_per_bin: int) -> tuple[tuple, dict]:
+    """Open and probe the image; refuse one that does not cover the tissue or is too coarse to render at
+    ``px_per_bin`` (the finest rendering asked for)."""
     from featcache.slide import Slide
 
     with Slide(path) as slide:
         slide.probe()
         height, width = slide.shape
         info = {"path": str(path), "compression": slide.compression, "levels": len(slide.levels), "notes": slide.notes}
-    need = GEOMETRY.px_per_bin / MAX_UPSAMPLING
+    need = px_per_bin / MAX_UPSAMPLING
     t = positions.in_tissue
     if not t.any():
         raise FeatcacheError(f"sample {name}: no bin is marked {sr.IN_TISSUE} in the positions file.")
@@ -518,7 +524,12 @@ def _check_image(name: str, path: Path, positions: Positions, reg: Registration,
         )
     if reg.px_per_bin < need:
         raise FeatcacheError(
-            f"sample {name}: image {path.name} has {reg.px_per_bin:.1f} px per 8 µm bin; rendering {GEOMETRY.px_per_bin} "
-            f"px per bin would upsample it {GEOMETRY.px_per_bin / reg.px_per_bin:.1f}×. Pass {wanted} with --image."
+            f"sample {name}: image {path.name} has {reg.px_per_bin:.1f} px per 8 µm bin; rendering {px_per_bin} "
+            f"px per bin would upsample it {px_per_bin / reg.px_per_bin:.1f}×. Pass {wanted} with --image"
+            + (
+                f", or leave out the {px_per_bin} px rendering (--px-per-bin)."
+                if px_per_bin != GEOMETRY.px_per_bin
+                else "."
+            )
         )
     return (height, width), info

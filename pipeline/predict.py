@@ -2,7 +2,8 @@
 
 The run folder holds everything needed: the encoder's identity and weights' identity
 (``config.json``), the decoder (``checkpoint.pt``, read as plain tensors), the gene panel and the
-target transform. A slide is cut into 448 px patches on an 8 µm lattice — its own Space Ranger
+target transform. A slide is cut into patches of 32 × 32 bins on an 8 µm lattice, rendered at the run's
+encoder's pixels per bin (448 px at 14, 512 px for a patch-16 encoder at 16) — its own Space Ranger
 lattice with ``--positions`` (the same patches ``prepare`` cuts, so predictions can be set
 against measured counts), else a virtual lattice aligned with the image axes over the tissue
 found on a thumbnail — read region by region, encoded, decoded, and written as a Zarr store, an
@@ -24,7 +25,7 @@ import torch
 
 from featcache.device import resolve_device
 from featcache.errors import FeatcacheError
-from featcache.geometry import BIN_UM, GEOMETRY, bin_table, covering_origins
+from featcache.geometry import BIN_UM, GEOMETRY, bin_table, covering_origins, geometry_for
 from featcache.progress import progress
 from featcache.provenance import library_versions
 from featcache.registration import BinMap
@@ -61,11 +62,15 @@ class Lattice:
         }
 
 
-def positions_lattice(name: str, positions: Path, image: Path, stride: int, min_tissue: float, slide: Slide) -> Lattice:
-    """A Space Ranger sample's own lattice, cut as ``prepare`` cuts it."""
+def positions_lattice(
+    name: str, positions: Path, image: Path, stride: int, min_tissue: float, slide: Slide, px_per_bin: int = 14
+) -> Lattice:
+    """A Space Ranger sample's own lattice, cut as ``prepare`` cuts it (its image checked fine enough to render at
+    ``px_per_bin``)."""
     from featcache.visium import open_sample
 
-    s = open_sample(name, positions, image, counts=False)  # refuses bins outside the image's extent
+    # refuses bins outside the image's extent, and an image too coarse for the encoder's rendering
+    s = open_sample(name, positions, image, counts=False, px_per_bin=px_per_bin)
     _check_on_tissue(s, slide)
     in_tissue, _, origins = s.plan_patches(stride, min_tissue)
     return Lattice(
@@ -97,9 +102,13 @@ def _check_on_tissue(s, slide: Slide) -> None:
         )
 
 
-def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min_tissue: float) -> tuple[Lattice, dict]:
-    """Axis-aligned 8 µm bins over the tissue found on a thumbnail; (lattice, how µm/px was found)."""
+def virtual_lattice(
+    name: str, slide: Slide, mpp: float | None, stride: int, min_tissue: float, px_per_bin: int = 14
+) -> tuple[Lattice, dict]:
+    """Axis-aligned 8 µm bins over the tissue found on a thumbnail; (lattice, how µm/px was found). The image must
+    be fine enough to render at ``px_per_bin`` (the run's encoder's) without upsampling it more than 1.25×."""
     from featcache.tissue import bins_in_tissue, thumbnail, tissue_mask
+    from featcache.visium import MAX_UPSAMPLING
 
     if mpp is None:
         found = slide.metadata_mpp()
@@ -119,11 +128,11 @@ def virtual_lattice(name: str, slide: Slide, mpp: float | None, stride: int, min
             )
         raise FeatcacheError(f"--mpp {mpp}: a microscope image has 0.05 to 2 µm per pixel.")
     pitch = BIN_UM / mpp
-    need = GEOMETRY.px_per_bin / 1.25
+    need = px_per_bin / MAX_UPSAMPLING
     if pitch < need:
         raise FeatcacheError(
             f"{slide.path} has {pitch:.1f} px per 8 µm bin ({mpp} µm/px); rendering "
-            f"{GEOMETRY.px_per_bin} px per bin needs at least {need:.1f} (≤ {BIN_UM / need:.2f} µm/px)."
+            f"{px_per_bin} px per bin (the run's encoder's) needs at least {need:.1f} (≤ {BIN_UM / need:.2f} µm/px)."
         )
     thumb, scale = thumbnail(slide, pitch / 2)
     rows, cols = int(slide.shape[0] // pitch), int(slide.shape[1] // pitch)
@@ -229,6 +238,13 @@ def predict(
         min_tissue = opts.min_tissue
     else:
         min_tissue = patching.get("min_tissue", 0.5) if opts.positions is not None else VIRTUAL_MIN_TISSUE
+    px_per_bin = run.px_per_bin
+    if patching.get("px_per_bin", px_per_bin) != px_per_bin:
+        raise FeatcacheError(
+            f"{run.run.path} was trained on patches at {patching['px_per_bin']} px per bin, but encoder "
+            f"{run.config['encoder']} now reads {px_per_bin} px per bin (its registry entry changed); predict with "
+            "the featcache version that trained the run, or train it again."
+        )
     slide_name = slide_name_of(image)
     ws = Workspace.resolve(workspace)
     target = ws.prediction_dir(run.label, slide_name) if output is None else _output_dir(ws, output)
@@ -236,10 +252,10 @@ def predict(
     with Slide(image) as slide:
         slide.probe()
         if opts.positions is not None:
-            lattice = positions_lattice(slide_name, Path(opts.positions), image, stride, min_tissue, slide)
+            lattice = positions_lattice(slide_name, Path(opts.positions), image, stride, min_tissue, slide, px_per_bin)
             how = {"microns_per_pixel_source": "Space Ranger scale factors"}
         else:
-            lattice, how = virtual_lattice(slide_name, slide, opts.mpp, stride, min_tissue)
+            lattice, how = virtual_lattice(slide_name, slide, opts.mpp, stride, min_tissue, px_per_bin)
         result = _run(
             run,
             lattice,
@@ -259,6 +275,7 @@ def predict(
                 "slide": str(image),
                 "lattice": {**lattice.describe(), **how},
                 "stride_bins": stride,
+                "rendering": geometry_for(px_per_bin).to_json(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "libraries": library_versions(),
                 "target": run.transform.kind,
@@ -289,7 +306,8 @@ def _run(
     from featcache.device import autocast
 
     origins, b = lattice.origins, GEOMETRY.bins
-    render = lambda rc: render_patch(slide, lattice.map_for(*rc), int(rc[0]), int(rc[1]))  # noqa: E731
+    geom = geometry_for(run.px_per_bin)  # the rendering the run's encoder read in training (docs/design.md §2)
+    render = lambda rc: render_patch(slide, lattice.map_for(*rc), int(rc[0]), int(rc[1]), geom)  # noqa: E731
     t0, done = time.perf_counter(), 0
     with (
         target.writer(

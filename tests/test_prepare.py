@@ -8,14 +8,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import torch
 import xarray as xr
 from conftest import BIN8
 from scipy import ndimage
 
+from featcache.encoders import GridEncoder, build_model, get_spec
 from featcache.errors import FeatcacheError
-from featcache.geometry import patch_origins
+from featcache.geometry import geometry_for, image_array_name, patch_origins
 from featcache.prepare import prepare_dataset
+from featcache.slide import Slide, render_patch
 from featcache.stores import Workspace
+from featcache.synth import SynthConfig, synthesize
+from featcache.visium import open_sample
 
 
 def test_stores_open_in_xarray_with_labels(prepared):
@@ -61,57 +66,114 @@ def test_targets_equal_scanpy_counts_and_mask_matches_in_tissue(prepared, synth_
             assert np.array_equal(t.library_size.values[k], lib)
 
 
-@pytest.mark.parametrize("sample", ["P1", "P2"])  # P2: rotated -1.3° and flipped
-def test_token_ij_sits_on_bin_r0_plus_i(synth_dir, tmp_path, sample):
-    """Paint green dots on chosen bins of the full-res image; find them at the right tokens."""
-    src = synth_dir / sample
+PROJECTIVE = SynthConfig(rows=64, cols=64, n_genes=64, seed=5, perspective=0.08, rotation_deg=1.1, flip_rows=False)
+ENCODER_AT = {14: "tiny-vit", 16: "tiny-vit16"}  # a patch-14 and a patch-16 ViT
+
+
+def paint_dots(image: np.ndarray, marks: pd.DataFrame, bin_map) -> np.ndarray:
+    """Green discs of 0.3 bin (the local bin pitch of ``bin_map``) on the bin centres of ``marks``."""
+    image = image.copy()
+    for _, m in marks.iterrows():
+        r, c = m.pxl_row_in_fullres, m.pxl_col_in_fullres
+        radius = 0.3 * bin_map.px_per_bin(m.array_row, m.array_col)
+        y0, x0 = int(r - radius - 2), int(c - radius - 2)
+        yy, xx = np.mgrid[y0 : int(r + radius + 3), x0 : int(c + radius + 3)]
+        disc = (yy - r) ** 2 + (xx - c) ** 2 <= radius**2
+        image[yy[disc], xx[disc]] = (0, 255, 0)
+    return image
+
+
+@pytest.fixture(scope="module", params=["P1", "P2", "Q"], ids=["rotated", "rotated-flipped", "projective"])
+def marked(request, synth_dir, tmp_path_factory):
+    """Green dots painted on chosen bins of a sample's full-resolution slide, prepared at 14 and 16 px per bin; and
+    the same patches rendered directly from the unpainted slide (to see which tokens the dots change).
+
+    P1: the grid rotated (drawn per sample); P2: rotated -1.3° and flipped; Q: rotated 1.1° under a projective
+    registration (the bin pitch changes by ± 8 % across the grid)."""
+    sample, tmp = request.param, tmp_path_factory.mktemp(f"marked-{request.param}")
+    if sample == "Q":
+        synthesize(tmp, ["Q"], PROJECTIVE)
+    src = (tmp if sample == "Q" else synth_dir) / sample
     pos = pd.read_parquet(src / BIN8 / "spatial" / "tissue_positions.parquet")
-    image = tifffile.imread(src / f"{sample}_tissue_image.btf")
     rng = np.random.default_rng(0)
     tissue = pos[pos.in_tissue == 1]
-    marks = tissue.iloc[rng.choice(len(tissue), 60, replace=False)]
+    marks = tissue.iloc[rng.choice(len(tissue), 80, replace=False)]
     rc = marks[["array_row", "array_col"]].to_numpy()
     apart = [k for k in range(len(rc)) if (np.abs(rc - rc[k]).max(axis=1) <= 2).sum() == 1]
     marks = marks.iloc[apart]  # no other mark within two bins, so neighbours stay clean
-    yy, xx = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
-    radius = 0.3 * 8 / 0.2738  # 0.3 bin
-    for _, m in marks.iterrows():
-        r, c = m.pxl_row_in_fullres, m.pxl_col_in_fullres
-        y0, y1, x0, x1 = int(r - 12), int(r + 13), int(c - 12), int(c + 13)
-        disc = (yy[y0:y1, x0:x1] - r) ** 2 + (xx[y0:y1, x0:x1] - c) ** 2 <= radius**2
-        image[y0:y1, x0:x1][disc] = (0, 255, 0)
-    painted = tmp_path / "painted.tif"
-    tifffile.imwrite(painted, image, photometric="rgb", rowsperstrip=64)  # striped, single level
+    painted, unpainted = tmp / "painted.tif", tmp / "unpainted.tif"  # striped, single level, both
+    full = tifffile.imread(src / f"{sample}_tissue_image.btf")
+    bin_map = open_sample(sample, src).registration.global_map
+    tifffile.imwrite(painted, paint_dots(full, marks, bin_map), photometric="rgb", rowsperstrip=64)
+    tifffile.imwrite(unpainted, full, photometric="rgb", rowsperstrip=64)
+    ws = tmp / "ws"
     res = prepare_dataset(
         "painted",
         {sample: str(src)},
         {sample: str(painted)},
-        workspace=tmp_path / "ws",
+        workspace=ws,
         show_progress=False,
         min_tissue=0.3,
+        px_per_bin="14,16",
     )
-    p = xr.open_zarr(Workspace(tmp_path / "ws").dataset("painted").patches_path, group=sample).load()
-    marked = {(int(m.array_row), int(m.array_col)) for _, m in marks.iterrows()}
+    ds = Workspace(ws).open_dataset("painted")
+    assert res.renderings == ds.renderings == [14, 16] and res.patches[sample] == ds.n_patches(sample) >= 3
+    s = open_sample(sample, src, unpainted)  # the unpainted slide, cut and mapped as prepare did
+    _, _, origins = s.plan_patches(32, 0.3)
+    assert np.array_equal(origins, ds.origins(sample))
+    with Slide(unpainted) as slide:
+        clean = {
+            p: np.stack([render_patch(slide, s.registration.map_for(r, c), r, c, geometry_for(p)) for r, c in origins])
+            for p in (14, 16)
+        }
+    return ds, sample, {(int(m.array_row), int(m.array_col)) for _, m in marks.iterrows()}, clean
+
+
+@pytest.mark.parametrize("px", [14, 16])
+def test_a_dot_on_bin_ij_lands_on_pixel_block_ij_and_token_ij(marked, px):
+    """Dots painted on bins of the full-resolution slide: in the rendering at ``px`` px per bin each dot is centred
+    on its bin's px × px block (within a tenth of a bin) and fills it, and in the token grid of a ViT whose patch
+    is ``px`` (no attention blocks, so a token sees only its own pixels) the dot changes token (i, j) alone."""
+    ds, sample, marked_bins, clean = marked
+    p = ds.patches(sample, px)
+    images = p[image_array_name(px)].values
+    assert images.shape[1:] == (32 * px, 32 * px, 3) and images.dtype == np.uint8
+    spec = get_spec(ENCODER_AT[px])
+    assert spec.px_per_bin == px and spec.input_px == 32 * px
+    torch.manual_seed(0)
+    enc = GridEncoder(spec, build_model(spec, depth=0)).eval()
+    with torch.inference_mode():
+        painted_tokens, _ = enc(torch.from_numpy(images))
+        clean_tokens, _ = enc(torch.from_numpy(clean[px]))
+    assert tuple(painted_tokens.shape[1:3]) == (32, 32)  # one token per bin
+    change = (painted_tokens - clean_tokens).abs().amax(dim=-1).numpy()  # (patch, 32, 32)
     found = 0
-    for img, (r0, c0) in zip(p.image.values, p.origin.values):
+    for k, (img, (r0, c0)) in enumerate(zip(images, p.origin.values)):
         green = (img[..., 1] > 180) & (img[..., 0] < 100) & (img[..., 2] < 100)
         labels, n = ndimage.label(green)
         for cy, cx in ndimage.center_of_mass(green, labels, range(1, n + 1)):
-            size = (labels == labels[int(cy), int(cx)]).sum()
-            if size < 30:  # ignore slivers cut by the patch edge
+            if (labels == labels[int(cy), int(cx)]).sum() < 0.15 * px * px:  # slivers cut by the patch edge
                 continue
-            bin_r, bin_c = r0 + (cy + 0.5) / 14 - 0.5, c0 + (cx + 0.5) / 14 - 0.5
+            bin_r, bin_c = r0 + (cy + 0.5) / px - 0.5, c0 + (cx + 0.5) / px - 0.5
             near = (round(bin_r), round(bin_c))
-            assert near in marked
+            assert near in marked_bins
             assert abs(bin_r - near[0]) < 0.1 and abs(bin_c - near[1]) < 0.1  # within a tenth of a bin
             i, j = near[0] - r0, near[1] - c0
-            token = green[14 * i : 14 * i + 14, 14 * j : 14 * j + 14]
-            assert token.mean() > 0.2  # a 0.3-bin disc covers 28 % of its own token ...
-            ring = green[max(14 * i - 14, 0) : 14 * i + 28, max(14 * j - 14, 0) : 14 * j + 28]
-            assert token.sum() > 0.9 * ring.sum()  # ... and nearly none of its neighbours'
+            block = green[px * i : px * i + px, px * j : px * j + px]
+            assert block.mean() > 0.2  # a 0.3-bin disc covers 28 % of its own block ...
+            ring = green[max(px * i - px, 0) : px * i + 2 * px, max(px * j - px, 0) : px * j + 2 * px]
+            assert block.sum() > 0.9 * ring.sum()  # ... and nearly none of its neighbours'
+            around = change[k, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2]
+            assert change[k, i, j] == around.max() > 0  # token (i, j) is the one the dot changes ...
+            assert np.sort(around, axis=None)[-2] < 0.25 * change[k, i, j]  # ... the others next to it barely
             found += 1
+        # and no token away from every dot changes at all
+        inside = {(r - r0, c - c0) for r, c in marked_bins if -1 <= r - r0 <= 32 and -1 <= c - c0 <= 32}
+        near_a_dot = np.zeros((34, 34), bool)
+        for i, j in inside:
+            near_a_dot[i : i + 3, j : j + 3] = True
+        assert not (change[k] > 0)[~near_a_dot[1:33, 1:33]].any()
     assert found >= 10, f"only {found} marker bins landed in prepared patches"
-    assert res.patches[sample] == len(p.patch)
 
 
 def test_patch_origins_threshold_and_stride():

@@ -48,7 +48,7 @@ class SampleArrays:
         inputs = self.source
         if name == "tokens" and not inputs.images:
             return inputs.store.read_error(sample, inputs.token_name, idx, exc)
-        stored = {"tokens": "image", "library": "library_size"}.get(name, name)
+        stored = {"tokens": inputs.image_name, "library": "library_size"}.get(name, name)
         return inputs.dataset.read_error(sample, stored, idx, exc)
 
 
@@ -56,25 +56,38 @@ class FoldInputs:
     """A dataset's model inputs and targets, checked for consistency.
 
     The inputs are the cached token grids of ``store`` (its final ``tokens``, or with ``layer`` its
-    ``tokens_<layer>``), or, with ``store=None`` (fine-tuning), the image patches themselves.
+    ``tokens_<layer>``), or, with ``store=None`` (fine-tuning), the image patches themselves, in the rendering
+    of the encoder's ``px_per_bin`` (``image`` at 14, ``image_16px`` at 16: docs/design.md §2), refused with the
+    command that adds it when the dataset lacks it.
     """
 
-    def __init__(self, dataset: Dataset, store: FeatureStore | None, layer: int | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        store: FeatureStore | None,
+        layer: int | None = None,
+        px_per_bin: int = GEOMETRY.px_per_bin,
+    ):
         self.dataset = dataset
         self.meta = dataset.meta
         self.store = store
         self.layer = layer
         self.token_name = "tokens" if layer is None else f"tokens_{layer}"
         self.images = store is None
+        self.image_name = dataset.image_name(px_per_bin, reader="fine-tuning") if self.images else None
         self.identity = (
             {"source": "patches.zarr", "dataset_fingerprint": dataset.fingerprint}
             if self.images
             else self._check_store(store)
         )
+        if self.images and px_per_bin != GEOMETRY.px_per_bin:  # a 14 px run's identity is the one it always had
+            self.identity["source"] = f"patches.zarr/{self.image_name}"
+        # the pixels per bin of what the encoder read: the rendering fine-tuned on, or the store's geometry
+        self.px_per_bin = px_per_bin if self.images else int(self.identity.get("geometry", {}).get("px_per_bin", 14))
         self.samples = dataset.samples
         self.arrays: dict[str, SampleArrays] = {}
         for s in self.samples:
-            dataset.check_chunks(s, ("counts", "library_size", "mask") + (("image",) if self.images else ()))
+            dataset.check_chunks(s, ("counts", "library_size", "mask") + ((self.image_name,) if self.images else ()))
             t = dataset.targets(s)
             if list(t.gene_id.values) != dataset.gene_ids:
                 raise FeatcacheError(
@@ -82,7 +95,7 @@ class FoldInputs:
                     "again with --overwrite."
                 )
             if self.images:
-                x, chunk = dataset.patches(s).image, dataset.image_array(s).chunks[0]
+                x, chunk = dataset.images(s, px_per_bin), dataset.image_array(s, px_per_bin).chunks[0]
             else:
                 f = store.open_sample(s)
                 if not np.array_equal(f.origin.values, t.origin.values):

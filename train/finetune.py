@@ -1,8 +1,10 @@
 """Fine-tune mode's augmentation (the encoder + decoder it trains is train/model.py's ``EncoderDecoder``).
 
 Augmentation rotates and flips the image and the 32 × 32 target grid together: a patch is
-32 × 14 px per side, so a 90° turn of the image is exactly a 90° turn of its bin grid and token
-(i, j) still sits on bin (i, j). Colour jitter is light and seeded, so a resumed run draws alike.
+32 × p px per side (p = the encoder's pixels per bin: 14, or 16 for a patch-16 encoder, which
+fine-tunes on the dataset's ``image_16px``), so a 90° turn of the image is exactly a 90° turn of
+its bin grid and token (i, j) still sits on bin (i, j). Colour jitter is light and seeded, so a
+resumed run draws alike.
 """
 
 from __future__ import annotations

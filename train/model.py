@@ -62,6 +62,11 @@ class TrainedRun:
     weights: str  # the encoder weights' identity
 
     @property
+    def px_per_bin(self) -> int:
+        """Pixels per bin of the patches the run's encoder reads (14, or 16 for a patch-16 encoder)."""
+        return self.model.encoder.spec.px_per_bin
+
+    @property
     def label(self) -> str:
         c = self.config
         return check_name(f"{c['dataset']}-{c['encoder']}-{c['run']}-fold-{c['fold']}", "run")

@@ -16,7 +16,7 @@ import torch
 
 from featcache.device import resolve_device
 from featcache.errors import FeatcacheError
-from featcache.geometry import BinSums
+from featcache.geometry import GEOMETRY, BinSums
 from featcache.provenance import library_versions
 from featcache.stores import Workspace
 from train.ceiling import noise_ceiling
@@ -94,7 +94,7 @@ def _inputs(ws: Workspace, cfg: TrainConfig):
     ds = ws.open_dataset(cfg.dataset)
     random = cfg.mode == "random"
     store = None if cfg.finetune else ws.feature_store(cfg.dataset, cfg.encoder, random, cfg.seed if random else 0)
-    inputs = FoldInputs(ds, store, cfg.layer)
+    inputs = FoldInputs(ds, store, cfg.layer, _encoder_px_per_bin(cfg.encoder) if cfg.finetune else GEOMETRY.px_per_bin)
     if store is not None:
         check_store_mode(cfg, store, inputs.identity)
     inputs.check_fold(cfg.fold)
@@ -241,6 +241,12 @@ def _finetune_encoder(cfg: TrainConfig):
     return spec, model, source
 
 
+def _encoder_px_per_bin(name: str) -> int:
+    from featcache.encoders import get_spec
+
+    return get_spec(name).px_per_bin
+
+
 def _input_identity(cfg: TrainConfig, inputs: FoldInputs, encoder) -> dict:
     """What the run reads, by identity (never by path, so a workspace can move)."""
     out = {
@@ -248,8 +254,11 @@ def _input_identity(cfg: TrainConfig, inputs: FoldInputs, encoder) -> dict:
         "train_samples": inputs.train_samples(cfg.fold),
         "test_samples": inputs.test_samples(cfg.fold),
         "features": {"store": inputs.store.name if inputs.store else None, "identity": inputs.identity},
-        "patching": {
-            k: inputs.meta["geometry"].get(k) for k in ("stride_bins", "min_tissue", "px_per_bin", "bins_per_patch")
+        "patching": {  # px_per_bin: the rendering the encoder read (predict renders a new slide at it)
+            **{
+                k: inputs.meta["geometry"].get(k) for k in ("stride_bins", "min_tissue", "px_per_bin", "bins_per_patch")
+            },
+            "px_per_bin": inputs.px_per_bin,
         },
         "genes": inputs.genes,
         "gene_ids": inputs.dataset.gene_ids,

@@ -2,23 +2,35 @@
 
 ::
 
-    patches.zarr/<sample>/image         uint8 (patch, y, x, rgb)   448 × 448 × 3 per patch
+    patches.zarr/<sample>/image         uint8 (patch, y, x, rgb)   448 × 448 × 3 per patch (14 px per bin)
+    patches.zarr/<sample>/image_16px    uint8 (patch, y, x, rgb)   512 × 512 × 3 (16 px per bin), when asked for
     patches.zarr/<sample>/origin        int32 (patch, axis)        array (row, col) of the patch's bin (0, 0)
     targets.zarr/<sample>/counts        int32 (patch, gene, row, col)  raw UMI counts of the gene panel
     targets.zarr/<sample>/library_size  int32 (patch, row, col)   Gene Expression UMIs of the bin
     targets.zarr/<sample>/mask          bool  (patch, row, col)   bin is in tissue (and in the matrix)
     targets.zarr/<sample>/{gene, gene_id, origin}                 coordinates
-    dataset.json                        samples, gene panel, geometry, source fingerprints
+    dataset.json                        samples, gene panel, geometry, renderings held, source fingerprints
     qc/<sample>.png                     the slide, its in-tissue bins and the kept patches through the registration
 
 A dataset is built in a hidden folder beside its final place (:class:`DatasetBuilder`) and moved
 there only when complete, so an interrupted run never leaves a half-written dataset that looks
 finished.
+
+Every rendering of the patches is one array of the same origins and chunking: ``image`` at 14 px per
+bin (always), ``image_16px`` at 16 (``prepare --px-per-bin 14,16``, for patch-16 encoders); each is
+resampled from the full-resolution slide through the same per-patch bin map. ``dataset.json``'s
+``renderings`` lists the ones the dataset holds (a dataset without the key holds ``image`` alone). A
+rendering added to a finished dataset (:class:`RenderingAdder`) is written in a hidden folder, moved
+into ``patches.zarr`` whole and listed in ``dataset.json`` last: only a listed rendering exists for
+readers. Adding one changes nothing else (targets, other arrays, fingerprint).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import shlex
+import shutil
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -27,7 +39,7 @@ import xarray as xr
 import zarr
 
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY
+from featcache.geometry import GEOMETRY, RENDERINGS, geometry_for, image_array_name
 from featcache.stores.files import read_json, staged_dir, write_json
 from featcache.stores.zarrio import (
     consolidate,
@@ -44,9 +56,27 @@ IMAGE_CHUNK = 8  # patches per image chunk (~4.8 MB raw)
 TARGET_CHUNK = 32  # patches per target chunk
 
 
-def open_lazy(path: Path, group: str | None) -> xr.Dataset:
-    """A Zarr group as a lazily loaded (Dask-backed) xarray Dataset."""
-    return xr.open_zarr(path, group=group, consolidated=False)
+IMAGE_ARRAYS = tuple(image_array_name(p) for p in RENDERINGS)  # every rendering's array name
+
+
+def open_lazy(path: Path, group: str | None, drop: list[str] | None = None) -> xr.Dataset:
+    """A Zarr group as a lazily loaded (Dask-backed) xarray Dataset (without the variables in ``drop``)."""
+    return xr.open_zarr(path, group=group, consolidated=False, drop_variables=drop)
+
+
+def rendering_record(px_per_bin: int) -> dict:
+    """What dataset.json's ``renderings`` says of one rendering."""
+    g = geometry_for(px_per_bin)
+    return {
+        "px_per_bin": g.px_per_bin,
+        "patch_px": g.patch_px,
+        "um_per_px": g.um_per_px,
+        "array": image_array_name(px_per_bin),
+    }
+
+
+def _store_of(name: str) -> str:
+    return "patches.zarr" if name in IMAGE_ARRAYS else "targets.zarr"
 
 
 class Dataset:
@@ -141,11 +171,64 @@ class Dataset:
                 f"dataset {self.name!r} has no sample {sample!r} (samples: {', '.join(self.samples)})."
             )
 
-    def patches(self, sample: str) -> xr.Dataset:
-        """One sample's image patches as a lazy (Dask-backed) xarray.Dataset: ``image`` uint8 (patch, y, x, rgb),
-        448 × 448 × 3 each, with ``origin`` (patch, axis), the array (row, col) of each patch's bin (0, 0)."""
+    @property
+    def renderings(self) -> list[int]:
+        """Pixels per bin of the renderings the dataset holds (14: ``image``; 16: ``image_16px``)."""
+        held = [int(r["px_per_bin"]) for r in self.meta.get("renderings", [])]
+        return sorted(held) or [GEOMETRY.px_per_bin]
+
+    def has_rendering(self, px_per_bin: int) -> bool:
+        return px_per_bin in self.renderings
+
+    def image_name(self, px_per_bin: int = GEOMETRY.px_per_bin, reader: str | None = None) -> str:
+        """The patches.zarr array of the rendering at ``px_per_bin``; refused, with the command that adds it,
+        when the dataset does not hold it (``reader`` says who wanted it, for the message)."""
+        name = image_array_name(geometry_for(px_per_bin).px_per_bin)
+        if not self.has_rendering(px_per_bin):
+            wanted = sorted({*self.renderings, px_per_bin})
+            raise FeatcacheError(
+                f"dataset {self.name!r} has no {px_per_bin} px per bin rendering (patches.zarr/<sample>/{name}, "
+                f"{geometry_for(px_per_bin).patch_px} px patches){f', which {reader} reads' if reader else ''}; it holds "
+                f"{', '.join(map(str, self.renderings))} px per bin. Add it with `{self.prepare_command(wanted)}` "
+                "(the same inputs: only the missing rendering is made, from the full-resolution slides; the targets, "
+                "the other renderings and the dataset's fingerprint stay as they are)."
+            )
+        return name
+
+    def prepare_command(self, px_per_bin=None) -> str:
+        """The ``featcache prepare`` command that made this dataset (its samples, images, patients, panel and
+        patching from dataset.json), with ``--px-per-bin`` when renderings beyond 14 px are asked for."""
+        meta, q = self.meta, shlex.quote
+        parts = ["featcache prepare", f"--dataset {q(self.name)}", f"--workspace {q(str(self.path.parent.parent))}"]
+        for s, info in meta["samples"].items():
+            parts.append("--sample " + q(s + "=" + str(info.get("source", "DIR"))))
+            if info.get("image"):
+                parts.append("--image " + q(s + "=" + str(info["image"])))
+            if info.get("patient", s) != s:
+                parts.append("--patient " + q(s + "=" + str(info["patient"])))
+        geometry = meta.get("geometry", {})
+        parts += [
+            f"--genes {q(str(meta['genes'].get('spec', 'top-mean:50')))}",
+            f"--stride {geometry.get('stride_bins', GEOMETRY.bins)}",
+            f"--min-tissue {geometry.get('min_tissue', 0.5)}",
+        ]
+        wanted = sorted(set(px_per_bin or self.renderings))
+        if wanted != [GEOMETRY.px_per_bin]:
+            parts.append(f"--px-per-bin {','.join(map(str, wanted))}")
+        return " ".join(parts)
+
+    def patches(self, sample: str, px_per_bin: int = GEOMETRY.px_per_bin) -> xr.Dataset:
+        """One sample's image patches at ``px_per_bin`` as a lazy (Dask-backed) xarray.Dataset: ``image`` uint8
+        (patch, y, x, rgb), 448 × 448 × 3 each at 14 px per bin (``image_16px``, 512 × 512 × 3, at 16), with
+        ``origin`` (patch, axis), the array (row, col) of each patch's bin (0, 0). One rendering at a time: their
+        y and x have different lengths."""
         self._check_sample(sample)
-        return open_lazy(self.patches_path, sample)
+        name = self.image_name(px_per_bin)
+        return open_lazy(self.patches_path, sample, [n for n in IMAGE_ARRAYS if n != name])
+
+    def images(self, sample: str, px_per_bin: int = GEOMETRY.px_per_bin) -> xr.DataArray:
+        """One sample's patches at ``px_per_bin`` px per bin: uint8 (patch, y, x, rgb), lazily."""
+        return self.patches(sample, px_per_bin)[image_array_name(px_per_bin)]
 
     def targets(self, sample: str) -> xr.Dataset:
         """One sample's per-bin targets as a lazy (Dask-backed) xarray.Dataset: ``counts`` int32 (patch, gene, row,
@@ -154,10 +237,10 @@ class Dataset:
         self._check_sample(sample)
         return open_lazy(self.targets_path, sample)
 
-    def image_array(self, sample: str) -> zarr.Array:
-        """The raw Zarr array of a sample's patches (for readers that decode chunk by chunk)."""
+    def image_array(self, sample: str, px_per_bin: int = GEOMETRY.px_per_bin) -> zarr.Array:
+        """The raw Zarr array of a sample's patches at ``px_per_bin`` (for readers that decode chunk by chunk)."""
         self._check_sample(sample)
-        return open_local(self.patches_path)[sample]["image"]
+        return open_local(self.patches_path)[sample][self.image_name(px_per_bin)]
 
     @property
     def gene_totals_path(self) -> Path:
@@ -182,7 +265,7 @@ class Dataset:
     def check_chunks(self, sample: str, names=("counts", "library_size", "mask")) -> None:
         """Refuse a sample whose chunk files of these arrays are missing: zarr would read them as fill values."""
         for name in names:
-            store = "patches.zarr" if name == "image" else "targets.zarr"
+            store = _store_of(name)
             arr = open_local(self.path / store)[sample][name]
             missing = missing_chunks(arr, self.path / store / sample / name)
             if missing:
@@ -194,7 +277,7 @@ class Dataset:
 
     def read_error(self, sample: str, name: str, idx, exc: Exception) -> FeatcacheError:
         """The error for a damaged chunk of this dataset, naming the store, array and chunk."""
-        store = "patches.zarr" if name == "image" else "targets.zarr"
+        store = _store_of(name)
         arr = open_local(self.path / store)[sample][name]
         return read_error(
             arr,
@@ -224,6 +307,7 @@ class Dataset:
             "samples": {s: self.n_patches(s) for s in self.samples},
             "patients": len(self.patients),
             "genes": len(self.gene_ids),
+            "px_per_bin": self.renderings,
             "path": str(self.path),
         }
 
@@ -232,10 +316,16 @@ class Dataset:
 
     ARRAYS = (("patches.zarr", ("image", "origin")), ("targets.zarr", ("counts", "library_size", "mask", "origin")))
 
+    def arrays(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """(store, array names) of everything the dataset holds: :attr:`ARRAYS` and every other rendering."""
+        (patches, names), targets = self.ARRAYS
+        extra = tuple(image_array_name(p) for p in self.renderings if p != GEOMETRY.px_per_bin)
+        return (patches, names + extra), targets
+
     def verify(self) -> list[str]:
         """Read back every chunk of every array (presence, checksums); the problems found, one line each."""
         problems = []
-        for store, names in self.ARRAYS:
+        for store, names in self.arrays():
             root = open_local(self.path / store)
             for sample in self.samples:
                 if sample not in root:
@@ -260,6 +350,22 @@ class SampleArrays:
     counts: zarr.Array
     library_size: zarr.Array
     mask: zarr.Array
+    images: dict[int, zarr.Array] = field(default_factory=dict)  # px per bin -> its rendering (``image`` at 14)
+
+
+def _create_image(group: zarr.Group, px_per_bin: int, n: int) -> zarr.Array:
+    """One rendering's array: (patch, y, x, rgb) uint8, IMAGE_CHUNK whole patches per chunk, origins as coordinate."""
+    px = geometry_for(px_per_bin).patch_px
+    return create_array(
+        group,
+        image_array_name(px_per_bin),
+        shape=(n, px, px, 3),
+        chunks=(IMAGE_CHUNK, px, px, 3),
+        dtype="uint8",
+        dims=("patch", "y", "x", "rgb"),
+        level=3,
+        attributes={"coordinates": "origin", "px_per_bin": px_per_bin},
+    )
 
 
 def _read_back(arr, label: str) -> list[str]:
@@ -293,20 +399,14 @@ class DatasetBuilder:
             self.abort()  # a full disk while the skeleton is written leaves nothing behind
             raise
 
-    def add_sample(self, sample: str, origins: np.ndarray, gene_ids, gene_labels, patch_attrs: dict) -> SampleArrays:
-        n, b, px, g = len(origins), GEOMETRY.bins, GEOMETRY.patch_px, len(gene_ids)
+    def add_sample(
+        self, sample: str, origins: np.ndarray, gene_ids, gene_labels, patch_attrs: dict, renderings=(14,)
+    ) -> SampleArrays:
+        """The sample's arrays, empty: one image array per rendering (px per bin; 14 always), targets, origins."""
+        n, b, g = len(origins), GEOMETRY.bins, len(gene_ids)
         pg = self.patches.create_group(sample)
         pg.attrs.update(patch_attrs)
-        image = create_array(
-            pg,
-            "image",
-            shape=(n, px, px, 3),
-            chunks=(IMAGE_CHUNK, px, px, 3),
-            dtype="uint8",
-            dims=("patch", "y", "x", "rgb"),
-            level=3,
-            attributes={"coordinates": "origin"},
-        )
+        images = {p: _create_image(pg, p, n) for p in sorted({GEOMETRY.px_per_bin, *renderings})}
         write_origins(pg, origins)
         tg = self.targets.create_group(sample)
         tg.attrs.update({"sample": sample, "counts": "raw UMI counts of the gene panel per 8 µm bin"})
@@ -329,7 +429,7 @@ class DatasetBuilder:
         mask = create_array(
             tg, "mask", shape=(n, b, b), chunks=(TARGET_CHUNK, b, b), dtype="bool", fill_value=False, **per_patch
         )
-        return SampleArrays(image, counts, library, mask)
+        return SampleArrays(images[GEOMETRY.px_per_bin], counts, library, mask, images)
 
     def write_gene_totals(self, ids, samples: list[str], totals: np.ndarray, n_bins) -> None:
         """Each sample's total count per shared Gene Expression feature (to judge the panel rule per fold)."""
@@ -362,3 +462,61 @@ class DatasetBuilder:
     def __exit__(self, *_) -> None:
         if not self.staged.done:
             self.abort()
+
+
+class RenderingAdder:
+    """Adds renderings to a finished dataset without touching anything else in it.
+
+    The new arrays are written in a hidden folder beside the dataset (:func:`staged_dir`: a killed writer's is
+    removed by the next); :meth:`commit` moves each into ``patches.zarr/<sample>/`` whole, consolidates the
+    store's metadata and only then lists the renderings in ``dataset.json`` (one atomic write): until that
+    write the dataset holds what it held before, and an array left by an interrupted commit, never listed, is
+    replaced by the next. Leaving the ``with`` block without a commit removes the hidden folder.
+    """
+
+    def __init__(self, dataset: Dataset, renderings):
+        self.dataset = dataset
+        self.renderings = sorted(set(renderings))
+        self.staged = staged_dir(dataset.path)
+        self.partial = self.staged.path
+        self.samples: list[str] = []
+        try:
+            self.patches = open_local(self.partial / "patches.zarr", "w")
+        except BaseException:
+            self.staged.abort()
+            raise
+
+    def add_sample(self, sample: str, n: int) -> dict[int, zarr.Array]:
+        """Empty arrays of the sample's new renderings (``n`` patches, the sample's origins)."""
+        group = self.patches.create_group(sample)
+        self.samples.append(sample)
+        return {p: _create_image(group, p, n) for p in self.renderings}
+
+    def commit(self) -> list[int]:
+        """Move the arrays into place and list them in dataset.json; returns the renderings added (those another
+        process listed meanwhile are left as that process wrote them)."""
+        ds = self.dataset
+        meta = read_json(ds.meta_path)
+        held = {int(r["px_per_bin"]) for r in meta.get("renderings", [])} or {GEOMETRY.px_per_bin}
+        new = [p for p in self.renderings if p not in held]
+        for p in new:
+            name = image_array_name(p)
+            for sample in self.samples:
+                src, dst = self.partial / "patches.zarr" / sample / name, ds.patches_path / sample / name
+                if dst.exists():  # left by an interrupted commit: never listed in dataset.json, so never read
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+        if new:
+            consolidate(ds.patches_path)
+            meta["renderings"] = [rendering_record(p) for p in sorted(held | set(new))]
+            write_json(ds.meta_path, meta)
+        self.staged.abort()  # what is left of the hidden folder
+        ds.__dict__.pop("meta", None)  # the cached dataset.json is stale
+        return new
+
+    def __enter__(self) -> RenderingAdder:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if not self.staged.done:
+            self.staged.abort()

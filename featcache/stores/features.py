@@ -10,8 +10,9 @@
     <sample>/_done/<chunk>   empty marker, written after the chunk's tokens and pooled are stored
 
 The identity names the encoder and its kwargs, the weights (sha256 or ``random:<seed>``), input
-size, normalisation, stored dtype, compute precision, prefix tokens dropped, geometry, dataset
-fingerprint, layout, codec and chunking, and (only when ``--layers`` was given) the intermediate
+size, normalisation, stored dtype, compute precision, prefix tokens dropped, geometry (with the pixels
+per bin and patch size of the rendering the encoder read), dataset fingerprint, layout, codec and
+chunking, and (only when ``--layers`` was given) the intermediate
 layers it holds: ``layers`` = {"tokens_<N>": {"layer": N, "grid": [h, w], "dim": c, "module": timm's name}}. A store
 extracted with other layers is another identity: adding a layer means ``--overwrite`` (or another ``--output``). A store is created by writing its root ``zarr.json``
 with the identity in one exclusive step, so a folder either is a featcache store (it has the
@@ -32,6 +33,7 @@ import xarray as xr
 import zarr
 
 from featcache.errors import FeatcacheError
+from featcache.geometry import GEOMETRY, geometry_for
 from featcache.stores.files import create_exclusive, is_temporary, write_bytes
 from featcache.stores.location import Location, is_url, local_path, zarr_store
 from featcache.stores.zarrio import TOKEN_CODECS, create_array, read_error, write_origins
@@ -90,9 +92,14 @@ def make_identity(
     codec: str,
     layout: str,
     layers: dict[int, dict] | None = None,
+    px_per_bin: int = GEOMETRY.px_per_bin,
 ) -> dict:
     """Everything that determines a store's values (``spec`` is the encoder's ``describe()``; ``layers`` the
-    intermediate layers' shapes, ``encoders.check_layers``: absent when none, so older stores keep their identity)."""
+    intermediate layers' shapes, ``encoders.check_layers``: absent when none, so older stores keep their identity).
+
+    The geometry is the dataset's patching (bins per patch, stride, min tissue) at the rendering the encoder
+    read: ``px_per_bin`` and ``patch_px`` are the encoder's (14 and 448, or 16 and 512), so a store of a 14 px
+    encoder has the identity it always had."""
     if codec not in TOKEN_CODECS:
         raise FeatcacheError(f"unknown codec {codec!r}; one of {', '.join(TOKEN_CODECS)}.")
     if layout not in LAYOUTS:
@@ -110,7 +117,7 @@ def make_identity(
                 "layout": list(LAYOUTS[layout]),
                 "chunk_patches": chunk,
                 "codec": codec,
-                "geometry": dataset["geometry"],
+                "geometry": {**dataset["geometry"], **geometry_for(px_per_bin).to_json()},
                 "dataset": dataset["dataset"],
                 "dataset_fingerprint": dataset["fingerprint"],
                 "samples": {s: v["n_patches"] for s, v in dataset["samples"].items()},
