@@ -35,6 +35,7 @@ from train.cli import (
     EncoderLr,
     Epochs,
     InMemory,
+    Loss,
     Lr,
     MicroBatch,
     Name,
@@ -214,6 +215,7 @@ def loocv(
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
+    loss: Loss = _default("loss"),
     name: Name = None,
     device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
@@ -243,6 +245,7 @@ def loocv(
         micro_batch=micro_batch,
         target=target,
         score=score,
+        loss=loss,
         name=name,
     )
     slurm = None
