@@ -247,3 +247,30 @@ def test_the_loss_is_a_setting_of_every_command_and_the_comparison_file(tiny_cnn
     assert "poisson" in res["methodology"]["loss"]
     r = CliRunner().invoke(app, ["decoder", "--help"])
     assert "--loss" in r.output
+
+
+def test_featcache_predict_writes_a_count_runs_target_space_and_says_how(tiny_cnn_features, synth_dir, tmp_path):
+    import anndata as ad
+
+    from pipeline.predict import PredictOptions, predict
+
+    ws, _ = tiny_cnn_features
+    settings = {**FAST, "epochs": 2, "overwrite": False}  # the run of the test above, reused when it ran
+    res = run_fold("tiny", "tiny-cnn", "P2", loss="nb", decoder="unet", target="log1p-cp10k", workspace=ws, **settings)
+    out = tmp_path / "pred"
+    predict(
+        res.run_dir,
+        synth_dir / "P2" / "P2_tissue_image.btf",
+        PredictOptions(positions=synth_dir / "P2"),
+        workspace=ws,
+        output=out,
+        device="cpu",
+        show_progress=False,
+    )
+    z = xr.open_zarr(out / "predictions.zarr").z.values.astype(np.float32)
+    pred = xr.open_zarr(res.run_dir / "predictions.zarr").pred.values
+    assert np.allclose(z, pred, atol=2e-3 * np.abs(pred).max() + 1e-3)  # target space, bin for bin
+    meta = json.loads((out / "prediction.json").read_text())
+    assert meta["loss"] == "nb" and meta["exposure"]["library_size"] == 1e4
+    uns = ad.read_h5ad(out / "predictions.h5ad").uns["featcache"]
+    assert uns["loss"] == "nb" and "per 10k" in uns["exposure"]["rule"]
