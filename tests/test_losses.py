@@ -168,6 +168,7 @@ def test_count_loss_runs_score_their_stored_target_space_predictions(tiny_cnn_fe
         log_rate = head(torch.from_numpy(read_tokens(p2, "P2", idx)).float()).numpy()
     counts, library, _ = load_targets(p2, idx)
     assert np.allclose(to_target(log_rate, trained.transform, library=library), stored.pred.values, atol=1e-5)
+    assert np.allclose(stored.log_rate.values, log_rate, atol=1e-5)  # the rates are stored beside pred
     assert np.allclose(trained.transform(counts, library), stored.truth.values)
     # ... and the reloaded model (what `featcache predict` runs) maps it with its documented exposure
     assert trained.loss == loss and ck["loss"] == loss
@@ -274,3 +275,32 @@ def test_featcache_predict_writes_a_count_runs_target_space_and_says_how(tiny_cn
     assert meta["loss"] == "nb" and meta["exposure"]["library_size"] == 1e4
     uns = ad.read_h5ad(out / "predictions.h5ad").uns["featcache"]
     assert uns["loss"] == "nb" and "per 10k" in uns["exposure"]["rule"]
+
+
+def test_a_finetune_run_with_a_count_loss_trains_its_dispersion_and_reloads(tiny_cnn_features):
+    ws, _ = tiny_cnn_features
+    res = run_fold(
+        "tiny",
+        "tiny-cnn",
+        "P2",
+        mode="finetune",
+        weights="random:0",
+        decoder="linear",
+        loss="nb",
+        epochs=1,
+        batch_size=4,
+        micro_batch=2,
+        lr=1e-3,
+        encoder_lr=1e-3,
+        workspace=ws,
+        overwrite=True,
+    )
+    assert res.run_dir.parent.name == "finetune-randomweights-linear-nb"
+    stored, ck, again = _recomputed(res.run_dir)
+    assert res.metrics["pcc_gene"] == pytest.approx(again["pcc_gene"], rel=1e-9)
+    assert np.abs(ck["state_dict"]["decoder.log_theta"].numpy()).max() > 0
+    trained = load_run(res.run_dir)
+    images = FoldInputs(Workspace(ws).dataset("tiny"), None).arrays["P2"]
+    with torch.inference_mode():
+        whole = trained.model(torch.from_numpy(read_tokens(images, "P2", np.arange(len(images.origin))))).numpy()
+    assert np.allclose(whole, stored.pred.values, atol=1e-4)  # log1p(CP10k): predict reproduces the run

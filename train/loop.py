@@ -125,8 +125,9 @@ def validate(model, batches: Batches, dev, objective=None) -> tuple[float | None
     return loss, float(np.nanmean(r)) if np.isfinite(r).any() else None
 
 
-def predict(model, inputs: FoldInputs, sample: str, idx: np.ndarray, transform, dev, objective=None):
-    """Predictions and transformed truth (target space) and in-tissue mask of the given patches of one sample."""
+def predict(model, inputs: FoldInputs, sample: str, idx: np.ndarray, transform, dev, objective=None, raw=False):
+    """Predictions and transformed truth (target space) and in-tissue mask of the given patches of one sample;
+    ``raw``: the model's own output too (a count model's log-rates), fourth."""
     arr = inputs.arrays[sample]
     model.eval()
     preds = []
@@ -135,8 +136,9 @@ def predict(model, inputs: FoldInputs, sample: str, idx: np.ndarray, transform, 
             tok = read_tokens(arr, sample, idx[a : a + 16])
             preds.append(model(to_input(tok, dev)).float().cpu().numpy())
     counts, library, mask = load_targets(arr, idx)
-    pred = (objective or MSE()).predicted(np.concatenate(preds), library)
-    return pred, transform(counts, library), mask.astype(bool)
+    out = np.concatenate(preds)
+    pred = (objective or MSE()).predicted(out, library)
+    return (pred, transform(counts, library), mask.astype(bool)) + ((out,) if raw else ())
 
 
 @dataclass

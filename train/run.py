@@ -164,20 +164,16 @@ class TestSet:
     mask: np.ndarray
     origins: np.ndarray
     samples: np.ndarray  # the section each patch comes from
+    log_rate: np.ndarray | None = None  # a count model's output: log expected counts per 10k UMIs
 
     @classmethod
     def predict(cls, model, inputs: FoldInputs, fold: str, transform, dev, objective=None) -> TestSet:
-        parts = []
+        parts, raw = [], objective is not None and objective.kind != "mse"
         for s in inputs.test_samples(fold):
             idx = np.arange(len(inputs.arrays[s].origin))
-            parts.append(
-                (
-                    *predict(model, inputs, s, idx, transform, dev, objective),
-                    inputs.arrays[s].origin,
-                    np.full(len(idx), s),
-                )
-            )
-        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+            pred, truth, mask, *out = predict(model, inputs, s, idx, transform, dev, objective, raw=raw)
+            parts.append((pred, truth, mask, inputs.arrays[s].origin, np.full(len(idx), s), *out))
+        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))))
 
     def scored(self, all_bins: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(pred, truth, mask of the bins each point metric counts, mask for SSIM's maps).
@@ -213,9 +209,24 @@ def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, 
         "mask": "in-tissue bins",
     }
     if cfg.loss != "mse":
-        attrs.update({"loss": cfg.loss, "pred_from": f"the {cfg.loss} model's rates: {MAPPING_TEXT[cfg.target]}"})
+        attrs.update(
+            {
+                "loss": cfg.loss,
+                "pred_from": f"log_rate (log expected counts per 10k UMIs) of the {cfg.loss} model: "
+                + MAPPING_TEXT[cfg.target],
+            }
+        )
+    extra = None if test.log_rate is None else {"log_rate": test.log_rate}  # pred is its target-space mapping
     run.write_predictions(
-        test.pred, test.truth, test.mask, test.origins, test.samples, inputs.genes, inputs.dataset.gene_ids, attrs
+        test.pred,
+        test.truth,
+        test.mask,
+        test.origins,
+        test.samples,
+        inputs.genes,
+        inputs.dataset.gene_ids,
+        attrs,
+        extra,
     )
     run.save_checkpoint(
         {
