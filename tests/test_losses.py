@@ -182,6 +182,8 @@ def test_count_loss_runs_score_their_stored_target_space_predictions(tiny_cnn_fe
     if target == "log1p-cp10k":  # no library enters: predict reproduces the run's own predictions
         assert np.allclose(whole, stored.pred.values, atol=1e-3)
         assert np.abs(ck["state_dict"]["log_theta"].numpy()).max() > 0  # the dispersion was trained
+        theta = np.exp(ck["state_dict"]["log_theta"].numpy())
+        assert np.allclose(list(m["nb_theta"]["per_gene"].values()), theta, rtol=1e-6)
     # validation selects on target-space pcc_gene of the mapped rates
     transform = TargetTransform.from_json(ck["transform"])
     batches = Batches(inputs, {"P2": idx}, pack, 4, in_memory=True)

@@ -166,9 +166,12 @@ class CountLoss:
         return (self.nll(log_rate, y) * m.unsqueeze(1).float()).sum()
 
     def val_loss(self, p: np.ndarray, y: np.ndarray, m: np.ndarray) -> float:
+        total = 0.0
         with torch.no_grad():
-            total = self.loss(torch.from_numpy(p).float(), torch.from_numpy(y), torch.from_numpy(m))
-        return float(total) / max(float(m.sum()) * self.n_genes(y), 1.0)
+            for a in range(0, len(p), 64):  # a few patches at a time: the NLL's temporaries are p-sized
+                t = (torch.from_numpy(v[a : a + 64]) for v in (p, y, m))
+                total += float(self.loss(*t))
+        return total / max(float(m.sum()) * self.n_genes(y), 1.0)
 
     def scored(self, out: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.predicted(out, y[:, -1]), self.transform(y[:, :-1], y[:, -1])
@@ -212,6 +215,15 @@ class CountStats:
 
     def to_json(self) -> dict:
         return {"median_library": self.median_library, "log_base": self.log_base.tolist()}
+
+
+def dispersion(model, genes: list[str]) -> dict | None:
+    """An NB model's learned size θ per gene (None for MSE and Poisson), for metrics.json."""
+    head = count_head(model)
+    if head is None or head.log_theta is None:
+        return None
+    theta = torch.exp(head.log_theta.detach().float().cpu()).numpy()
+    return {"median": float(np.median(theta)), "per_gene": {g: float(t) for g, t in zip(genes, theta)}}
 
 
 def objective(cfg, transform, model) -> MSE | CountLoss:

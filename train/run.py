@@ -23,7 +23,7 @@ from train.ceiling import noise_ceiling
 from train.config import MAPPING_TEXT, SCORE_TEXT, TRANSFORM_TEXT, TrainConfig
 from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget
 from train.loop import Distributed, Stepper, fit, predict
-from train.losses import CountStats, count_head, objective, pack
+from train.losses import CountStats, count_head, dispersion, objective, pack
 from train.metrics import evaluate
 from train.model import assemble
 
@@ -199,6 +199,8 @@ def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, 
     model.load_state_dict(best.state)
     test = TestSet.predict(model, inputs, cfg.fold, data.transform, dev, objective(cfg, data.transform, model))
     metrics = _score(cfg, record, inputs, data, best, test)
+    if cfg.loss == "nb":
+        metrics["nb_theta"] = dispersion(model, inputs.genes)  # the selected epoch's learned size θ per gene
     units = "z-scored log1p(CP10k)" if cfg.target == "log1p-cp10k" else "log1p(counts)"
     attrs = {
         "fold": cfg.fold,

@@ -288,6 +288,7 @@ class RunDir:
             ("mode", config.get("mode")),
             ("decoder", config.get("decoder")),
             ("genes", config.get("genes")),
+            ("loss", config.get("loss_kind")),  # a count-loss run's (MSE runs record none)
         ):
             if want is not None and ck.get(key) != want:
                 raise FeatcacheError(
