@@ -304,13 +304,13 @@ def _build(cfg: TrainConfig, inputs: FoldInputs, encoder, dev, counts=None):
         head.log_base.copy_(torch.from_numpy(counts.log_base))
     model = model.to(dev)
     decoder = model if grid is None else model.decoder
-    dispersion = [] if head is None or head.log_theta is None else [head.log_theta]
-    groups = [{"params": [p for p in decoder.parameters() if all(p is not d for d in dispersion)], "lr": cfg.lr}]
+    theta = [] if head is None or head.log_theta is None else [head.log_theta]
+    groups = [{"params": [p for p in decoder.parameters() if all(p is not t for t in theta)], "lr": cfg.lr}]
     if grid is not None:
         groups.insert(0, {"params": model.encoder.parameters(), "lr": cfg.encoder_lr})
-    if dispersion:
-        groups.append({"params": dispersion, "lr": cfg.dispersion_lr})
-    if grid is None and not dispersion:
+    if theta:
+        groups.append({"params": theta, "lr": cfg.dispersion_lr})
+    if grid is None and not theta:
         return model, torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     return model, torch.optim.Adam(groups, weight_decay=0.0)
 
