@@ -117,12 +117,9 @@ class TargetSpace(nn.Module):
 
 
 class MSE:
-    """The loss every run had before ``--loss``: batches carry target-space values."""
+    """The loss every run had before ``--loss``: batches carry target-space values (the transform's)."""
 
     kind = "mse"
-
-    def batch_targets(self, transform):
-        return transform
 
     def n_genes(self, y) -> int:
         return y.shape[1]
@@ -142,15 +139,11 @@ class MSE:
 
 
 class CountLoss:
-    """Poisson or NB NLL of raw counts: batches carry (counts of the G genes, library) as G + 1 channels, so
-    shuffling, augmentation and in-memory caching treat them as they treat targets."""
+    """Poisson or NB NLL of raw counts: batches carry (counts of the G genes, library) as G + 1 channels
+    (:func:`pack`), so shuffling, augmentation and in-memory caching treat them as they treat targets."""
 
     def __init__(self, kind: str, transform, head: CountHead):
         self.kind, self.transform, self.head = kind, transform, head
-
-    @staticmethod
-    def batch_targets(transform=None):
-        return pack
 
     def n_genes(self, y) -> int:
         return y.shape[1] - 1
