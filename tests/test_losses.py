@@ -306,3 +306,14 @@ def test_a_finetune_run_with_a_count_loss_trains_its_dispersion_and_reloads(tiny
     with torch.inference_mode():
         whole = trained.model(torch.from_numpy(read_tokens(images, "P2", np.arange(len(images.origin))))).numpy()
     assert np.allclose(whole, stored.pred.values, atol=1e-4)  # log1p(CP10k): predict reproduces the run
+
+
+def test_a_count_loss_over_all_bins_counts_glass_too(tiny_cnn_features):
+    """`--score all-bins`: glass bins (library 0, floored at 1) enter the loss and the metrics, finite."""
+    ws, _ = tiny_cnn_features
+    res = run_fold("tiny", "tiny-cnn", "P2", loss="poisson", decoder="linear", score="all-bins", workspace=ws, **FAST)
+    assert res.run_dir.parent.name == "random-linear-poisson-allbins"
+    m = json.loads((res.run_dir / "metrics.json").read_text())
+    assert m["n_bins"] == m["n_patches"] * 32 * 32 and np.isfinite(m["pcc_gene"]) and np.isfinite(m["mse"])
+    log = [json.loads(line) for line in (res.run_dir / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(row["train_loss"]) for row in log)
