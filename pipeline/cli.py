@@ -37,6 +37,7 @@ from train.cli import (
     Epochs,
     InMemory,
     LayerOpt,
+    Loss,
     Lr,
     MicroBatch,
     Name,
@@ -218,6 +219,7 @@ def loocv(
     target: Target = _default("target"),
     score: Score = _default("score"),
     layer: LayerOpt = None,
+    loss: Loss = _default("loss"),
     name: Name = None,
     device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
@@ -249,6 +251,7 @@ def loocv(
         target=target,
         score=score,
         layer=layer,
+        loss=loss,
         name=name,
     )
     slurm = None

@@ -279,11 +279,17 @@ def predict(
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "libraries": library_versions(),
                 "target": run.transform.kind,
+                **_count_model(run),
                 "notes": slide.notes,
             },
         )
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _count_model(run: TrainedRun) -> dict:
+    """A count-loss run (docs/design.md §6): its loss and the library size its rates were mapped with."""
+    return {} if run.exposure is None else {"loss": run.loss, "exposure": run.exposure}
 
 
 def slide_name_of(image: Path) -> str:
@@ -424,7 +430,12 @@ def _write_h5ad(w, run: TrainedRun, lattice: Lattice, slide: Slide) -> int:
         h5.finish(
             {
                 "spatial": spatial_uns(lattice.name, thumb, scale, lattice.pitch_px, "featcache predict"),
-                "featcache": {"run": str(run.run.path), "target": run.transform.kind, "lattice": lattice.source},
+                "featcache": {
+                    "run": str(run.run.path),
+                    "target": run.transform.kind,
+                    "lattice": lattice.source,
+                    **_count_model(run),
+                },
             }
         )
     return h5.n_obs

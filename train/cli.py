@@ -108,6 +108,13 @@ LayerOpt = Annotated[
 Score = Annotated[
     str, typer.Option(help="Bins in loss and metrics: in-tissue (ours) or all-bins (the reference pipeline).")
 ]
+Loss = Annotated[
+    str,
+    typer.Option(
+        help="mse (in target space), poisson or nb (negative binomial, learned per-gene dispersion): the count "
+        "losses fit rates of the raw counts with the bin's library size as exposure (runs *-poisson, *-nb)."
+    ),
+]
 
 
 @app.command()
@@ -135,6 +142,7 @@ def decoder(
     target: Target = _default("target"),
     score: Score = _default("score"),
     layer: LayerOpt = None,
+    loss: Loss = _default("loss"),
     name: Name = None,
     device: DeviceOpt = "auto",
     in_memory: InMemory = "auto",
@@ -171,6 +179,7 @@ def decoder(
             target=target,
             score=score,
             layer=layer,
+            loss=loss,
             name=name,
         )
         res = train_fold(
@@ -227,6 +236,7 @@ def finetune(
     val_fraction: ValFrac = _default("val_fraction"),
     target: Target = _default("target"),
     score: Score = _default("score"),
+    loss: Loss = _default("loss"),
     name: Name = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
@@ -256,6 +266,7 @@ def finetune(
             val_fraction=val_fraction,
             target=target,
             score=score,
+            loss=loss,
             name=name,
         )
         res = train_fold(cfg, workspace, device=device, in_memory="no", overwrite=overwrite, tensorboard=tensorboard)

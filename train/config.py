@@ -20,6 +20,7 @@ MODES = ("frozen", "random", "finetune")
 DECODERS = ("unet", "linear", "ridge")  # ridge: HEST-Benchmark's patch-level head (train/ridge.py)
 CONTROLS = ("shuffled",)
 TARGETS = ("log1p-cp10k", "log1p-counts")  # ours (z-scored per gene) | the reference pipeline's
+LOSSES = ("mse", "poisson", "nb")  # train/losses.py: MSE in target space | count likelihoods of the raw counts
 SCORES = ("in-tissue", "all-bins")  # ours | the reference pipeline's (every bin of the patch)
 BLOCK_BINS = 64  # validation blocks: 64 × 64 bins of the training patients
 TRANSFORM_TEXT = {
@@ -32,6 +33,20 @@ SCORE_TEXT = {
     "all-bins": "every bin of each patch, in tissue or not (the reference pipeline's scoring)",
 }
 RIDGE_UNUSED = ("epochs", "batch_size", "lr", "lr_grid", "control")  # options the ridge head has no use for
+LOSS_TEXT = {
+    "mse": "MSE over in-tissue bins",  # the text runs have always recorded (their config hash is unchanged)
+    "poisson": "Poisson NLL of the raw counts over the scored bins; the decoder outputs a log-rate per 10k UMIs "
+    "(plus a fixed per-gene offset), expected count = exp(output) × the bin's library size / 1e4",
+    "nb": "negative binomial NLL of the raw counts over the scored bins, a learned per-gene size θ (log θ a model "
+    "parameter, initialised at 0, Var = μ + μ²/θ); the decoder outputs a log-rate per 10k UMIs (plus a fixed "
+    "per-gene offset), expected count μ = exp(output) × the bin's library size / 1e4",
+}
+MAPPING_TEXT = {
+    "log1p-cp10k": "predicted mean count / library × 1e4 = exp(output), log1p, z-scored with the training statistics "
+    "(no library size needed)",
+    "log1p-counts": "log1p(predicted mean count) = log1p(exp(output) × the scored bin's library size / 1e4); "
+    "featcache predict uses the training patients' median in-tissue library size",
+}
 FINETUNE_ONLY = ("weights", "encoder_lr", "micro_batch", "grad_checkpointing", "augment", "colour_jitter")
 
 
@@ -52,6 +67,8 @@ class TrainConfig:
     val_fraction: float = 0.15
     target: str = "log1p-cp10k"  # log1p(CP10k) z-scored per gene | log1p-counts (the reference pipeline)
     score: str = "in-tissue"  # bins in loss and metrics: in-tissue | all-bins (the reference pipeline)
+    loss: str = "mse"  # mse (target space) | poisson | nb (raw counts, the bin's library size as exposure)
+    dispersion_lr: float = 1e-2  # nb only: Adam learning rate of the per-gene log dispersion
     name: str | None = None  # a variant's name: runs/<dataset>/<encoder>/<run>-<name>/ beside the default run
     lr_grid: tuple[float, ...] | None = None  # an lr-grid trial: lr is one of these, chosen per fold on validation
     layer: int | None = None  # cached runs: train on the store's tokens_<layer> (extract --layers), not the final grid
@@ -84,13 +101,15 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """The run folder's name: the mode, then what differs from the default protocol (fine-tuning from random
-        weights, an intermediate layer, decoder, control, target, scoring, augmentation), then the variant name (docs/design.md §7)."""
+        weights, an intermediate layer, decoder, loss, control, target, scoring, augmentation), then the variant name
+        (docs/design.md §7)."""
         parts = [
             self.mode,
             f"layer{self.layer}" if self.layer is not None else None,
             "randomweights" if self.finetune and str(self.weights).startswith("random") else None,
             self.decoder if self.decoder != "unet" else None,
             self.alpha_tag,
+            self.loss if self.loss != "mse" else None,
             self.control,
             "counts" if self.target == "log1p-counts" else None,
             "allbins" if self.score == "all-bins" else None,
@@ -143,6 +162,10 @@ class TrainConfig:
             raise FeatcacheError(f"--target {self.target!r}: use {' or '.join(TARGETS)}.")
         if self.score not in SCORES:
             raise FeatcacheError(f"--score {self.score!r}: use {' or '.join(SCORES)}.")
+        if self.loss not in LOSSES:
+            raise FeatcacheError(f"--loss {self.loss!r}: use {', '.join(LOSSES)}.")
+        if self.loss == "nb" and not (math.isfinite(self.dispersion_lr) and self.dispersion_lr > 0):
+            raise FeatcacheError(f"dispersion_lr {self.dispersion_lr}: must be a positive number.")
         if self.mode not in MODES:
             raise FeatcacheError(f"--mode {self.mode!r}: use {', '.join(MODES)}.")
         if self.decoder not in DECODERS:
@@ -212,6 +235,11 @@ class TrainConfig:
         if self.mode == "finetune":
             raise FeatcacheError("--decoder ridge fits on cached pooled features: use it with --mode frozen or random.")
         defaults = {f.name: f.default for f in fields(self)}
+        if self.loss != "mse":
+            raise FeatcacheError(
+                f"--loss {self.loss}: the ridge head is a least-squares fit to the patch-mean target (HEST-Benchmark's "
+                "protocol); count losses apply to the unet and linear decoders."
+            )
         if self.layer is not None:
             raise FeatcacheError(
                 f"--layer {self.layer}: the ridge head reads the store's pooled embeddings, which come from the final "
@@ -233,6 +261,9 @@ class TrainConfig:
         settings.pop("weights", None)  # a path; the weights' identity is in ``inputs``
         if self.layer is None:
             settings.pop("layer")  # runs on the final grid keep the config (and hash) they always had
+        settings.pop("loss")  # MSE runs keep the config (and hash) they always had; count losses: below
+        if self.loss != "nb":
+            settings.pop("dispersion_lr")
         if self.lr_grid is None:
             settings.pop("lr_grid")  # likewise runs without a grid
         else:
@@ -259,7 +290,7 @@ class TrainConfig:
             "run": self.run_name,
             "optimizer": "Adam",
             "weight_decay": 0.0,
-            "loss": "MSE over in-tissue bins",
+            "loss": LOSS_TEXT[self.loss],
             "val_split": f"one compact region of {BLOCK_BINS}×{BLOCK_BINS}-bin blocks per training section "
             "(val_fraction of its patches); training patches overlapping or adjoining it are left out",
             "selection": "epoch with the best validation pcc_gene (the last epoch when val_fraction is 0)",
@@ -267,5 +298,7 @@ class TrainConfig:
             "scored_bins": SCORE_TEXT[self.score],
             **inputs,
         }
+        if self.loss != "mse":
+            record.update({"loss_kind": self.loss, "to_target_space": MAPPING_TEXT[self.target]})
         record["config_sha256"] = config_digest(record)
         return record

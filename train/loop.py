@@ -17,6 +17,7 @@ from featcache.stores import RunDir
 from train.config import TrainConfig
 from train.data import Batches, FoldInputs, load_targets, read_tokens
 from train.events import TensorBoard
+from train.losses import MSE
 from train.metrics import per_gene_pearson
 
 
@@ -72,18 +73,20 @@ def to_input(arr: np.ndarray, dev) -> torch.Tensor:
 
 class Stepper:
     """One optimizer step over a batch: micro-batches with gradient accumulation, augmentation,
-    bf16 autocast on a GPU. The loss is the masked MSE of the whole batch, whatever the split."""
+    bf16 autocast on a GPU. The loss (``objective``, train/losses.py; masked MSE by default) is over the whole
+    batch, whatever the split."""
 
-    def __init__(self, model, opt, dev, cfg: TrainConfig):
+    def __init__(self, model, opt, dev, cfg: TrainConfig, objective=None):
         self.model, self.opt, self.dev = model, opt, dev
         self.micro, self.augment, self.jitter, self.seed = cfg.micro, cfg.augmented, cfg.colour_jitter, cfg.seed
+        self.objective = objective or MSE()
 
     def __call__(self, tok, y, m, epoch, index) -> float:
         from train.finetune import colour_jitter, dihedral
 
         rng = np.random.default_rng([self.seed, epoch, index])  # the same draws after a resume
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        count = max(float(m.sum()) * y.shape[1], 1.0)
+        count = max(float(m.sum()) * self.objective.n_genes(y), 1.0)
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for a in range(0, len(tok), self.micro):
@@ -96,17 +99,19 @@ class Stepper:
                 x = colour_jitter(x, self.jitter, gen)
             with autocast(self.dev):
                 pred = self.model(x)
-            loss = ((pred.float() - yy) ** 2 * mm.unsqueeze(1).float()).sum() / count
+            loss = self.objective.loss(pred.float(), yy, mm) / count
             loss.backward()
             total += float(loss.detach())
         self.opt.step()
         return total
 
 
-def validate(model, batches: Batches, dev) -> tuple[float | None, float | None]:
-    """Masked MSE and mean per-gene Pearson of the validation split (None when it is empty)."""
+def validate(model, batches: Batches, dev, objective=None) -> tuple[float | None, float | None]:
+    """The loss (masked MSE by default) and mean per-gene Pearson in target space of the validation split (None
+    when it is empty)."""
     if batches.n == 0:
         return None, None
+    objective = objective or MSE()
     model.eval()
     preds, ys, ms = [], [], []
     with torch.inference_mode(), autocast(dev):
@@ -115,13 +120,14 @@ def validate(model, batches: Batches, dev) -> tuple[float | None, float | None]:
             ys.append(y)
             ms.append(m)
     p, y, m = np.concatenate(preds), np.concatenate(ys), np.concatenate(ms)
-    loss = float(np.sum((p - y) ** 2 * m[:, None]) / max(m.sum() * y.shape[1], 1))
-    r = per_gene_pearson(p, y, m)
+    loss = objective.val_loss(p, y, m)
+    r = per_gene_pearson(*objective.scored(p, y), m)
     return loss, float(np.nanmean(r)) if np.isfinite(r).any() else None
 
 
-def predict(model, inputs: FoldInputs, sample: str, idx: np.ndarray, transform, dev):
-    """Predictions, transformed truth and in-tissue mask of the given patches of one sample."""
+def predict(model, inputs: FoldInputs, sample: str, idx: np.ndarray, transform, dev, objective=None, raw=False):
+    """Predictions and transformed truth (target space) and in-tissue mask of the given patches of one sample;
+    ``raw``: the model's own output too (a count model's log-rates), fourth."""
     arr = inputs.arrays[sample]
     model.eval()
     preds = []
@@ -130,7 +136,9 @@ def predict(model, inputs: FoldInputs, sample: str, idx: np.ndarray, transform, 
             tok = read_tokens(arr, sample, idx[a : a + 16])
             preds.append(model(to_input(tok, dev)).float().cpu().numpy())
     counts, library, mask = load_targets(arr, idx)
-    return np.concatenate(preds), transform(counts, library), mask.astype(bool)
+    out = np.concatenate(preds)
+    pred = (objective or MSE()).predicted(out, library)
+    return (pred, transform(counts, library), mask.astype(bool)) + ((out,) if raw else ())
 
 
 @dataclass
@@ -242,7 +250,7 @@ def fit(
                 if targets_for is not None:
                     y, m = targets_for(keys)
                 losses.append(step(tok, y, m, epoch, i))
-            val_loss, val_pcc = validate(model, val_b, dev)
+            val_loss, val_pcc = validate(model, val_b, dev, step.objective)
             row = {
                 "epoch": epoch,
                 "train_loss": float(np.mean(losses)) if losses else None,

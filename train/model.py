@@ -36,22 +36,39 @@ class EncoderDecoder(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.cached = cached
+        self.to_target = None  # a reloaded count-loss run: its log-rates into target space (train/losses.py)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.encoder(images)
         grid = tokens.permute(0, 3, 1, 2)
-        return self.decoder((grid.half() if self.cached else grid).float())
+        out = self.decoder((grid.half() if self.cached else grid).float())
+        return out if self.to_target is None else self.to_target(out)
 
 
-def assemble(decoder: str, c_in: int, n_genes: int, encoder: GridEncoder | None = None, cached: bool = False):
-    """The decoder alone (token grids in), or encoder + decoder (uint8 patches in) when an encoder is given."""
+def assemble(
+    decoder: str,
+    c_in: int,
+    n_genes: int,
+    encoder: GridEncoder | None = None,
+    cached: bool = False,
+    loss: str = "mse",
+):
+    """The decoder alone (token grids in), or encoder + decoder (uint8 patches in) when an encoder is given; with a
+    count loss the decoder sits in a :class:`~train.losses.CountHead` (its output a log-rate per 10k UMIs)."""
     net = build_decoder(decoder, c_in, n_genes)
+    if loss != "mse":
+        from train.losses import CountHead
+
+        net = CountHead(net, n_genes, nb=loss == "nb")
     return net if encoder is None else EncoderDecoder(encoder, net, cached)
 
 
 @dataclass
 class TrainedRun:
-    """A finished run, ready to predict: model (uint8 NHWC patches → target space), panel, transform."""
+    """A finished run, ready to predict: model (uint8 NHWC patches → target space), panel, transform.
+
+    A count-loss run's model maps its log-rates into target space itself, with ``exposure`` (docs/design.md §6):
+    10k UMIs for log1p(CP10k) (exact: no library size enters), the training median library for log1p(counts)."""
 
     run: RunDir
     config: dict
@@ -60,6 +77,8 @@ class TrainedRun:
     gene_ids: list[str]
     transform: TargetTransform
     weights: str  # the encoder weights' identity
+    loss: str = "mse"
+    exposure: dict | None = None  # count losses: the library size predictions assume, and why
 
     @property
     def px_per_bin(self) -> int:
@@ -100,24 +119,27 @@ def load_run(run_dir: str | Path, weights: str | None = None, dev: torch.device 
     run.read_metrics()  # config.json, metrics.json and checkpoint.pt of one run, or refused
     config, ck = run.verified_config(), run.load_checkpoint()
     spec = get_spec(config["encoder"])
+    loss = config.get("loss_kind", "mse")
+    shape = (config["decoder"], int(ck["c_in"]), len(ck["genes"]))
     if config["mode"] == "finetune":  # the run's own encoder, from its checkpoint
-        model = assemble(config["decoder"], int(ck["c_in"]), len(ck["genes"]), GridEncoder(spec, build_model(spec)))
+        model = assemble(*shape, GridEncoder(spec, build_model(spec)), loss=loss)
         model.load_state_dict(ck["state_dict"])
         identity = f"fine-tuned in {run.path.name} from {config.get('encoder_weights')}"
     else:
         net, identity = _recorded_encoder(spec, config["features"]["identity"]["weights"], weights)
         grid = GridEncoder(spec, net, layer=config.get("layer"))  # the grid the run was trained on
-        model = assemble(config["decoder"], int(ck["c_in"]), len(ck["genes"]), grid, cached=True)
+        model = assemble(*shape, grid, cached=True, loss=loss)
         model.decoder.load_state_dict(ck["state_dict"])
+    transform = TargetTransform.from_json(ck["transform"])
+    exposure = None
+    if loss != "mse":
+        from train.losses import TargetSpace, predict_exposure
+
+        exposure = predict_exposure(transform.kind, ck["counts"]["median_library"])
+        model.to_target = TargetSpace(transform, exposure["library_size"])
     ids = config.get("gene_ids") or list(ck["genes"])
     return TrainedRun(
-        run,
-        config,
-        model.to(dev).eval(),
-        list(ck["genes"]),
-        list(ids),
-        TargetTransform.from_json(ck["transform"]),
-        identity,
+        run, config, model.to(dev).eval(), list(ck["genes"]), list(ids), transform, identity, loss, exposure
     )
 
 

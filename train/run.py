@@ -20,9 +20,10 @@ from featcache.geometry import GEOMETRY, BinSums
 from featcache.provenance import library_versions
 from featcache.stores import Workspace
 from train.ceiling import noise_ceiling
-from train.config import SCORE_TEXT, TRANSFORM_TEXT, TrainConfig
+from train.config import MAPPING_TEXT, SCORE_TEXT, TRANSFORM_TEXT, TrainConfig
 from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget
 from train.loop import Distributed, Stepper, fit, predict
+from train.losses import CountStats, count_head, dispersion, objective, pack
 from train.metrics import evaluate
 from train.model import assemble
 from train.scales import test_scale_scores
@@ -74,12 +75,12 @@ def _train_held(
     ddp = Distributed(cfg.finetune, dev)
     data = FoldData(inputs, cfg, in_memory, ddp.world)
     torch.manual_seed(cfg.seed)
-    model, opt = _build(cfg, inputs, encoder, dev)
+    model, opt = _build(cfg, inputs, encoder, dev, data.counts)
     if ddp.main and run.read_config() is None:  # written only once the run can start
         provenance = {"device": str(dev), "libraries": library_versions(), "world_size": ddp.world}
         run.write_config({**record, "provenance": {**provenance, "torch_threads": torch.get_num_threads()}})
     ddp.barrier()
-    step = Stepper(ddp.wrap(model, dev), opt, dev, cfg)
+    step = Stepper(ddp.wrap(model, dev), opt, dev, cfg, objective(cfg, data.transform, model))
     best = fit(model, opt, step, cfg, run, ddp, data.train, data.val, dev, data.targets_for, show_progress, tensorboard)
 
     ddp.barrier()
@@ -136,12 +137,15 @@ class FoldData:
         )
         # every patch of the training patients, whatever the split: a fold's stored truth is the same for every seed
         whole = {s: np.arange(len(inputs.arrays[s].origin)) for s in samples}
-        self.transform = TargetTransform.fit((load_targets(inputs.arrays[s], whole[s]) for s in samples), cfg.target)
+        parts = (load_targets(inputs.arrays[s], whole[s]) for s in samples)
+        self.counts = None if cfg.loss == "mse" else CountStats()  # a count loss's offsets, in the same pass
+        self.transform = TargetTransform.fit(parts if self.counts is None else self.counts.observe(parts), cfg.target)
+        targets = self.transform if self.counts is None else pack  # a count loss trains on the raw counts
         self.buffered = {s: len(whole[s]) - len(self.train_idx[s]) - len(self.val_idx[s]) for s in samples}
         load = in_memory == "yes" or (in_memory == "auto" and _training_bytes(inputs, self.train_idx) < memory_budget())
         every = cfg.score == "all-bins"
-        self.train = Batches(inputs, self.train_idx, self.transform, cfg.batch_size, in_memory=load, all_bins=every)
-        self.val = Batches(inputs, self.val_idx, self.transform, cfg.batch_size, in_memory=load, all_bins=every)
+        self.train = Batches(inputs, self.train_idx, targets, cfg.batch_size, in_memory=load, all_bins=every)
+        self.val = Batches(inputs, self.val_idx, targets, cfg.batch_size, in_memory=load, all_bins=every)
         if self.train.n == 0:
             raise FeatcacheError(
                 f"the training patients' {sum(len(v) for v in whole.values())} patches leave none for training once "
@@ -166,16 +170,16 @@ class TestSet:
     mask: np.ndarray
     origins: np.ndarray
     samples: np.ndarray  # the section each patch comes from
+    log_rate: np.ndarray | None = None  # a count model's output: log expected counts per 10k UMIs
 
     @classmethod
-    def predict(cls, model, inputs: FoldInputs, fold: str, transform, dev) -> TestSet:
-        parts = []
+    def predict(cls, model, inputs: FoldInputs, fold: str, transform, dev, objective=None) -> TestSet:
+        parts, raw = [], objective is not None and objective.kind != "mse"
         for s in inputs.test_samples(fold):
             idx = np.arange(len(inputs.arrays[s].origin))
-            parts.append(
-                (*predict(model, inputs, s, idx, transform, dev), inputs.arrays[s].origin, np.full(len(idx), s))
-            )
-        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(5)))
+            pred, truth, mask, *out = predict(model, inputs, s, idx, transform, dev, objective, raw=raw)
+            parts.append((pred, truth, mask, inputs.arrays[s].origin, np.full(len(idx), s), *out))
+        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))))
 
     def scored(self, all_bins: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(pred, truth, mask of the bins each point metric counts, mask for SSIM's maps).
@@ -199,8 +203,10 @@ def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, 
     """Score the test patient once with the selected epoch's weights; write predictions, checkpoint, metrics."""
     inputs = data.inputs
     model.load_state_dict(best.state)
-    test = TestSet.predict(model, inputs, cfg.fold, data.transform, dev)
+    test = TestSet.predict(model, inputs, cfg.fold, data.transform, dev, objective(cfg, data.transform, model))
     metrics = _score(cfg, record, inputs, data, best, test)
+    if cfg.loss == "nb":
+        metrics["nb_theta"] = dispersion(model, inputs.genes)  # the selected epoch's learned size θ per gene
     units = "z-scored log1p(CP10k)" if cfg.target == "log1p-cp10k" else "log1p(counts)"
     attrs = {
         "fold": cfg.fold,
@@ -210,8 +216,25 @@ def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, 
         "scored_bins": SCORE_TEXT[cfg.score],
         "mask": "in-tissue bins",
     }
+    if cfg.loss != "mse":
+        attrs.update(
+            {
+                "loss": cfg.loss,
+                "pred_from": f"log_rate (log expected counts per 10k UMIs) of the {cfg.loss} model: "
+                + MAPPING_TEXT[cfg.target],
+            }
+        )
+    extra = None if test.log_rate is None else {"log_rate": test.log_rate}  # pred is its target-space mapping
     run.write_predictions(
-        test.pred, test.truth, test.mask, test.origins, test.samples, inputs.genes, inputs.dataset.gene_ids, attrs
+        test.pred,
+        test.truth,
+        test.mask,
+        test.origins,
+        test.samples,
+        inputs.genes,
+        inputs.dataset.gene_ids,
+        attrs,
+        extra,
     )
     run.save_checkpoint(
         {
@@ -223,6 +246,7 @@ def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, 
             "transform": data.transform.to_json(),
             "epoch": best.epoch,
             "config_sha256": record["config_sha256"],
+            **({} if data.counts is None else {"loss": cfg.loss, "counts": data.counts.to_json()}),
         }
     )
     run.write_metrics(_clean(metrics))
@@ -278,8 +302,9 @@ def _training_bytes(inputs: FoldInputs, train_idx: dict) -> int:
     return sum(len(i) for i in train_idx.values()) * int(np.prod(x0.shape[1:])) * x0.dtype.itemsize
 
 
-def _build(cfg: TrainConfig, inputs: FoldInputs, encoder, dev):
-    """The decoder (or encoder + decoder) and its Adam optimizer, no weight decay."""
+def _build(cfg: TrainConfig, inputs: FoldInputs, encoder, dev, counts=None):
+    """The decoder (or encoder + decoder) and its Adam optimizer, no weight decay; a count loss's head starts at
+    the training patients' per-gene rates, its NB dispersion learns at ``dispersion_lr``."""
     grid = None
     if encoder is not None:
         from featcache.encoders import GridEncoder
@@ -288,16 +313,21 @@ def _build(cfg: TrainConfig, inputs: FoldInputs, encoder, dev):
         if cfg.grad_checkpointing and hasattr(net, "set_grad_checkpointing"):
             net.set_grad_checkpointing(True)
         grid = GridEncoder(spec, net)
-    model = assemble(cfg.decoder, _c_in(inputs, encoder), len(inputs.genes), grid).to(dev)
-    if grid is None:
+    model = assemble(cfg.decoder, _c_in(inputs, encoder), len(inputs.genes), grid, loss=cfg.loss)
+    head = count_head(model)
+    if head is not None:
+        head.log_base.copy_(torch.from_numpy(counts.log_base))
+    model = model.to(dev)
+    decoder = model if grid is None else model.decoder
+    theta = [] if head is None or head.log_theta is None else [head.log_theta]
+    groups = [{"params": [p for p in decoder.parameters() if all(p is not t for t in theta)], "lr": cfg.lr}]
+    if grid is not None:
+        groups.insert(0, {"params": model.encoder.parameters(), "lr": cfg.encoder_lr})
+    if theta:
+        groups.append({"params": theta, "lr": cfg.dispersion_lr})
+    if grid is None and not theta:
         return model, torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    return model, torch.optim.Adam(
-        [
-            {"params": model.encoder.parameters(), "lr": cfg.encoder_lr},
-            {"params": model.decoder.parameters(), "lr": cfg.lr},
-        ],
-        weight_decay=0.0,
-    )
+    return model, torch.optim.Adam(groups, weight_decay=0.0)
 
 
 def _shuffled_targets(batches: Batches, train_idx: dict, seed: int):

@@ -271,6 +271,7 @@ def _entry(folds: list) -> dict:
         "encoder_name": enc,
         "mode": mode,
         "run": cfg0["run"],
+        "loss": cfg0.get("loss_kind", "mse"),  # train/losses.py; metrics are in target space whatever the loss
         "frozen": mode != "finetune",
         "default_protocol": cfg0["run"] == mode,
         **({"layer": cfg0["layer"]} if cfg0.get("layer") is not None else {}),  # trained on tokens_<layer>
@@ -353,6 +354,9 @@ def methodology(ds, runs: dict) -> dict:
             "all-bins": "every bin of each patch, as the reference pipeline scored (runs named *-allbins)",
         },
         "settings_in_use": sorted(s for s in settings if s),
+        "loss": "mse: MSE in target space; poisson, nb (runs *-poisson, *-nb): the likelihood of the raw counts, "
+        "rates per 10k UMIs times the bin's library size, each run's predictions mapped into its target space "
+        "before selection and scoring (config.json to_target_space), so every loss is scored alike",
         "gene_panel": {
             "rule": genes.get("rule", genes.get("spec")),
             "n_genes": len(genes["ids"]),

@@ -290,6 +290,7 @@ class RunDir:
             ("mode", config.get("mode")),
             ("decoder", config.get("decoder")),
             ("genes", config.get("genes")),
+            ("loss", config.get("loss_kind")),  # a count-loss run's (MSE runs record none)
         ):
             if want is not None and ck.get(key) != want:
                 raise FeatcacheError(
@@ -336,15 +337,18 @@ class RunDir:
     def predictions_path(self) -> Path:
         return self.file("predictions.zarr")
 
-    def write_predictions(self, pred, truth, mask, origins, samples, genes, gene_ids, attrs: dict) -> None:
-        """The test patient's predictions; ``samples`` names each patch's section (a coordinate over patch)."""
+    def write_predictions(
+        self, pred, truth, mask, origins, samples, genes, gene_ids, attrs: dict, extra: dict | None = None
+    ) -> None:
+        """The test patient's predictions; ``samples`` names each patch's section (a coordinate over patch);
+        ``extra``: more (patch, gene, row, col) arrays beside ``pred`` and ``truth`` (a count run's ``log_rate``)."""
         write_prediction_store(
             self.predictions_path,
             attrs,
             origins,
             genes,
             gene_ids,
-            {"pred": pred, "truth": truth},
+            {"pred": pred, "truth": truth, **(extra or {})},
             mask,
             samples=samples,
         )
