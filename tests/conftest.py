@@ -38,6 +38,17 @@ def prepared(synth_dir, tmp_path_factory):
     return ws, res
 
 
+@pytest.fixture(scope="session")
+def prepared16(synth_dir, tmp_path_factory):
+    """The same two samples as dataset 'tiny16', rendered at 14 and 16 px per bin (``image`` and ``image_16px``)."""
+    from featcache.prepare import prepare_dataset
+
+    ws = tmp_path_factory.mktemp("ws16")
+    samples = {"P1": str(synth_dir / "P1"), "P2": str(synth_dir / "P2")}
+    res = prepare_dataset("tiny16", samples, workspace=ws, show_progress=False, px_per_bin="14,16")
+    return ws, res
+
+
 def clone_sample(src: Path, dst: Path) -> Path:
     """Copy a sample's small files and link its big ones, so a test can damage the copy."""
     for path in src.rglob("*"):

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from featcache.encoders import REGISTRY, GridEncoder, build_model, get_spec
 from featcache.errors import FeatcacheError
 from featcache.extract import ExtractionConfig, extract
-from featcache.stores import Workspace
+from featcache.stores import FeatureStore, Workspace
 from featcache.weights import hub_filenames, load_encoder, resolve_weights
 
 # name: (prefix tokens, pooled width, px per bin) at full size
@@ -271,35 +271,75 @@ def test_midnight_conversion_is_sensitive_to_query_key_order(tmp_path):
     assert not np.allclose(timm_forward(spec, model, x)[0], timm_forward(spec, ref, x)[0], atol=1e-3)
 
 
-# ---- patch-16 encoders and the stride-16 CNN: 512 px ----------------------------------------------------------------
-# The dataset's 16 px rendering (patches.zarr/<sample>/image_16px) lands with the rendering branch (issue #20 part 2);
-# until then these tests run the real weights path (resolve_weights + load_encoder + GridEncoder) on 512 × 512 uint8
-# patches directly. The dataset-level extraction test for them lands with that branch.
+# ---- patch-16 encoders and the stride-16 CNN: 512 px, through the dataset's image_16px ---------------------------
 
 
 def _patches_512(n=2, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 512, 512, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("name", ["uni", "conch15", "gigapath"])
-def test_patch16_vit_from_hub_checkpoint_equals_timm_forward(name, tmp_path):
-    spec = reduced_spec(name)
-    ref = reference_vit(name, seed=5)
-    path, _ = hub_checkpoint(name, ref, tmp_path)
-    model, prov = load_encoder(spec, resolve_weights(spec, str(path)))
-    if name == "conch15":  # the contrastive pooler is dropped on purpose, and said so
-        assert (
-            sorted(k.split(".")[0] for k in prov["dropped_head_keys"])
-            == ["attn_pool_contrast"] * 8 + ["ln_contrast"] * 2
-        )
-    x = _patches_512()
-    with torch.inference_mode():
-        tokens, pooled = GridEncoder(spec, model)(torch.from_numpy(x))
-    ref_tokens, ref_pooled = timm_forward(spec, ref, x)
-    assert tokens.shape == (2, 32, 32, spec.dim)
-    worst = assert_fp16_close(tokens.numpy().astype(np.float16), ref_tokens)
-    print(f"{name}: max |float16 tokens - timm| = {worst:.2e}")
-    np.testing.assert_allclose(pooled.numpy(), ref_pooled, rtol=1e-4, atol=1e-4)
+def _trident_resnet50(saved: dict) -> torch.nn.Module:
+    """TRIDENT's ResNet-50 baseline: timm's resnet50(features_only=True, out_indices=[3]), loaded non-strictly."""
+    import timm
+
+    trident = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=[3])
+    trident.load_state_dict(saved, strict=False)
+    return trident.eval()
+
+
+def _normalised(spec, images_u8: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["uni", "conch15", "gigapath", "resnet50"])
+def test_patch16_extract_from_hub_checkpoint_equals_the_architectures_forward(name, prepared16, tmp_path, monkeypatch):
+    """`featcache extract` of a 16 px-per-bin encoder reads image_16px (512 px) and stores the architecture's own
+    output on those pixels: timm's forward_features for the ViTs, TRIDENT's layer3 model for ResNet-50."""
+    import timm
+
+    ws, _ = prepared16
+    if name == "resnet50":  # small enough to run at full size; the checkpoint is the whole ImageNet network
+        spec = get_spec(name)
+        full = randomised(timm.create_model("resnet50", pretrained=False), seed=0)
+        path, saved = hub_checkpoint(name, full, tmp_path)
+        ref = _trident_resnet50(saved)
+    else:
+        spec = reduced_spec(name)
+        monkeypatch.setitem(REGISTRY, name, spec)
+        ref = reference_vit(name, seed=5)
+        path, _ = hub_checkpoint(name, ref, tmp_path)
+    out = tmp_path / "store.zarr"
+    res = extract("tiny16", ExtractionConfig(name, str(path)), workspace=ws, output=str(out), show_progress=False)
+    assert res.complete
+    ident = FeatureStore(out).identity
+    assert ident["geometry"]["px_per_bin"] == 16 and ident["geometry"]["patch_px"] == 512
+    worst = 0.0
+    for sample in ("P1", "P2"):
+        feats = xr.open_zarr(out, group=sample)
+        images = Workspace(ws).dataset("tiny16").images(sample, 16).values
+        assert images.shape[1:] == (512, 512, 3)
+        if name == "resnet50":
+            with torch.inference_mode():
+                grid = ref(_normalised(spec, images))[0]
+            tokens, pooled = grid.permute(0, 2, 3, 1).numpy(), grid.mean(dim=(2, 3)).numpy()
+        else:
+            tokens, pooled = timm_forward(spec, ref, images)
+        stored = feats.tokens.transpose("patch", "row", "col", "channel").values
+        assert stored.shape == tokens.shape == (len(images), 32, 32, spec.dim)
+        worst = max(worst, assert_fp16_close(stored, tokens))
+        np.testing.assert_allclose(feats.pooled.values, pooled, rtol=1e-4, atol=1e-4)
+    assert worst > 0
+    print(f"{name}: max |stored - reference| = {worst:.2e} over {res.patches_total} patches at 512 px")
+
+
+def test_conch_drops_its_contrastive_pooler_and_says_so(tmp_path):
+    spec = reduced_spec("conch15")
+    path, _ = hub_checkpoint("conch15", reference_vit("conch15", seed=5), tmp_path)
+    _, prov = load_encoder(spec, resolve_weights(spec, str(path)))
+    assert (
+        sorted(k.split(".")[0] for k in prov["dropped_head_keys"]) == ["attn_pool_contrast"] * 8 + ["ln_contrast"] * 2
+    )
 
 
 def test_resnet50_layer3_grid_equals_tridents_features_only_model(tmp_path):
