@@ -2,12 +2,14 @@
 α) against the linear and UNet decoders, every metric at 8, 16, 32 µm and per patch:
 
     python benchmarks/heads.py --workspace W [--encoder tiny-cnn] [--epochs 15] [--device cpu]
-        [--out benchmarks/results/heads.jsonl] [--figure docs/demo_heads_pcc_vs_bin_size.png]
+        [--heads unet,poisson,nb,...] [--out benchmarks/results/heads.jsonl]
+        [--figure docs/demo_heads_pcc_vs_bin_size.png]
 
 The demo's data (three synthetic patients P1, P2, P5, seed 0) and the demo's frozen encoder (featcache's shipped
 tiny-cnn weights) are made in W when missing; every head is trained leave-one-patient-out from the same feature
 store (the linear and UNet heads with the demo's settings: batch 8, lr 1e-3, ``--epochs``); one JSON row per head
-(mean ± std over folds, seconds), and the PCC-vs-bin-size figure of the four runs.
+(mean ± std over folds, seconds), and the PCC-vs-bin-size figure of the runs. The UNet also trains with the count
+losses (``--loss poisson`` and ``nb``), scored in the same target space as MSE.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ HEADS = {  # label -> TrainConfig options
     "ridge (HEST's fixed α)": {"decoder": "ridge", "alpha": "hest"},
     "linear": {"decoder": "linear"},
     "unet": {"decoder": "unet"},
+    "unet, Poisson loss": {"decoder": "unet", "loss": "poisson"},
+    "unet, NB loss": {"decoder": "unet", "loss": "nb"},
 }
 METRICS = ("pcc_gene", "pcc_gene_16um", "pcc_gene_32um", "pcc_gene_patch", "pearson_r", "mse")
 
@@ -61,9 +65,17 @@ def main() -> None:
     ap.add_argument("--encoder", default="tiny-cnn")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--heads", help="comma-separated: ridge, ridge-hestalpha, linear, unet, poisson, nb (default all)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--figure", type=Path)
     args = ap.parse_args()
+    chosen = HEADS
+    if args.heads:
+        by_run = {_run_name(h).removeprefix("frozen").lstrip("-") or "unet": label for label, h in HEADS.items()}
+        unknown = [h for h in args.heads.split(",") if h not in by_run]
+        if unknown:
+            raise SystemExit(f"--heads {','.join(unknown)}: choose from {', '.join(sorted(by_run))}")
+        chosen = {by_run[h]: HEADS[by_run[h]] for h in args.heads.split(",")}
     from analysis.figures import _style, bin_size_figure
     from featcache.provenance import library_versions
     from pipeline import loocv
@@ -74,7 +86,7 @@ def main() -> None:
     prepare_demo(ws, args.encoder, args.device)
     print(f"demo data and {args.encoder} features ready in {time.perf_counter() - t0:.1f} s", flush=True)
     seconds, keys = {}, {}
-    for label, head in HEADS.items():
+    for label, head in chosen.items():
         options = dict(head)
         if head["decoder"] != "ridge":
             options.update(epochs=args.epochs, batch_size=8, lr=1e-3)
