@@ -201,7 +201,16 @@ def test_patch_and_coarse_scores_recomputed_from_predictions_and_counts(tiny_cnn
 
     ws, _ = tiny_cnn_features
     lin = run_fold(
-        "tiny", "tiny-cnn", "P2", mode="random", decoder="linear", epochs=2, batch_size=4, lr=1e-3, workspace=ws
+        "tiny",
+        "tiny-cnn",
+        "P2",
+        mode="random",
+        decoder="linear",
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        workspace=ws,
+        name="scales",  # its own folder in the session's workspace, beside other tests' linear runs
     )
     ck = torch.load(lin.run_dir / "checkpoint.pt", weights_only=True)["transform"]
     runs = [(lin, ck["mean"], ck["std"], False)]
