@@ -157,7 +157,8 @@ def test_count_loss_runs_score_their_stored_target_space_predictions(tiny_cnn_fe
     for key in ("pcc_gene", "pcc_global", "spearman_gene", "spearman_global", "mse", "ssim_st", "n_bins"):
         assert m[key] == pytest.approx(again[key], rel=1e-9, abs=1e-12), key
     assert stored.attrs["loss"] == loss
-    # pred is the model's rate mapped into target space with the test bins' library sizes ...
+    # pred is the model's rate mapped into target space at the training median library (never the test bins' own
+    # depth, which belongs to the truth) ...
     inputs = FoldInputs(Workspace(ws).dataset("tiny"), Workspace(ws).feature_store("tiny", "tiny-cnn", random=True))
     p2 = inputs.arrays["P2"]
     idx = np.arange(len(p2.origin))
@@ -167,20 +168,21 @@ def test_count_loss_runs_score_their_stored_target_space_predictions(tiny_cnn_fe
     with torch.inference_mode():
         log_rate = head(torch.from_numpy(read_tokens(p2, "P2", idx)).float()).numpy()
     counts, library, _ = load_targets(p2, idx)
-    assert np.allclose(to_target(log_rate, trained.transform, library=library), stored.pred.values, atol=1e-5)
+    median = ck["counts"]["median_library"]
+    assert float(head.median_library) == pytest.approx(median)
+    assert np.allclose(to_target(log_rate, trained.transform, predict_library=median), stored.pred.values, atol=1e-5)
     assert np.allclose(stored.log_rate.values, log_rate, atol=1e-5)  # the rates are stored beside pred
     assert np.allclose(trained.transform(counts, library), stored.truth.values)
     # ... and the reloaded model (what `featcache predict` runs) maps it with its documented exposure
     assert trained.loss == loss and ck["loss"] == loss
-    median = ck["counts"]["median_library"]
     assert trained.exposure["library_size"] == (median if target == "log1p-counts" else 1e4)
     images = FoldInputs(Workspace(ws).dataset("tiny"), None).arrays["P2"]
     with torch.inference_mode():
         whole = trained.model(torch.from_numpy(read_tokens(images, "P2", idx))).numpy()
     want = to_target(log_rate, trained.transform, predict_library=median)
     assert np.allclose(whole, want, atol=1e-3)
-    if target == "log1p-cp10k":  # no library enters: predict reproduces the run's own predictions
-        assert np.allclose(whole, stored.pred.values, atol=1e-3)
+    assert np.allclose(whole, stored.pred.values, atol=1e-3)  # predict reproduces the run's own predictions
+    if loss == "nb":
         assert np.abs(ck["state_dict"]["log_theta"].numpy()).max() > 0  # the dispersion was trained
         theta = np.exp(ck["state_dict"]["log_theta"].numpy())
         assert np.allclose(list(m["nb_theta"]["per_gene"].values()), theta, rtol=1e-6)
@@ -317,3 +319,25 @@ def test_a_count_loss_over_all_bins_counts_glass_too(tiny_cnn_features):
     assert m["n_bins"] == m["n_patches"] * 32 * 32 and np.isfinite(m["pcc_gene"]) and np.isfinite(m["mse"])
     log = [json.loads(line) for line in (res.run_dir / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(row["train_loss"]) for row in log)
+
+
+@pytest.mark.parametrize("target", ["log1p-cp10k", "log1p-counts"])
+def test_a_constant_rate_scores_zero_whatever_the_bins_depth(target):
+    """The scored bins' measured library sizes never enter a count run's predictions: a model that predicts one rate
+    per gene everywhere is a constant prediction (pcc_gene 0), however strongly the depth drives the counts."""
+    rng = np.random.default_rng(0)
+    p, g = 6, 3
+    library = rng.gamma(2.0, 400.0, (p, 32, 32)).astype(np.float32)
+    counts = rng.poisson(library[:, None] * np.array([2e-3, 5e-3, 1e-2])[None, :, None, None]).astype(np.float32)
+    mask = np.ones((p, 32, 32), bool)
+    transform = TargetTransform.fit([(counts, library, mask)], target)
+    head = CountHead(LinearDecoder(4, g), g, nb=False)
+    head.median_library.fill_(float(np.median(library)))
+    pred, truth = CountLoss("poisson", transform, head).scored(
+        np.zeros((p, g, 32, 32), np.float32), pack(counts, library)
+    )
+    assert np.all(np.ptp(pred, axis=(0, 2, 3)) == 0)  # one value per gene
+    if target == "log1p-counts":  # mapped with the measured depth instead, the same constant would score well
+        leaky = to_target(np.zeros((p, g, 32, 32), np.float32), transform, library=library)
+        assert np.all(per_gene_pearson(leaky, truth, mask) > 0.5)
+    assert np.allclose(np.nan_to_num(per_gene_pearson(pred, truth, mask)), 0.0)

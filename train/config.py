@@ -44,8 +44,8 @@ LOSS_TEXT = {
 MAPPING_TEXT = {
     "log1p-cp10k": "predicted mean count / library × 1e4 = exp(output), log1p, z-scored with the training statistics "
     "(no library size needed)",
-    "log1p-counts": "log1p(predicted mean count) = log1p(exp(output) × the scored bin's library size / 1e4); "
-    "featcache predict uses the training patients' median in-tissue library size",
+    "log1p-counts": "log1p(predicted mean count) = log1p(exp(output) × L / 1e4), L the training patients' median "
+    "in-tissue library size for every bin (in scoring and in featcache predict)",
 }
 FINETUNE_ONLY = ("weights", "encoder_lr", "micro_batch", "grad_checkpointing", "augment", "colour_jitter")
 

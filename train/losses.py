@@ -14,9 +14,9 @@ The count head adds a fixed per-gene offset, log(Σ y / Σ L × 10⁴) over the 
 
 **Into target space** (:func:`to_target`), for selection, every metric and ``predictions.zarr``'s ``pred``:
 the predicted mean count goes through the run's transform, log1p(CP10k) = log1p(μ / L × 10⁴) = log1p(exp(o))
-(no library needed), z-scored with the training statistics; log1p(counts) = log1p(μ) = log1p(exp(o) × L / 10⁴)
-with the scored bin's own library. ``featcache predict`` has no library on an unsequenced slide: it uses
-10⁴ (log1p(CP10k), exact) or the training patients' median in-tissue library (log1p(counts)).
+(no library needed), z-scored with the training statistics; log1p(counts) = log1p(μ) = log1p(exp(o) × L̃ / 10⁴)
+with L̃ the training patients' median in-tissue library for every bin, in scoring as in ``featcache predict``
+(the scored bins' own depth belongs to the truth, not to the prediction).
 """
 
 from __future__ import annotations
@@ -66,7 +66,17 @@ class CountHead(nn.Module):
         super().__init__()
         self.net = net
         self.register_buffer("log_base", torch.zeros(n_genes))
+        # The training patients' median in-tissue library size: the exposure a log1p-counts run's predictions
+        # assume for every bin (the test bins' measured depth is the truth's, never the prediction's).
+        self.register_buffer("median_library", torch.tensor(PER))
         self.log_theta = nn.Parameter(torch.zeros(n_genes)) if nb else None
+        # The output layer starts at zero, so every bin starts at its gene's training rate (log_base): with the
+        # decoder's Kaiming init the first log-rates are O(10), exp() of them overflows the Poisson gradient
+        # (μ − y) and training at lr 1e-3 diverges (measured on the demo; the bounded NB gradient survives it).
+        last = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1]
+        nn.init.zeros_(last.weight)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) + self.log_base[None, :, None, None]
@@ -170,7 +180,9 @@ class CountLoss:
         return self.predicted(out, y[:, -1]), self.transform(y[:, :-1], y[:, -1])
 
     def predicted(self, out: np.ndarray, library: np.ndarray) -> np.ndarray:
-        return to_target(out, self.transform, library=library)
+        """Target-space predictions without the scored bins' measured depth (for log1p-counts, the training
+        median library: what ``featcache predict`` assumes too), so a count run is scored as an MSE run is."""
+        return to_target(out, self.transform, predict_library=float(self.head.median_library))
 
 
 def pack(counts: np.ndarray, library: np.ndarray) -> np.ndarray:

@@ -317,6 +317,7 @@ def _build(cfg: TrainConfig, inputs: FoldInputs, encoder, dev, counts=None):
     head = count_head(model)
     if head is not None:
         head.log_base.copy_(torch.from_numpy(counts.log_base))
+        head.median_library.fill_(counts.median_library)
     model = model.to(dev)
     decoder = model if grid is None else model.decoder
     theta = [] if head is None or head.log_theta is None else [head.log_theta]
