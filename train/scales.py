@@ -13,9 +13,11 @@ Every head (unet, linear, ridge) reports them beside the 8 µm metrics, from the
   each bin's prediction is taken back to expression (``expm1`` of the un-z-scored value, clipped to
   [0, e^80]: CP10k for ``log1p-cp10k``, counts for ``log1p-counts``), aggregated over the block's scored
   bins as the truth aggregates them (counts: summed; CP10k: averaged, the unweighted mean because
-  the prediction may not use the measured library sizes), then transformed again. A block counts
-  when it holds a scored bin; where patches overlap each block counts once, with predictions
-  averaged over the patches that hold its bins (as the 8 µm metrics do).
+  the prediction may not use the measured library sizes), then transformed again. The blocks lie on
+  the section's own grid (corners at array rows and columns that are multiples of k), after the
+  patches are stitched: a bin's prediction is its mean over the patches holding it (as the 8 µm
+  metrics do), so each block counts once whatever the stride, and a block counts when it holds a
+  scored bin.
 
 Everything here is computed from what ``predictions.zarr`` stores (raw per-patch predictions, mask,
 origins, samples) and the dataset's counts and library sizes, so a reader can recompute it.
@@ -26,11 +28,12 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.geometry import BinSums
-from train.metrics import columnwise_pearson, per_gene_pearson
+from train.metrics import columnwise_pearson
 
 FACTORS = {"pcc_gene_16um": 2, "pcc_gene_32um": 4}  # bins per block side (8 µm bins)
 PATCH_UM = 256  # a patch is 32 × 32 bins of 8 µm: the scale of pcc_gene_patch
-CHUNK = 256  # patches per step of the coarse scores
+CHUNK = 256  # patches per step of the patch means
+GENE_CHUNK = 16  # genes per step of the coarse scores (each a section-sized float64 grid)
 MAX_LOG = 80.0  # predictions are taken back to expression with expm1 of at most this (finite sums in float64)
 
 
@@ -44,13 +47,6 @@ def patch_means(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     n = m.sum(axis=(2, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (values.astype(np.float64) * m).sum(axis=(2, 3)) / n
-
-
-def per_gene_patch_pearson(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per-gene Pearson across patches of the patch-mean prediction and truth (patches without scored bins left out)."""
-    p, t = patch_means(pred, mask), patch_means(truth, mask)
-    keep = mask.reshape(len(mask), -1).any(axis=1)
-    return columnwise_pearson(p[keep], t[keep])
 
 
 def _blocks(a: np.ndarray, k: int) -> np.ndarray:
@@ -92,27 +88,44 @@ def coarse_prediction(pred: np.ndarray, mask: np.ndarray, transform, k: int) -> 
     return _scaled(transform, value)
 
 
-def _averaged(pred: np.ndarray, origins: np.ndarray, samples: np.ndarray) -> np.ndarray:
-    """Each bin's prediction averaged over the patches that hold it (stride < 32), per section."""
-    out = np.empty_like(pred)
-    for s in np.unique(samples):
-        k = np.flatnonzero(samples == s)
-        out[k] = BinSums(origins[k], pred[k]).patch_maps(pred.dtype)
-    return out
+def _section_blocks(pred, counts, library, mask, origins, k: int, transform) -> tuple[np.ndarray, np.ndarray]:
+    """One section's k × k blocks on the section's own grid (block corners at array rows and columns that are
+    multiples of k), every block holding a scored bin once: (blocks, gene) predictions and truth.
+
+    The patches are stitched first (:class:`~featcache.geometry.BinSums`: a bin's prediction is its mean over the
+    patches holding it, its counts and library are the dataset's), so overlapping patches, strides that are not a
+    multiple of k and gaps between patches all give the same blocks as the section itself."""
+    held = BinSums(origins, mask.astype(np.float64)[:, None]).grid()[0]  # > 0: scored by a patch holding it
+    scored = np.nan_to_num(held) > 0
+    top = BinSums(origins, mask[:, None]).top_left
+    pad = [(0, 0)] + [(int(t % k), 0) for t in top]  # align the stitched grid's corner on the section's k-grid
+    scored = np.pad(scored, pad[1:])
+    rows, cols = (-(-n // k) * k for n in scored.shape)
+    scored = np.pad(scored, [(0, rows - scored.shape[0]), (0, cols - scored.shape[1])])
+    blocks = _blocks(scored[None].astype(np.int64), k)[0] > 0
+    guess, truth = [], []
+    for g0 in range(0, pred.shape[1], GENE_CHUNK):  # a few genes at a time: section-sized float64 grids
+        g = slice(g0, g0 + GENE_CHUNK)
+
+        def stitched(values, dtype=np.float64):
+            grid = np.nan_to_num(BinSums(origins, values).grid())
+            grid = np.pad(grid, [(0, 0)] + pad[1:])
+            return np.pad(grid, [(0, 0), (0, rows - grid.shape[1]), (0, cols - grid.shape[2])]).astype(dtype)[None]
+
+        p = stitched(np.asarray(pred[:, g], np.float64))
+        c = np.rint(stitched(np.asarray(counts[:, g], np.float64))).astype(np.int64)
+        lib = stitched(np.asarray(library, np.float64)[:, None])[:, 0]
+        sub = _gene_subset(transform, g)
+        guess.append(np.moveaxis(coarse_prediction(p, scored[None], sub, k)[0], 0, -1)[blocks])
+        truth.append(np.moveaxis(coarse_truth(c, lib, scored[None], sub, k)[0], 0, -1)[blocks])
+    return np.concatenate(guess, axis=1), np.concatenate(truth, axis=1)
 
 
-def _first_blocks(origins: np.ndarray, samples: np.ndarray, k: int, side: int) -> np.ndarray:
-    """(patch, side/k, side/k): True for the first patch that holds each block (by its absolute corner)."""
-    seen: set = set()
-    first = np.zeros((len(origins), side // k, side // k), bool)
-    for p, ((r0, c0), s) in enumerate(zip(origins.tolist(), samples.tolist())):
-        for i in range(side // k):
-            for j in range(side // k):
-                key = (s, r0 + i * k, c0 + j * k)
-                if key not in seen:
-                    seen.add(key)
-                    first[p, i, j] = True
-    return first
+def _gene_subset(transform, genes: slice):
+    """The transform restricted to a slice of genes (its per-gene statistics sliced)."""
+    if not transform.zscored:
+        return transform
+    return type(transform)(transform.kind, transform.mean[genes], transform.std[genes])
 
 
 def scale_scores(pred, counts, library, mask, origins, samples, transform) -> dict:
@@ -125,23 +138,24 @@ def scale_scores(pred, counts, library, mask, origins, samples, transform) -> di
     mask = np.asarray(mask, bool)
     samples = np.asarray(samples).astype(str)
     origins = np.asarray(origins)
-    r = per_gene_patch_pearson(pred, transform(counts, library), mask)
-    out = {"pcc_gene_patch": _nanmean(r), "n_patches_scored": int(mask.reshape(len(mask), -1).any(axis=1).sum())}
-    averaged = _averaged(np.asarray(pred, np.float32), origins, samples)
+    means = [  # in chunks of patches: the float64 bin-level intermediates stay small
+        (patch_means(pred[b], mask[b]), patch_means(transform(counts[b], library[b]), mask[b]))
+        for b in (slice(a, a + CHUNK) for a in range(0, len(mask), CHUNK))
+    ]
+    p, t = (np.concatenate([m[i] for m in means]) if means else np.zeros((0, pred.shape[1])) for i in range(2))
+    keep = mask.reshape(len(mask), -1).any(axis=1)
+    out = {
+        "pcc_gene_patch": _nanmean(columnwise_pearson(p[keep], t[keep])),
+        "n_patches_scored": int(keep.sum()),
+    }
     for name, k in FACTORS.items():
-        parts = []  # in chunks of patches: the float64 bin-level intermediates stay small
-        for a in range(0, len(mask), CHUNK):
-            b = slice(a, a + CHUNK)
-            parts.append(
-                (
-                    coarse_prediction(averaged[b], mask[b], transform, k),
-                    coarse_truth(counts[b], library[b], mask[b], transform, k),
-                )
-            )
-        guess, truth = (np.concatenate([p[i] for p in parts]) for i in range(2))
-        scored = (_blocks(mask.astype(np.int64), k) > 0) & _first_blocks(origins, samples, k, mask.shape[-1])
-        out[name] = _nanmean(per_gene_pearson(guess, truth, scored))
-        out[f"n_blocks_{name.rsplit('_', 1)[1]}"] = int(scored.sum())
+        parts = [
+            _section_blocks(pred[i], counts[i], library[i], mask[i], origins[i], k, transform)
+            for i in (np.flatnonzero(samples == s) for s in dict.fromkeys(samples.tolist()))
+        ]
+        guess, truth = (np.concatenate([q[i] for q in parts]) for i in range(2))
+        out[name] = _nanmean(columnwise_pearson(guess, truth))
+        out[f"n_blocks_{name.rsplit('_', 1)[1]}"] = len(guess)
     return out
 
 
