@@ -282,9 +282,9 @@ def bin_size_figure(runs: dict, out: Path) -> list[Path]:
         )
         drawn += 1
     ax.set_xscale("log", base=2)
-    ax.set_xticks([um for _, um in SCALES], ["8 µm", "16 µm", "32 µm", "patch\n(256 µm, HEST)"])
+    ax.set_xticks([um for _, um in SCALES], ["8 µm", "16 µm", "32 µm", "patch mean\n(HEST)"])
     ax.minorticks_off()
-    ax.set_xlabel("bin size (counts pooled before the transform)")
+    ax.set_xlabel("bin size (8–32 µm: counts pooled before the transform; patch: mean of its bins' targets)")
     ax.set_ylabel(LABELS["pcc_gene"])
     ax.set_title("PCC against bin size")
     if drawn:

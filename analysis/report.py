@@ -325,6 +325,10 @@ def _train_command(c: dict) -> str:
         if c.get(key) is not None:
             option = "--decoder" if key == "decoder" else "--" + key.replace("_", "-")
             words.append(f"{option} {c[key]}")
+    if c.get("loss_kind") not in (None, "mse"):
+        words.append(f"--loss {c['loss_kind']}")
+    if c.get("layer") is not None:
+        words.append(f"--layer {c['layer']}")
     alpha = (c.get("ridge") or {}).get("alpha") if c.get("decoder") == "ridge" else None
     if alpha not in (None, "cv"):
         words.append(f"--alpha {alpha}")

@@ -669,12 +669,26 @@ def check_layers(spec: EncoderSpec, layers: Iterable[int], model: torch.nn.Modul
             f"--layers {','.join(map(str, layers))}: encoder {spec.name!r} has {_describe_levels(spec, levels)}; "
             f"{', '.join(map(str, bad))} is out of range (layers are counted from 1)."
         )
+    unused = [i + 1 for i, lv in enumerate(levels) if _under(lv["module"], spec.drop_modules)]
+    dropped = [n for n in layers if n in unused]
+    if dropped:
+        usable = [i for i in range(1, len(levels) + 1) if i not in unused]
+        raise FeatcacheError(
+            f"--layers {','.join(map(str, dropped))}: encoder {spec.name!r} does not use "
+            f"{', '.join(levels[n - 1]['module'] for n in dropped)} (dropped from the network by its registry entry); "
+            f"its layers are {usable[0]}–{usable[-1]}."
+        )
     out = {}
     for n in layers:
         lv = levels[n - 1]
         side = [spec.grid, spec.grid] if spec.kind == "vit" else [-(-spec.input_px // int(lv["reduction"]))] * 2
         out[n] = {"grid": side, "dim": spec.dim if spec.kind == "vit" else int(lv["num_chs"]), "module": lv["module"]}
     return out
+
+
+def _under(module: str, dropped: tuple[str, ...]) -> bool:
+    """Whether a dotted module name is one of ``dropped`` or inside one."""
+    return any(module == d or module.startswith(d + ".") for d in dropped)
 
 
 class GridEncoder(torch.nn.Module):

@@ -412,3 +412,12 @@ def test_conch_checkpoint_found_in_featcache_weights_folder(tmp_path, monkeypatc
     src = resolve_weights(spec, None)
     assert src.path.name == "pytorch_model_vision.bin" and src.found_via == "$FEATCACHE_WEIGHTS"
     load_encoder(spec, src)
+
+
+def test_a_layer_the_registry_drops_is_refused_before_any_work():
+    """ResNet-50's layer4 is removed from the network (TRIDENT's truncation): --layers 5 would name it."""
+    from featcache.encoders import check_layers
+
+    assert check_layers(get_spec("resnet50"), [4])[4] == {"grid": [32, 32], "dim": 1024, "module": "layer3"}
+    with pytest.raises(FeatcacheError, match="does not use layer4.*layers are 1–4"):
+        check_layers(get_spec("resnet50"), [5])

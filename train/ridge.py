@@ -56,7 +56,7 @@ def ridge_record(cfg: TrainConfig) -> dict:
         "features_used": "pooled (the store's per-patch embedding)",
         "pca": {"n_components": f"min({N_COMPONENTS}, training patches, channels)", "svd_solver": "full"},
         "ridge": {
-            "alpha": rule,
+            "alpha": rule if rule in ("cv", "hest") else float(rule),  # 100 and 100.0 are one setting
             "solver": "lsqr" if hest else "cholesky",
             "fit_intercept": not hest,
             **({"max_iter": HEST_MAX_ITER} if hest else {}),
