@@ -388,7 +388,7 @@ def prepare_dataset(
         "geometry": GEOMETRY.to_json(),
         "featcache_version": __version__,
     }
-    with target.builder(store_attrs) as builder, progress(disable=not show_progress) as bar:
+    with target.builder(store_attrs, replace=overwrite) as builder, progress(disable=not show_progress) as bar:
         report = {
             s.name: _write_sample(s, cut[s.name], panel, libraries[s.name], builder, bar, workers, renderings)
             for s in opened

@@ -119,3 +119,23 @@ def test_an_image_too_large_to_decode_is_refused_before_decoding(tiny_cnn_featur
     assert p.returncode == 2 and "Traceback" not in p.stderr and "MemoryError" not in p.stderr, p.stderr[-2000:]
     assert f"{image} is 45,000 × 45,000 px" in said and "GiB of memory" in said and "tiled pyramidal TIFF" in said
     assert not out.exists() and left_behind(tmp_path) == []
+
+
+def test_a_build_that_finishes_second_never_replaces_the_first(tmp_path):
+    """Two `featcache prepare` of one new dataset at once: the one that finishes second keeps the first's folder
+    (it did not ask for --overwrite) and says so; with replace (--overwrite) it replaces it whole."""
+    from featcache.errors import FeatcacheError
+    from featcache.stores.files import staged_dir
+
+    target = tmp_path / "datasets" / "cc"
+    second = staged_dir(target, replace=False)
+    (second.path / "dataset.json").write_text("second")
+    with staged_dir(target, replace=False) as first:  # starts later, finishes first
+        (first / "dataset.json").write_text("first")
+    with pytest.raises(FeatcacheError, match="created by another process.*--overwrite"):
+        second.commit()
+    assert (target / "dataset.json").read_text() == "first" and not second.path.exists()
+    with staged_dir(target, replace=True) as again:
+        (again / "dataset.json").write_text("overwritten")
+    assert (target / "dataset.json").read_text() == "overwritten"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["cc"]  # no hidden folder left behind

@@ -36,10 +36,11 @@ RIDGE_UNUSED = ("epochs", "batch_size", "lr", "lr_grid", "control")  # options t
 LOSS_TEXT = {
     "mse": "MSE over in-tissue bins",  # the text runs have always recorded (their config hash is unchanged)
     "poisson": "Poisson NLL of the raw counts over the scored bins; the decoder outputs a log-rate per 10k UMIs "
-    "(plus a fixed per-gene offset), expected count = exp(output) × the bin's library size / 1e4",
+    "(plus a fixed per-gene offset; output layer initialised at zero), expected count = exp(output) × the bin's "
+    "library size / 1e4",
     "nb": "negative binomial NLL of the raw counts over the scored bins, a learned per-gene size θ (log θ a model "
     "parameter, initialised at 0, Var = μ + μ²/θ); the decoder outputs a log-rate per 10k UMIs (plus a fixed "
-    "per-gene offset), expected count μ = exp(output) × the bin's library size / 1e4",
+    "per-gene offset; output layer initialised at zero), expected count μ = exp(output) × the bin's library size / 1e4",
 }
 MAPPING_TEXT = {
     "log1p-cp10k": "predicted mean count / library × 1e4 = exp(output), log1p, z-scored with the training statistics "
@@ -233,7 +234,10 @@ class TrainConfig:
                     f"--alpha {a!r}: use cv (inner folds), hest (HEST-Benchmark's) or a positive number."
                 )
         if self.mode == "finetune":
-            raise FeatcacheError("--decoder ridge fits on cached pooled features: use it with --mode frozen or random.")
+            raise FeatcacheError(
+                "--decoder ridge fits on a feature store's cached pooled embeddings, not end to end: run it with "
+                "`train decoder --decoder ridge` (mode frozen or random)."
+            )
         defaults = {f.name: f.default for f in fields(self)}
         if self.loss != "mse":
             raise FeatcacheError(
@@ -248,6 +252,12 @@ class TrainConfig:
         unused = [n for n in RIDGE_UNUSED if getattr(self, n) != defaults[n]]
         if self.val_fraction not in (defaults["val_fraction"], 0):
             unused.append("val_fraction")
+        if self.control is not None:
+            raise FeatcacheError(
+                f"--control {self.control}: the ridge head has no shuffled control; run the control with a unet or "
+                "linear decoder."
+            )
+        unused = [n for n in unused if n != "control"]
         if unused:
             names = ", ".join("--" + n.replace("_", "-") for n in unused)
             raise FeatcacheError(

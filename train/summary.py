@@ -188,6 +188,10 @@ def _settings(cfg: dict) -> dict:
     ident = dict((cfg.get("features") or {}).get("identity") or {})
     if str(ident.get("weights", "")).startswith("random:"):
         ident.pop("weights")
+    # a store's intermediate layers shape only runs that read one: others compare the store without them
+    layers = ident.pop("layers", None) or {}
+    if cfg.get("layer") is not None:
+        ident["layer_read"] = layers.get(f"tokens_{cfg['layer']}")
     if str(out.get("encoder_weights", "")).startswith("random:"):
         out.pop("encoder_weights")
     if cfg.get("lr_grid"):

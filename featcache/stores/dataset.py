@@ -311,8 +311,9 @@ class Dataset:
             "path": str(self.path),
         }
 
-    def builder(self, store_attrs: dict) -> DatasetBuilder:
-        return DatasetBuilder(self, store_attrs)
+    def builder(self, store_attrs: dict, replace: bool = False) -> DatasetBuilder:
+        """A staged build of this dataset; ``replace`` (``--overwrite``) lets it replace one already in place."""
+        return DatasetBuilder(self, store_attrs, replace)
 
     ARRAYS = (("patches.zarr", ("image", "origin")), ("targets.zarr", ("counts", "library_size", "mask", "origin")))
 
@@ -386,9 +387,9 @@ class DatasetBuilder:
     """Writes a dataset in a hidden folder (:func:`~featcache.stores.files.staged_dir`); :meth:`commit` moves it
     into place, and leaving the ``with`` block without a commit removes it."""
 
-    def __init__(self, dataset: Dataset, store_attrs: dict):
+    def __init__(self, dataset: Dataset, store_attrs: dict, replace: bool = False):
         self.dataset = dataset
-        self.staged = staged_dir(dataset.path)
+        self.staged = staged_dir(dataset.path, replace=replace)
         self.partial = self.staged.path
         try:
             self.patches = open_local(self.partial / "patches.zarr", "w")

@@ -150,8 +150,8 @@ class Staged:
     Make one with :func:`staged_dir` or :func:`staged_file`.
     """
 
-    def __init__(self, target: Path, folder: bool):
-        self.target, self.folder, self.done = Path(target), folder, False
+    def __init__(self, target: Path, folder: bool, replace: bool = True):
+        self.target, self.folder, self.done, self.replace = Path(target), folder, False, replace
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.target.parent, self.target.name)
         self.path = self.target.with_name(f".{self.target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -159,6 +159,14 @@ class Staged:
             self.path.mkdir()
 
     def commit(self) -> None:
+        """Move into place; with ``replace=False`` a target that appeared meanwhile (another process finished
+        first) is kept and this one is removed, with one error: nothing existing is overwritten unless asked."""
+        if not self.replace and self.target.exists():
+            self.abort()
+            raise FeatcacheError(
+                f"{self.target} was created by another process while this one was writing it; it is kept as that "
+                "process wrote it. Run the command again with --overwrite to replace it."
+            )
         try:
             if self.folder:
                 replace_dir(self.path, self.target)
@@ -185,9 +193,9 @@ class Staged:
             self.abort()
 
 
-def staged_dir(target: Path) -> Staged:
+def staged_dir(target: Path, replace: bool = True) -> Staged:
     """A hidden folder for ``target`` (made now, empty): ``with staged_dir(path) as tmp: ...`` fills it."""
-    return Staged(target, folder=True)
+    return Staged(target, folder=True, replace=replace)
 
 
 def staged_file(target: Path) -> Staged:
