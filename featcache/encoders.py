@@ -34,7 +34,6 @@ from featcache.geometry import GEOMETRY, PatchGeometry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_PX = GEOMETRY.patch_px  # 448: a 32 × 32 token grid for patch-14 ViTs (and the default rendering)
 
 
 def _swiglu_packed():

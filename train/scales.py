@@ -95,29 +95,26 @@ def _section_blocks(pred, counts, library, mask, origins, k: int, transform) -> 
     The patches are stitched first (:class:`~featcache.geometry.BinSums`: a bin's prediction is its mean over the
     patches holding it, its counts and library are the dataset's), so overlapping patches, strides that are not a
     multiple of k and gaps between patches all give the same blocks as the section itself."""
-    held = BinSums(origins, mask.astype(np.float64)[:, None]).grid()[0]  # > 0: scored by a patch holding it
-    scored = np.nan_to_num(held) > 0
-    top = BinSums(origins, mask[:, None]).top_left
-    pad = [(0, 0)] + [(int(t % k), 0) for t in top]  # align the stitched grid's corner on the section's k-grid
-    scored = np.pad(scored, pad[1:])
-    rows, cols = (-(-n // k) * k for n in scored.shape)
-    scored = np.pad(scored, [(0, rows - scored.shape[0]), (0, cols - scored.shape[1])])
-    blocks = _blocks(scored[None].astype(np.int64), k)[0] > 0
+    sums = BinSums(origins, mask.astype(np.float64)[:, None])
+    pad = [(int(t % k), 0) for t in sums.top_left]  # align the stitched grid's corner on the section's k-grid
+    rows, cols = (-(-(p + n) // k) * k for (p, _), n in zip(pad, sums.count.shape))
+
+    def stitched(values: np.ndarray) -> np.ndarray:
+        """(1, channel, rows, cols): per-patch maps averaged bin by bin, on the k-aligned section grid."""
+        grid = np.pad(np.nan_to_num(BinSums(origins, np.asarray(values, np.float64)).grid()), [(0, 0), *pad])
+        return np.pad(grid, [(0, 0), (0, rows - grid.shape[1]), (0, cols - grid.shape[2])])[None]
+
+    scored = stitched(mask[:, None])[:, 0] > 0  # (1, rows, cols): scored by a patch holding the bin
+    lib = stitched(library[:, None])[:, 0]
+    blocks = _blocks(scored.astype(np.int64), k)[0] > 0
     guess, truth = [], []
     for g0 in range(0, pred.shape[1], GENE_CHUNK):  # a few genes at a time: section-sized float64 grids
         g = slice(g0, g0 + GENE_CHUNK)
-
-        def stitched(values, dtype=np.float64):
-            grid = np.nan_to_num(BinSums(origins, values).grid())
-            grid = np.pad(grid, [(0, 0)] + pad[1:])
-            return np.pad(grid, [(0, 0), (0, rows - grid.shape[1]), (0, cols - grid.shape[2])]).astype(dtype)[None]
-
-        p = stitched(np.asarray(pred[:, g], np.float64))
-        c = np.rint(stitched(np.asarray(counts[:, g], np.float64))).astype(np.int64)
-        lib = stitched(np.asarray(library, np.float64)[:, None])[:, 0]
+        p = stitched(pred[:, g])
+        c = np.rint(stitched(counts[:, g])).astype(np.int64)
         sub = _gene_subset(transform, g)
-        guess.append(np.moveaxis(coarse_prediction(p, scored[None], sub, k)[0], 0, -1)[blocks])
-        truth.append(np.moveaxis(coarse_truth(c, lib, scored[None], sub, k)[0], 0, -1)[blocks])
+        guess.append(np.moveaxis(coarse_prediction(p, scored, sub, k)[0], 0, -1)[blocks])
+        truth.append(np.moveaxis(coarse_truth(c, lib, scored, sub, k)[0], 0, -1)[blocks])
     return np.concatenate(guess, axis=1), np.concatenate(truth, axis=1)
 
 
