@@ -47,9 +47,12 @@ def layered(prepared, tmp_path_factory):
     ws = tmp_path_factory.mktemp("layers-ws")
     shutil.copytree(src / "datasets", ws / "datasets")
     vit = extract(
-        "tiny", ExtractionConfig("tiny-vit", "random:0", chunk_patches=2, layers=(2, 1)), workspace=ws,
-        show_progress=False, batch_size=4,
-    )  # fmt: skip
+        "tiny",
+        ExtractionConfig("tiny-vit", "random:0", chunk_patches=2, layers=(2, 1)),
+        workspace=ws,
+        show_progress=False,
+        batch_size=4,
+    )
     cnn = extract("tiny", ExtractionConfig("tiny-cnn", "random:0", layers=(3, 5)), workspace=ws, show_progress=False)
     return ws, FeatureStore(vit.store), FeatureStore(cnn.store)
 
@@ -104,9 +107,13 @@ def test_stored_blocks_are_timms_block_outputs_and_tokens_the_final_norm_of_the_
 def test_a_layered_store_holds_the_same_final_tokens_and_pooled_as_a_plain_one(layered, tmp_path):
     ws, store, _ = layered
     plain = extract(
-        "tiny", ExtractionConfig("tiny-vit", "random:0", chunk_patches=2), workspace=ws, output=str(tmp_path / "p.zarr"),
-        show_progress=False, batch_size=4,
-    )  # fmt: skip
+        "tiny",
+        ExtractionConfig("tiny-vit", "random:0", chunk_patches=2),
+        workspace=ws,
+        output=str(tmp_path / "p.zarr"),
+        show_progress=False,
+        batch_size=4,
+    )
     assert "layers" not in FeatureStore(plain.store).identity  # a store without layers keeps its old identity
     for sample in ("P1", "P2"):
         a, b = store.open_sample(sample), FeatureStore(plain.store).open_sample(sample)
@@ -152,9 +159,9 @@ def test_layer_numbers_are_checked_against_the_networks_depth(layered, tmp_path)
     # the command line: refused before anything is computed or written
     r = CliRunner().invoke(
         featcache_app,
-        ["extract", "--encoder", "tiny-vit", "--weights", "random", "--layers", "3", "--dataset", "tiny",
-         "--workspace", str(ws), "--output", str(tmp_path / "x.zarr")],
-    )  # fmt: skip
+        [*"extract --encoder tiny-vit --weights random --layers 3 --dataset tiny".split(), "--workspace", str(ws)]
+        + ["--output", str(tmp_path / "x.zarr")],
+    )
     assert r.exit_code == 2 and "has 2 blocks" in flat(r.output) and not (tmp_path / "x.zarr").exists()
     # resuming with other layers: the layers are the store's identity
     with pytest.raises(FeatcacheError) as info:
@@ -219,9 +226,9 @@ def test_layer_refusals_and_the_config_of_a_run_without_a_layer(layered, tiny_cn
         TrainConfig("tiny", "tiny-vit", "P2", layer=0).validate()
     r = CliRunner().invoke(
         train_app,
-        ["decoder", "--dataset", "tiny", "--encoder", "tiny-cnn", "--mode", "random", "--fold", "P2", "--layer", "4",
-         "--workspace", str(ws), "--device", "cpu"],
-    )  # fmt: skip
+        [*"decoder --dataset tiny --encoder tiny-cnn --mode random --fold P2 --layer 4 --device cpu".split()]
+        + ["--workspace", str(ws)],
+    )
     assert r.exit_code == 2 and "--layers 3,4,5 --overwrite" in flat(r.output)
     # train loocv: the layer reaches every cached run; fine-tune runs train the final grid
     from train.loocv import loocv_configs
@@ -290,10 +297,12 @@ def plugin_dir(tmp_path_factory):
     )
     target = root / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(pkg)],
-        check=True, capture_output=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
-    )  # fmt: skip
+        [sys.executable, *"-m pip install -q --no-deps --no-build-isolation --no-index".split()]
+        + ["--target", str(target), str(pkg)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     return target
 
 
@@ -317,16 +326,16 @@ def test_a_plugin_is_listed_with_its_source_and_extracts(plugin_dir, layered, tm
     rows = {row["encoder"]: row for row in json.loads(listed)}
     mine = rows["plugin-vit"]
     assert mine["source"] == "fc-plugin-demo 0.3.1" and rows["uni2h"]["source"] == "built-in"
-    assert (mine["patch_size"], mine["px_per_bin"], mine["grid"], mine["dim"], mine["pooled_dim"]) == (
-        14, 14, "32×32", 32, 32
-    )  # fmt: skip
+    shape = (mine["patch_size"], mine["px_per_bin"], mine["grid"], mine["dim"], mine["pooled_dim"])
+    assert shape == (14, 14, "32×32", 32, 32)
     assert mine["licence"] == "MIT" and mine["hf_repo"] == "example/plugin-vit" and mine["weights_local"] is False
     assert "plugin-vit" in table and "0.3.1" in table, table
     out = tmp_path / "plugin.zarr"
     r = _featcache(
-        plugin_dir, "extract", "--encoder", "plugin-vit", "--weights", "random", "--dataset", "tiny", "--layers", "3",
-        "--workspace", str(ws), "--output", str(out), "--device", "cpu",
-    )  # fmt: skip
+        plugin_dir,
+        *"extract --encoder plugin-vit --weights random --dataset tiny --layers 3 --device cpu".split(),
+        *("--workspace", str(ws), "--output", str(out)),
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     st = FeatureStore(out)
     assert st.status().complete and st.identity["encoder"] == "plugin-vit"
@@ -389,13 +398,8 @@ def test_broken_plugins_and_name_clashes_are_one_error_naming_the_package(monkey
 def test_encoder_overview_has_every_column_of_the_table():
     rows = {r["encoder"]: r for r in encoder_overview()}
     uni = rows["uni2h"]
-    assert (uni["patch_size"], uni["px_per_bin"], uni["grid"], uni["dim"], uni["pooled_dim"]) == (
-        14,
-        14,
-        "32×32",
-        1536,
-        1536,
-    )
+    shape = (uni["patch_size"], uni["px_per_bin"], uni["grid"], uni["dim"], uni["pooled_dim"])
+    assert shape == (14, 14, "32×32", 1536, 1536)
     assert uni["hf_repo"] == "MahmoodLab/UNI2-h" and uni["source"] == "built-in" and "licence" in uni
     assert rows["virchow2"]["pooled_dim"] == 2560
     dn = rows["densenet121"]
@@ -424,9 +428,12 @@ def test_a_store_whose_pooled_width_differs_from_its_tokens_opens_in_xarray(laye
         REGISTRY, "tiny-vit-clsmean", replace(get_spec("tiny-vit"), name="tiny-vit-clsmean", pooled="cls+mean")
     )
     res = extract(
-        "tiny", ExtractionConfig("tiny-vit-clsmean", "random:0", layers=(1,)), workspace=ws,
-        output=str(tmp_path / "cm.zarr"), show_progress=False,
-    )  # fmt: skip
+        "tiny",
+        ExtractionConfig("tiny-vit-clsmean", "random:0", layers=(1,)),
+        workspace=ws,
+        output=str(tmp_path / "cm.zarr"),
+        show_progress=False,
+    )
     feats = FeatureStore(res.store).open_sample("P1")
     assert feats.pooled.dims == ("patch", "pooled_channel") and feats.pooled.shape[1] == 96
     assert feats.tokens.sizes["channel"] == 48 and feats.tokens_1.dims == feats.tokens.dims
