@@ -40,7 +40,7 @@ import zarr
 
 from featcache.errors import FeatcacheError
 from featcache.geometry import GEOMETRY, RENDERINGS, geometry_for, image_array_name
-from featcache.stores.files import read_json, staged_dir, write_json
+from featcache.stores.files import StagedWriter, read_json, staged_dir, write_json
 from featcache.stores.zarrio import (
     consolidate,
     create_array,
@@ -383,22 +383,19 @@ def _read_back(arr, label: str) -> list[str]:
     return out
 
 
-class DatasetBuilder:
-    """Writes a dataset in a hidden folder (:func:`~featcache.stores.files.staged_dir`); :meth:`commit` moves it
-    into place, and leaving the ``with`` block without a commit removes it."""
+class DatasetBuilder(StagedWriter):
+    """Writes a dataset in a hidden folder (:class:`~featcache.stores.files.StagedWriter`); :meth:`commit` moves
+    it into place, and leaving the ``with`` block without a commit removes it."""
 
     def __init__(self, dataset: Dataset, store_attrs: dict, replace: bool = False):
         self.dataset = dataset
-        self.staged = staged_dir(dataset.path, replace=replace)
-        self.partial = self.staged.path
-        try:
-            self.patches = open_local(self.partial / "patches.zarr", "w")
-            self.targets = open_local(self.partial / "targets.zarr", "w")
-            self.patches.attrs.update(store_attrs)
-            self.targets.attrs.update(store_attrs)
-        except BaseException:
-            self.abort()  # a full disk while the skeleton is written leaves nothing behind
-            raise
+        super().__init__(dataset.path, replace, lambda: self._create(store_attrs))
+
+    def _create(self, store_attrs: dict) -> None:
+        self.patches = open_local(self.partial / "patches.zarr", "w")
+        self.targets = open_local(self.partial / "targets.zarr", "w")
+        self.patches.attrs.update(store_attrs)
+        self.targets.attrs.update(store_attrs)
 
     def add_sample(
         self, sample: str, origins: np.ndarray, gene_ids, gene_labels, patch_attrs: dict, renderings=(14,)
@@ -448,21 +445,10 @@ class DatasetBuilder:
         (self.partial / "qc" / f"{sample}.png").write_bytes(png)
         return self.dataset.qc_path(sample)
 
-    def commit(self, meta: dict) -> None:
+    def _finish(self, meta: dict) -> None:
         for store in ("patches.zarr", "targets.zarr"):
             consolidate(self.partial / store)
         write_json(self.partial / "dataset.json", meta)
-        self.staged.commit()
-
-    def abort(self) -> None:
-        self.staged.abort()
-
-    def __enter__(self) -> DatasetBuilder:
-        return self
-
-    def __exit__(self, *_) -> None:
-        if not self.staged.done:
-            self.abort()
 
 
 class RenderingAdder:

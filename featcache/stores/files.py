@@ -79,12 +79,17 @@ def read_json(path: Path) -> dict | None:
         raise FeatcacheError(f"cannot read {path} ({exc.strerror or exc}).") from None
     except UnicodeDecodeError:
         raise FeatcacheError(f"{path} is not a text file: it is damaged.") from None
+    return json_object(text, str(path), "the file is damaged.")
+
+
+def json_object(text: str, name: str, fix: str) -> dict:
+    """``text`` (the content of ``name``) as a JSON object; otherwise one error naming ``name``, ending in ``fix``."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FeatcacheError(f"{path} is damaged (not valid JSON: {exc.msg} at line {exc.lineno}).") from None
+        raise FeatcacheError(f"{name} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
     if not isinstance(obj, dict):
-        raise FeatcacheError(f"{path} is damaged (a JSON object was expected).")
+        raise FeatcacheError(f"{name} holds a JSON {type(obj).__name__}, not an object; {fix}")
     return obj
 
 
@@ -190,6 +195,39 @@ class Staged:
         if exc_type is None:
             self.commit()
         else:
+            self.abort()
+
+
+class StagedWriter:
+    """An artefact written piece by piece in a hidden folder (:func:`staged_dir`): :meth:`commit` finishes it
+    (:meth:`_finish`) and moves it into place; leaving the ``with`` block without a commit removes it, and so
+    does a failure while ``skeleton`` lays out its empty files (a full disk leaves nothing behind)."""
+
+    def __init__(self, target: Path, replace: bool, skeleton):
+        self.staged = staged_dir(target, replace=replace)
+        self.partial = self.staged.path
+        try:
+            skeleton()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self, meta: dict) -> None:
+        """Write what completes the artefact (its metadata file last) into :attr:`partial`."""
+        raise NotImplementedError
+
+    def commit(self, meta: dict) -> None:
+        self._finish(meta)
+        self.staged.commit()
+
+    def abort(self) -> None:
+        self.staged.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_) -> None:
+        if not self.staged.done:
             self.abort()
 
 

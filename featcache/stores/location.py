@@ -18,6 +18,7 @@ import fsspec
 import zarr
 
 from featcache.errors import FeatcacheError
+from featcache.stores.files import json_object
 
 
 def is_url(location: str | Path) -> bool:
@@ -39,13 +40,7 @@ def env_storage_options() -> dict:
     text = os.environ.get(OPTIONS_ENV_VAR, "").strip()
     if not text:
         return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FeatcacheError(f"${OPTIONS_ENV_VAR} is not valid JSON ({exc.msg}); set it to a JSON object.") from None
-    if not isinstance(options, dict):
-        raise FeatcacheError(f"${OPTIONS_ENV_VAR} must be a JSON object of fsspec storage options, not {text[:40]}.")
-    return options
+    return json_object(text, f"${OPTIONS_ENV_VAR}", "set it to a JSON object of fsspec storage options.")
 
 
 def zarr_store(location: str | Path, storage_options: dict | None = None, read_only: bool = False):

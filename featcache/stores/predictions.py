@@ -21,31 +21,37 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.stores.files import read_json, staged_dir, write_json
+from featcache.stores.files import StagedWriter, read_json, write_json
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
 
 CHUNK = 16  # patches per stored chunk
 
 
-class PredictionDir:
-    def __init__(self, path: Path):
-        self.path = Path(path)
+class _Layout:
+    """The names inside a prediction folder, below :attr:`root`: the folder, or a writer's hidden one."""
+
+    root: Path
 
     @property
     def meta_path(self) -> Path:
-        return self.path / "prediction.json"
+        return self.root / "prediction.json"
 
     @property
     def zarr_path(self) -> Path:
-        return self.path / "predictions.zarr"
+        return self.root / "predictions.zarr"
 
     @property
     def h5ad_path(self) -> Path:
-        return self.path / "predictions.h5ad"
+        return self.root / "predictions.h5ad"
 
     @property
     def figures_dir(self) -> Path:
-        return self.path / "figures"
+        return self.root / "figures"
+
+
+class PredictionDir(_Layout):
+    def __init__(self, path: Path):
+        self.path = self.root = Path(path)
 
     def read_meta(self) -> dict | None:
         return read_json(self.meta_path)
@@ -67,19 +73,15 @@ class PredictionDir:
         return PredictionWriter(self, n, genes, gene_ids, origins, attrs)
 
 
-class PredictionWriter:
-    """Writes the prediction folder batch by batch in a hidden folder (:func:`~featcache.stores.files.staged_dir`);
-    :meth:`commit` moves it into place, and leaving the ``with`` block without a commit removes it."""
+class PredictionWriter(StagedWriter, _Layout):
+    """Writes the prediction folder batch by batch in a hidden folder (:class:`~featcache.stores.files.StagedWriter`,
+    its paths those of :class:`PredictionDir`); :meth:`commit` moves it into place, and leaving the ``with`` block
+    without a commit removes it."""
 
     def __init__(self, target: PredictionDir, n: int, genes, gene_ids, origins, attrs: dict):
         self.target = target
-        self.staged = staged_dir(target.path)
-        self.partial = self.staged.path
-        try:
-            self._create(n, genes, gene_ids, origins, attrs)
-        except BaseException:
-            self.abort()  # a full disk while the skeleton is written leaves nothing behind
-            raise
+        super().__init__(target.path, True, lambda: self._create(n, genes, gene_ids, origins, attrs))
+        self.root = self.partial
 
     def _create(self, n: int, genes, gene_ids, origins, attrs: dict) -> None:
         root = open_local(self.partial / "predictions.zarr", "w")
@@ -106,33 +108,10 @@ class PredictionWriter:
         write_strings(root, "gene", genes, "gene")
         write_strings(root, "gene_id", gene_ids, "gene")
 
-    @property
-    def zarr_path(self) -> Path:
-        return self.partial / "predictions.zarr"
-
-    @property
-    def h5ad_path(self) -> Path:
-        return self.partial / "predictions.h5ad"
-
-    @property
-    def figures_dir(self) -> Path:
-        return self.partial / "figures"
-
     def write(self, start: int, **blocks: np.ndarray) -> None:
         for name, values in blocks.items():
             self.arrays[name][start : start + len(values)] = values
 
-    def commit(self, meta: dict) -> None:
-        consolidate(self.partial / "predictions.zarr")
-        write_json(self.partial / "prediction.json", meta)
-        self.staged.commit()
-
-    def abort(self) -> None:
-        self.staged.abort()
-
-    def __enter__(self) -> PredictionWriter:
-        return self
-
-    def __exit__(self, *_) -> None:
-        if not self.staged.done:
-            self.abort()
+    def _finish(self, meta: dict) -> None:
+        consolidate(self.zarr_path)
+        write_json(self.meta_path, meta)

@@ -153,12 +153,8 @@ class RunDir:
                 f"{path} is missing: {self.path} is not a featcache run folder. Train it with `train decoder` "
                 "or `train loocv`."
             )
-        if config.get("config_sha256") != config_digest(config):
-            raise FeatcacheError(
-                f"{path} was changed after the run was trained: its settings no longer hash to its config_sha256, "
-                "so the checkpoint and metrics beside it were made with other settings. Restore the original "
-                "config.json, or train the run again with --overwrite."
-            )
+        edited = "the checkpoint and metrics beside it were made with other settings"
+        _check_digest(path, config, "config_sha256", config_digest(config), edited)
         self._check_place(config)
         return config
 
@@ -320,12 +316,9 @@ class RunDir:
                 f"{path} was not written by the run of {self.file('config.json')} (its config_sha256 differs): "
                 "the metrics come from another run. Copy the whole run folder, or train it again with --overwrite."
             )
-        if m.get("metrics_sha256") != metrics_digest(m):
-            raise FeatcacheError(
-                f"{path} was changed after the run wrote it (or has no metrics_sha256): its values no longer hash to "
-                "its metrics_sha256, so they are not the scores of the predictions beside it. Restore the original "
-                "metrics.json, or train the run again with --overwrite."
-            )
+        _check_digest(
+            path, m, "metrics_sha256", metrics_digest(m), "they are not the scores of the predictions beside it"
+        )
         return m
 
     def write_metrics(self, metrics: dict) -> None:
@@ -384,6 +377,16 @@ class RunDir:
                 "another run. Copy the whole run folder, or train it again with --overwrite."
             )
         return ds
+
+
+def _check_digest(path: Path, record: dict, key: str, digest: str, so: str) -> None:
+    """``record[key]`` is the ``digest`` of the rest of ``record``: the file was not edited after the run wrote it
+    (``so``: what an edit would mean for the files beside it)."""
+    if record.get(key) != digest:
+        raise FeatcacheError(
+            f"{path} was changed after the run wrote it (or has no {key}): its values no longer hash to its {key}, "
+            f"so {so}. Restore the original {path.name}, or train the run again with --overwrite."
+        )
 
 
 def _ours(name: str) -> bool:
