@@ -10,6 +10,7 @@ literal names on purpose: they check the real layout independently of this modul
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # --------------------------------------------------------------------------- folders
@@ -105,3 +106,17 @@ ANTIBODY_CAPTURE = "Antibody Capture"
 def bin_barcode(row: int, col: int, size_um: int = 8) -> str:
     """A bin's barcode, ``s_008um_RRRRR_CCCCC-1`` for the 8 µm bin at (array_row, array_col)."""
     return f"s_{size_um:03d}um_{row:05d}_{col:05d}-1"
+
+
+_BIN_BARCODE = re.compile(r"s_(\d{3})um_(\d{5,})_(\d{5,})-1")
+
+
+def parse_bin_barcode(barcode: str, size_um: int = 8) -> tuple[int, int]:
+    """(array_row, array_col) of a ``size_um`` bin's barcode, the inverse of :func:`bin_barcode`; ValueError for
+    a barcode of another form or bin size."""
+    m = _BIN_BARCODE.fullmatch(barcode)
+    if m is None or int(m[1]) != size_um:
+        raise ValueError(
+            f"{barcode!r} is not a Space Ranger barcode of a {size_um} µm bin (s_{size_um:03d}um_RRRRR_CCCCC-1)"
+        )
+    return int(m[2]), int(m[3])

@@ -26,18 +26,35 @@ SHARED = {
     "featcache.encoders",
     "featcache.weights",
     "featcache.registration",
+    "featcache.spaceranger",
 }
 STAGE1 = {f"featcache.{p.stem}" for p in (ROOT / "featcache").glob("*.py") if p.stem != "__init__"} - SHARED
 
 
+def is_module(name: str) -> bool:
+    """A module or package of this repository (``featcache.visium``, ``featcache.stores``)."""
+    where = ROOT / name.replace(".", "/")
+    return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
+
+
 def imports(path: Path) -> set[str]:
+    """The modules ``path`` imports: ``from X import Y`` records X, and X.Y too where Y is a module of ours
+    (``from featcache import visium`` imports featcache.visium, not just featcache)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}"))
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
     return out
+
+
+def test_imports_sees_a_module_imported_by_name(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("from featcache import visium, errors as e\nfrom featcache.errors import FeatcacheError\n")
+    assert imports(source) == {"featcache", "featcache.visium", "featcache.errors"}
+    assert not allowed_featcache("featcache.visium") and allowed_featcache("featcache.errors")
 
 
 def modules(package: str) -> list[Path]:
@@ -70,6 +87,19 @@ def test_stages_2_and_3_use_only_the_store_layer_and_shared_helpers(package):
             if mod.startswith("featcache"):
                 assert allowed_featcache(mod), f"{path.relative_to(ROOT)} imports {mod}"
             assert mod.split(".")[0] != "pipeline", f"{path.relative_to(ROOT)} imports {mod}"
+
+
+def test_train_and_analysis_do_not_import_each_other():
+    """Stage 3 reads what stage 2 wrote through the store layer, never its code, and stage 2 knows no stage 3."""
+    for package, other in (("train", "analysis"), ("analysis", "train")):
+        for path in modules(package):
+            bad = {m for m in imports(path) if m.split(".")[0] == other}
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_space_ranger_names_import_nothing_of_a_stage():
+    """featcache/spaceranger.py is shared by the reader, the generator, the store layer and train/ceiling.py."""
+    assert {m.split(".")[0] for m in imports(ROOT / "featcache" / "spaceranger.py")} <= {"__future__", "re", "pathlib"}
 
 
 def test_stage_1_does_not_import_the_later_stages():

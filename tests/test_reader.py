@@ -5,10 +5,12 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 from conftest import BIN8, clone_sample, dense_counts
 
 from featcache.slide import Slide
+from featcache.spaceranger import bin_barcode, parse_bin_barcode
 from featcache.visium import open_sample
 
 
@@ -62,3 +64,12 @@ def test_slide_reads_regions_lazily_and_exactly(synth_dir):
         assert (edge[:10] == 255).all() and (edge[:, 5:] == 255).all()
         assert np.array_equal(edge[10:, :5], full[:20, -5:])
         assert slide.choose_level(2.09) == 1 and slide.choose_level(1.5) == 0
+
+
+def test_a_bin_barcode_reads_back_as_its_array_row_and_column():
+    for row, col in ((0, 0), (12, 3456), (99999, 7), (123456, 1)):
+        assert parse_bin_barcode(bin_barcode(row, col)) == (row, col)
+    assert parse_bin_barcode("s_016um_00010_00020-1", size_um=16) == (10, 20)
+    for other in ("s_016um_00010_00020-1", "s_008um_10_20-1", "AAACCCAAGG-1", "s_008um_00010_00020"):
+        with pytest.raises(ValueError, match="not a Space Ranger barcode"):
+            parse_bin_barcode(other)

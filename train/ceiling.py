@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.geometry import GEOMETRY, gather_windows
+from featcache.spaceranger import parse_bin_barcode
 from train.data import FoldInputs, TargetTransform, target_values
 from train.metrics import evaluate
 
@@ -184,8 +185,7 @@ def _expected(path: str, kind: str, panel: tuple[str, ...], draws: int, groups: 
         gene_ids = [g.decode() for g in f["gene_ids"][()]]
         rates = f["rates"][()].astype(np.float64)
     origins = np.frombuffer(origin_bytes, dtype=np.int64).reshape(n, 2)
-    rr = np.array([int(b[8:13]) for b in barcodes])  # s_008um_RRRRR_CCCCC-1
-    cc = np.array([int(b[14:19]) for b in barcodes])
+    rr, cc = np.array([parse_bin_barcode(b) for b in barcodes], np.int64).reshape(-1, 2).T
     b = GEOMETRY.bins
     shape = (max(rr.max() + 1, int(origins[:, 0].max()) + b), max(cc.max() + 1, int(origins[:, 1].max()) + b))
     grid = np.full(shape, -1, np.int64)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache import spaceranger as sr
 from featcache.geometry import BIN_UM
 
 
@@ -50,7 +51,7 @@ def bin_names(sample: str, coords: np.ndarray) -> np.ndarray:
 
 def spatial_uns(library: str, hires: np.ndarray, hires_scale: float, bin_px: float, source: str) -> dict:
     """``uns["spatial"]`` as scanpy reads it: the image scanpy draws on (``img_key="hires"``) and its scale."""
-    scalefactors = {"tissue_hires_scalef": hires_scale, "spot_diameter_fullres": bin_px, "bin_size_um": BIN_UM}
+    scalefactors = {sr.TISSUE_HIRES_SCALEF: hires_scale, sr.SPOT_DIAMETER_FULLRES: bin_px, sr.BIN_SIZE_UM: BIN_UM}
     return {library: {"images": {"hires": hires}, "scalefactors": scalefactors, "metadata": {"source": source}}}
 
 
