@@ -200,6 +200,9 @@ def loocv(
     slurm_config: Annotated[
         Optional[Path], typer.Option(help="YAML of SLURMCluster settings (dask-jobqueue's format).")
     ] = None,
+    slurm_script: Annotated[
+        bool, typer.Option(help="Print the Slurm job script each worker would be submitted with, then stop.")
+    ] = False,
     epochs: Epochs = _default("epochs"),
     batch_size: Batch = _default("batch_size"),
     lr: Lr = _default("lr"),
@@ -263,6 +266,15 @@ def loocv(
             walltime=slurm_walltime,
             config=str(slurm_config) if slurm_config else None,
         )
+    if slurm_script:  # nothing is submitted: see what --slurm-* would ask Slurm for
+        from train.slurm import slurm_cluster
+
+        cluster = slurm_cluster(**(slurm or {}))
+        try:
+            print(cluster.job_script())
+        finally:
+            cluster.close()
+        return
     comparison = run(
         dataset,
         split_list(encoders),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from train.loocv import run_loocv
+from train.cluster import FoldRunner, _result
+from train.loocv import loocv_configs, run_loocv
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = dict(decoder="linear", epochs=4, batch_size=4, val_fraction=0.0, seed=0)
@@ -103,9 +104,13 @@ def tag(monkeypatch):
     assert_none_left(value)
 
 
+RUNTIME = dict(device="cpu", in_memory="auto", overwrite=False, show_progress=False, tensorboard=False)
+
+
 def test_a_local_cluster_gives_the_serial_result(serial, tiny_cnn_features, tmp_path, tag):
     ws = fresh_workspace(tiny_cnn_features[0], tmp_path)
-    res = run_loocv("tiny", ["tiny-cnn"], ["random"], OPTIONS, jobs=2, workspace=ws, device="cpu", show_progress=False)
+    with FoldRunner(jobs=2, device="cpu", threads=1) as runner:  # as the serial run, on any number of cores
+        res = run_loocv("tiny", ["tiny-cnn"], ["random"], OPTIONS, workspace=ws, runner=runner, show_progress=False)
     assert fold_metrics(ws) == serial[1]
     assert res["results"].keys() == serial[2]["results"].keys()
     assert all(t["worker"].startswith("tcp://127.0.0.1:") and t["error"] is None for t in res["_tasks"])
@@ -219,6 +224,16 @@ def test_a_crashing_fold_is_named_with_its_file_and_the_others_finish(serial, ti
     assert fold_metrics(ws) == {"fold-P2": serial[1]["fold-P2"]}  # the other fold finished and is kept
     assert (ws / "results" / "tiny" / "encoder_loocv_comparison.json").is_file()
 
+    shutil.rmtree(p1)
+    shutil.copytree(serial[0] / RUNS / "fold-P1", p1)  # the fold fixed: the same command succeeds (both reused)
+    proc = train_cli(loocv_args(ws, "--jobs", "2"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.split("where the folds ran", 1)[1].splitlines()[1:3]
+    for line, fold in zip(lines, ("fold-P1", "fold-P2")):
+        name, worker, seconds, unit, state = line.split()
+        assert name.endswith(fold) and worker.startswith("tcp://127.0.0.1:") and (unit, state) == ("s", "ok"), line
+        assert float(seconds) >= 0
+
 
 def test_a_deleted_store_chunk_is_named_and_nothing_hangs(tiny_cnn_features, tmp_path, tag):
     ws = fresh_workspace(tiny_cnn_features[0], tmp_path)
@@ -241,3 +256,116 @@ def test_an_unreachable_scheduler_is_one_message_and_nothing_is_written(tiny_cnn
     assert proc.returncode == 2, text
     assert f"--scheduler {address}: cannot reach a Dask scheduler" in text and "Traceback" not in text
     assert sorted(p.relative_to(ws) for p in ws.rglob("*")) == before
+
+
+def forged_lock(fold: Path, **holder) -> Path:
+    lock = fold / ".writer.lock"
+    lock.write_text(json.dumps({"pid": 4242, "since": "2026-01-01T00:00:00+0000", **holder}) + "\n")
+    return lock
+
+
+def test_the_lock_of_a_worker_the_scheduler_lost_is_cleared_and_a_live_ones_refused(
+    serial, tiny_cnn_features, tmp_path, tag
+):
+    """A node that died leaves its fold's lock behind: the fold's retry on another node takes it over."""
+    ws = fresh_workspace(tiny_cnn_features[0], tmp_path)
+    for fold in ("fold-P1", "fold-P2"):
+        shutil.copytree(serial[0] / RUNS / fold, ws / RUNS / fold)  # finished: the task takes the lock, reuses it
+    with FoldRunner(jobs=2, device="cpu") as runner:
+        scheduler = runner.client.scheduler.address
+        live = sorted(runner.client.scheduler_info()["workers"])[0]
+        gone = forged_lock(ws / RUNS / "fold-P1", host="node-a", worker="tcp://10.255.0.7:40123", scheduler=scheduler)
+        held = forged_lock(ws / RUNS / "fold-P2", host="node-b", worker=live, scheduler=scheduler)
+        configs = loocv_configs("tiny", ["tiny-cnn"], ["random"], ["P1", "P2"], OPTIONS)
+        reports = runner.run(configs, ws, RUNTIME, show_progress=False)
+    assert reports[0]["error"] is None and not gone.exists()
+    assert "is being written by another featcache process (pid 4242 on host node-b" in reports[1]["error"]
+    assert f"Dask worker {live}" in reports[1]["error"] and held.is_file()
+    assert fold_metrics(ws) == serial[1]  # nothing of either fold was touched
+
+
+def test_gpu_tasks_wait_for_a_worker_with_the_gpu_resource(tmp_path, tag):
+    """Folds on a GPU ask for ``GPU=1``: a worker without it never takes them, one started with it does; a task
+    whose worker keeps dying is reported as such."""
+    import dask
+    from distributed import LocalCluster
+
+    assert FoldRunner(jobs=2, device="cpu").resources is None
+    gpu = FoldRunner(jobs=2, device="cuda").resources
+    assert gpu == {"GPU": 1}
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=None)
+    worker = None
+    try:
+        from distributed import Client
+
+        client = Client(cluster, set_as_default=False)
+        fut = client.submit(sum, [1, 2], resources=gpu, pure=False)
+        with pytest.raises(TimeoutError):
+            fut.result(timeout=3)  # the CPU-only worker is idle, and leaves it pending
+        assert fut.status == "pending"
+        args = ["--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", "--resources", "GPU=1"]
+        worker = start(["distributed.cli.dask_worker", cluster.scheduler_address, *args])
+        assert fut.result(timeout=120) == 3
+        assert [w for w, keys in client.who_has([fut]).items() for _ in keys][0] != sorted(cluster.workers)[0]
+        died = client.submit(os._exit, 1, resources=gpu, pure=False)  # on the GPU worker only: not this process
+        cfg = loocv_configs("tiny", ["tiny-cnn"], ["random"], ["P1"], OPTIONS)[0]
+        report = _result(died, cfg)
+        assert report["label"] == "tiny-cnn/random-linear/fold-P1"
+        assert report["error"].startswith("its worker died each time it ran it")
+        client.close()
+    finally:
+        cluster.close()
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=60)
+
+
+def test_a_local_cluster_on_gpus_gives_each_worker_its_own(tmp_path, tag, monkeypatch):
+    """Worker i sees GPU i mod G (its CUDA_VISIBLE_DEVICES) and holds GPU=1; no real GPU is needed to check it."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with FoldRunner(jobs=2, device="cuda") as runner:
+        seen = runner.client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        resources = [w["resources"] for w in runner.client.scheduler_info()["workers"].values()]
+    assert sorted(seen.values()) == ["3", "5"] and resources == [{"GPU": 1}, {"GPU": 1}]
+    from featcache.errors import FeatcacheError
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(FeatcacheError, match="no GPU is visible here"):
+        FoldRunner(jobs=2, device="cuda").__enter__()
+
+
+def test_slurm_flags_become_the_job_script(tmp_path, tag):
+    from train.slurm import slurm_cluster
+
+    cluster = slurm_cluster(gpus=1)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+    flags = ["--slurm-partition", "gpuq", "--slurm-gpus", "2", "--slurm-memory", "4GB", "--slurm-walltime", "01:00:00"]
+    proc = train_cli(loocv_args(tmp_path, *flags, "--slurm-script"), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for line in ("#SBATCH -p gpuq", "#SBATCH --mem=4G", "#SBATCH -t 01:00:00", "#SBATCH --gres=gpu:2"):
+        assert line in proc.stdout.splitlines(), proc.stdout
+    assert "--resources GPU=2" in proc.stdout and not (tmp_path / "runs").exists()
+
+
+def test_no_worker_outlives_a_killed_command(tiny_cnn_features, tmp_path, tag):
+    """SIGKILL (no cleanup runs) of `train loocv --jobs 2` while its workers train: they end with it."""
+    ws = fresh_workspace(tiny_cnn_features[0], tmp_path)
+    code = "import sys; from pipeline.cli import train_main; sys.argv = ['train', *sys.argv[1:]]; train_main()"
+    args = loocv_args(ws, "--jobs", "2", "--epochs", "200")
+    parent = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not list((ws / RUNS).glob("fold-*/.writer.lock")) and time.time() < deadline:
+            assert parent.poll() is None, parent.stderr.read().decode()[-2000:]
+            time.sleep(0.1)
+        assert list((ws / RUNS).glob("fold-*/.writer.lock")), "no fold started"
+        assert len(tagged(tag)) >= 3  # the command and its two workers
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    # the tag fixture's assert_none_left: every worker (and helper) process is gone within 20 s

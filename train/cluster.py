@@ -6,7 +6,9 @@ running cluster (workers started with ``dask worker``); ``--slurm-*`` starts wor
 through dask-jobqueue (train/slurm.py). Each fold is one task:
 
 - a task that needs a GPU (``--device cuda``) asks for the Dask resource ``GPU=1``; a worker started
-  with ``--resources GPU=1`` takes it;
+  with ``--resources GPU=1`` takes it. A ``LocalCluster`` on GPUs gives worker *i* the *i*-th visible GPU
+  (``CUDA_VISIBLE_DEVICES``, round robin: with more ``--jobs`` than GPUs, workers share them, said in a
+  warning); folds on the CPU ask for no resource;
 - a worker that dies mid-fold (killed, out of memory) is replaced by its nanny and Dask runs the task
   again elsewhere (``distributed.scheduler.allowed-failures`` times); the fold resumes from the
   training state its run folder holds (train/loop.py), so it ends exactly where an uninterrupted run does;
@@ -92,7 +94,15 @@ class FoldRunner:
     closed in ``finally``: no worker outlives the command.
     """
 
-    def __init__(self, jobs: int = 1, scheduler: str | None = None, slurm: dict | None = None, device: str = "auto"):
+    def __init__(
+        self,
+        jobs: int = 1,
+        scheduler: str | None = None,
+        slurm: dict | None = None,
+        device: str = "auto",
+        threads: int | None = None,
+    ):
+        """``threads``: torch threads per LocalCluster worker (default: this machine's cores / ``jobs``)."""
         if jobs < 1:
             raise FeatcacheError(f"--jobs {jobs}: must be at least 1.")
         if scheduler and slurm:
@@ -100,7 +110,8 @@ class FoldRunner:
         self.jobs, self.scheduler, self.slurm, self.device = jobs, scheduler, slurm, device
         self.gpu = device.startswith("cuda") or bool(slurm and slurm.get("gpus"))
         self.client = self.cluster = None
-        self.threads = None
+        self.threads, self._threads = None, threads
+        self.gpus: list[str] = []  # the GPU each LocalCluster worker sees, by worker
 
     @property
     def in_process(self) -> bool:
@@ -117,19 +128,14 @@ class FoldRunner:
                 self.cluster.scale(jobs=self.jobs)
                 self.client = _client(self.cluster)
             elif self.jobs > 1:
-                from distributed import LocalCluster
+                if self.device == "auto" and not self.gpu:  # auto picks the GPU where there is one: pin it too
+                    import torch
 
-                self.threads = max(1, (os.cpu_count() or 1) // self.jobs)
-                self.cluster = LocalCluster(
-                    n_workers=self.jobs,
-                    threads_per_worker=1,
-                    processes=True,
-                    host="127.0.0.1",
-                    dashboard_address=None,
-                    resources={"GPU": 1} if self.gpu else None,
-                    silence_logs=logging.CRITICAL,  # a failed fold is reported once, by us; not as Dask's log lines
-                )
+                    self.gpu = torch.cuda.is_available()
+                self.threads = self._threads or max(1, (os.cpu_count() or 1) // self.jobs)
+                self.cluster = self._local_cluster()
                 self.client = _client(self.cluster)
+                self.client.wait_for_workers(self.jobs, timeout=120)
         except BaseException:
             self.close()
             raise
@@ -137,6 +143,48 @@ class FoldRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def resources(self) -> dict | None:
+        """The Dask resources each fold's task asks for: one GPU, or none for folds on the CPU."""
+        return {"GPU": 1} if self.gpu else None
+
+    def _local_cluster(self):
+        """N single-threaded worker processes on 127.0.0.1; on GPUs, each worker pinned to one of them."""
+        from distributed import LocalCluster, Nanny
+
+        cluster = LocalCluster(
+            n_workers=0 if self.gpu else self.jobs,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,  # a failed fold is reported once, by us; not as Dask's log lines
+        )
+        if not self.gpu:
+            return cluster
+        try:
+            visible = visible_gpus(self.device)
+            if len(visible) < self.jobs:
+                logging.getLogger("featcache.cluster").warning(
+                    "--jobs %d on %d GPU(s): workers share them (worker i takes GPU i mod %d); give --jobs %d for "
+                    "one fold per GPU",
+                    self.jobs,
+                    len(visible),
+                    len(visible),
+                    len(visible),
+                )
+            self.gpus = [visible[i % len(visible)] for i in range(self.jobs)]
+            base = cluster.new_spec["options"]
+            for i, gpu in enumerate(self.gpus):
+                env = {**(base.get("env") or {}), "CUDA_VISIBLE_DEVICES": gpu}
+                options = {**base, "env": env, "resources": {"GPU": 1}}
+                cluster.worker_spec[i] = {"cls": Nanny, "options": options}
+            cluster.scale(self.jobs)
+        except BaseException:
+            cluster.close()
+            raise
+        return cluster
 
     def close(self) -> None:
         for thing in (self.client, self.cluster):
@@ -160,6 +208,8 @@ class FoldRunner:
         from distributed import as_completed
 
         quiet = {**runtime, "show_progress": False}
+        if self.gpus:  # each worker sees its one GPU only, as cuda:0
+            quiet["device"] = "cuda"
         futures = {
             self.client.submit(
                 fold_task,
@@ -170,7 +220,7 @@ class FoldRunner:
                 key=f"{label(cfg)}#{i}",
                 pure=False,
                 retries=RETRIES,
-                resources={"GPU": 1} if self.gpu else None,
+                resources=self.resources,
             ): i
             for i, cfg in enumerate(configs)
         }
@@ -186,6 +236,27 @@ class FoldRunner:
             for fut in futures:
                 fut.release()
         return reports
+
+
+def visible_gpus(device: str = "cuda") -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (``cuda:K``: that one only)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        gpus = [g.strip() for g in env.split(",") if g.strip()]
+    else:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if ":" in device:
+        k = device.split(":", 1)[1]
+        if not k.isdigit() or int(k) >= len(gpus):
+            raise FeatcacheError(f"--device {device}: this machine shows {len(gpus)} GPU(s); use cuda or cuda:0.")
+        gpus = [gpus[int(k)]]
+    if not gpus:
+        raise FeatcacheError(
+            f"--device {device} with --jobs: no GPU is visible here (CUDA_VISIBLE_DEVICES, torch); use --device cpu."
+        )
+    return gpus
 
 
 def _result(fut, cfg) -> dict:

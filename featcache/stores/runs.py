@@ -395,9 +395,11 @@ def _ours(name: str) -> bool:
 
 
 class RunLock:
-    """``.writer.lock`` in a run folder: created exclusively with the holder's pid, host and start time, removed
-    when it lets go. A lock whose holder is dead (a process of this host that is gone) is cleared; a lock of another
-    host cannot be checked from here, so it is refused with its holder named."""
+    """``.writer.lock`` in a run folder: created exclusively with the holder's pid, host and start time (and, in a
+    Dask worker, the worker's and its scheduler's addresses), removed when it lets go. A lock whose holder is dead is
+    cleared: a process of this host that is gone, or a Dask worker that its scheduler no longer lists (a lost node
+    whose fold Dask runs again elsewhere). Any other lock of another host cannot be checked from here, so it is
+    refused with its holder named."""
 
     def __init__(self, path: Path, take: bool):
         self.path, self.take, self.held, self.made_folder = Path(path), take, False, False
@@ -407,6 +409,7 @@ class RunLock:
             return self
         self.made_folder = not self.path.parent.exists()
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        me.update(self._dask_worker() or {})
         for _ in range(5):
             if create_exclusive(self.path, (json.dumps(me) + "\n").encode()):
                 self.held = True
@@ -438,18 +441,59 @@ class RunLock:
         return holder if isinstance(holder, dict) else {}
 
     @staticmethod
-    def _dead(holder: dict) -> bool:
+    def _dask_worker() -> dict | None:
+        """This process's Dask worker and scheduler addresses, when it runs a Dask task."""
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+        except (ImportError, ValueError):
+            return None
+        return {"worker": worker.address, "scheduler": worker.scheduler.address}
+
+    def _dead(self, holder: dict) -> bool:
         pid = holder.get("pid")
         if not isinstance(pid, int):
             return True
-        return holder.get("host") == socket.gethostname() and not process_alive(pid)
+        if holder.get("host") == socket.gethostname():
+            return not process_alive(pid)
+        return self._worker_gone(holder)
+
+    def _worker_gone(self, holder: dict) -> bool:
+        """Whether another host's holder was a Dask worker that our scheduler no longer has (its node died, so
+        Dask runs its task again here). Only our own scheduler can say: a lock of another cluster is kept."""
+        mine = self._dask_worker()
+        worker = holder.get("worker")
+        if not mine or not isinstance(worker, str) or holder.get("scheduler") != mine["scheduler"]:
+            return False
+        from distributed import get_client
+
+        try:
+            workers = get_client().scheduler_info()["workers"]
+        except Exception:  # noqa: BLE001 - a scheduler that cannot answer: judge the lock alive, as any other host's
+            return False
+        if worker in workers:
+            return False
+        import logging
+
+        logging.getLogger("featcache.runs").warning(
+            "%s: its holder, Dask worker %s (pid %s on host %s), is no longer in the scheduler's workers; "
+            "clearing its lock (its task runs again here)",
+            self.path,
+            worker,
+            holder.get("pid"),
+            holder.get("host"),
+        )
+        return True
 
     def _busy(self, holder: dict) -> str:
         host = holder.get("host")
         here = host == socket.gethostname()
         return (
             f"run folder {self.path.parent} is being written by another featcache process (pid {holder.get('pid')} "
-            f"on {'this host' if here else 'host ' + str(host)}, since {holder.get('since')}). Wait for it to finish "
+            f"on {'this host' if here else 'host ' + str(host)}"
+            + (f", Dask worker {holder['worker']}" if holder.get("worker") else "")
+            + f", since {holder.get('since')}). Wait for it to finish "
             "and run again (a finished run is reused), or stop it"
             + (f" (kill {holder.get('pid')})." if here else f"; if that process is gone, delete {self.path}.")
         )
