@@ -862,9 +862,49 @@ def test_verify_reads_the_origins_and_names_a_missing_array(full_ws):
 
 def test_positions_of_another_slide_are_refused(run_ws, synth_dir):
     ws, run_dir = run_ws
+    for img, pos in (("P1", "P2"), ("P2", "P1")):  # every foreign pair: Space Ranger's own image of P2 is not P1
+        image = synth_dir / img / f"{img}_tissue_image.btf"
+        args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / pos)]
+        lowres = synth_dir / pos / BIN8 / "spatial" / "tissue_lowres_image.png"
+        check(featcache_app, ws, [*args, "--device", "cpu"], "do not belong to", str(image), str(lowres), "correlate")
+
+
+def test_own_positions_pass_the_image_check_also_recoloured(synth_dir, tmp_path):
+    from featcache.slide import Slide
+    from pipeline.predict import positions_lattice
+
+    for name in ("P1", "P2"):
+        image = synth_dir / name / f"{name}_tissue_image.btf"
+        rgb = sample_image(synth_dir / name).astype(np.float32)
+        # a re-export of the same scan, brighter and with another stain balance: NCC of grey levels shrugs it off
+        other = np.clip(255 * (rgb / 255) ** np.array([0.7, 0.9, 1.2]) + 12, 0, 255).astype(np.uint8)
+        recoloured = tmp_path / f"{name}.tif"
+        tifffile.imwrite(recoloured, other, photometric="rgb")
+        for path in (image, recoloured):
+            with Slide(path) as slide:
+                slide.probe()
+                lattice = positions_lattice(name, synth_dir / name, path, 32, 0.5, slide)
+            assert lattice.checks["image_ncc"] > 0.9, (path, lattice.checks)
+            assert lattice.checks["image_check"].endswith("tissue_lowres_image.png")
+
+
+def test_positions_without_space_rangers_images_fall_back_to_the_tissue_overlap(run_ws, synth_dir, tmp_path):
+    from featcache.slide import Slide
+    from pipeline.predict import positions_lattice
+
+    ws, run_dir = run_ws
+    bare = {name: clone_sample(synth_dir / name, tmp_path / name) for name in ("P1", "P2")}
+    for sample in bare.values():
+        for png in ("tissue_lowres_image.png", "tissue_hires_image.png"):
+            (spatial(sample) / png).unlink()
     image = synth_dir / "P1" / "P1_tissue_image.btf"
-    args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P2")]
-    check(featcache_app, ws, [*args, "--device", "cpu"], "do not belong to", "in-tissue bins")
+    args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(bare["P2"]), "--device", "cpu"]
+    check(featcache_app, ws, args, "do not belong to", "in-tissue bins", "image check was not possible")
+    with Slide(image) as slide:  # its own positions still pass, on the overlap alone, and the record says so
+        slide.probe()
+        lattice = positions_lattice("P1", bare["P1"], image, 32, 0.5, slide)
+    assert lattice.checks["image_check"].startswith("not possible: no tissue_lowres_image.png")
+    assert lattice.checks["in_tissue_bins_on_tissue"] > 0.9
 
 
 def leftovers(folder: Path) -> list[str]:
