@@ -844,6 +844,13 @@ def test_predictions_of_another_run_or_unreadable_are_refused(run_ws, synth_dir)
     zarr_json.write_text("{ not json")
     for name in ("compare", "export", "figures"):
         check_cmd(ws, commands[name], "cannot read", "predictions.zarr")
+    # another run's predictions (run "b" of the same fold: same panel, same shapes) copied into this folder
+    shutil.rmtree(run_dir / "predictions.zarr")
+    shutil.copytree(
+        run_dir.parent.parent / "random-linear-b" / "fold-P1" / "predictions.zarr", run_dir / "predictions.zarr"
+    )
+    for name in ("compare", "export", "figures"):
+        check_cmd(ws, commands[name], str(run_dir / "predictions.zarr"), "config_sha256", "another run", "--overwrite")
 
 
 def test_verify_reads_the_origins_and_names_a_missing_array(full_ws):
@@ -996,3 +1003,36 @@ def test_an_edited_config_json_is_not_resumed_or_reused(full_ws):
     check(train_app, full_ws, args, "config.json", "config_sha256")  # a finished run is not reused
     (run_dir / "metrics.json").unlink()
     check(train_app, full_ws, args, "config.json", "config_sha256")  # nor an unfinished one resumed
+
+
+def test_figures_with_a_damaged_patches_chunk_write_nothing(run_ws):
+    ws, _ = run_ws
+    corrupt(ws / "datasets" / "tiny" / "patches.zarr" / "P1" / "image" / "c" / "0" / "0" / "0" / "0")
+    check(analysis_app(), ws, ["figures", "--dataset", "tiny", "--sample", "P1"], "patches.zarr/P1/image", "chunk 0")
+
+
+def test_figures_refuse_a_listed_run_folder_missing_on_disk(run_ws):
+    ws, run_dir = run_ws
+    gone = run_dir.parent.parent / "random-linear-b" / "fold-P2"
+    shutil.rmtree(gone)
+    check(analysis_app(), ws, ["figures", "--dataset", "tiny"], str(gone), "not on disk", "train summarize")
+
+
+def test_figures_without_default_genes_in_the_panel_draw_the_best_by_pcc(run_ws, monkeypatch):
+    import analysis.figures
+
+    ws, run_dir = run_ws
+    monkeypatch.setattr(analysis.figures, "DEFAULT_GENES", ("NOT-IN-ANY-PANEL",))  # a panel without them
+    runs = sorted(run_dir.parent.parent.iterdir())  # the two runs, both testing on P1
+    per_run = [json.loads((d / "fold-P1" / "metrics.json").read_text())["per_gene"] for d in runs]
+    panel = json.loads((runs[0] / "fold-P1" / "config.json").read_text())["genes"]
+    unique = [g for g in panel if panel.count(g) == 1]  # a repeated name names no single map
+    pcc = {g: [p[g]["pcc"] for p in per_run if p[g]["pcc"] is not None] for g in unique}
+    best = sorted(pcc, key=lambda g: -np.mean(pcc[g]) if pcc[g] else 1)[:6]
+    r = CliRunner().invoke(analysis_app(), ["figures", "--dataset", "tiny", "--sample", "P1", "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("spatial rows of "))
+    assert "none of the default genes is in the panel" in line, r.output
+    assert set(line.removeprefix("spatial rows of ").split(" (")[0].split(", ")) == set(best), (line, best)
+    drawn = {p.name.split("_")[1] for p in (ws / "results" / "tiny" / "figures" / "spatial").glob("*.png")}
+    assert drawn == set(best), (drawn, best)
