@@ -660,12 +660,16 @@ def test_refused_training_run_leaves_nothing_that_blocks_the_corrected_rerun(ful
 
 
 def test_stale_partial_folders_of_killed_prepares_are_cleaned(p1, ws):
-    (ws / "datasets" / ".bad.partial-999999999-dead0000").mkdir(parents=True)  # no such process
-    alive = ws / "datasets" / f".bad.partial-{os.getpid()}-live0000"  # a prepare still running
+    from featcache.stores.files import partial_name
+
+    (ws / "datasets" / partial_name("bad", pid=999999999)).mkdir(parents=True)  # no such process on this host
+    alive = ws / "datasets" / partial_name("bad")  # a prepare still running
     alive.mkdir()
+    elsewhere = ws / "datasets" / partial_name("bad", pid=999999999, host="otherhost")  # another host's: its own
+    elsewhere.mkdir()
     r = CliRunner().invoke(featcache_app, [*prepare_args("--sample", f"P1={p1}"), "--workspace", str(ws)])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (ws / "datasets").iterdir()) == [alive.name, "bad"]
+    assert sorted(p.name for p in (ws / "datasets").iterdir()) == sorted([alive.name, elsewhere.name, "bad"])
 
 
 def test_console_script_exit_code(tmp_path):
