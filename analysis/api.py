@@ -214,7 +214,9 @@ def stitch_image(dataset: str, sample: str, px_per_bin: int = 2, workspace=None)
     numpy.ndarray
         uint8 RGB, (rows × px_per_bin, cols × px_per_bin, 3) over the bounding box of the patches.
     """
-    p = Workspace.resolve(workspace).open_dataset(dataset).patches(sample)
+    d = Workspace.resolve(workspace).open_dataset(dataset)
+    p = d.patches(sample)
+    d.check_chunks(sample, ("image",))  # a missing chunk file would be read as white patches
     origins = p.origin.values.astype(int)
     bins = GEOMETRY.bins
     factor = GEOMETRY.patch_px // (bins * px_per_bin)
@@ -223,7 +225,10 @@ def stitch_image(dataset: str, sample: str, px_per_bin: int = 2, workspace=None)
     out = np.full((rows, cols, 3), 255, np.uint8)
     side = bins * px_per_bin
     for k, (r, c) in enumerate(origins):
-        img = p.image[k].values.astype(np.float32)
+        try:
+            img = p.image[k].values.astype(np.float32)
+        except Exception as exc:  # checksum, decompression: zarr and numcodecs raise several types
+            raise d.read_error(sample, "image", k, exc) from None
         small = img.reshape(side, factor, side, factor, 3).mean(axis=(1, 3))
         y, x = (r - r0) * px_per_bin, (c - c0) * px_per_bin
         out[y : y + side, x : x + side] = np.rint(small).astype(np.uint8)

@@ -32,7 +32,8 @@ def figures(
     genes: Annotated[
         Optional[str],
         typer.Option(
-            help="Genes of the spatial rows, all in the panel [default: EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12 where in it]."
+            help="Genes of the spatial rows, all in the panel [default: EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12 where in "
+            "it; with none of them, the panel's 6 best by the runs' PCC]."
         ),
     ] = None,
     workspace: WorkspaceOpt = None,
@@ -40,7 +41,10 @@ def figures(
     """Draw the comparison figures and spatial maps (PNG and PDF) into results/<dataset>/figures/."""
     from analysis.figures import draw_all
 
-    written = draw_all(dataset, sample, split_list(genes) if genes else None, workspace)
+    def told(chosen, how):
+        out.print(f"spatial rows of {', '.join(chosen)} ({how})", soft_wrap=True, markup=False)
+
+    written = draw_all(dataset, sample, split_list(genes) if genes else None, workspace, on_genes=told)
     folder = written[0].parent if written else None
     out.print(f"wrote {len(written)} files to {folder}", soft_wrap=True)
 

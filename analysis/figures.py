@@ -305,20 +305,27 @@ def spatial_figures(
     dataset: str, sample: str, run_dirs: dict[str, Path], genes, out: Path, workspace=None
 ) -> list[Path]:
     """Rows H&E | truth | one panel per run for each gene, on the stitched test section; one colour scale."""
-    runs, genes = _open_runs(run_dirs, sample, genes)
+    runs, genes, _ = _open_runs(run_dirs, sample, genes)
+    he = stitch_image(dataset, sample, workspace=workspace)
     with _style():
-        return _spatial_figures(dataset, sample, runs, genes, out, workspace)
+        return _spatial_figures(dataset, sample, runs, genes, out, he)
 
 
-def _open_runs(run_dirs: dict[str, Path], sample: str, genes) -> tuple[dict, list[str]]:
+def _open_runs(run_dirs: dict[str, Path], sample: str, genes) -> tuple[dict, list[str], str]:
     """The runs testing on ``sample``, verified, their maps of ``genes`` read (a damaged chunk fails here, before
-    anything is drawn); every gene must be in their panel [default: those of DEFAULT_GENES that are]."""
+    anything is drawn); every gene must be in their panel [default: those of DEFAULT_GENES that are, else the
+    panel's best by the runs' mean per-gene PCC]. Returns (runs, genes, how the genes were chosen)."""
     runs = {name: open_run(d) for name, d in run_dirs.items()}
     if not runs:
         raise FeatcacheError(f"no finished runs with sample {sample} as a test section.")
+    how = "--genes"
     if genes is None:
-        panel = {str(g) for g in next(iter(runs.values())).gene.values}
+        panel = [str(g) for g in next(iter(runs.values())).gene.values]
         genes = [g for g in DEFAULT_GENES if g in panel]
+        how = "the default genes in the panel"
+        if not genes:
+            genes, how = _best_genes(runs, panel), "none of the default genes is in the panel"
+            how += f"; the panel's {len(genes)} best by the runs' mean per-gene PCC"
     genes = list(genes)
     for name, ds in runs.items():
         panel = {str(g) for g in ds.gene.values}
@@ -336,14 +343,29 @@ def _open_runs(run_dirs: dict[str, Path], sample: str, genes) -> tuple[dict, lis
                 f"cannot read pred of {source} ({type(exc).__name__}: {str(exc)[:100]}); the predictions are "
                 "damaged. Train the run again with --overwrite."
             ) from None
-    return runs, genes
+    return runs, genes, how
 
 
-def _spatial_figures(dataset, sample, runs: dict, genes, out: Path, workspace) -> list[Path]:
+FALLBACK_GENES = 6  # spatial rows drawn when the panel has none of DEFAULT_GENES
+
+
+def _best_genes(runs: dict, panel: list[str], n: int = FALLBACK_GENES) -> list[str]:
+    """The ``n`` genes of the panel with the highest per-gene PCC averaged over the runs (panel order on ties;
+    a gene no run scored counts as -1; a name the panel repeats is left out, as it names no single map)."""
+
+    def mean_pcc(gene: str) -> float:
+        scores = [ds.attrs.get("metrics", {}).get("per_gene", {}).get(gene, {}).get("pcc") for ds in runs.values()]
+        scores = [v for v in scores if isinstance(v, (int, float)) and np.isfinite(v)]
+        return float(np.mean(scores)) if scores else -1.0
+
+    unique = [g for g in dict.fromkeys(panel) if panel.count(g) == 1]
+    return sorted(unique, key=lambda g: -mean_pcc(g))[:n]
+
+
+def _spatial_figures(dataset, sample, runs: dict, genes, out: Path, he: np.ndarray) -> list[Path]:
     first = next(iter(runs.values()))
     fold = first.attrs.get("metrics", {}).get("fold", sample)
     space = first.attrs.get("units", "z-scored log1p(CP10k)")
-    he = stitch_image(dataset, sample, workspace=workspace)
     written, summary = [], {}
     for name, ds in runs.items():
         m = ds.attrs.get("metrics", {})
@@ -395,10 +417,11 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def draw_all(dataset: str, sample: str | None = None, genes=None, workspace=None) -> list[Path]:
+def draw_all(dataset: str, sample: str | None = None, genes=None, workspace=None, on_genes=None) -> list[Path]:
     """Every comparison figure, and the spatial rows of test section ``sample`` [default: the last one].
 
-    ``genes`` [default: those of DEFAULT_GENES in the panel] must all be in the runs' panel. The comparison
+    ``genes`` [default: those of DEFAULT_GENES in the panel, else the panel's best by PCC] must all be in the
+    runs' panel; ``on_genes(genes, how)`` is told which were drawn and why. The comparison
     file, every run folder it lists, the sample and the genes are checked before anything is written.
     """
     from featcache.stores import RunDir
@@ -409,7 +432,13 @@ def draw_all(dataset: str, sample: str | None = None, genes=None, workspace=None
     by_section: dict[str, dict[str, Path]] = {}
     for name, r in runs.items():
         for f in r.get("fold_results", {}).values():
-            if f.get("run_dir") and (ws.root / f["run_dir"]).is_dir():
+            if f.get("run_dir"):
+                if not (ws.root / f["run_dir"]).is_dir():
+                    raise FeatcacheError(
+                        f"{results.comparison_path} lists run folder {ws.root / f['run_dir']} (run {name}), which "
+                        f"is not on disk (moved or deleted?); nothing was drawn. Run `train summarize --dataset "
+                        f"{dataset}` again to list the runs there are."
+                    )
                 RunDir(ws.root / f["run_dir"]).read_metrics()  # config.json and metrics.json of one run, or refused
                 for s in f.get("test_samples") or []:
                     by_section.setdefault(s, {})[name] = ws.root / f["run_dir"]
@@ -424,7 +453,10 @@ def draw_all(dataset: str, sample: str | None = None, genes=None, workspace=None
             )
         return comparison_figures(results.comparison_path, results.figures_dir)
     sample = sample or sorted(by_section)[-1]
-    opened, genes = _open_runs(by_section[sample], sample, genes)
+    opened, genes, how = _open_runs(by_section[sample], sample, genes)
+    he = stitch_image(dataset, sample, workspace=ws.root)  # read (a damaged chunk refused) before anything is written
+    if on_genes is not None:
+        on_genes(genes, how)
     written = comparison_figures(results.comparison_path, results.figures_dir)
     with _style():
-        return written + _spatial_figures(dataset, sample, opened, genes, results.figures_dir, ws.root)
+        return written + _spatial_figures(dataset, sample, opened, genes, results.figures_dir, he)

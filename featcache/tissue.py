@@ -81,6 +81,49 @@ def bins_in_tissue(mask: np.ndarray, scale: float, pitch_px: float, rows: int, c
     return inside / area >= 0.5
 
 
+# --------------------------------------------------------------------------- do positions belong to an image?
+MIN_IMAGE_NCC = 0.5
+"""The lowest :func:`image_agreement` of a slide's own Space Ranger output. A registered image of the same slide
+scores ≈ 1 whatever its brightness, contrast, gamma or stain balance (the score is a correlation of grey levels),
+with noise or JPEG-like blur (≥ 0.98 on the synthetic slides) and stays ≥ 0.85 up to one bin of misalignment; another
+slide's texture does not line up with this one's, and only the shared outline of tissue against glass correlates
+(≤ 0.3 on pairs of synthetic sections cut to the same shape). Halfway between leaves both sides a wide margin."""
+IMAGE_CELL_BINS = 2.0  # the comparison grid's cell, in 8 µm bins: coarse enough to forgive a bin of misalignment
+HIGHPASS_CELLS = 2.0  # σ of the blur subtracted from both images: what is left is texture, not the tissue's outline
+
+
+def grey(rgb: np.ndarray) -> np.ndarray:
+    """Luma (ITU-R 601) of an RGB image, float32."""
+    return np.asarray(rgb, np.float32)[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _on_grid(image: np.ndarray, scale: float, rows: np.ndarray, cols: np.ndarray, cell: float) -> np.ndarray:
+    """``image`` (``scale``× the full image) averaged over cells of ``cell`` full-resolution px, sampled at the
+    full-resolution points ``rows`` × ``cols``."""
+    f = cell * scale  # image px per cell
+    smooth = ndimage.gaussian_filter(image, f / 2) if f > 1 else image
+    rr, cc = np.meshgrid(rows * scale - 0.5, cols * scale - 0.5, indexing="ij")
+    return ndimage.map_coordinates(smooth, [rr, cc], order=1, mode="nearest")
+
+
+def image_agreement(
+    thumb: np.ndarray, scale: float, registered: np.ndarray, registered_scale: float, pitch_px: float, extent
+) -> float:
+    """Normalised cross-correlation of the grey texture of two images of full-resolution frames: a thumbnail
+    ``scale``× the slide, and the image Space Ranger registered the bins to (``tissue_lowres/hires_image.png``,
+    ``registered_scale``× it), both averaged on a grid of :data:`IMAGE_CELL_BINS` bins (or the coarser image's
+    pixel) over ``extent`` = (row0, row1, col0, col1) full-resolution px, their slow variations removed."""
+    cell = max(IMAGE_CELL_BINS * pitch_px, 1 / scale, 1 / registered_scale)
+    r0, r1, c0, c1 = extent
+    rows = r0 + (np.arange(max(1, int((r1 - r0) // cell))) + 0.5) * cell
+    cols = c0 + (np.arange(max(1, int((c1 - c0) // cell))) + 0.5) * cell
+    a, b = (_on_grid(grey(im), s, rows, cols, cell) for im, s in ((thumb, scale), (registered, registered_scale)))
+    a, b = (x - ndimage.gaussian_filter(x, HIGHPASS_CELLS) for x in (a, b))
+    a, b = a - a.mean(), b - b.mean()
+    norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / norm) if norm > 0 else 0.0
+
+
 MIN_AGREEMENT = 0.7  # the lowest (in-tissue bins on tissue) − (other bins on tissue) of a slide's own positions
 
 

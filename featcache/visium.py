@@ -348,6 +348,36 @@ def read_scalefactors(spatial: Path) -> dict:
     return sf
 
 
+def registered_image(spatial: Path, sf: dict, finest_px: float) -> tuple[Path, np.ndarray, float] | str:
+    """(file, RGB pixels, scale factor) of a downscale of the image Space Ranger registered the bins to:
+    ``tissue_lowres_image.png`` when its pixel is at most ``finest_px`` full-resolution px, else
+    ``tissue_hires_image.png`` (the lowres one when that is missing); or why neither can be used."""
+    from PIL import Image
+
+    candidates = [
+        (spatial / name, sf.get(key))
+        for name, key in ((sr.LOWRES_IMAGE, sr.TISSUE_LOWRES_SCALEF), (sr.HIRES_IMAGE, sr.TISSUE_HIRES_SCALEF))
+        if (spatial / name).is_file()
+        and isinstance(sf.get(key), (int, float))
+        and not isinstance(sf.get(key), bool)
+        and np.isfinite(sf.get(key))
+        and 0 < sf.get(key) <= 1
+    ]
+    if not candidates:
+        return (
+            f"no {sr.LOWRES_IMAGE} or {sr.HIRES_IMAGE} with its scale factor "
+            f"({sr.TISSUE_LOWRES_SCALEF}, {sr.TISSUE_HIRES_SCALEF}) in {spatial}"
+        )
+    fine = [c for c in candidates if 1 / c[1] <= finest_px]
+    path, scalef = fine[0] if fine else candidates[-1]
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return f"cannot read {path} ({str(exc)[:80]})"
+    return path, pixels, float(scalef)
+
+
 def microns_per_pixel(sf: dict, path: Path) -> tuple[float, str]:
     """µm per full-resolution pixel and where it came from: the scale factors, or derived as Space Ranger does."""
     if sr.MICRONS_PER_PIXEL in sf:

@@ -167,6 +167,8 @@ def predict(
     )
     for f in res.figures:
         out.print(f"  {f}", soft_wrap=True)
+    for note in res.notes:
+        out.print(f"note: {note}", soft_wrap=True, markup=False)
 
 
 @train_app.command()

@@ -49,6 +49,7 @@ class Lattice:
     pitch_px: float
     mpp: float
     source: str
+    checks: dict | None = None  # how --positions were found to belong to the image
 
     def describe(self) -> dict:
         return {
@@ -59,6 +60,7 @@ class Lattice:
             "in_tissue_bins": int(self.in_tissue.sum()),
             "microns_per_pixel": self.mpp,
             "px_per_bin": self.pitch_px,
+            **({"positions_check": self.checks} if self.checks else {}),
         }
 
 
@@ -71,7 +73,7 @@ def positions_lattice(
 
     # refuses bins outside the image's extent, and an image too coarse for the encoder's rendering
     s = open_sample(name, positions, image, counts=False, px_per_bin=px_per_bin)
-    _check_on_tissue(s, slide)
+    checked = _check_on_tissue(s, slide)
     in_tissue, _, origins = s.plan_patches(stride, min_tissue)
     return Lattice(
         name,
@@ -81,25 +83,69 @@ def positions_lattice(
         s.registration.px_per_bin,
         s.microns_per_pixel,
         f"Space Ranger positions ({s.bin_dir})",
+        checked,
     )
 
 
-def _check_on_tissue(s, slide: Slide) -> None:
-    """Refuse positions whose in-tissue bins do not sit on this image's tissue (another slide's positions)."""
-    from featcache.tissue import MIN_AGREEMENT, positions_agreement, thumbnail, tissue_mask
+def _check_on_tissue(s, slide: Slide) -> dict:
+    """Refuse positions of another slide; returns what was checked (for prediction.json).
 
-    thumb, scale = thumbnail(slide, s.registration.px_per_bin / 2)
+    First the image: Space Ranger keeps downscales of the very image it registered the bins to
+    (``spatial/tissue_lowres_image.png``, ``tissue_hires_image.png``), which must show this slide's texture where
+    this slide shows it (:func:`featcache.tissue.image_agreement`). Then, as a second line (and the only one when
+    those images are missing), the in-tissue bins must sit on this image's tissue and the others mostly not."""
+    from featcache import spaceranger as sr
+    from featcache.tissue import (
+        IMAGE_CELL_BINS,
+        MIN_AGREEMENT,
+        MIN_IMAGE_NCC,
+        image_agreement,
+        positions_agreement,
+        thumbnail,
+        tissue_mask,
+    )
+    from featcache.visium import registered_image
+
+    pitch = s.registration.px_per_bin
+    thumb, scale = thumbnail(slide, pitch / 2)
     p = s.positions
+    checked: dict = {}
+    found = registered_image(s.bin_dir / sr.SPATIAL, s.scalefactors, IMAGE_CELL_BINS * pitch)
+    if isinstance(found, str):
+        checked["image_check"] = f"not possible: {found}"
+    else:
+        path, pixels, scalef = found
+        h, w = slide.shape
+        extent = (
+            max(0.0, p.pxl_row_in_fullres.min() - pitch),
+            min(float(h), p.pxl_row_in_fullres.max() + pitch),
+            max(0.0, p.pxl_col_in_fullres.min() - pitch),
+            min(float(w), p.pxl_col_in_fullres.max() + pitch),
+        )
+        ncc = image_agreement(thumb, scale, pixels, scalef, pitch, extent)
+        checked.update(image_check=str(path), image_ncc=round(ncc, 3))
+        if ncc < MIN_IMAGE_NCC:
+            raise FeatcacheError(
+                f"the positions of {s.bin_dir} do not belong to {slide.path}: {path} (Space Ranger's downscale of "
+                f"the image it registered those bins to) and this image correlate {ncc:.2f} over the bins' area "
+                f"(the same slide: near 1; refused below {MIN_IMAGE_NCC}). Pass the Space Ranger output of this "
+                "slide with --positions, or leave --positions out to predict on a lattice of the image itself."
+            )
     inside, outside = positions_agreement(
         tissue_mask(thumb), scale, p.pxl_row_in_fullres, p.pxl_col_in_fullres, p.in_tissue
     )
+    checked.update(in_tissue_bins_on_tissue=round(inside, 3), other_bins_on_tissue=round(outside, 3))
     if inside - outside < MIN_AGREEMENT:
+        unchecked = checked.get("image_check", "")
         raise FeatcacheError(
             f"the positions of {s.bin_dir} do not belong to {slide.path}: {inside:.0%} of their in-tissue bins and "
             f"{outside:.0%} of the others lie on this image's tissue (a slide's own positions: most of the first, "
-            "few of the second). Pass the Space Ranger output of this slide with --positions, or leave --positions "
-            "out to predict on a lattice of the image itself."
+            "few of the second)"
+            + (f"; the image check was {unchecked}" if unchecked.startswith("not possible") else "")
+            + ". Pass the Space Ranger output of this slide with --positions, or leave --positions out to predict "
+            "on a lattice of the image itself."
         )
+    return checked
 
 
 def virtual_lattice(
@@ -163,6 +209,7 @@ class PredictResult:
     seconds: float
     tiles_per_s: float
     figures: list[Path]
+    notes: tuple[str, ...] = ()  # what the user should know (a check that could not be made)
 
 
 def render_workers(dev: torch.device) -> int:
@@ -284,6 +331,9 @@ def predict(
             },
         )
     result.seconds = time.perf_counter() - t_start
+    unchecked = (lattice.checks or {}).get("image_check", "")
+    if unchecked.startswith("not possible"):
+        result.notes = (f"--positions checked by tissue overlap alone; the image check was {unchecked}",)
     return result
 
 

@@ -660,12 +660,16 @@ def test_refused_training_run_leaves_nothing_that_blocks_the_corrected_rerun(ful
 
 
 def test_stale_partial_folders_of_killed_prepares_are_cleaned(p1, ws):
-    (ws / "datasets" / ".bad.partial-999999999-dead0000").mkdir(parents=True)  # no such process
-    alive = ws / "datasets" / f".bad.partial-{os.getpid()}-live0000"  # a prepare still running
+    from featcache.stores.files import partial_name
+
+    (ws / "datasets" / partial_name("bad", pid=999999999)).mkdir(parents=True)  # no such process on this host
+    alive = ws / "datasets" / partial_name("bad")  # a prepare still running
     alive.mkdir()
+    elsewhere = ws / "datasets" / partial_name("bad", pid=999999999, host="otherhost")  # another host's: its own
+    elsewhere.mkdir()
     r = CliRunner().invoke(featcache_app, [*prepare_args("--sample", f"P1={p1}"), "--workspace", str(ws)])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (ws / "datasets").iterdir()) == [alive.name, "bad"]
+    assert sorted(p.name for p in (ws / "datasets").iterdir()) == sorted([alive.name, elsewhere.name, "bad"])
 
 
 def test_console_script_exit_code(tmp_path):
@@ -844,6 +848,13 @@ def test_predictions_of_another_run_or_unreadable_are_refused(run_ws, synth_dir)
     zarr_json.write_text("{ not json")
     for name in ("compare", "export", "figures"):
         check_cmd(ws, commands[name], "cannot read", "predictions.zarr")
+    # another run's predictions (run "b" of the same fold: same panel, same shapes) copied into this folder
+    shutil.rmtree(run_dir / "predictions.zarr")
+    shutil.copytree(
+        run_dir.parent.parent / "random-linear-b" / "fold-P1" / "predictions.zarr", run_dir / "predictions.zarr"
+    )
+    for name in ("compare", "export", "figures"):
+        check_cmd(ws, commands[name], str(run_dir / "predictions.zarr"), "config_sha256", "another run", "--overwrite")
 
 
 def test_verify_reads_the_origins_and_names_a_missing_array(full_ws):
@@ -862,9 +873,49 @@ def test_verify_reads_the_origins_and_names_a_missing_array(full_ws):
 
 def test_positions_of_another_slide_are_refused(run_ws, synth_dir):
     ws, run_dir = run_ws
+    for img, pos in (("P1", "P2"), ("P2", "P1")):  # every foreign pair: Space Ranger's own image of P2 is not P1
+        image = synth_dir / img / f"{img}_tissue_image.btf"
+        args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / pos)]
+        lowres = synth_dir / pos / BIN8 / "spatial" / "tissue_lowres_image.png"
+        check(featcache_app, ws, [*args, "--device", "cpu"], "do not belong to", str(image), str(lowres), "correlate")
+
+
+def test_own_positions_pass_the_image_check_also_recoloured(synth_dir, tmp_path):
+    from featcache.slide import Slide
+    from pipeline.predict import positions_lattice
+
+    for name in ("P1", "P2"):
+        image = synth_dir / name / f"{name}_tissue_image.btf"
+        rgb = sample_image(synth_dir / name).astype(np.float32)
+        # a re-export of the same scan, brighter and with another stain balance: NCC of grey levels shrugs it off
+        other = np.clip(255 * (rgb / 255) ** np.array([0.7, 0.9, 1.2]) + 12, 0, 255).astype(np.uint8)
+        recoloured = tmp_path / f"{name}.tif"
+        tifffile.imwrite(recoloured, other, photometric="rgb")
+        for path in (image, recoloured):
+            with Slide(path) as slide:
+                slide.probe()
+                lattice = positions_lattice(name, synth_dir / name, path, 32, 0.5, slide)
+            assert lattice.checks["image_ncc"] > 0.9, (path, lattice.checks)
+            assert lattice.checks["image_check"].endswith("tissue_lowres_image.png")
+
+
+def test_positions_without_space_rangers_images_fall_back_to_the_tissue_overlap(run_ws, synth_dir, tmp_path):
+    from featcache.slide import Slide
+    from pipeline.predict import positions_lattice
+
+    ws, run_dir = run_ws
+    bare = {name: clone_sample(synth_dir / name, tmp_path / name) for name in ("P1", "P2")}
+    for sample in bare.values():
+        for png in ("tissue_lowres_image.png", "tissue_hires_image.png"):
+            (spatial(sample) / png).unlink()
     image = synth_dir / "P1" / "P1_tissue_image.btf"
-    args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(synth_dir / "P2")]
-    check(featcache_app, ws, [*args, "--device", "cpu"], "do not belong to", "in-tissue bins")
+    args = ["predict", "--run", str(run_dir), "--image", str(image), "--positions", str(bare["P2"]), "--device", "cpu"]
+    check(featcache_app, ws, args, "do not belong to", "in-tissue bins", "image check was not possible")
+    with Slide(image) as slide:  # its own positions still pass, on the overlap alone, and the record says so
+        slide.probe()
+        lattice = positions_lattice("P1", bare["P1"], image, 32, 0.5, slide)
+    assert lattice.checks["image_check"].startswith("not possible: no tissue_lowres_image.png")
+    assert lattice.checks["in_tissue_bins_on_tissue"] > 0.9
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -956,3 +1007,36 @@ def test_an_edited_config_json_is_not_resumed_or_reused(full_ws):
     check(train_app, full_ws, args, "config.json", "config_sha256")  # a finished run is not reused
     (run_dir / "metrics.json").unlink()
     check(train_app, full_ws, args, "config.json", "config_sha256")  # nor an unfinished one resumed
+
+
+def test_figures_with_a_damaged_patches_chunk_write_nothing(run_ws):
+    ws, _ = run_ws
+    corrupt(ws / "datasets" / "tiny" / "patches.zarr" / "P1" / "image" / "c" / "0" / "0" / "0" / "0")
+    check(analysis_app(), ws, ["figures", "--dataset", "tiny", "--sample", "P1"], "patches.zarr/P1/image", "chunk 0")
+
+
+def test_figures_refuse_a_listed_run_folder_missing_on_disk(run_ws):
+    ws, run_dir = run_ws
+    gone = run_dir.parent.parent / "random-linear-b" / "fold-P2"
+    shutil.rmtree(gone)
+    check(analysis_app(), ws, ["figures", "--dataset", "tiny"], str(gone), "not on disk", "train summarize")
+
+
+def test_figures_without_default_genes_in_the_panel_draw_the_best_by_pcc(run_ws, monkeypatch):
+    import analysis.figures
+
+    ws, run_dir = run_ws
+    monkeypatch.setattr(analysis.figures, "DEFAULT_GENES", ("NOT-IN-ANY-PANEL",))  # a panel without them
+    runs = sorted(run_dir.parent.parent.iterdir())  # the two runs, both testing on P1
+    per_run = [json.loads((d / "fold-P1" / "metrics.json").read_text())["per_gene"] for d in runs]
+    panel = json.loads((runs[0] / "fold-P1" / "config.json").read_text())["genes"]
+    unique = [g for g in panel if panel.count(g) == 1]  # a repeated name names no single map
+    pcc = {g: [p[g]["pcc"] for p in per_run if p[g]["pcc"] is not None] for g in unique}
+    best = sorted(pcc, key=lambda g: -np.mean(pcc[g]) if pcc[g] else 1)[:6]
+    r = CliRunner().invoke(analysis_app(), ["figures", "--dataset", "tiny", "--sample", "P1", "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("spatial rows of "))
+    assert "none of the default genes is in the panel" in line, r.output
+    assert set(line.removeprefix("spatial rows of ").split(" (")[0].split(", ")) == set(best), (line, best)
+    drawn = {p.name.split("_")[1] for p in (ws / "results" / "tiny" / "figures" / "spatial").glob("*.png")}
+    assert drawn == set(best), (drawn, best)

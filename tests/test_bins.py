@@ -7,6 +7,7 @@ score, the stitched map and the exported .h5ad agree bin for bin.
 from __future__ import annotations
 
 import os
+import time
 
 import anndata as ad
 import numpy as np
@@ -157,15 +158,28 @@ def test_a_failed_staged_write_leaves_no_partial_and_the_old_target_as_it_was(tm
 
 
 def test_stale_partials_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
-    dead_dir = tmp_path / ".store.partial-999999999-dead0000"
+    from featcache.stores.files import STALE_ELSEWHERE_S, partial_name
+
+    dead_dir = tmp_path / partial_name("store", pid=999999999)
     dead_dir.mkdir()
     (dead_dir / "chunk").write_bytes(b"x")
-    (tmp_path / ".store.partial-999999998-dead0001").write_bytes(b"x")  # a staged file's
+    (tmp_path / partial_name("store", pid=999999998)).write_bytes(b"x")  # a staged file's
     (tmp_path / ".store.old-0000beef").mkdir()  # set aside by a replacement that was killed
-    live = tmp_path / f".store.partial-{os.getpid()}-live0000"
+    live = tmp_path / partial_name("store")
     live.mkdir()
-    other = tmp_path / ".storeroom.partial-999999999-dead0000"  # another artefact's: not ours to judge
+    other = tmp_path / partial_name("storeroom", pid=999999999)  # another artefact's: not ours to judge
     other.mkdir()
+    # on a shared filesystem: another host's writer, whose pid means nothing here, is left alone ...
+    elsewhere = tmp_path / partial_name("store", pid=999999999, host="otherhost")
+    elsewhere.mkdir()
+    legacy = tmp_path / ".store.partial-999999999-dead0000"  # named before partials carried a host: whose?
+    legacy.mkdir()
+    # ... unless it has not changed for longer than any write takes
+    abandoned = tmp_path / partial_name("store", pid=1, host="otherhost")
+    abandoned.mkdir()
+    week_ago = time.time() - STALE_ELSEWHERE_S - 60
+    os.utime(abandoned, (week_ago, week_ago))
+    kept = [live.name, other.name, elsewhere.name, legacy.name]
     with staged_dir(tmp_path / "store") as partial:
-        assert sorted(hidden(tmp_path)) == sorted([live.name, other.name, partial.name])
-    assert hidden(tmp_path) == sorted([live.name, other.name]) and (tmp_path / "store").is_dir()
+        assert sorted(hidden(tmp_path)) == sorted([*kept, partial.name])
+    assert hidden(tmp_path) == sorted(kept) and (tmp_path / "store").is_dir()

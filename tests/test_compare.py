@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from scipy import ndimage
+from test_bad_input import refused, snapshot
 from typer.testing import CliRunner
 
 from analysis.cli import app
@@ -92,9 +93,10 @@ def test_folds_with_too_few_spatial_blocks_are_refused(prepared, tmp_path):
     write_runs(ws, side=32)  # 64 overlapping patches within one 64-bin block
     summarize("tiny", ws)
     args = ["compare", "--dataset", "tiny", "--runs", "synthetic_worse,synthetic_better", "--workspace", str(ws)]
+    before = snapshot(ws)
     r = CliRunner().invoke(app, args)
-    assert r.exit_code != 0 and "Traceback" not in r.output
-    assert "1 spatial block(s)" in r.output and "needs at least 8" in r.output and "--block-bins" in r.output
+    refused(r, "1 spatial block(s)", "needs at least 8", "--block-bins")  # one error: line, exit 2, no traceback
+    assert snapshot(ws) == before, "the workspace changed"
     assert not (ws / "results" / "tiny" / "paired_comparison.json").exists()
 
 

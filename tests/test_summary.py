@@ -313,6 +313,27 @@ def test_non_finite_metrics_are_refused_and_nothing_is_written(trio, tmp_path):
     assert not (ws / "results" / "trio" / "encoder_loocv_comparison.json").exists()
 
 
+def test_an_unfinished_fold_is_listed_as_unfinished_not_missing(trio, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(trio / "datasets", ws / "datasets")
+    for j, f in enumerate(("P1", "P2", "P5")):
+        finished_run(ws, "uni2h", "frozen", f, j)
+    unfinished = Workspace(ws).run("trio", "uni2h", "frozen", "P2")
+    unfinished.file("metrics.json").unlink()  # still training, or killed: config.json but no metrics.json
+    finished_run(ws, "virchow2", "frozen", "P1", 9)
+    Workspace(ws).run("trio", "virchow2", "frozen", "P1").file("metrics.json").unlink()  # no fold finished yet
+    r = CliRunner().invoke(app, ["summarize", "--dataset", "trio", "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.output.splitlines() if "uni2h_frozen" in ln and "not in results" in ln)
+    assert "missing P2" in line and f"unfinished (no metrics.json): {unfinished.path.relative_to(ws)}" in line
+    res = json.loads((ws / "results" / "trio" / "encoder_loocv_comparison.json").read_text())
+    assert (
+        "unfinished (no metrics.json): runs/trio/virchow2/frozen/fold-P1"
+        in res["incomplete"]["virchow2_frozen"]["reason"]
+    )
+    assert res["results"] == {}
+
+
 def test_lr_grid_same_budget_for_every_encoder_chosen_on_validation(trio, tmp_path):
     from train.loocv import loocv_configs
 

@@ -101,8 +101,12 @@ def summarize(dataset: str, workspace=None) -> dict:
     ds = ws.open_dataset(dataset)
     found: dict[str, list] = {}
     foreign = []
+    unfinished: dict[str, list[str]] = {}  # run key -> fold folders without metrics.json (still training, or killed)
     for rd in ws.runs(dataset):
         if not rd.is_finished():
+            c = rd.read_config() or {}
+            key = run_key(c["encoder"], c["mode"], c["run"]) if {"encoder", "mode", "run"} <= set(c) else None
+            unfinished.setdefault(key, []).append(str(rd.path.relative_to(ws.root)))
             continue
         cfg, m = rd.read_config(), rd.read_metrics()
         rel = str(rd.path.relative_to(ws.root))
@@ -125,9 +129,11 @@ def summarize(dataset: str, workspace=None) -> dict:
             continue
         found.setdefault(run_key(cfg["encoder"], cfg["mode"], cfg["run"]), []).append((cfg, m, rel))
     if not found and not foreign:
+        waiting = sorted(p for paths in unfinished.values() for p in paths)
         raise FeatcacheError(
-            f"no finished run folders under {ws.runs_dir(dataset)}; train with `train loocv` (or copy "
-            "run folders there) first."
+            f"no finished run folders under {ws.runs_dir(dataset)}"
+            + (f" (unfinished (no metrics.json): {', '.join(waiting)})" if waiting else "")
+            + "; train with `train loocv` (or copy run folders there) first."
         )
     runs, incomplete, inconsistent = {}, {}, {}
     for key, folds in sorted(found.items()):
@@ -137,9 +143,19 @@ def summarize(dataset: str, workspace=None) -> dict:
             continue
         missing = _missing(folds, list(ds.patients))
         if missing:
+            if unfinished.get(key):
+                missing += f"; unfinished (no metrics.json): {', '.join(sorted(unfinished[key]))}"
             incomplete[key] = _listed(folds, missing)
             continue
         runs[key] = _entry(folds)
+    for key, paths in sorted(unfinished.items(), key=lambda kv: str(kv[0])):
+        if key is None or key not in found:  # no fold of the run has finished yet
+            incomplete[str(key or "unknown run")] = {
+                "reason": f"unfinished (no metrics.json): {', '.join(sorted(paths))}",
+                "folds": [],
+                "seeds": [],
+                "run_dirs": sorted(paths),
+            }
     scored = [k for k in runs if runs[k]["pcc_gene"]["mean"] is not None]
     best = max(scored, key=lambda k: runs[k]["pcc_gene"]["mean"]) if scored else None
     out = {

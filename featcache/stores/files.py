@@ -11,7 +11,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -114,6 +117,33 @@ def replace_dir(partial: Path, target: Path) -> None:
 
 
 PARTIAL = ".partial-"
+STALE_ELSEWHERE_S = 7 * 24 * 3600
+"""Age after which a partial this host cannot judge (another host's, on a shared filesystem, or one named before
+partials carried their host) is removed: no featcache write runs for a week, while a prepare can run for hours."""
+
+
+def this_host() -> str:
+    """This host's name as a partial carries it: no ``-`` (it separates the fields), at most 64 characters."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "unknown"
+
+
+def partial_name(name: str, pid: int | None = None, host: str | None = None) -> str:
+    """``.<name>.partial-<host>-<pid>-<id>``: the hidden name a writer of ``name`` builds under, its owner named
+    so that only the owner's host judges whether the owner is gone."""
+    return f".{name}{PARTIAL}{host or this_host()}-{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:8]}"
+
+
+def _stale_partial(path: Path, owner: str) -> bool:
+    """Whether a partial whose name holds ``owner`` (``<host>-<pid>-<id>``) was left by a writer that is gone: a
+    process of this host that is no longer alive; anything else only once older than :data:`STALE_ELSEWHERE_S`."""
+    host, _, rest = owner.partition("-")
+    pid = rest.split("-", 1)[0]
+    if host == this_host() and pid.isdigit():
+        return not process_alive(int(pid))
+    try:
+        return time.time() - path.lstat().st_mtime > STALE_ELSEWHERE_S
+    except FileNotFoundError:
+        return False
 
 
 def process_alive(pid: int) -> bool:
@@ -135,11 +165,11 @@ def _remove(path: Path) -> None:
 
 def remove_stale_partials(folder: Path, name: str) -> None:
     """Remove what killed writers of ``name`` left in ``folder``: the hidden partials of processes that are
-    gone (``.<name>.partial-<pid>-<id>``) and older copies a replacement set aside (``.<name>.old-<id>``)."""
+    gone (:func:`partial_name`; another host's are left to it, :func:`_stale_partial`) and older copies a
+    replacement set aside (``.<name>.old-<id>``)."""
     prefix = f".{name}{PARTIAL}"
     for p in Path(folder).glob(glob.escape(prefix) + "*"):
-        pid = p.name[len(prefix) :].split("-", 1)[0]
-        if not pid.isdigit() or not process_alive(int(pid)):
+        if _stale_partial(p, p.name[len(prefix) :]):
             _remove(p)
     for p in Path(folder).glob(glob.escape(f".{name}.old-") + "*"):
         _remove(p)
@@ -148,8 +178,8 @@ def remove_stale_partials(folder: Path, name: str) -> None:
 class Staged:
     """A folder or file built under a hidden name beside ``target`` and moved into place whole.
 
-    The hidden path is ``.<name>.partial-<pid>-<id>`` (the owner's process id, so a later writer knows a
-    partial whose owner died and removes it). :meth:`commit` moves it into place, replacing an older
+    The hidden path is ``.<name>.partial-<host>-<pid>-<id>`` (:func:`partial_name`: the owner's host and process
+    id, so a later writer on that host knows a partial whose owner died and removes it). :meth:`commit` moves it into place, replacing an older
     target without ever leaving it missing; :meth:`abort` removes it. As a context manager it yields the
     hidden path, commits when the block ends and aborts when it raises (or when the commit fails).
     Make one with :func:`staged_dir` or :func:`staged_file`.
@@ -159,7 +189,7 @@ class Staged:
         self.target, self.folder, self.done, self.replace = Path(target), folder, False, replace
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.target.parent, self.target.name)
-        self.path = self.target.with_name(f".{self.target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.path = self.target.with_name(partial_name(self.target.name))
         if folder:
             self.path.mkdir()
 

@@ -334,7 +334,11 @@ class RunDir:
         self, pred, truth, mask, origins, samples, genes, gene_ids, attrs: dict, extra: dict | None = None
     ) -> None:
         """The test patient's predictions; ``samples`` names each patch's section (a coordinate over patch);
-        ``extra``: more (patch, gene, row, col) arrays beside ``pred`` and ``truth`` (a count run's ``log_rate``)."""
+        ``extra``: more (patch, gene, row, col) arrays beside ``pred`` and ``truth`` (a count run's ``log_rate``).
+        The store records the run's ``config_sha256`` (from ``attrs``, else config.json), which
+        :meth:`open_predictions` checks: predictions copied in from another run are refused."""
+        if "config_sha256" not in attrs:
+            attrs = {**attrs, "config_sha256": (self.read_config() or {}).get("config_sha256")}
         write_prediction_store(
             self.predictions_path,
             attrs,
@@ -371,6 +375,12 @@ class RunDir:
         if missing:
             raise FeatcacheError(f"{path} has no {', '.join(missing)} array; the predictions are damaged.")
         ds.encoding["source"] = str(path)  # named by readers whose lazy reads fail (a damaged chunk)
+        if ds.attrs.get("config_sha256") != config["config_sha256"]:
+            raise FeatcacheError(
+                f"{path} was not written by the run of {self.file('config.json')} (its config_sha256 "
+                f"{'differs' if ds.attrs.get('config_sha256') else 'is missing'}): the predictions come from another "
+                "run. Copy the whole run folder, or train it again with --overwrite."
+            )
         if config.get("genes") is not None and genes != list(config["genes"]):
             raise FeatcacheError(
                 f"{path} holds another gene panel than {self.file('config.json')}: the predictions come from "
