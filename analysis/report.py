@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.curves import curve_data, draw_training_curves, run_folds
+from analysis.curves import curve_data, draw_training_curves, run_folds, seed_entries
 from analysis.figures import DEFAULT_GENES, category, comparison_figures, load_results, spatial_figures
 from featcache.errors import FeatcacheError
 from featcache.provenance import library_versions
@@ -56,10 +56,12 @@ def write_report(dataset: str, genes=None, workspace=None) -> Path:
     if not all((figures / f"{n}.png").is_file() for n in COMPARISON_FIGURES):
         comparison_figures(results.comparison_path, figures)
     folds = {name: run_folds(ws, r) for name, r in runs.items()}
-    curves = {name: curve_data(runs[name], f) for name, f in folds.items() if f}
-    curves = {name: c for name, c in curves.items() if any(f["epoch"] for f in c.values())}  # ridge runs: no epochs
+    curves = {name: curve_data(ws, r) for name, r in runs.items()}
+    curves = {  # ridge runs: no epochs
+        name: c for name, c in curves.items() if any(s["epoch"] for b in c.values() for s in b.values())
+    }
     for name, c in curves.items():
-        draw_training_curves(name, c, results.training_curves_path(name))
+        draw_training_curves(name, c, results.training_curves_path(name), loss=runs[name].get("loss"))
     chosen = _genes(runs, genes)
     spatial = _spatial(ws, dataset, runs, folds, chosen, figures)
     ds = ws.open_dataset(dataset) if ws.dataset(dataset).exists() else None
@@ -67,7 +69,7 @@ def write_report(dataset: str, genes=None, workspace=None) -> Path:
         _header(dataset, res),
         _comparison_section(res),
         _figures_section(figures, results.read_paired()),
-        _genes_section(runs, spatial),
+        _genes_section(runs, spatial, {name: _map_seed(runs[name], f) for name, f in folds.items() if f}),
         _curves_section(results, curves),
         _qc_section(ds),
         _provenance_section(dataset, res, ds, folds),
@@ -200,7 +202,19 @@ def _figures_section(figures: Path, paired: dict | None) -> str:
     return "\n".join(out)
 
 
-def _genes_section(runs: dict, spatial: dict) -> str:
+def _map_seed(run: dict, folds: dict) -> str:
+    """The seed(s) whose run folders the maps of ``run`` come from: each fold's ``run_dir`` (its first seed's)."""
+    entries = seed_entries(run)
+    seeds = {
+        e.get("seed") or 0
+        for fold in folds
+        for e in entries.get(fold, [])
+        if e.get("run_dir") == run["fold_results"][f"test_{fold}"].get("run_dir")
+    }
+    return ", ".join(map(str, sorted(seeds))) or "?"
+
+
+def _genes_section(runs: dict, spatial: dict, map_seeds: dict | None = None) -> str:
     names = list(runs)
     panel = list(next(iter(runs.values())).get("per_gene_pcc", {}))
     mean = {g: np.nanmean([_num(runs[n].get("per_gene_pcc", {}).get(g)) for n in names]) for g in panel}
@@ -219,6 +233,17 @@ def _genes_section(runs: dict, spatial: dict) -> str:
         "Click a column to sort.</p>",
         _table("gene-table", ["gene", "category", *names], rows, numeric_from=2),
     ]
+    if spatial and map_seeds:
+        by: dict[str, list[str]] = {}
+        for name, seed in map_seeds.items():
+            by.setdefault(seed, []).append(name)
+        which = "; ".join(f"seed {seed}: {', '.join(of)}" for seed, of in by.items())
+        if len(by) == 1:
+            which = f"seed {next(iter(by))} of every run"
+        out.append(
+            f"<p class='map-seeds'>Each run's maps show one seed's predictions, its first seed's run folder "
+            f"({_e(which)}); the table above is the mean over every seed.</p>"
+        )
     for section, by_gene in spatial.items():
         out.append(f"<h3>Test section {_e(section)}: H&amp;E | measured | each run</h3>")
         out += [_img(p, f"{g}, section {section}") for g, p in by_gene.items()]
@@ -229,9 +254,9 @@ def _genes_section(runs: dict, spatial: dict) -> str:
 def _curves_section(results, curves: dict) -> str:
     out = [
         "<section id='curves'><h2>Training curves</h2>",
-        "<p>Per run and fold: training loss and validation pcc_gene per epoch (log.jsonl of each run folder); "
-        "the ring marks the epoch the run kept. Also written as <code>figures/training_curves_&lt;run&gt;.png"
-        "</code>.</p>",
+        "<p>Per run, fold and seed: training loss (the run's own loss) and validation pcc_gene per epoch "
+        "(log.jsonl of each seed's run folder; a colour per fold, a line style per seed); the ring marks the epoch "
+        "each seed's folder kept. Also written as <code>figures/training_curves_&lt;run&gt;.png</code>.</p>",
     ]
     out.append("<div class='figs'>")
     out += [_img(results.training_curves_path(name), f"training curves of {name}") for name in curves]
@@ -383,7 +408,7 @@ def _td(v, code: bool = False) -> str:
 
 
 def _plain_td(v, digits: int = 4) -> str:
-    value = "" if v is None else repr(float(v))
+    value = "" if v is None or not np.isfinite(float(v)) else repr(float(v))  # NaN: empty, sorted last
     return f"<td class='num' data-value='{value}'>{_fmt(v, digits)}</td>"
 
 
@@ -450,7 +475,7 @@ pre { background: #f6f6f6; padding: 0.6rem; white-space: pre-wrap; font-size: 0.
 dt { font-weight: 600; margin-top: 0.5rem; } dd { margin-left: 1rem; }
 """
 
-# Click (or Enter on) a header: sort the table's rows by that column, numbers as numbers, empty cells last.
+# Click (or Enter on) a header: sort the table's rows by that column, numbers as numbers, empty and NaN cells last.
 SCRIPT = """
 document.querySelectorAll('table.sortable').forEach(function (table) {
   table.querySelectorAll('th').forEach(function (th, col) {
@@ -462,12 +487,13 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
       var rows = Array.prototype.slice.call(body.rows);
       function key(row) {
         var v = row.cells[col].dataset.value;
-        return numeric ? (v === '' ? null : parseFloat(v)) : v;
+        if (!numeric) return v;
+        var x = v === '' ? NaN : parseFloat(v);
+        return isFinite(x) ? x : null;
       }
       rows.sort(function (a, b) {
         var x = key(a), y = key(b);
-        if (x === null) return 1;
-        if (y === null) return -1;
+        if (x === null || y === null) return (x === null) - (y === null);
         var c = numeric ? x - y : String(x).localeCompare(String(y));
         return up ? c : -c;
       });

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from analysis.cli import app as analysis_app
+from analysis.curves import curve_data, loss_label
+from analysis.report import METRICS, PAGE, SCRIPT, STYLE, _genes_section
 from featcache.stores import Workspace
 from train.summary import summarize
 
@@ -42,10 +45,21 @@ def workspace(tiny_cnn_features, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reported(workspace):
-    """A linear-decoder run over both folds and a variant of it on one, summarized, and the report written
-    through the command line (one gene's spatial maps, to keep it quick)."""
+    """Two complete linear-decoder runs over both folds (one with seeds 0 and 1, a variant at another lr with
+    seed 0), summarized, and the report written through the command line (one gene's maps, to keep it quick)."""
+    from featcache.extract import ExtractionConfig, extract
+
     ws = workspace
-    for fold, name in (("P1", None), ("P2", None), ("P2", "b")):
+    # the random-init run's seed 1 trains on its own random encoder's features, random:1
+    extract("tiny", ExtractionConfig("tiny-cnn", "random:1"), workspace=ws, show_progress=False)
+    for fold, seed, name, lr in (
+        ("P1", 0, None, 1e-4),
+        ("P2", 0, None, 1e-4),
+        ("P1", 1, None, 1e-4),
+        ("P2", 1, None, 1e-4),
+        ("P1", 0, "b", 3e-3),
+        ("P2", 0, "b", 3e-3),
+    ):
         run_fold(
             "tiny",
             "tiny-cnn",
@@ -54,7 +68,8 @@ def reported(workspace):
             decoder="linear",
             epochs=2,
             batch_size=4,
-            seed=0,  # the random-init store the fixture extracted is random:0
+            seed=seed,
+            lr=lr,
             name=name,
             workspace=ws,
             overwrite=True,
@@ -88,6 +103,28 @@ def test_training_curves_png_shows_both_panels(reported):
     assert img.shape[1] > 2 * img.shape[0] * 0.9 and img.std() > 5
 
 
+def test_the_curves_ring_each_seeds_selected_epoch(reported):
+    """curve_data reads every seed's run folder, each with the epoch its own metrics.json says it kept."""
+    ws, path = reported
+    w = Workspace.resolve(ws)
+    runs = json.loads(w.results("tiny").comparison_path.read_text())["results"]
+    assert set(runs) == {"tiny-cnn_random-linear", "tiny-cnn_random-linear-b"}  # both complete
+    assert runs["tiny-cnn_random-linear"]["seeds"] == [0, 1]
+    for r in runs.values():
+        curves = curve_data(w, r)
+        assert set(curves) == {"P1", "P2"}
+        for fold, by_seed in curves.items():
+            assert sorted(by_seed) == r["seeds"]
+            for seed, c in by_seed.items():
+                rd = w.run("tiny", "tiny-cnn", r["run"], fold, seed=seed)
+                assert c["selected"] is not None and c["selected"] == rd.read_metrics()["selected_epoch"]
+                assert c["epoch"] == [e["epoch"] for e in rd.read_log()]
+                assert c["train_loss"] == [e["train_loss"] for e in rd.read_log()]
+    assert loss_label(runs["tiny-cnn_random-linear"]["loss"]) == "training loss (masked MSE)"
+    assert loss_label("poisson") == "training loss (Poisson NLL)" and loss_label("nb") == "training loss (NB NLL)"
+    assert "seed 0 of every run" in path.read_text()  # the maps say whose folder they are from
+
+
 def test_a_dataset_without_results_is_refused(workspace):
     ws = workspace
     res = CliRunner().invoke(analysis_app, ["report", "--dataset", "nothing", "--workspace", str(ws)])
@@ -95,12 +132,12 @@ def test_a_dataset_without_results_is_refused(workspace):
     assert not Workspace.resolve(ws).results("nothing").report_path.exists()
 
 
-def test_chromium_renders_the_page_offline_with_the_comparison_numbers(reported, tmp_path):
+@contextmanager
+def _browser(tmp_path):
+    """A headless Chromium page with the network cut; yields (page, failed requests, all requests, page errors)."""
     from playwright.sync_api import sync_playwright
 
     assert CHROMIUM, "this test needs Debian's Chromium: apt-get install -y chromium (as .ci/run does)"
-    ws, path = reported
-    comparison = json.loads(Workspace.resolve(ws).results("tiny").comparison_path.read_text())
     failed, requests, errors = [], [], []
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
@@ -111,33 +148,97 @@ def test_chromium_renders_the_page_offline_with_the_comparison_numbers(reported,
             page.on("requestfailed", lambda r: failed.append(r.url))
             page.on("request", lambda r: requests.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(path.as_uri(), wait_until="load")
-            shot = tmp_path / "page.png"
-            page.screenshot(path=str(shot))
-            cells = page.eval_on_selector_all(
-                "#comparison-table td[data-metric]",
-                "cells => cells.map(c => [c.dataset.run, c.dataset.metric, c.textContent])",
-            )
-            images = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
-            # sorting is ours and works: a click on pcc_gene orders the rows by it
-            page.click("#comparison-table th:nth-child(6)")
-            first = page.eval_on_selector_all(
-                "#comparison-table tbody tr td:nth-child(6)", "cells => cells.map(c => parseFloat(c.dataset.value))"
-            )
+            yield page, failed, requests, errors
         finally:
             browser.close()
+
+
+def _column(page, table: str, col: int) -> list[str]:
+    """The data-value of column ``col`` (1-based) of every row of ``table``, in the order shown."""
+    return page.eval_on_selector_all(
+        f"#{table} tbody tr td:nth-child({col})", "cells => cells.map(c => c.dataset.value)"
+    )
+
+
+def _key(v) -> tuple:
+    """Ascending order with missing and NaN values last, as the page's sort does."""
+    return (True, 0.0) if v is None or not np.isfinite(v) else (False, v)
+
+
+def test_chromium_renders_the_page_offline_with_the_comparison_numbers(reported, tmp_path):
+    ws, path = reported
+    comparison = json.loads(Workspace.resolve(ws).results("tiny").comparison_path.read_text())
+    runs = comparison["results"]
+    heads = ["run", "encoder", "mode", "variant", "seeds", *METRICS]
+    with _browser(tmp_path) as (page, failed, requests, errors):
+        page.goto(path.as_uri(), wait_until="load")
+        shot = tmp_path / "page.png"
+        page.screenshot(path=str(shot))
+        cells = page.eval_on_selector_all(
+            "#comparison-table td[data-metric]",
+            "cells => cells.map(c => [c.dataset.run, c.dataset.metric, c.textContent, c.dataset.value])",
+        )
+        images = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+        # sorting is ours and works: pcc_gene ascending on the first click, descending on the second
+        pcc = heads.index("pcc_gene") + 1
+        order, sort_state = [], []
+        for _ in range(2):
+            page.click(f"#comparison-table th:nth-child({pcc})")
+            order.append(_column(page, "comparison-table", 1))
+            sort_state.append(page.get_attribute(f"#comparison-table th:nth-child({pcc})", "aria-sort"))
+        # the per-gene table by the second run's column (gene, category, then one column per run)
+        names = list(runs)
+        page.click(f"#gene-table th:nth-child({3 + names.index(names[1])})")
+        genes = _column(page, "gene-table", 1)
     assert not failed and not errors, (failed, errors)
     assert all(u.startswith(("file://", "data:")) for u in requests), requests
     assert images and all(images)
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and figures, not a blank page
-    shown = {(run, metric): text for run, metric, text in cells}
-    assert {run for run, _ in shown} == set(comparison["results"])
-    for run, r in comparison["results"].items():
-        for metric in ("pcc_gene", "pearson_r", "spearman_rho", "ssim_st", "mse"):
+    shown = {(run, metric): (text, value) for run, metric, text, value in cells}
+    assert {run for run, _ in shown} == set(runs) and len(runs) == 2
+    for run, r in runs.items():
+        for metric in METRICS:
             stat = r[metric]
-            assert shown[(run, metric)] == f"{stat['mean']:.4f} ± {stat['std']:.4f}", (run, metric)
-    assert first == sorted(first)
+            text, value = shown[(run, metric)]
+            assert text == f"{stat['mean']:.4f} ± {stat['std']:.4f}", (run, metric)
+            assert float(value) == stat["mean"], (run, metric)
+    ascending = sorted(runs, key=lambda n: runs[n]["pcc_gene"]["mean"])
+    assert runs[ascending[0]]["pcc_gene"]["mean"] < runs[ascending[1]]["pcc_gene"]["mean"]
+    assert order == [ascending, ascending[::-1]] and sort_state == ["ascending", "descending"]
+    per_gene = runs[names[1]]["per_gene_pcc"]
+    assert sorted(genes) == sorted(per_gene)
+    assert [_key(per_gene[g]) for g in genes] == sorted(_key(v) for v in per_gene.values())
+
+
+def test_nan_per_gene_values_show_a_dash_and_sort_last(reported, tmp_path):
+    """A gene whose per-gene PCC is NaN (or missing) shows "—" and sorts last both ways in a real browser."""
+    ws, _ = reported
+    runs = json.loads(Workspace.resolve(ws).results("tiny").comparison_path.read_text())["results"]
+    name = next(iter(runs))
+    panel = list(runs[name]["per_gene_pcc"])
+    runs[name]["per_gene_pcc"][panel[0]] = float("nan")
+    runs[name]["per_gene_pcc"][panel[1]] = None
+    body = _genes_section(runs, {})
+    assert "data-value='nan'" not in body
+    page_path = tmp_path / "genes.html"
+    page_path.write_text(PAGE.format(title="genes", style=STYLE, script=SCRIPT).replace("<!--BODY-->", body))
+    shown = []
+    with _browser(tmp_path) as (page, failed, _, errors):
+        page.goto(page_path.as_uri(), wait_until="load")
+        for _ in range(2):
+            page.click("#gene-table th:nth-child(3)")
+            shown.append(
+                page.eval_on_selector_all(
+                    "#gene-table tbody tr", "rows => rows.map(r => [r.cells[0].textContent, r.cells[2].textContent])"
+                )
+            )
+    assert not failed and not errors, (failed, errors)
+    values = {g: v for g, v in runs[name]["per_gene_pcc"].items() if g not in panel[:2]}
+    for rows, descending in zip(shown, (False, True)):
+        assert {g for g, _ in rows[-2:]} == set(panel[:2]) and all(t == "—" for _, t in rows[-2:])
+        finite = [g for g, _ in rows[:-2]]
+        assert [values[g] for g in finite] == sorted(values.values(), reverse=descending)
 
 
 def test_incomplete_runs_are_listed_apart(reported, tmp_path):
