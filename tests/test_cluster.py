@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from train.cluster import FoldRunner, _result
+from train.cluster import FoldRunner
 from train.loocv import loocv_configs, run_loocv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,43 +282,6 @@ def test_the_lock_of_a_worker_the_scheduler_lost_is_cleared_and_a_live_ones_refu
     assert "is being written by another featcache process (pid 4242 on host node-b" in reports[1]["error"]
     assert f"Dask worker {live}" in reports[1]["error"] and held.is_file()
     assert fold_metrics(ws) == serial[1]  # nothing of either fold was touched
-
-
-def test_gpu_tasks_wait_for_a_worker_with_the_gpu_resource(tmp_path, tag):
-    """Folds on a GPU ask for ``GPU=1``: a worker without it never takes them, one started with it does; a task
-    whose worker keeps dying is reported as such."""
-    import dask
-    from distributed import LocalCluster
-
-    assert FoldRunner(jobs=2, device="cpu").resources is None
-    gpu = FoldRunner(jobs=2, device="cuda").resources
-    assert gpu == {"GPU": 1}
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        cluster = LocalCluster(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=None)
-    worker = None
-    try:
-        from distributed import Client
-
-        client = Client(cluster, set_as_default=False)
-        fut = client.submit(sum, [1, 2], resources=gpu, pure=False)
-        with pytest.raises(TimeoutError):
-            fut.result(timeout=3)  # the CPU-only worker is idle, and leaves it pending
-        assert fut.status == "pending"
-        args = ["--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard", "--resources", "GPU=1"]
-        worker = start(["distributed.cli.dask_worker", cluster.scheduler_address, *args])
-        assert fut.result(timeout=120) == 3
-        assert [w for w, keys in client.who_has([fut]).items() for _ in keys][0] != sorted(cluster.workers)[0]
-        died = client.submit(os._exit, 1, resources=gpu, pure=False)  # on the GPU worker only: not this process
-        cfg = loocv_configs("tiny", ["tiny-cnn"], ["random"], ["P1"], OPTIONS)[0]
-        report = _result(died, cfg)
-        assert report["label"] == "tiny-cnn/random-linear/fold-P1"
-        assert report["error"].startswith("its worker died each time it ran it")
-        client.close()
-    finally:
-        cluster.close()
-        if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=60)
 
 
 def test_a_local_cluster_on_gpus_gives_each_worker_its_own(tmp_path, tag, monkeypatch):
