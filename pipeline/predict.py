@@ -136,12 +136,11 @@ def _check_on_tissue(s, slide: Slide) -> dict:
     )
     checked.update(in_tissue_bins_on_tissue=round(inside, 3), other_bins_on_tissue=round(outside, 3))
     if inside - outside < MIN_AGREEMENT:
-        unchecked = checked.get("image_check", "")
         raise FeatcacheError(
             f"the positions of {s.bin_dir} do not belong to {slide.path}: {inside:.0%} of their in-tissue bins and "
             f"{outside:.0%} of the others lie on this image's tissue (a slide's own positions: most of the first, "
             "few of the second)"
-            + (f"; the image check was {unchecked}" if unchecked.startswith("not possible") else "")
+            + (f"; the image check was {checked['image_check']}" if isinstance(found, str) else "")
             + ". Pass the Space Ranger output of this slide with --positions, or leave --positions out to predict "
             "on a lattice of the image itself."
         )

@@ -270,7 +270,6 @@ def fit_ridge_fold(cfg: TrainConfig, record: dict, run, inputs) -> dict:
         "seconds": round(time.perf_counter() - t0, 3),
     }
     attrs = {
-        "config_sha256": record["config_sha256"],  # ties the store to its run (RunDir.open_predictions)
         "fold": cfg.fold,
         "samples": inputs.test_samples(cfg.fold),
         "space": TRANSFORM_TEXT[cfg.target],

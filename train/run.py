@@ -209,7 +209,6 @@ def _test_and_write(cfg: TrainConfig, record: dict, run, data: FoldData, model, 
         metrics["nb_theta"] = dispersion(model, inputs.genes)  # the selected epoch's learned size θ per gene
     units = "z-scored log1p(CP10k)" if cfg.target == "log1p-cp10k" else "log1p(counts)"
     attrs = {
-        "config_sha256": record["config_sha256"],  # ties the store to its run (RunDir.open_predictions)
         "fold": cfg.fold,
         "samples": inputs.test_samples(cfg.fold),
         "space": TRANSFORM_TEXT[cfg.target],

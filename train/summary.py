@@ -67,6 +67,11 @@ def run_key(encoder: str, mode: str, run: str) -> str:
     return f"{encoder}_{run}"
 
 
+def config_key(cfg: dict) -> str:
+    """The run key of a fold's config.json."""
+    return run_key(cfg["encoder"], cfg["mode"], cfg["run"])
+
+
 STD_DDOF = 0  # the reference study's population std, over folds and over seeds alike
 
 
@@ -105,7 +110,7 @@ def summarize(dataset: str, workspace=None) -> dict:
     for rd in ws.runs(dataset):
         if not rd.is_finished():
             c = rd.read_config() or {}
-            key = run_key(c["encoder"], c["mode"], c["run"]) if {"encoder", "mode", "run"} <= set(c) else None
+            key = config_key(c) if {"encoder", "mode", "run"} <= set(c) else None
             unfinished.setdefault(key, []).append(str(rd.path.relative_to(ws.root)))
             continue
         cfg, m = rd.read_config(), rd.read_metrics()
@@ -127,7 +132,7 @@ def summarize(dataset: str, workspace=None) -> dict:
                 }
             )
             continue
-        found.setdefault(run_key(cfg["encoder"], cfg["mode"], cfg["run"]), []).append((cfg, m, rel))
+        found.setdefault(config_key(cfg), []).append((cfg, m, rel))
     if not found and not foreign:
         waiting = sorted(p for paths in unfinished.values() for p in paths)
         raise FeatcacheError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -46,6 +47,8 @@ from featcache.stores.files import (
     write_text,
 )
 from featcache.stores.zarrio import consolidate, create_array, open_local, write_origins, write_strings
+
+log = logging.getLogger("featcache.runs")
 
 FOLD_PREFIX = "fold-"
 
@@ -335,10 +338,9 @@ class RunDir:
     ) -> None:
         """The test patient's predictions; ``samples`` names each patch's section (a coordinate over patch);
         ``extra``: more (patch, gene, row, col) arrays beside ``pred`` and ``truth`` (a count run's ``log_rate``).
-        The store records the run's ``config_sha256`` (from ``attrs``, else config.json), which
-        :meth:`open_predictions` checks: predictions copied in from another run are refused."""
-        if "config_sha256" not in attrs:
-            attrs = {**attrs, "config_sha256": (self.read_config() or {}).get("config_sha256")}
+        The store records the ``config_sha256`` of the run's config.json, which :meth:`open_predictions` checks:
+        predictions copied in from another run are refused."""
+        attrs = {**attrs, "config_sha256": (self.read_config() or {}).get("config_sha256")}
         write_prediction_store(
             self.predictions_path,
             attrs,
@@ -484,9 +486,7 @@ class RunLock:
             return False
         if worker in workers:
             return False
-        import logging
-
-        logging.getLogger("featcache.runs").warning(
+        log.warning(
             "%s: its holder, Dask worker %s (pid %s on host %s), is no longer in the scheduler's workers; "
             "clearing its lock (its task runs again here)",
             self.path,
