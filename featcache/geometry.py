@@ -97,6 +97,24 @@ def gather_windows(grid: np.ndarray, origins: np.ndarray, bins: int = GEOMETRY.b
     return np.stack([grid[r : r + bins, c : c + bins] for r, c in origins])
 
 
+def first_cover(origins: np.ndarray, bins: int = GEOMETRY.bins) -> np.ndarray:
+    """(n, bins, bins) bool: True where a patch holds a section bin for the first time in patch order.
+
+    At a stride below the patch side, patches overlap and a bin sits in several of them; statistics over
+    "every bin" (the target transform's mean and std) count each bin once with this mask.
+    """
+    origins = np.asarray(origins, np.int64).reshape(-1, 2)
+    out = np.zeros((len(origins), bins, bins), bool)
+    if not len(origins):
+        return out
+    seen = np.zeros(tuple(origins.max(axis=0) + bins), bool)
+    for k, (r, c) in enumerate(origins):
+        window = seen[r : r + bins, c : c + bins]
+        out[k] = ~window
+        window[:] = True
+    return out
+
+
 class BinSums:
     """Per-patch maps summed bin by bin on one section's grid: the one per-bin average of overlapping patches.
 

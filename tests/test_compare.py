@@ -156,7 +156,12 @@ def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp
     smooth = lambda a: ndimage.gaussian_filter(a, (0, 0, 1.5, 1.5))  # noqa: E731
     unit = lambda a: a / a.std()  # noqa: E731
     results = {}
-    plan = {"A": {"P1": [0, 1, 2], "P2": [0, 1, 2]}, "B": {"P1": [0, 1, 2], "P2": [0, 1], "P3": [0]}}
+    plan = {
+        "A": {"P1": [0, 1, 2], "P2": [0, 1, 2]},
+        "B": {"P1": [0, 1, 2], "P2": [0, 1], "P3": [0]},
+        "D": {"P1": [0, 1, 2], "P2": [0, 1, 2]},  # a better setup: less error, seed to seed alike
+    }
+    sigma = {"A": 1.2, "B": 1.2, "D": 0.6}
     truths = {f: unit(smooth(rng.normal(size=(16, 8, 32, 32)))) for f in ("P1", "P2", "P3")}
     for run, folds in plan.items():
         results[run] = {"fold_results": {}}
@@ -164,7 +169,8 @@ def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp
             per_seed = []
             for seed in seeds:
                 truth = truths[fold] * (1 + seed) + seed  # another seed's z-score statistics: an affine change
-                pred = truths[fold] + 1.2 * (1 + 0.1 * rng.normal()) * unit(smooth(rng.normal(size=truth.shape)))
+                own = unit(smooth(rng.normal(size=truth.shape)))
+                pred = truths[fold] + sigma[run] * (1 + 0.1 * rng.normal()) * own
                 rd = w.run("tiny", "synthetic", run, fold, seed)
                 config = {"dataset": "tiny", "encoder": "synthetic", "mode": "frozen", "run": run, "fold": fold}
                 config["seed"] = seed
@@ -192,3 +198,9 @@ def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp
     assert p["seeds"] == {"P1": [0, 1, 2], "P2": [0, 1]}
     assert p["training_variance_included"] and p["se_training"] > 0 and p["dof"] is not None
     assert p["ci95"][0] < 0 < p["ci95"][1] and not p["excludes_zero"]
+    # a real difference between two multi-seed runs, through the same path: found, with training variance counted
+    (gain,) = paired_comparison("tiny", ["A", "D"], w.root, n_boot=300, block_bins=32)["pairs"]
+    assert gain["seeds"] == {"P1": [0, 1, 2], "P2": [0, 1, 2]} and gain["training_variance_included"]
+    assert gain["se_training"] > 0 and gain["excludes_zero"] and gain["ci95"][0] > 0
+    lo, hi = gain["ci95"]
+    assert lo < expected_r(0.6) - expected_r(1.2) < hi  # the interval covers the size of the difference

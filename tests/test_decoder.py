@@ -360,3 +360,20 @@ def test_overlapping_patches_score_each_bin_once(synth_dir, tmp_path):
         covered |= {(r0 + i, c0 + j) for i, j in zip(*np.nonzero(m))}
     assert res.metrics["n_patches"] * 32 * 32 > 1.5 * len(covered)  # the patches overlap ...
     assert res.metrics["n_bins"] == len(covered)  # ... and each in-tissue bin is scored once
+    # the z-score statistics count each in-tissue bin of the training patient once too (they weighted interior bins
+    # by the number of patches holding them: up to four at stride 16)
+    p1 = Workspace(ws).open_dataset("ovl").targets("P1")
+    unique = {}
+    for o, c, lib, m in zip(p1.origin.values, p1.counts.values, p1.library_size.values, p1.mask.values):
+        for i, j in zip(*np.nonzero(m)):
+            unique[(o[0] + i, o[1] + j)] = (c[:, i, j], lib[i, j])
+    counts = np.stack([v[0] for v in unique.values()])
+    library = np.array([v[1] for v in unique.values()])
+    probe = TargetTransform("log1p-cp10k", 0.0, 1.0)
+    values = probe.values(counts[:, :, None, None], library[:, None, None])[..., 0, 0].astype(np.float64)
+    ck = torch.load(res.run_dir / "checkpoint.pt", weights_only=True)
+    assert np.allclose(ck["transform"]["mean"], values.mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert np.allclose(ck["transform"]["std"], values.std(axis=0), rtol=1e-5, atol=1e-6)
+    arrays = FoldInputs(Workspace(ws).dataset("ovl"), None).arrays["P1"]
+    per_patch = TargetTransform.fit([load_targets(arrays, np.arange(len(arrays.origin)))])
+    assert not np.allclose(ck["transform"]["mean"], per_patch.mean, atol=1e-4)  # what counting per patch gave

@@ -75,6 +75,10 @@ def reported(workspace):
             overwrite=True,
         )
     summarize("tiny", ws)
+    runs = "tiny-cnn_random-linear,tiny-cnn_random-linear-b"
+    args = ["compare", "--dataset", "tiny", "--runs", runs, "--block-bins", "16", "--bootstrap", "200"]
+    res = CliRunner().invoke(analysis_app, [*args, "--workspace", str(ws)])
+    assert res.exit_code == 0, res.output
     res = CliRunner().invoke(analysis_app, ["report", "--dataset", "tiny", "--genes", "EPCAM", "--workspace", str(ws)])
     assert res.exit_code == 0, res.output
     path = Workspace.resolve(ws).results("tiny").report_path
@@ -94,6 +98,12 @@ def test_the_page_is_one_file_with_every_section(reported):
     for run in json.loads(results.comparison_path.read_text())["results"]:
         assert results.training_curves_path(run).is_file()
     assert not list(path.parent.glob(".*partial*"))  # written through a staged file
+    # the paired comparison: its interval, whether training variance is in it (these runs share one seed), and no
+    # test over genes (a "Wilcoxon p" column was left blank once compare stopped making that test)
+    table = page.split("id='paired-table'")[1].split("</table>")[0]
+    (pair,) = json.loads(results.paired_path.read_text())["pairs"]
+    assert "training variance" in table and "excluded (one seed)" in table and "Wilcoxon" not in page
+    assert f"[{pair['ci95'][0]:.4f}, {pair['ci95'][1]:.4f}]" in table
 
 
 def test_training_curves_png_shows_both_panels(reported):

@@ -94,3 +94,23 @@ def test_seeds_give_their_own_runs_stores_and_the_same_truth(tiny_cnn_features, 
     seed_means = [np.mean([f["per_seed"][k]["pcc_gene"] for f in run["fold_results"].values()]) for k in (0, 1)]
     assert run["pcc_gene"]["std_over_seeds"] == pytest.approx(np.std(seed_means))
     assert res["methodology"]["std_ddof"] == 0
+    # the floor beside every metric: the training-mean prediction's score, from each fold's metrics.json
+    assert set(run["floor"]) == {"pearson_r", "spearman_rho", "ssim_st", "mse", "pcc_gene", "spearman_gene"}
+    assert run["floor"]["pcc_gene"]["mean"] == 0.0 and run["floor"]["mse"]["mean"] > run["mse"]["mean"] * 0.5
+    m = json.loads((ws / run["fold_results"]["test_P1"]["run_dir"] / "metrics.json").read_text())
+    assert run["fold_results"]["test_P1"]["floor"]["ssim_st"] == m["baselines"]["per_gene_mean"]["ssim_st"]
+    # the noise ceiling with its Monte Carlo error, per fold and for the mean over folds
+    assert run["fold_results"]["test_P1"]["noise_ceiling_pcc_gene_mc_error"] <= 0.002
+    assert 0 < run["noise_ceiling_pcc_gene"]["mc_error"] <= 0.002
+
+
+def test_fine_tuning_from_random_weights_draws_an_encoder_per_seed(prepared, tmp_path):
+    """`train finetune --weights random --seeds 0,1` started every seed from the same random:0 encoder."""
+    ws = tmp_path / "ws"
+    shutil.copytree(prepared[0] / "datasets", ws / "datasets")
+    args = ["finetune", "--fold", "P2", "--encoder", "tiny-cnn", "--weights", "random", "--seeds", "0,1", *BASE]
+    r = CliRunner().invoke(app, [*args, "--micro-batch", "4", "--val-fraction", "0", "--workspace", str(ws)])
+    assert r.exit_code == 0, r.output
+    folder = ws / "runs" / "tiny" / "tiny-cnn" / "finetune-randomweights-linear"
+    configs = [json.loads((folder / d / "config.json").read_text()) for d in ("fold-P2", "fold-P2-seed1")]
+    assert [c["encoder_weights"] for c in configs] == ["random:0", "random:1"]

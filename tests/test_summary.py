@@ -267,6 +267,11 @@ def test_only_complete_comparable_runs_of_this_dataset_enter_results(trio, tmp_p
         finished_run(ws, "densenet121", "random", f, 60 + j, features={"identity": {"weights": f"random:{j}"}})
     for j, f in enumerate(folds):  # one fold trained with other settings
         finished_run(ws, "densenet121", "frozen", f, 70 + j, epochs=50 if f == "P5" else 200)
+    for seed in (0, 1):  # seed 1 of a random-init run copied from folders that read seed 0's random encoder
+        for j, f in enumerate(folds):
+            finished_run(
+                ws, "uni2h", "random", f, 80 + 3 * seed + j, seed=seed, features={"identity": {"weights": "random:0"}}
+            )
 
     res = summarize("trio", ws)
     assert set(res["results"]) == {"uni2h_frozen"}
@@ -275,7 +280,11 @@ def test_only_complete_comparable_runs_of_this_dataset_enter_results(trio, tmp_p
     assert "seed 0 has 1 of 3 folds (missing P2, P5)" in res["incomplete"]["virchow2_frozen"]["reason"]
     assert sorted(f["run_dir"] for f in res["foreign"]) == [f"runs/trio/hoptimus0/frozen/fold-{f}" for f in folds]
     assert all("dataset fingerprint" in f["reason"] for f in res["foreign"])
-    assert set(res["inconsistent"]) == {"densenet_random_init", "densenet_frozen"}
+    assert set(res["inconsistent"]) == {"densenet_random_init", "densenet_frozen", "uni2h_random"}
+    assert (
+        "seed 1 of a random-init run but read random:0 features, not random:1"
+        in (res["inconsistent"]["uni2h_random"]["reason"])
+    )
     assert "different weights (random:0, random:1, random:2)" in res["inconsistent"]["densenet_random_init"]["reason"]
     assert "epochs" in res["inconsistent"]["densenet_frozen"]["reason"]
     # the complete run: per fold the mean over its seeds, each seed listed; spread over folds and over seeds
@@ -292,6 +301,9 @@ def test_only_complete_comparable_runs_of_this_dataset_enter_results(trio, tmp_p
     seed_means = [np.mean([run["fold_results"][f"test_{f}"]["per_seed"][k]["pcc_gene"] for f in folds]) for k in (0, 1)]
     assert run["pcc_gene"]["std_over_seeds"] == pytest.approx(np.std(seed_means))
     assert res["methodology"]["std_ddof"] == 0 and "ddof 0" in res["methodology"]["std"]
+    # the floor (the training-mean prediction) beside every metric, per fold and over folds
+    assert run["fold_results"]["test_P1"]["floor"] == {"mse": 1.0, "pcc_gene": 0.0}
+    assert run["floor"]["mse"] == {"mean": 1.0, "std": 0.0, "n": 3} and run["floor"]["pcc_gene"]["mean"] == 0.0
     _strict((ws / "results" / "trio" / "encoder_loocv_comparison.json").read_text())
     # a fold copied in a second time, beside the first: its folder does not say its fold, so it is refused by name
     finished_run(ws, "uni2h", "frozen", "P1", 90, folder=ws / "runs" / "trio" / "uni2h" / "frozen" / "fold-P1-copy")

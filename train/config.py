@@ -83,6 +83,12 @@ class TrainConfig:
     augment: bool = False  # dihedral augmentation (fine-tuning only; a named variant, "-augment")
     colour_jitter: float = 0.0
 
+    def __post_init__(self):
+        # a fine-tune from bare ``random`` weights draws its encoder per seed, as random-init feature stores are
+        # (random:<seed>); an explicit random:K stays what was asked
+        if self.weights == "random":
+            object.__setattr__(self, "weights", f"random:{self.seed}")
+
     @classmethod
     def from_options(cls, **options) -> TrainConfig:
         """A config from keyword options, ignoring those left as None (their default applies)."""

@@ -23,7 +23,7 @@ import numpy as np
 import xarray as xr
 
 from featcache.errors import FeatcacheError
-from featcache.geometry import GEOMETRY
+from featcache.geometry import GEOMETRY, first_cover
 from featcache.stores import Dataset, FeatureStore
 from featcache.stores.features import CHANNEL_FIRST, all_finite, token_dims
 from featcache.stores.zarrio import missing_chunks
@@ -331,6 +331,14 @@ def _fails(lazy) -> bool:
 def load_targets(arrays: SampleArrays, idx: np.ndarray):
     """Raw counts, library sizes and the in-tissue mask of the given patches."""
     return tuple(_compute(arrays, name, idx) for name in ("counts", "library", "mask"))
+
+
+def fit_targets(arrays: SampleArrays):
+    """What :meth:`TargetTransform.fit` takes from one training section: counts, library sizes and the in-tissue
+    mask of every patch, the mask keeping each section bin once (overlapping patches at a stride below 32 bins
+    would count a bin up to (32/stride)² times, weighting the statistics towards the tissue's interior)."""
+    counts, library, mask = load_targets(arrays, np.arange(len(arrays.origin)))
+    return counts, library, np.asarray(mask).astype(bool) & first_cover(arrays.origin)
 
 
 def memory_budget() -> int:

@@ -210,7 +210,7 @@ def patch_features(inputs, sample: str) -> np.ndarray:
 def fit_ridge_fold(cfg: TrainConfig, record: dict, run, inputs) -> dict:
     """The ridge head's fold: fit on the training patients, predict and score the test patient, write the run folder."""
     from featcache.provenance import library_versions
-    from train.data import TargetTransform, load_targets
+    from train.data import TargetTransform, fit_targets, load_targets
     from train.run import TestSet, _clean, _score
     from train.scales import patch_means
 
@@ -218,7 +218,7 @@ def fit_ridge_fold(cfg: TrainConfig, record: dict, run, inputs) -> dict:
     train = inputs.train_samples(cfg.fold)
     whole = {s: np.arange(len(inputs.arrays[s].origin)) for s in inputs.samples}
     # the training patients' bins, as every head, one section in memory at a time
-    transform = TargetTransform.fit((load_targets(inputs.arrays[s], whole[s]) for s in train), cfg.target)
+    transform = TargetTransform.fit((fit_targets(inputs.arrays[s]) for s in train), cfg.target)
     every = cfg.score == "all-bins"
     xs, ys, origins, patients = [], [], [], []
     for s in train:

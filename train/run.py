@@ -21,7 +21,7 @@ from featcache.provenance import library_versions
 from featcache.stores import Workspace
 from train.ceiling import noise_ceiling
 from train.config import MAPPING_TEXT, SCORE_TEXT, TRANSFORM_TEXT, TrainConfig
-from train.data import Batches, FoldInputs, TargetTransform, blocked_split, load_targets, memory_budget
+from train.data import Batches, FoldInputs, TargetTransform, blocked_split, fit_targets, memory_budget
 from train.loop import Distributed, Stepper, fit, predict
 from train.losses import CountStats, count_head, dispersion, objective, pack
 from train.metrics import evaluate
@@ -135,9 +135,9 @@ class FoldData:
         self.train_idx, self.val_idx = blocked_split(
             {s: inputs.arrays[s].origin for s in samples}, cfg.val_fraction, cfg.seed
         )
-        # every patch of the training patients, whatever the split: a fold's stored truth is the same for every seed
+        # every bin of the training patients once, whatever the split: a fold's stored truth is the same for every seed
         whole = {s: np.arange(len(inputs.arrays[s].origin)) for s in samples}
-        parts = (load_targets(inputs.arrays[s], whole[s]) for s in samples)
+        parts = (fit_targets(inputs.arrays[s]) for s in samples)
         self.counts = None if cfg.loss == "mse" else CountStats()  # a count loss's offsets, in the same pass
         self.transform = TargetTransform.fit(parts if self.counts is None else self.counts.observe(parts), cfg.target)
         targets = self.transform if self.counts is None else pack  # a count loss trains on the raw counts

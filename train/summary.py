@@ -240,6 +240,13 @@ def _inconsistency(folds: list) -> str | None:
     for seed, weights in sorted(by_seed.items()):
         if len(weights) > 1:
             return f"the folds of seed {seed} read different weights ({', '.join(sorted(weights))})"
+    for cfg, _, rel in folds:  # a random-init seed reads its own random encoder (copied folders may not)
+        seed, weights = cfg.get("seed", 0), str(_weights(cfg))
+        if cfg["mode"] == "random" and weights != f"random:{seed}":
+            return (
+                f"{rel} is seed {seed} of a random-init run but read {weights} features, not random:{seed}; train "
+                f"that seed again (`train loocv --seeds` extracts random:{seed}) or remove the folder"
+            )
     return None
 
 
@@ -282,7 +289,10 @@ def _entry(folds: list) -> dict:
         )
         merged = {k: _stat(e[k] for e in entries)["mean"] for k in FOLD_KEYS}
         merged.update({k: entries[0][k] for k in ("run_dir", "test_samples", "noise_ceiling_pcc_gene")})
-        merged.update({k: entries[0][k] for k in ("baseline_mean_mse", "features_weights")})
+        merged.update({k: entries[0][k] for k in ("noise_ceiling_pcc_gene_mc_error", "baseline_mean_mse")})
+        merged["features_weights"] = entries[0]["features_weights"]
+        # the floor depends on the fold's truth and training mean only, so every seed has the same one
+        merged["floor"] = {k: _stat(e["floor"].get(k) for e in entries)["mean"] for k in entries[0]["floor"]}
         merged["per_seed"] = entries
         if cfg0.get("lr_grid"):
             merged["lr_selected"] = [e["lr"] for e in entries]
@@ -311,6 +321,11 @@ def _entry(folds: list) -> dict:
         entry[k]["std_over_seeds"] = _stat(by_seed)["std"] if len(seeds) > 1 else None
         entry[k]["n_seeds"] = len(seeds)
     entry["noise_ceiling_pcc_gene"] = _stat(f["noise_ceiling_pcc_gene"] for f in fold_results.values())
+    errors = [f["noise_ceiling_pcc_gene_mc_error"] for f in fold_results.values()]
+    if all(e is not None for e in errors) and errors:  # independent folds: the mean's error adds in quadrature
+        entry["noise_ceiling_pcc_gene"]["mc_error"] = float(np.sqrt(np.sum(np.square(errors))) / len(errors))
+    entry["floor"] = {k: _stat(f["floor"].get(k) for f in fold_results.values()) for k in FOLD_KEYS}
+    entry["floor"] = {k: v for k, v in entry["floor"].items() if v["n"]}
     entry["per_gene_pcc"] = {
         g: _stat(_stat(v)["mean"] for v in by_fold.values())["mean"] for g, by_fold in per_gene.items()
     }
@@ -332,7 +347,9 @@ def _fold_result(cfg: dict, m: dict, run_dir: str) -> dict:
             "run_dir": run_dir,
             "test_samples": m.get("test_samples"),
             "noise_ceiling_pcc_gene": ceiling.get("pcc_gene"),
+            "noise_ceiling_pcc_gene_mc_error": ceiling.get("pcc_gene_mc_error"),
             "baseline_mean_mse": m["baselines"]["per_gene_mean"]["mse"],
+            "floor": _floor(m),
             "genes_constant_in_truth": len(m.get("genes_constant_in_truth", [])),
             "genes_constant_prediction": len(m.get("genes_constant_prediction", [])),
             "features_weights": m.get("features_weights"),
@@ -342,6 +359,12 @@ def _fold_result(cfg: dict, m: dict, run_dir: str) -> dict:
         }
     )
     return out
+
+
+def _floor(m: dict) -> dict:
+    """The training-mean prediction's score for each metric of the comparison file (metrics.json's baselines)."""
+    base = (m.get("baselines") or {}).get("per_gene_mean") or {}
+    return {k: base.get(src) for k, src in FOLD_KEYS.items() if src in base}
 
 
 def _reference_summary(runs: dict) -> dict:
@@ -408,7 +431,10 @@ def methodology(ds, runs: dict) -> dict:
             "two are not comparable",
             "mse": "mean squared error over scored bins and genes, in target space",
             "noise_ceiling_pcc_gene": "synthetic data only: E[target | true rates] scored as a prediction, pcc_gene "
-            "corrected for the Monte Carlo noise's bias (its Monte Carlo error in each fold's metrics.json)",
+            "corrected for the Monte Carlo noise's bias; its Monte Carlo standard error per fold "
+            "(noise_ceiling_pcc_gene_mc_error) and of the mean over folds (noise_ceiling_pcc_gene.mc_error)",
+            "floor": "per run and fold, every metric of the training-mean prediction (each gene's training mean on "
+            "every bin): what a run must beat to have learned anything",
         },
         "std": f"population standard deviation (ddof {STD_DDOF}), as the reference study reported: ``std`` over the "
         "folds' values (each the mean over seeds), ``std_over_seeds`` over the seeds' leave-one-patient-out means",
