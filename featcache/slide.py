@@ -41,6 +41,8 @@ def _downsample(base: int, size: int) -> float:
 
 def _decode_hint(exc: Exception) -> str:
     text = str(exc)
+    if isinstance(exc, MemoryError):
+        return "decoding it needs more memory than this process has; run where more is free, or re-save the image as a tiled pyramidal TIFF"
     if "imagecodecs" in text or "requires" in text and "codec" in text.lower():
         return "its compression needs the imagecodecs package: `pip install imagecodecs`"
     return "the file is truncated or damaged; copy it again from the source"
@@ -125,7 +127,24 @@ class Slide:
                     "H&E image (height × width × 3) is needed."
                 )
             levels.append(zarr.open(series.aszarr(level=i), mode="r"))
+        for i, level in enumerate(levels):
+            self._refuse_chunks_too_large(i, level, tiled=series.levels[i].pages[0].is_tiled)
         return levels
+
+    def _refuse_chunks_too_large(self, i: int, level, tiled: bool) -> None:
+        """A TIFF is read region by region, but each tile or strip is decoded whole: one strip of a whole slide
+        (RowsPerStrip = height, as some converters write) can need more memory than the process has."""
+        rows, cols = level.chunks[:2]
+        need = 2 * int(np.prod(level.chunks)) * level.dtype.itemsize  # the decoded chunk and the region it fills
+        room = memory_headroom()
+        if need > room:
+            kind = "tiles" if tiled else "strips"
+            raise FeatcacheError(
+                f"{self.path} stores level {i} ({level.shape[1]:,} × {level.shape[0]:,} px) in {kind} of {cols:,} × "
+                f"{rows:,} px, and each is decoded whole: about {need / 2**30:.1f} GiB of memory, while this process "
+                f"has {room / 2**30:.1f} GiB. Re-save it as a tiled pyramidal TIFF (e.g. `vips tiffsave IMAGE out.tif "
+                "--tile --pyramid --compression jpeg`) and pass that; or run where more memory is free."
+            )
 
     def _read_plain(self) -> np.ndarray:
         from PIL import Image

@@ -50,4 +50,10 @@ def test_full_disk_and_read_only_workspace(synth_dir, tmp_path):
     for step in ("prepare_again", "extract_again", "train_again", "predict_again"):
         assert steps[step]["code"] == 0 and not steps[step]["traceback"], steps[step]
     assert len(steps["predict_again"]["left"]) == 1, steps["predict_again"]
+    # full in the middle of training (after a saved state): one message, then the same command resumes and completes
+    mid, again = steps["train_mid_full"], steps["train_mid_again"]
+    assert mid["code"] == 2 and not mid["traceback"] and not mid["finished"], mid
+    assert mid["last"].startswith("error: the disk is full"), mid
+    assert again["code"] == 0 and not again["traceback"] and again["finished"], again
+    assert again["epochs"] == list(range(1000)), again["epochs"][:20]  # every epoch once: resumed, not interleaved
     assert steps["read_only"]["code"] == 2 and "read-only" in steps["read_only"]["last"]

@@ -1,5 +1,6 @@
 """Faults of concurrency and resources: one writer per run folder (a second is refused with the holder named; a
-dead holder's lock is cleared), and images too large to decode refused before decoding."""
+dead holder's lock is cleared), and images too large to decode refused before decoding (a Pillow image decoded
+whole, a TIFF whose strip is)."""
 
 from __future__ import annotations
 
@@ -118,6 +119,75 @@ def test_an_image_too_large_to_decode_is_refused_before_decoding(tiny_cnn_featur
     said = " ".join(p.stderr.split())
     assert p.returncode == 2 and "Traceback" not in p.stderr and "MemoryError" not in p.stderr, p.stderr[-2000:]
     assert f"{image} is 45,000 × 45,000 px" in said and "GiB of memory" in said and "tiled pyramidal TIFF" in said
+    assert not out.exists() and left_behind(tmp_path) == []
+
+
+def bomb_tiff(path, side: int = 45_000) -> None:
+    """A real, valid RGB TIFF of side × side black pixels in ~6 MB, stored as ONE deflate strip (RowsPerStrip =
+    height, as some converters write): read region by region, yet its only strip is decoded whole."""
+    row = b"\0" * (3 * side)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = deflate.compress(row) + deflate.flush(zlib.Z_FULL_FLUSH)
+    again = deflate.compress(row) + deflate.flush(zlib.Z_FULL_FLUSH)  # history reset: each further row is this
+    adler = (3 * side * side % 65521) << 16 | 1
+    strip = b"\x78\xda" + first + again * (side - 1) + deflate.flush(zlib.Z_FINISH) + struct.pack(">I", adler)
+    short, long_ = 3, 4
+    tags = [  # (tag, type, count, value or offset)
+        (256, long_, 1, side),  # ImageWidth
+        (257, long_, 1, side),  # ImageLength
+        (258, short, 3, None),  # BitsPerSample 8, 8, 8 (stored after the IFD)
+        (259, short, 1, 8),  # Compression: deflate
+        (262, short, 1, 2),  # PhotometricInterpretation: RGB
+        (273, long_, 1, None),  # StripOffsets
+        (277, short, 1, 3),  # SamplesPerPixel
+        (278, long_, 1, side),  # RowsPerStrip: the whole image
+        (279, long_, 1, len(strip)),  # StripByteCounts
+        (284, short, 1, 1),  # PlanarConfiguration: chunky
+    ]
+    ifd_size = 2 + 12 * len(tags) + 4
+    bits_at = 8 + ifd_size
+    strip_at = bits_at + 6
+    ifd = struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        value = {258: bits_at, 273: strip_at}.get(tag, value)
+        packed = struct.pack("<HI", value, 0)[:4] if kind == short and count == 1 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, count) + packed
+    ifd += struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<3H", 8, 8, 8) + strip)
+
+
+def test_a_tiff_strip_too_large_to_decode_is_refused_before_decoding(tiny_cnn_features, tmp_path):
+    """Only Pillow's images were checked: a TIFF whose one strip decodes to ~6 GiB ended in a MemoryError."""
+    import tifffile
+
+    ws, _ = tiny_cnn_features
+    run = run_fold(
+        "tiny", "tiny-cnn", "P2", mode="random", workspace=ws, decoder="linear", epochs=1, batch_size=4, name="bomb"
+    )
+    image = tmp_path / "one-strip.tif"
+    bomb_tiff(image)
+    assert image.stat().st_size < 8 << 20
+    with tifffile.TiffFile(image) as tif:  # a valid TIFF, as tifffile reads it: one strip of the whole image
+        page = tif.pages[0]
+        assert page.shape == (45_000, 45_000, 3) and len(page.dataoffsets) == 1 and not page.is_tiled
+    limit = 8 << 30  # what this process may map (ulimit -v): less than the strip decoded twice (~11 GiB)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    out = tmp_path / "pred"
+    args = [sys.executable, "-m", "featcache", "predict", "--run", str(run.run_dir), "--image", str(image)]
+    p = subprocess.run(
+        [*args, "--output", str(out), "--workspace", str(ws), "--device", "cpu", "--mpp", "0.25"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=cap,
+    )
+    said = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "MemoryError" not in p.stderr, p.stderr[-2000:]
+    assert f"{image} stores level 0 (45,000 × 45,000 px) in strips of 45,000 × 45,000 px" in said, said
+    assert "decoded whole" in said and "GiB of memory" in said and "tiled pyramidal TIFF" in said
     assert not out.exists() and left_behind(tmp_path) == []
 
 

@@ -6,8 +6,10 @@ stderr line and what is left on the disk; the test reads the JSON this prints.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 p1, p2, mount = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -114,6 +116,26 @@ out["predict_output_again"] = run(*predict, *output)
 pred = elsewhere / "pred"
 out["predict_output_again"]["left"] = sorted(p.name for p in pred.iterdir()) if pred.is_dir() else []
 subprocess.run(["umount", str(elsewhere)], check=False)
+
+# the disk fills in the middle of a training run (after its first saved state): one message; once space is freed the
+# same command resumes from the saved state and ends with every epoch logged once
+mid = (*train[:-6], "--epochs", "1000", "--batch-size", "2", "--val-fraction", "0", "--name", "mid")
+fold = ws / "runs" / "d" / "tiny-cnn" / "random-linear-mid" / "fold-P1"
+first = subprocess.Popen([sys.executable, "-m", *mid, "--workspace", str(ws)], stderr=subprocess.PIPE, text=True)
+while first.poll() is None and not (fold / "train_state.pt").exists():
+    time.sleep(0.001)
+first.send_signal(signal.SIGSTOP)
+filler = fill(0)
+first.send_signal(signal.SIGCONT)
+err = first.communicate()[1]
+lines = [ln for ln in err.splitlines() if ln.strip()]
+out["train_mid_full"] = {"code": first.returncode, "last": lines[-1] if lines else "", "traceback": "Traceback" in err}
+out["train_mid_full"]["finished"] = (fold / "metrics.json").exists()
+filler.unlink()
+out["train_mid_again"] = run(*mid)
+log = (fold / "log.jsonl").read_text().splitlines() if (fold / "log.jsonl").exists() else []
+out["train_mid_again"]["epochs"] = [json.loads(line)["epoch"] for line in log]
+out["train_mid_again"]["finished"] = (fold / "metrics.json").exists()
 
 remount("ro")
 out["read_only"] = run("featcache", "prepare", "--dataset", "other", "--sample", f"P1={p1}")
