@@ -27,13 +27,13 @@ app = make_app("analysis: compare encoders and draw the figures from a workspace
 def figures(
     dataset: DatasetOpt = "demo",
     sample: Annotated[
-        Optional[str], typer.Option(help="Test patient of the spatial rows [default: the last fold].")
+        Optional[str], typer.Option(help="Test patient of the spatial rows (default: the last fold).")
     ] = None,
     genes: Annotated[
         Optional[str],
         typer.Option(
-            help="Genes of the spatial rows, all in the panel [default: EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12 where in "
-            "it; with none of them, the panel's 6 best by the runs' PCC]."
+            help="Genes of the spatial rows, all in the panel (default: EPCAM,DES,CD74,COL1A1,MT-CO3,MUC12 where in "
+            "it; with none of them, the panel's 6 best by the runs' PCC)."
         ),
     ] = None,
     workspace: WorkspaceOpt = None,
@@ -54,7 +54,7 @@ def figures(
 def compare(
     dataset: DatasetOpt = "demo",
     runs: Annotated[
-        Optional[str], typer.Option(help="Comma-separated runs of the comparison file [default: all].")
+        Optional[str], typer.Option(help="Comma-separated runs of the comparison file (default: all).")
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of spatial blocks (at least 100).")] = 2000,
     block_bins: Annotated[int, typer.Option(help="Side of a spatial block of the bootstrap, in bins.")] = 64,
@@ -91,7 +91,7 @@ def export(
     ] = None,
     dataset: Annotated[str, typer.Option(help="The dataset of --features.")] = "demo",
     output: Annotated[
-        Optional[Path], typer.Option(help="The .h5ad to write [default: results/<dataset>/exports/...].")
+        Optional[Path], typer.Option(help="The .h5ad to write (default: results/<dataset>/exports/...).")
     ] = None,
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,
@@ -111,7 +111,7 @@ def report(
     dataset: DatasetOpt = "demo",
     genes: Annotated[
         Optional[str],
-        typer.Option(help="Genes of the spatial maps [default: up to 3 of the default markers in the panel]."),
+        typer.Option(help="Genes of the spatial maps (default: up to 3 of the default markers in the panel)."),
     ] = None,
     workspace: WorkspaceOpt = None,
 ):

@@ -208,6 +208,18 @@ def _pair(a: str, b: str, fa: dict, fb: dict, table, n_boot: int, block_bins: in
             + (f"; only {a} has {', '.join(only_a)}" if only_a else "")
             + (f"; only {b} has {', '.join(only_b)}" if only_b else "")
         )
+    dropped = {f: (sorted(set(fa[f]) - set(fb[f])), sorted(set(fb[f]) - set(fa[f]))) for f in folds}
+    dropped = {f: d for f, d in dropped.items() if d[0] or d[1]}
+    if dropped:
+        notes.append(
+            "seeds differ: "
+            + "; ".join(
+                f"fold {f} compared on seeds {', '.join(map(str, seeds[f]))}"
+                + (f" (only {a} has {', '.join(map(str, da))})" if da else "")
+                + (f" (only {b} has {', '.join(map(str, db))})" if db else "")
+                for f, (da, db) in dropped.items()
+            )
+        )
     if not res["training_variance_included"]:
         single = [f for f in folds if len(seeds[f]) < 2]
         notes.append(

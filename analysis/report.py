@@ -134,7 +134,8 @@ def _header(dataset: str, res: dict) -> str:
 
 def _comparison_section(res: dict) -> str:
     runs = res["results"]
-    head = ["run", "encoder", "mode", "variant", "seeds", *METRICS, "training-mean floor (mse)", "noise ceiling"]
+    head = ["run", "encoder", "mode", "variant", "seeds", *METRICS, "pcc_gene std over seeds"]
+    head += ["training-mean floor (mse)", "noise ceiling"]
     rows = []
     for name, r in runs.items():
         cells = [
@@ -146,13 +147,15 @@ def _comparison_section(res: dict) -> str:
         ]
         for m in METRICS:
             cells.append(_metric_td(name, m, r.get(m)))
+        cells.append(_plain_td((r.get("pcc_gene") or {}).get("std_over_seeds")))  # None with one seed: a dash
         cells.append(_plain_td(_floor(r)))
         cells.append(_metric_td(name, "noise_ceiling_pcc_gene", r.get("noise_ceiling_pcc_gene")))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     out = [
         "<section id='comparison'><h2>Comparison</h2>",
         "<p>Every run of the comparison file, leave-one-patient-out: mean ± spread over folds (population std, "
-        "as the file records it; n folds in the tooltip). pcc_gene is the primary metric (Pearson per gene over "
+        "as the file records it; n folds in the tooltip); with several seeds, a fold's value is the mean over its seeds "
+        "and the spread of the seeds' leave-one-patient-out means is shown beside. pcc_gene is the primary metric (Pearson per gene over "
         "the test bins, mean over genes); pearson_r and spearman_rho are over all values, as the reference study "
         "reported. The floor is the mse of predicting each gene's training mean; the noise ceiling (synthetic "
         "data only) scores the true rates as a prediction. pcc_gene_patch is HEST-Benchmark's metric (per-gene "

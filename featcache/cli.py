@@ -122,7 +122,7 @@ def prepare(
     ] = None,
     patient: Annotated[
         Optional[list[str]],
-        typer.Option(help="SAMPLE=PATIENT: the patient of a sample [default: the sample itself]. A fold is a patient."),
+        typer.Option(help="SAMPLE=PATIENT: the patient of a sample (default: the sample itself). A fold is a patient."),
     ] = None,
     manifest: Annotated[
         Optional[Path],
@@ -137,7 +137,7 @@ def prepare(
     min_tissue: Annotated[
         float, typer.Option(help="Keep a patch when at least this fraction of its bins is in tissue.")
     ] = 0.5,
-    workers: Annotated[Optional[int], typer.Option(help="Rendering threads [default: up to 4].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Rendering threads (default: up to 4).")] = None,
     px_per_bin: Annotated[
         str,
         typer.Option(
@@ -279,7 +279,7 @@ def extract(
         Optional[str], typer.Option(help="Store location (path or fsspec URL) instead of the workspace's.")
     ] = None,
     chunk_patches: Annotated[
-        Optional[int], typer.Option(help="Patches per stored chunk [default: ~8 MB chunks].")
+        Optional[int], typer.Option(help="Patches per stored chunk (default: ~8 MB chunks).")
     ] = None,
     layers: Annotated[
         Optional[str],

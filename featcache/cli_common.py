@@ -19,7 +19,7 @@ err = Console(stderr=True)
 # Options that mean the same in every command that has them, defined once.
 WorkspaceOpt = Annotated[
     Optional[Path],
-    typer.Option("--workspace", "-w", help="Workspace root [default: $FEATCACHE_WORKSPACE or ./featcache-data]."),
+    typer.Option("--workspace", "-w", help="Workspace root (default: $FEATCACHE_WORKSPACE or ./featcache-data)."),
 ]
 FeaturesRootOpt = Annotated[
     Optional[str],
@@ -27,7 +27,7 @@ FeaturesRootOpt = Annotated[
         "--features-root",
         help="Where feature stores live, <root>/<dataset>/<encoder>.zarr: a folder or an fsspec URL "
         "(s3://bucket/prefix, gs://...); storage options from $FEATCACHE_STORAGE_OPTIONS (JSON), credentials "
-        "from the backend's environment (AWS_*) [default: $FEATCACHE_FEATURES_ROOT or the workspace's features/].",
+        "from the backend's environment (AWS_*) (default: $FEATCACHE_FEATURES_ROOT or the workspace's features/).",
     ),
 ]
 DatasetOpt = Annotated[str, typer.Option(help="A prepared dataset of the workspace (`featcache datasets` lists them).")]
@@ -37,7 +37,7 @@ WeightsOpt = Annotated[
     Optional[str],
     typer.Option(
         help="Encoder weights: a checkpoint file or a folder holding one, or random[:SEED] for random-init "
-        "[default: $FEATCACHE_WEIGHTS/<encoder>/ or the Hugging Face cache]."
+        "(default: $FEATCACHE_WEIGHTS/<encoder>/ or the Hugging Face cache)."
     ),
 ]
 SeedOpt = Annotated[int, typer.Option(help="Random seed: the same seed gives the same result.")]

@@ -36,7 +36,6 @@ def loocv(
     """`train loocv`: random-init features are extracted (``random:<seed>`` for each seed) when missing, then every
     fold by :func:`train.loocv.run_loocv` (``runtime``: its ``in_memory``, ``overwrite``; ``jobs``, ``scheduler`` and
     ``slurm`` say where the folds run, train/cluster.py: the cluster is reached before anything is written)."""
-    from featcache.extract import ExtractionConfig, extract
     from train.cluster import FoldRunner
     from train.config import TrainConfig
     from train.loocv import run_loocv
@@ -47,13 +46,7 @@ def loocv(
     where = {k: runtime.pop(k) for k in ("jobs", "scheduler", "slurm") if k in runtime}
     with FoldRunner(**where, device=device) as runner:
         if "random" in modes:
-            ws.open_dataset(dataset)
-            for e in encoders:
-                for seed in seeds:  # random-init features are drawn per seed: <encoder>-random[-s<seed>]
-                    if not ws.feature_store(dataset, e, random=True, seed=seed).exists():
-                        layers = (options["layer"],) if options.get("layer") else ()  # the run's layer too
-                        random = ExtractionConfig(e, weights=f"random:{seed}", layers=layers)
-                        extract(dataset, random, workspace=ws, device=device, show_progress=show_progress)
+            random_stores(dataset, encoders, seeds, options.get("layer"), ws, device, show_progress)
         return run_loocv(
             dataset,
             encoders,
@@ -65,6 +58,21 @@ def loocv(
             runner=runner,
             **runtime,
         )
+
+
+def random_stores(dataset, encoders, seeds, layer, workspace, device: str = "auto", show_progress: bool = True):
+    """Extract the random-init feature stores that random-mode runs of these seeds read and that are missing:
+    random-init features are drawn per seed (``random:<seed>``, store <encoder>-random[-s<seed>])."""
+    from featcache.extract import ExtractionConfig, extract
+
+    ws = Workspace.resolve(workspace)
+    ws.open_dataset(dataset)
+    for e in encoders:
+        for seed in seeds:
+            if not ws.feature_store(dataset, e, random=True, seed=seed).exists():
+                layers = (layer,) if layer else ()  # the run's layer too
+                config = ExtractionConfig(e, weights=f"random:{seed}", layers=layers)
+                extract(dataset, config, workspace=ws, device=device, show_progress=show_progress)
 
 
 @dataclass

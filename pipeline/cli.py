@@ -8,6 +8,8 @@ cross-stage ones, which call functions of this package.
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,6 +67,31 @@ featcache_app = _compose(featcache_cli.app)
 train_app = _compose(train_cli.app)
 
 
+def _extracting_random_stores(decoder):
+    """`train decoder --mode random --encoder E --seeds 0,1`: the random-init stores of the seeds, drawn per seed,
+    are extracted first when missing (the stage's own command refuses them, naming the extract command)."""
+
+    @functools.wraps(decoder)
+    @user_errors
+    def run(**options):
+        if options.get("mode") == "random" and options.get("encoder"):
+            from featcache.stores import Workspace
+            from pipeline import random_stores
+
+            ws = Workspace.resolve(options.get("workspace"), options.get("features_root"))
+            seeds = seed_list(options["seed"], options.get("seeds"))
+            random_stores(options["dataset"], [options["encoder"]], seeds, options.get("layer"), ws, options["device"])
+        return decoder(**options)
+
+    return run
+
+
+for _k, _command in enumerate(train_app.registered_commands):
+    if _command.callback is train_cli.decoder:  # a copy: the stage's own app keeps its command
+        train_app.registered_commands[_k] = copy.copy(_command)
+        train_app.registered_commands[_k].callback = _extracting_random_stores(train_cli.decoder)
+
+
 @featcache_app.command()
 @user_errors
 def demo(
@@ -74,8 +101,8 @@ def demo(
     weights: Annotated[
         Optional[str],
         typer.Option(
-            help="Pretrained weights for --encoder [default: tiny-cnn's, which featcache ships "
-            "(featcache/pretrain.py); a seeded random stand-in for other encoders]."
+            help="Pretrained weights for --encoder (default: tiny-cnn's, which featcache ships "
+            "(featcache/pretrain.py); a seeded random stand-in for other encoders)."
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Epochs of the frozen and random-init runs.")] = 15,
@@ -114,7 +141,7 @@ def demo(
 def predict(
     run: Annotated[Path, typer.Option(help="A finished run folder (runs/<dataset>/<encoder>/<run>/fold-<patient>).")],
     image: Annotated[Path, typer.Option(help="The H&E slide (TIFF/BigTIFF/OME-TIFF/SVS, JPEG, PNG).")],
-    mpp: Annotated[Optional[float], typer.Option(help="µm per pixel [default: from the image's metadata].")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="µm per pixel (default: from the image's metadata).")] = None,
     positions: Annotated[
         Optional[Path],
         typer.Option(
@@ -122,7 +149,7 @@ def predict(
         ),
     ] = None,
     output: Annotated[
-        Optional[Path], typer.Option(help="Output folder [default: predictions/<run>/<slide>/ in the workspace].")
+        Optional[Path], typer.Option(help="Output folder (default: predictions/<run>/<slide>/ in the workspace).")
     ] = None,
     genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes to draw as maps over the slide.")] = None,
     weights: WeightsOpt = None,
@@ -131,13 +158,13 @@ def predict(
     min_tissue: Annotated[
         Optional[float],
         typer.Option(
-            help="Keep a patch with at least this tissue fraction [default: the "
-            "run's dataset with --positions, else 0.01]."
+            help="Keep a patch with at least this tissue fraction (default: the "
+            "run's dataset with --positions, else 0.01)."
         ),
     ] = None,
     workers: Annotated[
         Optional[int],
-        typer.Option(help="Rendering threads [default: all cores but two on a GPU (up to 12), two on a CPU]."),
+        typer.Option(help="Rendering threads (default: all cores but two on a GPU (up to 12), two on a CPU)."),
     ] = None,
     overwrite: OverwriteOpt = False,
     workspace: WorkspaceOpt = None,

@@ -196,6 +196,7 @@ def test_seed_sets_are_read_from_config_and_paired_on_common_folds_and_seeds(tmp
     (p,) = res["pairs"]
     assert p["folds"] == ["P1", "P2"] and p["folds_only_in_b"] == ["P3"] and "folds differ" in p["notes"][0]
     assert p["seeds"] == {"P1": [0, 1, 2], "P2": [0, 1]}
+    assert "seeds differ: fold P2 compared on seeds 0, 1 (only A has 2)" in p["notes"]
     assert p["training_variance_included"] and p["se_training"] > 0 and p["dof"] is not None
     assert p["ci95"][0] < 0 < p["ci95"][1] and not p["excludes_zero"]
     # a real difference between two multi-seed runs, through the same path: found, with training variance counted

@@ -106,3 +106,18 @@ def test_a_non_finite_prediction_is_refused_with_run_gene_and_bins():
     assert "enc/frozen fold P2" in msg and "C (12 bins)" in msg and "12 of 4096 scored bins" in msg
     pred[0, 2] = truth[0, 2]
     assert evaluate(pred, truth, mask, np.zeros(4), list("ABCD"))["pcc_gene"] == pytest.approx(1.0)
+
+
+def test_a_constant_up_to_rounding_scores_zero():
+    """The training mean scored at 32 µm came back as a constant with rounding noise (~1e-16 around 0 once
+    z-scored) and scored −0.005, the correlation of its rounding errors, instead of 0."""
+    from train.metrics import columnwise_pearson
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(500, 3))
+    near_zero = 1e-16 * rng.normal(size=500)  # z-scored constant
+    float32_constant = (np.float32(5.0) + np.float32(4e-7) * rng.integers(0, 2, 500)).astype(np.float64)  # 1 ulp
+    real = 1e-3 * truth[:, 2] + 0.3  # small, but a real signal
+    r = columnwise_pearson(np.column_stack([near_zero, float32_constant, real]), truth)
+    assert r[0] == 0.0 and r[1] == 0.0
+    assert r[2] == pytest.approx(1.0)

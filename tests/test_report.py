@@ -97,6 +97,10 @@ def test_the_page_is_one_file_with_every_section(reported):
     results = Workspace.resolve(ws).results("tiny")
     for run in json.loads(results.comparison_path.read_text())["results"]:
         assert results.training_curves_path(run).is_file()
+    # the spread over seeds beside the spread over folds (the run with seeds 0 and 1)
+    seeded = json.loads(results.comparison_path.read_text())["results"]["tiny-cnn_random-linear"]["pcc_gene"]
+    table = page.split("id='comparison-table'")[1].split("</table>")[0]
+    assert "pcc_gene std over seeds" in table and f">{seeded['std_over_seeds']:.4f}<" in table
     assert not list(path.parent.glob(".*partial*"))  # written through a staged file
     # the paired comparison: its interval, whether training variance is in it (these runs share one seed), and no
     # test over genes (a "Wilcoxon p" column was left blank once compare stopped making that test)

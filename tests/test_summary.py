@@ -267,6 +267,10 @@ def test_only_complete_comparable_runs_of_this_dataset_enter_results(trio, tmp_p
         finished_run(ws, "densenet121", "random", f, 60 + j, features={"identity": {"weights": f"random:{j}"}})
     for j, f in enumerate(folds):  # one fold trained with other settings
         finished_run(ws, "densenet121", "frozen", f, 70 + j, epochs=50 if f == "P5" else 200)
+    for j, f in enumerate(folds):  # frozen by name, random-init by what it read (a store made with random weights)
+        finished_run(ws, "conch15", "frozen", f, 100 + j, features={"identity": {"weights": "random:0"}})
+    for j, f in enumerate(folds):  # fine-tuned from random weights under the pretrained fine-tune's key
+        finished_run(ws, "densenet121", "finetune", f, 110 + j, encoder_weights="random:0", features={})
     for seed in (0, 1):  # seed 1 of a random-init run copied from folders that read seed 0's random encoder
         for j, f in enumerate(folds):
             finished_run(
@@ -280,7 +284,18 @@ def test_only_complete_comparable_runs_of_this_dataset_enter_results(trio, tmp_p
     assert "seed 0 has 1 of 3 folds (missing P2, P5)" in res["incomplete"]["virchow2_frozen"]["reason"]
     assert sorted(f["run_dir"] for f in res["foreign"]) == [f"runs/trio/hoptimus0/frozen/fold-{f}" for f in folds]
     assert all("dataset fingerprint" in f["reason"] for f in res["foreign"])
-    assert set(res["inconsistent"]) == {"densenet_random_init", "densenet_frozen", "uni2h_random"}
+    assert set(res["inconsistent"]) == {
+        "densenet_random_init",
+        "densenet_frozen",
+        "uni2h_random",
+        "conch15_frozen",
+        "densenet_finetuned",
+    }
+    assert (
+        "says mode frozen but read random-init features (random:0)" in res["inconsistent"]["conch15_frozen"]["reason"]
+    )
+    assert "--mode random" in res["inconsistent"]["conch15_frozen"]["reason"]
+    assert "fine-tuned from random weights (random:0)" in res["inconsistent"]["densenet_finetuned"]["reason"]
     assert (
         "seed 1 of a random-init run but read random:0 features, not random:1"
         in (res["inconsistent"]["uni2h_random"]["reason"])

@@ -122,7 +122,7 @@ Loss = Annotated[
 def decoder(
     fold: Fold,
     encoder: Annotated[
-        Optional[str], typer.Option(help="Encoder [default: every complete feature store of the dataset].")
+        Optional[str], typer.Option(help="Encoder (default: every complete feature store of the dataset).")
     ] = None,
     dataset: DatasetOpt = "demo",
     mode: Annotated[

@@ -44,8 +44,15 @@ def columnwise_pearson(p: np.ndarray, t: np.ndarray) -> np.ndarray:
     tc = t - t.mean(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (pc * tc).sum(axis=0) / np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
-    varies = lambda a: np.ptp(a, axis=0) > 0 if len(a) else np.zeros(a.shape[1], bool)  # noqa: E731
+    varies = lambda a: _varies(a) if len(a) else np.zeros(a.shape[1], bool)  # noqa: E731
     return np.where(varies(t), np.where(varies(p), r, 0.0), np.nan)
+
+
+def _varies(a: np.ndarray) -> np.ndarray:
+    """Does each column vary beyond rounding? A constant that went through arithmetic (the 16/32 µm back-transform
+    of a training-mean prediction, a count loss's rates) differs from itself by ~1e-7 of its size in float32, or by
+    ~1e-16 around 0 once z-scored, and must still score 0, not the correlation of its rounding errors."""
+    return np.ptp(a, axis=0) > np.maximum(1e-6 * np.abs(a).max(axis=0), 1e-9)
 
 
 def per_gene_pearson(pred, truth, mask) -> np.ndarray:

@@ -156,12 +156,14 @@ def scale_scores(pred, counts, library, mask, origins, samples, transform) -> di
     return out
 
 
-def test_scale_scores(inputs, test, transform, all_bins: bool) -> dict:
-    """:func:`scale_scores` of a fold's :class:`~train.run.TestSet`, its counts read from the dataset (test order)."""
+def test_scale_scores(inputs, test, transform, all_bins: bool, pred=None) -> dict:
+    """:func:`scale_scores` of a fold's :class:`~train.run.TestSet`, its counts read from the dataset (test order);
+    ``pred`` scores another prediction of the same patches (the floor's) instead of the run's."""
     from train.data import load_targets
 
     sections = dict.fromkeys(str(s) for s in test.samples)  # in the test set's order
     parts = [load_targets(inputs.arrays[s], np.arange(len(inputs.arrays[s].origin))) for s in sections]
     counts, library = (np.concatenate([p[i] for p in parts]) for i in range(2))
     mask = np.ones(test.mask.shape, bool) if all_bins else test.mask
-    return scale_scores(test.pred, counts, library, mask, test.origins, test.samples, transform)
+    pred = test.pred if pred is None else pred
+    return scale_scores(pred, counts, library, mask, test.origins, test.samples, transform)

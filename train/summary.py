@@ -240,13 +240,31 @@ def _inconsistency(folds: list) -> str | None:
     for seed, weights in sorted(by_seed.items()):
         if len(weights) > 1:
             return f"the folds of seed {seed} read different weights ({', '.join(sorted(weights))})"
-    for cfg, _, rel in folds:  # a random-init seed reads its own random encoder (copied folders may not)
-        seed, weights = cfg.get("seed", 0), str(_weights(cfg))
-        if cfg["mode"] == "random" and weights != f"random:{seed}":
-            return (
-                f"{rel} is seed {seed} of a random-init run but read {weights} features, not random:{seed}; train "
-                f"that seed again (`train loocv --seeds` extracts random:{seed}) or remove the folder"
-            )
+    for cfg, _, rel in folds:  # a run is what its inputs were (folders copied in, or trained by older versions)
+        problem = _identity_problem(cfg, rel)
+        if problem:
+            return problem
+    return None
+
+
+def _identity_problem(cfg: dict, rel: str) -> str | None:
+    """Why a fold's mode or run name contradicts the weights it read (docs/design.md §7), or None."""
+    seed, weights, mode = cfg.get("seed", 0), str(_weights(cfg)), cfg["mode"]
+    if mode == "random" and weights != f"random:{seed}":
+        return (
+            f"{rel} is seed {seed} of a random-init run but read {weights} features, not random:{seed}; train "
+            f"that seed again (`train loocv --seeds` extracts random:{seed}) or remove the folder"
+        )
+    if mode == "frozen" and weights.startswith("random:"):
+        return (
+            f"{rel} says mode frozen but read random-init features ({weights}): it is a random-init result; train "
+            "it with --mode random (or remove the folder)"
+        )
+    if mode == "finetune" and weights.startswith("random:") and "randomweights" not in str(cfg.get("run")).split("-"):
+        return (
+            f"{rel} was fine-tuned from random weights ({weights}) but is named {cfg.get('run')!r}, the pretrained "
+            "fine-tune's key; train it again (its run name then says randomweights) or remove the folder"
+        )
     return None
 
 
