@@ -128,7 +128,7 @@ class Slide:
                 )
             levels.append(zarr.open(series.aszarr(level=i), mode="r"))
         for i, level in enumerate(levels):
-            self._refuse_chunks_too_large(i, level, tiled=series.levels[i].pages[0].is_tiled)
+            self._refuse_chunks_too_large(i, level, tiled=series.levels[i].keyframe.is_tiled)
         return levels
 
     def _refuse_chunks_too_large(self, i: int, level, tiled: bool) -> None:

@@ -23,7 +23,7 @@ not share), so ``pcc_gene`` is estimated without that bias: the draws come in ``
 independent groups, ``cov(Ê, truth)`` is unbiased as it is, and the variance of E over the bins is
 the mean covariance between *different* groups' estimates, which no Monte Carlo noise enters (the
 attenuation correction). Its Monte Carlo error is the delete-one-group jackknife standard error,
-reported as ``pcc_gene_mc_error`` (and per gene). The other metrics are the plug-in scores of Ê. The
+reported as ``pcc_gene_mc_error`` (its largest per gene as ``pcc_gene_mc_error_per_gene_max``). The other metrics are the plug-in scores of Ê. The
 draws are seeded from the dataset fingerprint and the sample, never from a path, so a moved
 workspace gives the same ceiling.
 """
@@ -39,7 +39,7 @@ import numpy as np
 from featcache.geometry import GEOMETRY, gather_windows
 from featcache.spaceranger import parse_bin_barcode
 from train.data import FoldInputs, TargetTransform, target_values
-from train.metrics import evaluate
+from train.metrics import _varies, evaluate
 
 DRAWS = 16  # Monte Carlo draws of each bin's library (a gene's own count is summed over exactly)
 GROUPS = 8  # independent groups of draws (the bias correction and the jackknife)
@@ -125,7 +125,7 @@ def _corrected(est: np.ndarray, truth: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = cov / np.sqrt(np.maximum(var_e, 0.0) * var_t)
     r = np.where(var_e > 1e-12 * np.maximum(var_t, 1e-300), r, 0.0)
-    return np.where(np.ptp(truth, axis=0) > 0, r, np.nan) if n else np.full(truth.shape[1], np.nan)
+    return np.where(_varies(truth), r, np.nan) if n else np.full(truth.shape[1], np.nan)
 
 
 def seed_key(inputs: FoldInputs, sample: str) -> str:
@@ -223,8 +223,9 @@ def own_count_expectation(kind: str, mean: np.ndarray, rest: np.ndarray, k: floa
     """E over a gene's own count c ~ NB(mean, size k) of target(c, library c + rest), for each drawn ``rest``.
 
     mean (bins, genes); rest (draws, bins, genes), the library's other UMIs (independent of c given the rates).
-    The sum over c is exact up to a tail of probability < 1e-6 (the count's distribution is renormalised
-    over the terms kept); pairs of similar reach share one length of sum, so the work follows each mean.
+    The sum over c is exact up to a tail of probability < 1e-6 at the synthetic size k = 2.5 (~1e-5 at k = 1;
+    the count's distribution is renormalised over the terms kept); pairs of similar reach share one length of sum,
+    so the work follows each mean.
     """
     from scipy.special import gammaln
 

@@ -83,11 +83,11 @@ class TrainConfig:
     augment: bool = False  # dihedral augmentation (fine-tuning only; a named variant, "-augment")
     colour_jitter: float = 0.0
 
-    def __post_init__(self):
-        # a fine-tune from bare ``random`` weights draws its encoder per seed, as random-init feature stores are
-        # (random:<seed>); an explicit random:K stays what was asked
-        if self.weights == "random":
-            object.__setattr__(self, "weights", f"random:{self.seed}")
+    @property
+    def weights_spec(self) -> str | None:
+        """The weights a fine-tune starts from: bare ``random`` draws its encoder per seed (random:<seed>), as
+        random-init feature stores are; an explicit random:K stays what was asked."""
+        return f"random:{self.seed}" if self.weights == "random" else self.weights
 
     @classmethod
     def from_options(cls, **options) -> TrainConfig:

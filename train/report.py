@@ -19,15 +19,13 @@ def comparison_table(res: dict) -> Table:
     the seeds' leave-one-patient-out means (with several seeds)."""
     table = Table(title=f"leave-one-patient-out, dataset {res['about']['dataset']!r} (mean ± std over folds)")
     table.add_column("run", no_wrap=True)
-    table.add_column("seeds", no_wrap=True)
     for _, label in COLUMNS:
         table.add_column(label, no_wrap=True)
-    table.add_column("pcc_gene std over seeds", no_wrap=True)
+    table.add_column("seeds sd", no_wrap=True)  # pcc_gene: the std of the seeds' LOOCV means
     fmt = lambda s: "—" if not s or s.get("mean") is None else f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
     for name, r in sorted(res["results"].items(), key=lambda kv: -(kv[1]["pcc_gene"]["mean"] or -9)):
         over_seeds = r["pcc_gene"].get("std_over_seeds")
-        seeds = ",".join(map(str, r.get("seeds") or [0]))
         table.add_row(
-            name, seeds, *(fmt(r.get(key)) for key, _ in COLUMNS), "—" if over_seeds is None else f"{over_seeds:.3f}"
+            name, *(fmt(r.get(key)) for key, _ in COLUMNS), "—" if over_seeds is None else f"{over_seeds:.3f}"
         )
     return table

@@ -260,7 +260,7 @@ def _finetune_encoder(cfg: TrainConfig):
     from featcache.weights import load_encoder, resolve_weights
 
     spec = get_spec(cfg.encoder)
-    source = resolve_weights(spec, cfg.weights)
+    source = resolve_weights(spec, cfg.weights_spec)
     model, _ = load_encoder(spec, source)
     return spec, model, source
 
