@@ -75,11 +75,19 @@ def _extracting_random_stores(decoder):
     @user_errors
     def run(**options):
         if options.get("mode") == "random" and options.get("encoder"):
+            from dataclasses import fields
+
             from featcache.stores import Workspace
             from pipeline import random_stores
+            from train.config import TrainConfig
 
-            ws = Workspace.resolve(options.get("workspace"), options.get("features_root"))
             seeds = seed_list(options["seed"], options.get("seeds"))
+            settings = {f.name: options.get(f.name) for f in fields(TrainConfig) if f.name in options}
+            for seed in seeds:  # bad settings are refused before anything is extracted
+                TrainConfig.from_options(
+                    **{**settings, "decoder": options.get("decoder_kind"), "seed": seed}
+                ).validate()
+            ws = Workspace.resolve(options.get("workspace"), options.get("features_root"))
             random_stores(options["dataset"], [options["encoder"]], seeds, options.get("layer"), ws, options["device"])
         return decoder(**options)
 

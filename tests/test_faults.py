@@ -94,15 +94,13 @@ def bomb_png(path, side: int = 45_000) -> None:
     )
 
 
-def test_an_image_too_large_to_decode_is_refused_before_decoding(tiny_cnn_features, tmp_path):
-    ws, _ = tiny_cnn_features
+def predict_in_8_gib(ws, tmp_path, image, *extra):
+    """`featcache predict` of a one-epoch run on ``image``, the process limited to mapping 8 GiB (ulimit -v): far
+    less than a bomb image decoded. Returns (what it said on one line, the process, its --output folder)."""
     run = run_fold(
         "tiny", "tiny-cnn", "P2", mode="random", workspace=ws, decoder="linear", epochs=1, batch_size=4, name="bomb"
     )
-    image = tmp_path / "huge.png"
-    bomb_png(image)
-    assert image.stat().st_size < 4 << 20
-    limit = 8 << 30  # what this process may map (ulimit -v): far less than the image decoded (~12 GiB)
+    limit = 8 << 30
 
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -110,14 +108,21 @@ def test_an_image_too_large_to_decode_is_refused_before_decoding(tiny_cnn_featur
     out = tmp_path / "pred"
     args = [sys.executable, "-m", "featcache", "predict", "--run", str(run.run_dir), "--image", str(image)]
     p = subprocess.run(
-        [*args, "--output", str(out), "--workspace", str(ws), "--device", "cpu"],
+        [*args, "--output", str(out), "--workspace", str(ws), "--device", "cpu", *extra],
         capture_output=True,
         text=True,
         timeout=300,
         preexec_fn=cap,
     )
-    said = " ".join(p.stderr.split())
     assert p.returncode == 2 and "Traceback" not in p.stderr and "MemoryError" not in p.stderr, p.stderr[-2000:]
+    return " ".join(p.stderr.split()), p, out
+
+
+def test_an_image_too_large_to_decode_is_refused_before_decoding(tiny_cnn_features, tmp_path):
+    image = tmp_path / "huge.png"
+    bomb_png(image)
+    assert image.stat().st_size < 4 << 20
+    said, _, out = predict_in_8_gib(tiny_cnn_features[0], tmp_path, image)  # decoded: ~12 GiB
     assert f"{image} is 45,000 × 45,000 px" in said and "GiB of memory" in said and "tiled pyramidal TIFF" in said
     assert not out.exists() and left_behind(tmp_path) == []
 
@@ -160,32 +165,13 @@ def test_a_tiff_strip_too_large_to_decode_is_refused_before_decoding(tiny_cnn_fe
     """Only Pillow's images were checked: a TIFF whose one strip decodes to ~6 GiB ended in a MemoryError."""
     import tifffile
 
-    ws, _ = tiny_cnn_features
-    run = run_fold(
-        "tiny", "tiny-cnn", "P2", mode="random", workspace=ws, decoder="linear", epochs=1, batch_size=4, name="bomb"
-    )
     image = tmp_path / "one-strip.tif"
     bomb_tiff(image)
     assert image.stat().st_size < 8 << 20
     with tifffile.TiffFile(image) as tif:  # a valid TIFF, as tifffile reads it: one strip of the whole image
         page = tif.pages[0]
         assert page.shape == (45_000, 45_000, 3) and len(page.dataoffsets) == 1 and not page.is_tiled
-    limit = 8 << 30  # what this process may map (ulimit -v): less than the strip decoded twice (~11 GiB)
-
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    out = tmp_path / "pred"
-    args = [sys.executable, "-m", "featcache", "predict", "--run", str(run.run_dir), "--image", str(image)]
-    p = subprocess.run(
-        [*args, "--output", str(out), "--workspace", str(ws), "--device", "cpu", "--mpp", "0.25"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=cap,
-    )
-    said = " ".join(p.stderr.split())
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "MemoryError" not in p.stderr, p.stderr[-2000:]
+    said, _, out = predict_in_8_gib(tiny_cnn_features[0], tmp_path, image, "--mpp", "0.25")  # decoded twice: ~11 GiB
     assert f"{image} stores level 0 (45,000 × 45,000 px) in strips of 45,000 × 45,000 px" in said, said
     assert "decoded whole" in said and "GiB of memory" in said and "tiled pyramidal TIFF" in said
     assert not out.exists() and left_behind(tmp_path) == []
