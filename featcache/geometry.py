@@ -169,12 +169,7 @@ class BinSums:
 
     def first(self) -> np.ndarray:
         """(patch, bins, bins) bool: the bins each patch is the first (in patch order) to cover."""
-        seen = np.zeros(self.count.shape, bool)
-        out = np.empty((len(self.local), self.bins, self.bins), bool)
-        for j, window in enumerate(self._windows()):
-            out[j] = ~seen[window]
-            seen[window] = True
-        return out
+        return first_cover(self.local, self.bins)
 
 
 def bin_table(origins: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -356,10 +356,9 @@ def _score(cfg: TrainConfig, record: dict, inputs: FoldInputs, data: FoldData, b
     metrics.update(test_scale_scores(inputs, test, data.transform, cfg.score == "all-bins"))  # train/scales.py
     ceiling = noise_ceiling(inputs, test, data.transform, points, maps)
     # the floor: every metric of predicting each gene's training mean everywhere
-    constant = np.broadcast_to(mean.astype(pred.dtype)[None, :, None, None], pred.shape)
+    constant = np.broadcast_to(mean.astype(pred.dtype)[None, :, None, None], pred.shape)  # test.pred's shape too
     floor = evaluate(constant, truth, points, mean, inputs.genes, ssim_mask=maps)
     floor = {k: floor[k] for k in ("pcc_gene", "pcc_global", "spearman_gene", "spearman_global", "mse", "ssim_st")}
-    constant = np.broadcast_to(mean.astype(test.pred.dtype)[None, :, None, None], test.pred.shape)
     coarse = test_scale_scores(inputs, test, data.transform, cfg.score == "all-bins", pred=constant)
     floor.update({k: coarse[k] for k in ("pcc_gene_patch", "pcc_gene_16um", "pcc_gene_32um")})
     metrics.update(
